@@ -1,0 +1,498 @@
+//! Map keys, values and constants shared by the eBPF datapath (`netpol-ebpf`)
+//! and the agent (`netpol-agent`, with the `user` feature).
+//!
+//! Every struct here is `#[repr(C)]`, naturally aligned, with explicit `_pad`
+//! fields and a compile-time size assert. Constructors zero the padding: a
+//! hash key with garbage padding never matches.
+//!
+//! Directions are always named from the **pod's** point of view:
+//! [`DIR_INGRESS`] is traffic the pod receives (checked against the pod's
+//! ingress policy, seen on the TC *egress* hook of the pod's host-side veth),
+//! [`DIR_EGRESS`] is traffic the pod sends (the pod's egress policy, seen on the
+//! TC *ingress* hook of the host-side veth).
+#![cfg_attr(not(feature = "user"), no_std)]
+
+pub mod reason;
+
+pub use reason::*;
+
+/// Traffic the pod receives (its ingress policy).
+pub const DIR_INGRESS: u8 = 0;
+/// Traffic the pod sends (its egress policy).
+pub const DIR_EGRESS: u8 = 1;
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_SCTP: u8 = 132;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// Names of the maps in the eBPF object; the agent pins each under
+/// `<bpffs-root>/maps/<name>`.
+pub mod map_names {
+    pub const ENDPOINTS: &str = "NETPOL_ENDPOINTS";
+    pub const PEERS_V4: &str = "NETPOL_PEERS_V4";
+    pub const PEERS_V6: &str = "NETPOL_PEERS_V6";
+    pub const POLICY: &str = "NETPOL_POLICY";
+    pub const FLOWS: &str = "NETPOL_FLOWS";
+    pub const FRAGS: &str = "NETPOL_FRAGS";
+    pub const COUNTERS: &str = "NETPOL_COUNTERS";
+    pub const EVENTS: &str = "NETPOL_EVENTS";
+    pub const EVENT_RATE: &str = "NETPOL_EVENT_RATE";
+    pub const CONFIG: &str = "NETPOL_CONFIG";
+    pub const ALL: [&str; 10] = [
+        ENDPOINTS, PEERS_V4, PEERS_V6, POLICY, FLOWS, FRAGS, COUNTERS, EVENTS, EVENT_RATE, CONFIG,
+    ];
+}
+
+/// Names of the TC programs in the eBPF object.
+pub mod prog_names {
+    /// Attached to the TC ingress hook of the host-side veth: packets the pod sends.
+    pub const FROM_POD: &str = "netpol_from_pod";
+    /// Attached to the TC egress hook of the host-side veth: packets the pod receives.
+    pub const TO_POD: &str = "netpol_to_pod";
+}
+
+/// Default map sizes (the agent overrides them at load time from its flags).
+pub mod sizes {
+    pub const ENDPOINTS: u32 = 4096;
+    pub const PEERS_V4: u32 = 262_144;
+    pub const PEERS_V6: u32 = 262_144;
+    pub const POLICY: u32 = 524_288;
+    pub const FLOWS: u32 = 262_144;
+    pub const FRAGS: u32 = 8192;
+    pub const EVENTS_BYTES: u32 = 1 << 20;
+}
+
+// ---------------------------------------------------------------------------
+// Endpoints: NETPOL_ENDPOINTS, hash, key = host-side veth ifindex (u32).
+// ---------------------------------------------------------------------------
+
+/// The pod's ingress is isolated: some policy with type Ingress selects it.
+pub const EP_F_INGRESS_ISOLATED: u32 = 1 << 0;
+/// The pod's egress is isolated: some policy with type Egress selects it.
+pub const EP_F_EGRESS_ISOLATED: u32 = 1 << 1;
+/// Audit mode: what policy would deny passes and is reported as `audit`.
+pub const EP_F_AUDIT: u32 = 1 << 2;
+
+/// Value of the endpoints map. Written by the agent, read by the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointValue {
+    /// Compiled policy set ("local policy") that applies to this pod; pods
+    /// selected by the same policies (and resolving named ports the same way)
+    /// share one.
+    pub policy_id: u32,
+    /// The agent's id of this endpoint (names it in events).
+    pub endpoint_id: u32,
+    /// `EP_F_*` flags.
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<EndpointValue>() == 16);
+
+impl EndpointValue {
+    pub const fn new(policy_id: u32, endpoint_id: u32, flags: u32) -> Self {
+        Self {
+            policy_id,
+            endpoint_id,
+            flags,
+            _pad: 0,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Peers: NETPOL_PEERS_V4 / NETPOL_PEERS_V6, LPM tries keyed by address
+// (aya `lpm_trie::Key<[u8; 4]>` / `Key<[u8; 16]>`, network byte order).
+// Pod IPs are /32 (/128) entries, ipBlock CIDRs and excepts are prefixes, and
+// 0.0.0.0/0 (::/0) is always present, so every address has an identity.
+// ---------------------------------------------------------------------------
+
+/// The address is one of this node's own addresses: traffic from it to a
+/// local pod is allowed (kubelet probes), as Kubernetes documents.
+pub const PEER_F_HOST: u32 = 1 << 0;
+
+/// Identity 0 is never given to an address: in the policy map it is the
+/// wildcard "any peer" (a rule with no `from`/`to`).
+pub const IDENTITY_ANY: u32 = 0;
+
+/// Value of the peer LPM tries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerValue {
+    /// Identity: the equivalence class of addresses under every peer selector
+    /// in play.
+    pub identity: u32,
+    /// `PEER_F_*` flags.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<PeerValue>() == 8);
+
+impl PeerValue {
+    pub const fn new(identity: u32, flags: u32) -> Self {
+        Self { identity, flags }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Policy: NETPOL_POLICY, LPM trie keyed by `PolicyKey` (prefix length in bits
+// over its bytes, most significant bit first).
+// ---------------------------------------------------------------------------
+
+/// Bits of `PolicyKey` that are always fully specified: policy_id, identity,
+/// direction.
+pub const POLICY_PREFIX_ANY_PROTO: u32 = 72;
+/// ... plus the protocol: "all ports of this protocol".
+pub const POLICY_PREFIX_ANY_PORT: u32 = 80;
+/// ... plus the whole port: one port.
+pub const POLICY_PREFIX_FULL: u32 = 96;
+
+/// Data of a policy LPM key. Field order is the match order:
+///
+/// `policy_id (32) | identity (32) | direction (8) | protocol (8) | port (16, big endian)`
+///
+/// Wildcards and precedence: `policy_id`, `identity` and `direction` are
+/// always matched exactly (prefix >= 72). The protocol can only be wildcarded
+/// when the port is wildcarded too (prefix 72 = any protocol, any port: a rule
+/// without `ports`). Prefix 80 = one protocol, every port. Prefix 80+k matches
+/// the ports whose first k bits equal `port`'s: an `endPort` range is a handful
+/// of such prefixes, never a per-port loop. Port-less protocols (ICMP echo)
+/// are looked up with port 0 and so match only prefix-72 entries.
+///
+/// `identity` is [`IDENTITY_ANY`] for rules that allow every peer; the
+/// datapath looks up the peer's identity and then `IDENTITY_ANY`: two
+/// lookups whatever the number of policies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub policy_id: u32,
+    pub identity: u32,
+    pub direction: u8,
+    pub protocol: u8,
+    /// Big-endian port bytes (so that prefixes are port ranges).
+    pub port: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
+
+impl PolicyKey {
+    pub const fn new(policy_id: u32, identity: u32, direction: u8, protocol: u8, port: u16) -> Self {
+        Self {
+            policy_id,
+            identity,
+            direction,
+            protocol,
+            port: port.to_be_bytes(),
+        }
+    }
+    pub const fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port)
+    }
+}
+
+/// The entry allows the traffic.
+pub const ACTION_ALLOW: u32 = 1;
+
+/// Value of the policy LPM trie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyValue {
+    /// `ACTION_*`.
+    pub action: u32,
+    /// Id of the rule that decided (the agent maps it back to
+    /// namespace/policy, direction and rule index).
+    pub rule_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
+
+impl PolicyValue {
+    pub const fn allow(rule_id: u32) -> Self {
+        Self {
+            action: ACTION_ALLOW,
+            rule_id,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Flows: NETPOL_FLOWS, LRU hash of allowed flows, two entries per flow (one
+// for each direction of travel), so every packet of a known flow costs one
+// lookup.
+// ---------------------------------------------------------------------------
+
+/// A 5-tuple as seen on one endpoint's veth in one direction. IPv4 addresses
+/// use the first word of `saddr`/`daddr` and leave the rest zero. For ICMP
+/// echo, `sport` is the echo id of a request and `dport` is 0 (a reply has
+/// them the other way round), so a reply's key is the request's key reversed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub ifindex: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    pub family: u8,
+    /// `DIR_*` of this packet, from the pod's point of view.
+    pub direction: u8,
+    pub _pad: u8,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 44);
+
+/// Flow entry of the direction that opened the flow.
+pub const FLOW_F_REPLY: u8 = 1 << 0;
+
+/// Value of the flow table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowValue {
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Policy generation the verdict was decided under.
+    pub generation: u32,
+    /// Rule that allowed the flow (0: not isolated, host, ...).
+    pub rule_id: u32,
+    /// `VERDICT_*`.
+    pub verdict: u8,
+    /// `REASON_*` of the original decision.
+    pub reason: u8,
+    /// `FLOW_F_*`.
+    pub flags: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 48);
+
+pub const VERDICT_ALLOW: u8 = 1;
+pub const VERDICT_DENY: u8 = 2;
+/// Would be denied, passed because the endpoint is in audit mode.
+pub const VERDICT_AUDIT: u8 = 3;
+
+// ---------------------------------------------------------------------------
+// Fragments: NETPOL_FRAGS, LRU hash; the first fragment of a datagram records
+// its ports and verdict, later fragments follow it.
+// ---------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragKey {
+    pub ifindex: u32,
+    /// IPv4 identification or IPv6 fragment header identification.
+    pub id: u32,
+    pub protocol: u8,
+    pub family: u8,
+    pub direction: u8,
+    pub _pad: u8,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 44);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragValue {
+    pub sport: u16,
+    pub dport: u16,
+    /// `VERDICT_*` of the first fragment.
+    pub verdict: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FragValue>() == 8);
+
+// ---------------------------------------------------------------------------
+// Config: NETPOL_CONFIG, array of one `ConfigValue`.
+// ---------------------------------------------------------------------------
+
+/// Every endpoint is in audit mode.
+pub const CFG_F_AUDIT_ALL: u32 = 1 << 0;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConfigValue {
+    /// Bumped by the agent when a change can revoke; flows decided under an
+    /// older generation are re-checked on their next packet.
+    pub generation: u32,
+    /// Verdict events allowed per second per CPU (0 = no events).
+    pub events_per_sec: u32,
+    /// `CFG_F_*`.
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ConfigValue>() == 16);
+
+/// Per-CPU token state of the event rate limiter (NETPOL_EVENT_RATE).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateState {
+    pub window_start_ns: u64,
+    pub count: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<RateState>() == 16);
+
+// ---------------------------------------------------------------------------
+// Events: NETPOL_EVENTS ring buffer of `VerdictEvent`, for new flows and drops.
+// ---------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerdictEvent {
+    pub timestamp_ns: u64,
+    pub ifindex: u32,
+    pub endpoint_id: u32,
+    pub rule_id: u32,
+    /// Identity of the peer address (0 when not looked up).
+    pub peer_identity: u32,
+    pub policy_id: u32,
+    pub packet_len: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    pub family: u8,
+    pub direction: u8,
+    /// `VERDICT_*`.
+    pub verdict: u8,
+    /// `REASON_*`.
+    pub reason: u8,
+    pub _pad: [u8; 7],
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<VerdictEvent>() == 80);
+
+/// Counter slots: `direction * REASON_SLOTS + reason`, then the event
+/// accounting slots.
+pub const REASON_SLOTS: u32 = 64;
+pub const COUNTER_EVENTS_SENT: u32 = 2 * REASON_SLOTS;
+/// Events not sent because of the per-CPU rate limit.
+pub const COUNTER_EVENTS_RATE_LIMITED: u32 = 2 * REASON_SLOTS + 1;
+/// Events not sent because the ring buffer was full.
+pub const COUNTER_EVENTS_RINGBUF_FULL: u32 = 2 * REASON_SLOTS + 2;
+pub const COUNTER_SLOTS: u32 = 2 * REASON_SLOTS + 3;
+
+pub const fn counter_index(direction: u8, reason: u8) -> u32 {
+    (direction as u32 & 1) * REASON_SLOTS + (reason as u32 % REASON_SLOTS)
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are `#[repr(C)]`, contain only integers and arrays
+    // of integers, and have explicit padding, so every bit pattern is valid.
+    unsafe impl aya::Pod for EndpointValue {}
+    unsafe impl aya::Pod for PeerValue {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for ConfigValue {}
+    unsafe impl aya::Pod for RateState {}
+    unsafe impl aya::Pod for VerdictEvent {}
+
+    impl FlowKey {
+        pub fn src_ip(&self) -> std::net::IpAddr {
+            ip_from(self.family, &self.saddr)
+        }
+        pub fn dst_ip(&self) -> std::net::IpAddr {
+            ip_from(self.family, &self.daddr)
+        }
+    }
+
+    impl VerdictEvent {
+        pub fn src_ip(&self) -> std::net::IpAddr {
+            ip_from(self.family, &self.saddr)
+        }
+        pub fn dst_ip(&self) -> std::net::IpAddr {
+            ip_from(self.family, &self.daddr)
+        }
+        /// Parse an event from the bytes of a ring buffer record.
+        pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+            if bytes.len() < core::mem::size_of::<Self>() {
+                return None;
+            }
+            // SAFETY: length checked; every bit pattern is a valid VerdictEvent.
+            Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<Self>()) })
+        }
+    }
+
+    /// Address bytes as stored in flow keys and events.
+    pub fn ip_from(family: u8, bytes: &[u8; 16]) -> std::net::IpAddr {
+        if family == FAMILY_V4 {
+            std::net::IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
+        } else {
+            std::net::IpAddr::from(*bytes)
+        }
+    }
+
+    /// The stored form of an address (IPv4 in the first four bytes).
+    pub fn ip_bytes(ip: std::net::IpAddr) -> (u8, [u8; 16]) {
+        let mut out = [0u8; 16];
+        match ip {
+            std::net::IpAddr::V4(v4) => {
+                out[..4].copy_from_slice(&v4.octets());
+                (FAMILY_V4, out)
+            }
+            std::net::IpAddr::V6(v6) => (FAMILY_V6, v6.octets()),
+        }
+    }
+
+    pub fn protocol_name(p: u8) -> &'static str {
+        match p {
+            PROTO_TCP => "TCP",
+            PROTO_UDP => "UDP",
+            PROTO_SCTP => "SCTP",
+            PROTO_ICMP => "ICMP",
+            PROTO_ICMPV6 => "ICMPv6",
+            _ => "other",
+        }
+    }
+
+    pub fn verdict_name(v: u8) -> &'static str {
+        match v {
+            VERDICT_ALLOW => "allow",
+            VERDICT_DENY => "deny",
+            VERDICT_AUDIT => "audit",
+            _ => "unknown",
+        }
+    }
+
+    pub fn direction_name(d: u8) -> &'static str {
+        if d == DIR_INGRESS { "ingress" } else { "egress" }
+    }
+}
+#[cfg(feature = "user")]
+pub use user::*;
+
+#[cfg(all(test, feature = "user"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_key_port_is_big_endian_for_prefix_ranges() {
+        let k = PolicyKey::new(7, 9, DIR_EGRESS, PROTO_TCP, 0x1234);
+        assert_eq!(k.port, [0x12, 0x34]);
+        assert_eq!(k.port(), 0x1234);
+    }
+
+    #[test]
+    fn counter_slots_do_not_overlap() {
+        assert!(counter_index(DIR_EGRESS, (REASON_SLOTS - 1) as u8) < COUNTER_EVENTS_SENT);
+        assert_ne!(counter_index(DIR_INGRESS, 3), counter_index(DIR_EGRESS, 3));
+    }
+
+    #[test]
+    fn ip_bytes_round_trip() {
+        for ip in ["10.1.2.3", "fd00::1"] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            let (f, b) = ip_bytes(ip);
+            assert_eq!(ip_from(f, &b), ip);
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! Verdict reasons: a numbered, **append-only** list (never renumber: the
+//! numbers are in pinned counter maps, flow entries and logs). Counted per
+//! direction in the per-CPU `NETPOL_COUNTERS` array.
+
+/// A policy rule allowed a new flow.
+pub const REASON_POLICY_ALLOW: u8 = 0;
+/// A packet of a known flow in the direction that opened it.
+pub const REASON_ESTABLISHED: u8 = 1;
+/// A reply packet of an allowed flow (NetworkPolicy is stateful).
+pub const REASON_REPLY: u8 = 2;
+/// The pod is not isolated in this direction.
+pub const REASON_NOT_ISOLATED: u8 = 3;
+/// From one of the node's own addresses to the pod (kubelet probes).
+pub const REASON_HOST: u8 = 4;
+/// Not IP (ARP and other link-layer protocols): NetworkPolicy is about IP.
+pub const REASON_NOT_IP: u8 = 5;
+/// IPv6 neighbour discovery / router solicitation: the link needs it.
+pub const REASON_NEIGHBOR_DISCOVERY: u8 = 6;
+/// An ICMP error that quotes an allowed flow (PMTU discovery works).
+pub const REASON_ICMP_ERROR_RELATED: u8 = 7;
+/// A non-first fragment of a datagram whose first fragment was allowed.
+pub const REASON_FRAGMENT_FOLLOWS: u8 = 8;
+/// Would have been denied; passed because the endpoint is in audit mode.
+pub const REASON_AUDIT: u8 = 9;
+/// Isolated and no rule allows it.
+pub const REASON_POLICY_DENY: u8 = 10;
+/// Truncated or malformed header.
+pub const REASON_MALFORMED: u8 = 11;
+/// IPv6 extension header chain deeper than the datapath walks.
+pub const REASON_IPV6_EXT_TOO_DEEP: u8 = 12;
+/// A later fragment whose first fragment was never seen (or was denied).
+pub const REASON_FRAGMENT_UNKNOWN: u8 = 13;
+/// The veth has programs attached but no endpoint entry (pod not yet known
+/// to the agent, or already gone): fail closed.
+pub const REASON_NO_ENDPOINT: u8 = 14;
+/// An established flow re-checked after a policy change and now denied.
+pub const REASON_REVOKED: u8 = 15;
+/// An ICMP error that quotes no allowed flow.
+pub const REASON_ICMP_ERROR_UNRELATED: u8 = 16;
+/// A re-checked flow that is still allowed.
+pub const REASON_RECHECK_ALLOW: u8 = 17;
+/// A link-layer protocol other than IPv4, IPv6 and ARP (VLAN, QinQ, MPLS,
+/// PPPoE, ...): it could carry IP past the policy check.
+pub const REASON_UNSUPPORTED_ETHERTYPE: u8 = 18;
+
+/// Number of reasons defined so far.
+pub const REASON_COUNT: u8 = 19;
+
+/// Stable, metric-friendly name of a reason.
+pub const fn reason_name(reason: u8) -> &'static str {
+    match reason {
+        REASON_POLICY_ALLOW => "policy_allow",
+        REASON_ESTABLISHED => "established",
+        REASON_REPLY => "reply",
+        REASON_NOT_ISOLATED => "not_isolated",
+        REASON_HOST => "host",
+        REASON_NOT_IP => "not_ip",
+        REASON_NEIGHBOR_DISCOVERY => "neighbor_discovery",
+        REASON_ICMP_ERROR_RELATED => "icmp_error_related",
+        REASON_FRAGMENT_FOLLOWS => "fragment_follows",
+        REASON_AUDIT => "audit",
+        REASON_POLICY_DENY => "policy_deny",
+        REASON_MALFORMED => "malformed",
+        REASON_IPV6_EXT_TOO_DEEP => "ipv6_ext_too_deep",
+        REASON_FRAGMENT_UNKNOWN => "fragment_unknown",
+        REASON_NO_ENDPOINT => "no_endpoint",
+        REASON_REVOKED => "revoked",
+        REASON_ICMP_ERROR_UNRELATED => "icmp_error_unrelated",
+        REASON_RECHECK_ALLOW => "recheck_allow",
+        REASON_UNSUPPORTED_ETHERTYPE => "unsupported_ethertype",
+        _ => "unknown",
+    }
+}
+
+/// Whether packets counted under this reason were passed.
+pub const fn reason_passes(reason: u8) -> bool {
+    matches!(
+        reason,
+        REASON_POLICY_ALLOW
+            | REASON_ESTABLISHED
+            | REASON_REPLY
+            | REASON_NOT_ISOLATED
+            | REASON_HOST
+            | REASON_NOT_IP
+            | REASON_NEIGHBOR_DISCOVERY
+            | REASON_ICMP_ERROR_RELATED
+            | REASON_FRAGMENT_FOLLOWS
+            | REASON_AUDIT
+            | REASON_RECHECK_ALLOW
+    )
+}

@@ -1,0 +1,460 @@
+//! The per-packet flow: parse, established-flow lookup (one lookup for a
+//! known flow), generation re-check, and the policy decision for new flows.
+
+use aya_ebpf::programs::TcContext;
+use netpol_common::{
+    CFG_F_AUDIT_ALL, ConfigValue, DIR_EGRESS, DIR_INGRESS, EP_F_AUDIT, EndpointValue, FLOW_F_REPLY,
+    FlowKey, FlowValue, FragKey, FragValue, REASON_AUDIT, REASON_ESTABLISHED,
+    REASON_FRAGMENT_FOLLOWS, REASON_FRAGMENT_UNKNOWN, REASON_ICMP_ERROR_RELATED,
+    REASON_ICMP_ERROR_UNRELATED, REASON_MALFORMED, REASON_NEIGHBOR_DISCOVERY, REASON_NO_ENDPOINT,
+    REASON_NOT_IP, REASON_RECHECK_ALLOW, REASON_REPLY, REASON_REVOKED,
+    REASON_UNSUPPORTED_ETHERTYPE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VerdictEvent,
+};
+
+use crate::{
+    events::{count, emit, now_ns},
+    maps::{NETPOL_CONFIG, NETPOL_ENDPOINTS, NETPOL_FLOWS, NETPOL_FRAGS, NETPOL_SCRATCH},
+    parse::{
+        ETH_HLEN, ETH_P_ARP, Frag, IcmpKind, Packet, ParseError, ethertype, family_of, parse_ip,
+    },
+    policy::decide,
+};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Drop,
+}
+
+/// Per-CPU working memory: the parsed packets, flow keys, values and the
+/// event do not fit the 512-byte BPF stack together.
+#[repr(C)]
+pub struct Scratch {
+    pkt: Packet,
+    inner: Packet,
+    key: FlowKey,
+    rkey: FlowKey,
+    value: FlowValue,
+    event: VerdictEvent,
+    frag: FragKey,
+}
+
+/// Handle one packet seen in `direction` (the pod's point of view). Every
+/// error path drops.
+#[inline(always)]
+pub fn handle(ctx: &TcContext, direction: u8) -> Verdict {
+    let Some(scratch) = NETPOL_SCRATCH.get_ptr_mut(0) else {
+        count(direction, REASON_MALFORMED);
+        return Verdict::Drop;
+    };
+    // SAFETY: per-CPU slot; a TC program runs to completion on one CPU
+    // without preemption by another run of itself.
+    let s = unsafe { &mut *scratch };
+    match try_handle(ctx, direction, s) {
+        Ok(v) => v,
+        Err(ParseError(reason)) => {
+            count(direction, reason);
+            let cfg = config();
+            let ev = &mut s.event;
+            ev.timestamp_ns = now_ns();
+            ev.ifindex = ifindex(ctx);
+            ev.endpoint_id = 0;
+            ev.rule_id = 0;
+            ev.peer_identity = 0;
+            ev.policy_id = 0;
+            ev.packet_len = ctx.len();
+            ev.sport = s.pkt.sport;
+            ev.dport = s.pkt.dport;
+            ev.protocol = s.pkt.protocol;
+            ev.family = s.pkt.family;
+            ev.direction = direction;
+            ev.verdict = VERDICT_DENY;
+            ev.reason = reason;
+            ev._pad = [0; 7];
+            ev.saddr = s.pkt.saddr;
+            ev.daddr = s.pkt.daddr;
+            emit(ev, cfg.events_per_sec);
+            Verdict::Drop
+        }
+    }
+}
+
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+#[inline(always)]
+fn config() -> ConfigValue {
+    NETPOL_CONFIG.get(0).copied().unwrap_or_default()
+}
+
+#[inline(always)]
+const fn flip(direction: u8) -> u8 {
+    if direction == DIR_INGRESS {
+        DIR_EGRESS
+    } else {
+        DIR_INGRESS
+    }
+}
+
+#[inline(always)]
+fn fill_flow_key(k: &mut FlowKey, ifindex: u32, p: &Packet, direction: u8) {
+    k.ifindex = ifindex;
+    k.sport = p.sport;
+    k.dport = p.dport;
+    k.protocol = p.protocol;
+    k.family = p.family;
+    k.direction = direction;
+    k._pad = 0;
+    k.saddr = p.saddr;
+    k.daddr = p.daddr;
+}
+
+/// The key of the other direction of travel of the same flow.
+#[inline(always)]
+fn fill_reversed(r: &mut FlowKey, k: &FlowKey) {
+    r.ifindex = k.ifindex;
+    r.sport = k.dport;
+    r.dport = k.sport;
+    r.protocol = k.protocol;
+    r.family = k.family;
+    r.direction = flip(k.direction);
+    r._pad = 0;
+    r.saddr = k.daddr;
+    r.daddr = k.saddr;
+}
+
+#[inline(always)]
+fn fill_frag_key(fk: &mut FragKey, ifindex: u32, p: &Packet, direction: u8) {
+    fk.ifindex = ifindex;
+    fk.id = p.frag_id;
+    fk.protocol = p.protocol;
+    fk.family = p.family;
+    fk.direction = direction;
+    fk._pad = 0;
+    fk.saddr = p.saddr;
+    fk.daddr = p.daddr;
+}
+
+/// The remote side of the packet: its source when the pod receives it, its
+/// destination when the pod sends it.
+#[inline(always)]
+fn remote(p: &Packet, direction: u8) -> &[u8; 16] {
+    if direction == DIR_INGRESS {
+        &p.saddr
+    } else {
+        &p.daddr
+    }
+}
+
+#[inline(always)]
+fn audit(ep: &EndpointValue, cfg: &ConfigValue) -> bool {
+    ep.flags & EP_F_AUDIT != 0 || cfg.flags & CFG_F_AUDIT_ALL != 0
+}
+
+/// Fill `s.event` from the packet and send it (rate-limited).
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "flat for the verifier")]
+fn send_event(
+    s: &mut Scratch,
+    cfg: &ConfigValue,
+    ifindex: u32,
+    direction: u8,
+    ep: &EndpointValue,
+    verdict: u8,
+    reason: u8,
+    rule_id: u32,
+    peer_identity: u32,
+    len: u32,
+    now: u64,
+) {
+    let ev = &mut s.event;
+    let p = &s.pkt;
+    ev.timestamp_ns = now;
+    ev.ifindex = ifindex;
+    ev.endpoint_id = ep.endpoint_id;
+    ev.rule_id = rule_id;
+    ev.peer_identity = peer_identity;
+    ev.policy_id = ep.policy_id;
+    ev.packet_len = len;
+    ev.sport = p.sport;
+    ev.dport = p.dport;
+    ev.protocol = p.protocol;
+    ev.family = p.family;
+    ev.direction = direction;
+    ev.verdict = verdict;
+    ev.reason = reason;
+    ev._pad = [0; 7];
+    ev.saddr = p.saddr;
+    ev.daddr = p.daddr;
+    emit(ev, cfg.events_per_sec);
+}
+
+#[inline(always)]
+fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict, ParseError> {
+    // Start from a clean packet so that an early error reports zeros, not
+    // the previous packet's addresses.
+    s.pkt.family = 0;
+    s.pkt.protocol = 0;
+    s.pkt.sport = 0;
+    s.pkt.dport = 0;
+    s.pkt.saddr = [0; 16];
+    s.pkt.daddr = [0; 16];
+
+    let ethertype = ethertype(ctx)?;
+    let Some(family) = family_of(ethertype) else {
+        if ethertype == ETH_P_ARP {
+            // ARP is not IP: NetworkPolicy does not apply to it, and without
+            // it no IPv4 traffic (allowed or not) could flow at all.
+            count(direction, REASON_NOT_IP);
+            return Ok(Verdict::Pass);
+        }
+        // VLAN, QinQ, MPLS, PPPoE, ... can carry IP past the policy check
+        // (a Linux bridge forwards tagged frames): fail closed.
+        return Err(ParseError(REASON_UNSUPPORTED_ETHERTYPE));
+    };
+
+    let ifindex = ifindex(ctx);
+    parse_ip(ctx, family, ETH_HLEN, false, &mut s.pkt)?;
+
+    if s.pkt.icmp == IcmpKind::NeighborDiscovery {
+        // IPv6 neighbour discovery and MLD are the link's own control plane
+        // (the IPv6 equivalent of ARP): they carry no application data, and
+        // without them no IPv6 traffic could flow at all.
+        count(direction, REASON_NEIGHBOR_DISCOVERY);
+        return Ok(Verdict::Pass);
+    }
+
+    let cfg = config();
+    let len = ctx.len();
+
+    if s.pkt.frag == Frag::Later {
+        // No L4 header: follow the verdict of the datagram's first fragment;
+        // a later fragment whose first was never seen (or was denied) is
+        // dropped, so no fragment ordering lets a denied datagram through.
+        fill_frag_key(&mut s.frag, ifindex, &s.pkt, direction);
+        return match unsafe { NETPOL_FRAGS.get(&s.frag) } {
+            Some(v) if v.verdict == VERDICT_ALLOW || v.verdict == VERDICT_AUDIT => {
+                count(direction, REASON_FRAGMENT_FOLLOWS);
+                Ok(Verdict::Pass)
+            }
+            _ => Err(ParseError(REASON_FRAGMENT_UNKNOWN)),
+        };
+    }
+
+    fill_flow_key(&mut s.key, ifindex, &s.pkt, direction);
+    if let Some(f) = NETPOL_FLOWS.get_ptr_mut(&s.key) {
+        // SAFETY: the entry stays valid for this program run; the fields
+        // written below are counters and idempotent stores.
+        let f = unsafe { &mut *f };
+        if f.generation == cfg.generation {
+            f.last_seen_ns = now_ns();
+            bump_flow(f, len);
+            let verdict = f.verdict;
+            let reply = f.flags & FLOW_F_REPLY != 0;
+            if s.pkt.frag == Frag::First {
+                record_first_fragment(s, ifindex, direction, verdict);
+            }
+            count(
+                direction,
+                if reply {
+                    REASON_REPLY
+                } else {
+                    REASON_ESTABLISHED
+                },
+            );
+            return Ok(Verdict::Pass);
+        }
+        return Ok(recheck(s, ifindex, direction, f, &cfg, len));
+    }
+
+    let now = now_ns();
+    let Some(ep) = (unsafe { NETPOL_ENDPOINTS.get(&ifindex) }).copied() else {
+        // Programs are attached but the agent has not (or no longer) told
+        // the datapath which pod this is: fail closed.
+        send_event(
+            s,
+            &cfg,
+            ifindex,
+            direction,
+            &EndpointValue::default(),
+            VERDICT_DENY,
+            REASON_NO_ENDPOINT,
+            0,
+            0,
+            len,
+            now,
+        );
+        count(direction, REASON_NO_ENDPOINT);
+        return Ok(Verdict::Drop);
+    };
+
+    if s.pkt.icmp == IcmpKind::Error {
+        // The quoted packet travelled the other way through this endpoint:
+        // an error about an allowed flow passes (path MTU discovery).
+        if parse_ip(ctx, family, s.pkt.l4_off + 8, true, &mut s.inner).is_ok() {
+            fill_flow_key(&mut s.rkey, ifindex, &s.inner, flip(direction));
+            if unsafe { NETPOL_FLOWS.get(&s.rkey) }.is_some() {
+                count(direction, REASON_ICMP_ERROR_RELATED);
+                return Ok(Verdict::Pass);
+            }
+        }
+    }
+
+    let d = decide(
+        &ep,
+        direction,
+        s.pkt.family,
+        remote(&s.pkt, direction),
+        s.pkt.protocol,
+        s.pkt.dport,
+    );
+    let (verdict, reason) = if d.allow {
+        (VERDICT_ALLOW, d.reason)
+    } else if audit(&ep, &cfg) {
+        (VERDICT_AUDIT, REASON_AUDIT)
+    } else if s.pkt.icmp == IcmpKind::Error {
+        (VERDICT_DENY, REASON_ICMP_ERROR_UNRELATED)
+    } else {
+        (VERDICT_DENY, d.reason)
+    };
+    send_event(
+        s,
+        &cfg,
+        ifindex,
+        direction,
+        &ep,
+        verdict,
+        reason,
+        d.rule_id,
+        d.peer_identity,
+        len,
+        now,
+    );
+    count(direction, reason);
+    if verdict == VERDICT_DENY {
+        return Ok(Verdict::Drop);
+    }
+    if s.pkt.icmp != IcmpKind::Error {
+        // Two entries, one per direction of travel, so that every later
+        // packet costs one lookup. If the table is full the LRU evicts the
+        // least recently used flow; an evicted flow's next packet is decided
+        // again as a new flow (a reply of an evicted flow is then judged as
+        // traffic of its own: fail closed).
+        let v = &mut s.value;
+        v.created_ns = now;
+        v.last_seen_ns = now;
+        v.packets = 0;
+        v.bytes = 0;
+        v.generation = cfg.generation;
+        v.rule_id = d.rule_id;
+        v.verdict = verdict;
+        v.reason = reason;
+        v.flags = FLOW_F_REPLY;
+        v._pad = [0; 5];
+        fill_reversed(&mut s.rkey, &s.key);
+        let _ = NETPOL_FLOWS.insert(&s.rkey, &s.value, 0);
+        s.value.flags = 0;
+        s.value.packets = 1;
+        s.value.bytes = len as u64;
+        let _ = NETPOL_FLOWS.insert(&s.key, &s.value, 0);
+    }
+    if s.pkt.frag == Frag::First {
+        record_first_fragment(s, ifindex, direction, verdict);
+    }
+    Ok(Verdict::Pass)
+}
+
+/// Count a packet on a flow entry. The BPF target has no atomic
+/// read-modify-write in `core`, so two CPUs on the same flow at the same
+/// instant can lose an increment: the counters are statistics, never an
+/// input to a verdict.
+#[inline(always)]
+fn bump_flow(f: &mut FlowValue, len: u32) {
+    f.packets = f.packets.wrapping_add(1);
+    f.bytes = f.bytes.wrapping_add(len as u64);
+}
+
+#[inline(always)]
+fn record_first_fragment(s: &mut Scratch, ifindex: u32, direction: u8, verdict: u8) {
+    fill_frag_key(&mut s.frag, ifindex, &s.pkt, direction);
+    let fv = FragValue {
+        sport: s.pkt.sport,
+        dport: s.pkt.dport,
+        verdict,
+        _pad: [0; 3],
+    };
+    let _ = NETPOL_FRAGS.insert(&s.frag, &fv, 0);
+}
+
+/// A known flow decided under an older policy generation: decide it again as
+/// the packet that opened it (for a reply entry: the opposite direction and
+/// the reply's source port). Still allowed: refresh. Now denied: drop this
+/// packet and forget both entries of the flow.
+#[inline(always)]
+fn recheck(
+    s: &mut Scratch,
+    ifindex: u32,
+    direction: u8,
+    f: &mut FlowValue,
+    cfg: &ConfigValue,
+    len: u32,
+) -> Verdict {
+    let now = now_ns();
+    fill_reversed(&mut s.rkey, &s.key);
+    let Some(ep) = (unsafe { NETPOL_ENDPOINTS.get(&ifindex) }).copied() else {
+        let _ = NETPOL_FLOWS.remove(&s.rkey);
+        let _ = NETPOL_FLOWS.remove(&s.key);
+        count(direction, REASON_NO_ENDPOINT);
+        return Verdict::Drop;
+    };
+    let reply = f.flags & FLOW_F_REPLY != 0;
+    let (policy_dir, port) = if reply {
+        (flip(direction), s.pkt.sport)
+    } else {
+        (direction, s.pkt.dport)
+    };
+    let d = decide(
+        &ep,
+        policy_dir,
+        s.pkt.family,
+        remote(&s.pkt, direction),
+        s.pkt.protocol,
+        port,
+    );
+    if d.allow || audit(&ep, cfg) {
+        f.generation = cfg.generation;
+        f.rule_id = d.rule_id;
+        f.verdict = if d.allow { VERDICT_ALLOW } else { VERDICT_AUDIT };
+        f.last_seen_ns = now;
+        bump_flow(f, len);
+        count(
+            direction,
+            if d.allow {
+                REASON_RECHECK_ALLOW
+            } else {
+                REASON_AUDIT
+            },
+        );
+        return Verdict::Pass;
+    }
+    send_event(
+        s,
+        cfg,
+        ifindex,
+        direction,
+        &ep,
+        VERDICT_DENY,
+        REASON_REVOKED,
+        0,
+        d.peer_identity,
+        len,
+        now,
+    );
+    count(direction, REASON_REVOKED);
+    let _ = NETPOL_FLOWS.remove(&s.rkey);
+    let _ = NETPOL_FLOWS.remove(&s.key);
+    Verdict::Drop
+}

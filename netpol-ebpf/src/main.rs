@@ -1,0 +1,77 @@
+//! netpol datapath: TC programs on each local pod's host-side veth.
+//!
+//! Hooks and directions (always from the **pod's** point of view):
+//! - `netpol_from_pod` is attached to the TC **ingress** hook of the
+//!   host-side veth: it sees what the pod *sends*, judged by the pod's
+//!   **egress** policy (`DIR_EGRESS`).
+//! - `netpol_to_pod` is attached to the TC **egress** hook of the host-side
+//!   veth: it sees what the pod *receives*, judged by the pod's **ingress**
+//!   policy (`DIR_INGRESS`).
+//!
+//! Every packet to or from a pod crosses its veth whatever the CNI does, so
+//! enforcement does not depend on routing or bridging. Each entry is thin;
+//! the logic is in `try_handle`, and anything it cannot handle is dropped
+//! (`TC_ACT_SHOT`): the datapath fails closed.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod events;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod parse;
+#[cfg(target_arch = "bpf")]
+mod policy;
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::{
+        bindings::{TC_ACT_OK, TC_ACT_SHOT},
+        macros::classifier,
+        programs::TcContext,
+    };
+    use netpol_common::{DIR_EGRESS, DIR_INGRESS};
+
+    use crate::conntrack::{Verdict, handle};
+
+    /// TC ingress of the host-side veth: packets the pod sends.
+    #[classifier]
+    pub fn netpol_from_pod(ctx: TcContext) -> i32 {
+        to_action(handle(&ctx, DIR_EGRESS))
+    }
+
+    /// TC egress of the host-side veth: packets the pod receives.
+    #[classifier]
+    pub fn netpol_to_pod(ctx: TcContext) -> i32 {
+        to_action(handle(&ctx, DIR_INGRESS))
+    }
+
+    #[inline(always)]
+    fn to_action(v: Verdict) -> i32 {
+        match v {
+            Verdict::Pass => TC_ACT_OK,
+            Verdict::Drop => TC_ACT_SHOT,
+        }
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    // This crate is only built for bpfel-unknown-none (by aya-build, from
+    // netpol-agent/build.rs). On the host it is an empty binary so that
+    // `cargo check --workspace` works.
+}

@@ -1,0 +1,71 @@
+//! Every map of the datapath. Sizes here are defaults; the agent sets the
+//! real ones at load time (`EbpfLoader::map_max_entries`) and pins each map
+//! under `<bpffs-root>/maps/<NAME>`.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    macros::btf_map,
+};
+use netpol_common::{
+    COUNTER_SLOTS, ConfigValue, EndpointValue, FlowKey, FlowValue, FragKey, FragValue, PeerValue,
+    PolicyKey, PolicyValue, RateState, VerdictEvent, sizes,
+};
+
+/// Local endpoints. Key: host-side veth ifindex. Value: the pod's compiled
+/// policy set, isolation and audit flags. Written by the agent.
+#[btf_map]
+pub static NETPOL_ENDPOINTS: HashMap<u32, EndpointValue, { sizes::ENDPOINTS as usize }> =
+    HashMap::new();
+
+/// IPv4 peer address (LPM, network byte order) -> identity. Pod IPs are /32,
+/// ipBlock CIDRs and excepts are prefixes, 0.0.0.0/0 is always present.
+/// Written by the agent.
+#[btf_map]
+pub static NETPOL_PEERS_V4: LpmTrie<[u8; 4], PeerValue, { sizes::PEERS_V4 as usize }> =
+    LpmTrie::new();
+
+/// IPv6 peer address -> identity, as `NETPOL_PEERS_V4`.
+#[btf_map]
+pub static NETPOL_PEERS_V6: LpmTrie<[u8; 16], PeerValue, { sizes::PEERS_V6 as usize }> =
+    LpmTrie::new();
+
+/// (policy set, peer identity, direction, protocol, port prefix) -> allow and
+/// the rule id. See `netpol_common::PolicyKey` for the wildcard rules.
+/// Written by the agent.
+#[btf_map]
+pub static NETPOL_POLICY: LpmTrie<PolicyKey, PolicyValue, { sizes::POLICY as usize }> =
+    LpmTrie::new();
+
+/// Established flows, two entries per flow (one per direction of travel).
+/// Written by the datapath; the agent reads it (`netpol-agent flows`) and
+/// never needs to write it.
+#[btf_map]
+pub static NETPOL_FLOWS: LruHashMap<FlowKey, FlowValue, { sizes::FLOWS as usize }> =
+    LruHashMap::new();
+
+/// First fragments seen: later fragments of the datagram follow their
+/// verdict. Written and read by the datapath.
+#[btf_map]
+pub static NETPOL_FRAGS: LruHashMap<FragKey, FragValue, { sizes::FRAGS as usize }> =
+    LruHashMap::new();
+
+/// Per-CPU packet counters by direction and reason, then event accounting
+/// (see `netpol_common::counter_index`). Written by the datapath.
+#[btf_map]
+pub static NETPOL_COUNTERS: PerCpuArray<u64, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
+
+/// Verdict events for new flows and drops, read by the agent.
+#[btf_map]
+pub static NETPOL_EVENTS: RingBuf<VerdictEvent, { sizes::EVENTS_BYTES as usize }> = RingBuf::new();
+
+/// Per-CPU rate limiter state for `NETPOL_EVENTS`. Written by the datapath.
+#[btf_map]
+pub static NETPOL_EVENT_RATE: PerCpuArray<RateState, 1> = PerCpuArray::new();
+
+/// Generation, event rate and global flags. Written by the agent.
+#[btf_map]
+pub static NETPOL_CONFIG: Array<ConfigValue, 1> = Array::new();
+
+/// Per-CPU working memory of the programs (not pinned, not shared).
+#[btf_map]
+pub static NETPOL_SCRATCH: PerCpuArray<crate::conntrack::Scratch, 1> = PerCpuArray::new();

@@ -1,0 +1,305 @@
+//! Packet parsing: Ethernet, IPv4 (with options), IPv6 (with extension
+//! headers walked to a fixed depth), the first bytes of TCP/UDP/SCTP and
+//! ICMP/ICMPv6. Every read goes through `bpf_skb_load_bytes` (`ctx.load`),
+//! so a truncated packet is an error, never a guess.
+
+use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};
+use netpol_common::{
+    FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    REASON_IPV6_EXT_TOO_DEEP, REASON_MALFORMED,
+};
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+pub const ETH_P_ARP: u16 = 0x0806;
+
+/// How many IPv6 extension headers the datapath walks before giving up
+/// (and dropping with `REASON_IPV6_EXT_TOO_DEEP`).
+pub const MAX_IPV6_EXT: usize = 6;
+
+const IPV6_NH_HOP: u8 = 0;
+const IPV6_NH_ROUTING: u8 = 43;
+const IPV6_NH_FRAGMENT: u8 = 44;
+const IPV6_NH_AH: u8 = 51;
+const IPV6_NH_DSTOPTS: u8 = 60;
+
+/// What kind of ICMP message a packet is, for the datapath's special cases.
+#[repr(u8)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum IcmpKind {
+    /// Not ICMP/ICMPv6.
+    None,
+    /// Echo request/reply and every other informational type: a port-less
+    /// flow subject to policy.
+    Info,
+    /// Destination unreachable, packet too big, time exceeded, parameter
+    /// problem: quotes the packet that caused it.
+    Error,
+    /// IPv6 neighbour discovery and MLD (link-local control traffic).
+    NeighborDiscovery,
+}
+
+/// Fragment position of the packet.
+#[repr(u8)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Frag {
+    /// Not a fragment.
+    None,
+    /// First fragment (offset 0, more fragments follow): carries the ports.
+    First,
+    /// A later fragment: no L4 header; follows the first fragment's verdict.
+    Later,
+}
+
+/// The parsed packet. Addresses are in network byte order (IPv4 in the first
+/// four bytes), ports in host byte order. Lives in the per-CPU scratch map,
+/// not on the 512-byte BPF stack.
+#[repr(C)]
+pub struct Packet {
+    pub family: u8,
+    pub protocol: u8,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub frag: Frag,
+    /// IPv4 identification or IPv6 fragment identification.
+    pub frag_id: u32,
+    pub icmp: IcmpKind,
+    /// Offset of the L4 header.
+    pub l4_off: usize,
+}
+
+/// A parse failure, with the reason the datapath counts it under.
+pub struct ParseError(pub u8);
+
+type Result<T> = core::result::Result<T, ParseError>;
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, off: usize) -> Result<T> {
+    ctx.load::<T>(off).map_err(|_| ParseError(REASON_MALFORMED))
+}
+
+/// Load an IPv6 address straight into `dst` (no stack temporary); fails
+/// unless all 16 bytes are in the packet.
+#[inline(always)]
+fn load_into(ctx: &TcContext, off: usize, dst: &mut [u8; 16]) -> Result<()> {
+    // SAFETY: `dst` is 16 writable bytes; the helper bounds-checks the skb.
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            off as u32,
+            dst.as_mut_ptr().cast(),
+            16,
+        )
+    };
+    if ret < 0 {
+        Err(ParseError(REASON_MALFORMED))
+    } else {
+        Ok(())
+    }
+}
+
+/// Parse the IP packet that starts at `l3` (either the outer packet, or the
+/// packet quoted in an ICMP error when `quoted` is true: then only the first
+/// 8 bytes of its L4 header are guaranteed to be there) into `p`.
+#[inline(always)]
+pub fn parse_ip(
+    ctx: &TcContext,
+    family: u8,
+    l3: usize,
+    quoted: bool,
+    p: &mut Packet,
+) -> Result<()> {
+    p.family = family;
+    p.protocol = 0;
+    p.saddr = [0; 16];
+    p.daddr = [0; 16];
+    p.sport = 0;
+    p.dport = 0;
+    p.frag = Frag::None;
+    p.frag_id = 0;
+    p.icmp = IcmpKind::None;
+    p.l4_off = 0;
+    if family == FAMILY_V4 {
+        parse_v4(ctx, l3, p)?;
+    } else {
+        parse_v6(ctx, l3, p)?;
+    }
+    if p.frag == Frag::Later {
+        return Ok(());
+    }
+    parse_l4(ctx, p, quoted)
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &TcContext, l3: usize, p: &mut Packet) -> Result<()> {
+    let vihl: u8 = load(ctx, l3)?;
+    if vihl >> 4 != 4 {
+        return Err(ParseError(REASON_MALFORMED));
+    }
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if ihl < 20 {
+        return Err(ParseError(REASON_MALFORMED));
+    }
+    let id: [u8; 2] = load(ctx, l3 + 4)?;
+    let frag_field: [u8; 2] = load(ctx, l3 + 6)?;
+    let frag_field = u16::from_be_bytes(frag_field);
+    let more = frag_field & 0x2000 != 0;
+    let offset = frag_field & 0x1fff;
+    p.protocol = load(ctx, l3 + 9)?;
+    let s: [u8; 4] = load(ctx, l3 + 12)?;
+    let d: [u8; 4] = load(ctx, l3 + 16)?;
+    p.saddr[0] = s[0];
+    p.saddr[1] = s[1];
+    p.saddr[2] = s[2];
+    p.saddr[3] = s[3];
+    p.daddr[0] = d[0];
+    p.daddr[1] = d[1];
+    p.daddr[2] = d[2];
+    p.daddr[3] = d[3];
+    // Options (ihl > 20) are skipped: the L4 header starts after them.
+    p.l4_off = l3 + ihl;
+    p.frag_id = u16::from_be_bytes(id) as u32;
+    p.frag = if offset != 0 {
+        // RFC 1858: a later fragment that starts inside the first 16 bytes of
+        // the L4 header could overwrite the ports the first one was judged by.
+        if (offset as usize) * 8 < 16 {
+            return Err(ParseError(REASON_MALFORMED));
+        }
+        Frag::Later
+    } else if more {
+        Frag::First
+    } else {
+        Frag::None
+    };
+    Ok(())
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &TcContext, l3: usize, p: &mut Packet) -> Result<()> {
+    let v: u8 = load(ctx, l3)?;
+    if v >> 4 != 6 {
+        return Err(ParseError(REASON_MALFORMED));
+    }
+    let mut nh: u8 = load(ctx, l3 + 6)?;
+    load_into(ctx, l3 + 8, &mut p.saddr)?;
+    load_into(ctx, l3 + 24, &mut p.daddr)?;
+    let mut off = l3 + 40;
+    let mut i = 0;
+    while i < MAX_IPV6_EXT {
+        match nh {
+            IPV6_NH_HOP | IPV6_NH_ROUTING | IPV6_NH_DSTOPTS => {
+                let hdr: [u8; 2] = load(ctx, off)?;
+                nh = hdr[0];
+                off += (hdr[1] as usize + 1) * 8;
+            }
+            IPV6_NH_AH => {
+                let hdr: [u8; 2] = load(ctx, off)?;
+                nh = hdr[0];
+                off += (hdr[1] as usize + 2) * 4;
+            }
+            IPV6_NH_FRAGMENT => {
+                let hdr: [u8; 8] = load(ctx, off)?;
+                nh = hdr[0];
+                let field = u16::from_be_bytes([hdr[2], hdr[3]]);
+                let offset = field >> 3;
+                let more = field & 1 != 0;
+                p.frag_id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+                off += 8;
+                if offset != 0 {
+                    if (offset as usize) * 8 < 16 {
+                        return Err(ParseError(REASON_MALFORMED));
+                    }
+                    p.frag = Frag::Later;
+                } else if more {
+                    p.frag = Frag::First;
+                }
+                // An atomic fragment (offset 0, no more) is a whole datagram.
+            }
+            _ => {
+                p.protocol = nh;
+                p.l4_off = off;
+                return Ok(());
+            }
+        }
+        i += 1;
+    }
+    Err(ParseError(REASON_IPV6_EXT_TOO_DEEP))
+}
+
+#[inline(always)]
+fn parse_l4(ctx: &TcContext, p: &mut Packet, quoted: bool) -> Result<()> {
+    let off = p.l4_off;
+    match p.protocol {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
+            // The whole minimal header must be there (a TCP header cut by a
+            // tiny first fragment is refused), except in the quote of an ICMP
+            // error, which only promises 8 bytes.
+            let min = if quoted {
+                8
+            } else {
+                match p.protocol {
+                    PROTO_TCP => 20,
+                    PROTO_UDP => 8,
+                    _ => 12,
+                }
+            };
+            let _: u8 = load(ctx, off + min - 1)?;
+            let ports: [u8; 4] = load(ctx, off)?;
+            p.sport = u16::from_be_bytes([ports[0], ports[1]]);
+            p.dport = u16::from_be_bytes([ports[2], ports[3]]);
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            let hdr: [u8; 8] = load(ctx, off)?;
+            let ty = hdr[0];
+            let id = u16::from_be_bytes([hdr[4], hdr[5]]);
+            let v6 = p.protocol == PROTO_ICMPV6;
+            let (request, reply, kind) = if v6 {
+                match ty {
+                    128 => (true, false, IcmpKind::Info),
+                    129 => (false, true, IcmpKind::Info),
+                    1..=4 => (false, false, IcmpKind::Error),
+                    130..=137 | 143 => (false, false, IcmpKind::NeighborDiscovery),
+                    _ => (false, false, IcmpKind::Info),
+                }
+            } else {
+                match ty {
+                    8 => (true, false, IcmpKind::Info),
+                    0 => (false, true, IcmpKind::Info),
+                    3 | 11 | 12 => (false, false, IcmpKind::Error),
+                    _ => (false, false, IcmpKind::Info),
+                }
+            };
+            p.icmp = kind;
+            // Echo: the id travels as a "port" so that a reply's flow key is
+            // the request's reversed. Other types are port-less.
+            if request {
+                p.sport = id;
+            } else if reply {
+                p.dport = id;
+            }
+        }
+        _ => {
+            // Another IP protocol: a port-less flow, subject to policy (only
+            // rules without ports can allow it).
+        }
+    }
+    Ok(())
+}
+
+/// The frame's ethertype.
+#[inline(always)]
+pub fn ethertype(ctx: &TcContext) -> Result<u16> {
+    let t: [u8; 2] = load(ctx, 12)?;
+    Ok(u16::from_be_bytes(t))
+}
+
+pub const fn family_of(ethertype: u16) -> Option<u8> {
+    match ethertype {
+        ETH_P_IP => Some(FAMILY_V4),
+        ETH_P_IPV6 => Some(FAMILY_V6),
+        _ => None,
+    }
+}

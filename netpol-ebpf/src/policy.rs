@@ -1,0 +1,97 @@
+//! The policy decision for a new (or re-checked) flow: a bounded number of
+//! map lookups whatever the number of policies, rules or pods:
+//! endpoint flags, one peer LPM lookup, then at most two policy LPM lookups
+//! (the peer's identity, then the "any peer" wildcard).
+
+use aya_ebpf::btf_maps::lpm_trie::Key;
+use netpol_common::{
+    ACTION_ALLOW,     DIR_INGRESS, EP_F_EGRESS_ISOLATED, EP_F_INGRESS_ISOLATED, EndpointValue, FAMILY_V4,
+    IDENTITY_ANY, PEER_F_HOST, POLICY_PREFIX_FULL, PolicyKey, REASON_HOST, REASON_NOT_ISOLATED,
+    REASON_POLICY_ALLOW, REASON_POLICY_DENY,
+};
+
+use crate::maps::{NETPOL_PEERS_V4, NETPOL_PEERS_V6, NETPOL_POLICY};
+
+/// Identity given to an address that no peer entry covers. The agent always
+/// installs /0 entries, so this only happens while maps are being filled;
+/// it matches only "any peer" rules, never a selector.
+const IDENTITY_UNKNOWN: u32 = u32::MAX;
+
+pub struct Decision {
+    pub allow: bool,
+    pub reason: u8,
+    pub rule_id: u32,
+    pub peer_identity: u32,
+}
+
+/// Decide traffic of `ep` in `direction` (the pod's point of view) with the
+/// peer at `peer` (the remote address), on `protocol`/`port`.
+#[inline(always)]
+pub fn decide(
+    ep: &EndpointValue,
+    direction: u8,
+    family: u8,
+    peer: &[u8; 16],
+    protocol: u8,
+    port: u16,
+) -> Decision {
+    let isolated_flag = if direction == DIR_INGRESS {
+        EP_F_INGRESS_ISOLATED
+    } else {
+        EP_F_EGRESS_ISOLATED
+    };
+    if ep.flags & isolated_flag == 0 {
+        return Decision {
+            allow: true,
+            reason: REASON_NOT_ISOLATED,
+            rule_id: 0,
+            peer_identity: 0,
+        };
+    }
+
+    let peer_value = if family == FAMILY_V4 {
+        let key = Key::new(32, [peer[0], peer[1], peer[2], peer[3]]);
+        NETPOL_PEERS_V4.get(&key).copied()
+    } else {
+        let key = Key::new(128, *peer);
+        NETPOL_PEERS_V6.get(&key).copied()
+    };
+    let (identity, peer_flags) = match peer_value {
+        Some(v) => (v.identity, v.flags),
+        None => (IDENTITY_UNKNOWN, 0),
+    };
+
+    // Kubernetes: traffic from the node to its pods (kubelet probes) is
+    // always allowed.
+    if direction == DIR_INGRESS && peer_flags & PEER_F_HOST != 0 {
+        return Decision {
+            allow: true,
+            reason: REASON_HOST,
+            rule_id: 0,
+            peer_identity: identity,
+        };
+    }
+
+    for id in [identity, IDENTITY_ANY] {
+        let key = Key::new(
+            POLICY_PREFIX_FULL,
+            PolicyKey::new(ep.policy_id, id, direction, protocol, port),
+        );
+        if let Some(v) = NETPOL_POLICY.get(&key)
+            && v.action == ACTION_ALLOW
+        {
+            return Decision {
+                allow: true,
+                reason: REASON_POLICY_ALLOW,
+                rule_id: v.rule_id,
+                peer_identity: identity,
+            };
+        }
+    }
+    Decision {
+        allow: false,
+        reason: REASON_POLICY_DENY,
+        rule_id: 0,
+        peer_identity: identity,
+    }
+}

@@ -1,0 +1,108 @@
+//! `cargo xtask`: orchestration for netpol (setup, build-ebpf, lab, demo,
+//! test). Each command that needs the eBPF toolchain runs `setup::ensure`
+//! first, so the README's commands work on a fresh machine.
+
+mod demo;
+mod ebpf;
+mod setup;
+mod test;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "netpol developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what this machine lacks (apt packages, rust-src, bpf-linker).
+    Setup,
+    /// Build the eBPF object and describe its programs and maps.
+    BuildEbpf {
+        /// Also load every program through the kernel verifier (root).
+        #[arg(long)]
+        verify: bool,
+    },
+    /// The lab: a cluster of network namespaces (`lab up|down|probe ...`).
+    Lab {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// A 2-node lab (routed + bridged) with agents; reachability before and
+    /// after the policies in `examples/`.
+    Demo(demo::DemoArgs),
+    /// Unit tests, then the privileged lab tests.
+    Test(test::TestArgs),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup => setup::ensure(true),
+        Cmd::BuildEbpf { verify } => {
+            setup::ensure(false)?;
+            let obj = ebpf::build()?;
+            ebpf::describe(&obj)?;
+            if verify {
+                ebpf::verify(&obj)?;
+            }
+            Ok(())
+        }
+        Cmd::Lab { args } => {
+            let lab = build_bins(&["netpol-lab"])?.remove(0);
+            exec(Command::new(lab).args(args))
+        }
+        Cmd::Demo(args) => {
+            setup::ensure(false)?;
+            demo::run(args)
+        }
+        Cmd::Test(args) => {
+            setup::ensure(false)?;
+            test::run(args)
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Build the named binaries (debug profile, shared with `cargo test`) and
+/// return their paths.
+pub fn build_bins(bins: &[&str]) -> Result<Vec<PathBuf>> {
+    let root = workspace_root();
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&root).args(["build", "--quiet"]);
+    for b in bins {
+        cmd.args(["--bin", b]);
+    }
+    let status = cmd.status().context("running cargo build")?;
+    if !status.success() {
+        bail!("building {bins:?} failed");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(bins.iter().map(|b| target.join("debug").join(b)).collect())
+}
+
+/// Run a command to completion; fail on a non-zero exit.
+pub fn exec(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
