@@ -1,4 +1,12 @@
 //! netpol agent library: the pure policy compiler and the thin shell around
-//! it (sources, netlink, BPF maps).
+//! it (sources, netlink, BPF maps, flow logs).
+pub mod agent;
 pub mod compiler;
+pub mod convert;
+pub mod datapath;
+pub mod flowlog;
+pub mod manifest;
 pub mod model;
+pub mod netlink;
+pub mod pins;
+pub mod source;

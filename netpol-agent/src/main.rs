@@ -1,1 +1,187 @@
-fn main(){}
+//! `netpol-agent`: the node agent (run), and the operator's tools (status,
+//! cleanup).
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use netpol_agent::{
+    agent::{self, Status},
+    datapath::{self, MapSizes},
+    pins::DEFAULT_ROOT,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "netpol-agent",
+    version,
+    about = "Kubernetes NetworkPolicy dataplane (eBPF)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Enforce NetworkPolicy for this node's pods.
+    Run(RunArgs),
+    /// Print the agent's status (synced, endpoints, generation, counters).
+    Status {
+        #[arg(long, default_value = "/run/netpol")]
+        state_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print what netlink shows of this node: veths, pod addresses found
+    /// per veth, node addresses (for debugging discovery).
+    Discover,
+    /// Remove every attachment, pinned map and pin (stops enforcement).
+    Cleanup {
+        #[arg(long, default_value = DEFAULT_ROOT)]
+        bpffs_root: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// This node's name (pods with this spec.nodeName are enforced here).
+    #[arg(long)]
+    node: String,
+    /// Where cluster state comes from: `dir:<path>` (a manifests directory).
+    #[arg(long)]
+    source: String,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long, default_value = DEFAULT_ROOT)]
+    bpffs_root: PathBuf,
+    /// Where the status file is written.
+    #[arg(long, default_value = "/run/netpol")]
+    state_dir: PathBuf,
+    /// Write flow logs (JSON lines) here instead of stdout.
+    #[arg(long)]
+    flow_log: Option<PathBuf>,
+    /// Verdict events per second per CPU sent by the kernel (0: none).
+    #[arg(long, default_value_t = 1000)]
+    events_per_sec: u32,
+    /// Audit mode for every pod: report what would be denied, pass it.
+    #[arg(long)]
+    audit: bool,
+    /// Poll interval of the source and the node, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    poll_ms: u64,
+    #[arg(long, default_value_t = netpol_common::sizes::ENDPOINTS)]
+    max_endpoints: u32,
+    #[arg(long, default_value_t = netpol_common::sizes::PEERS_V4)]
+    max_peers_v4: u32,
+    #[arg(long, default_value_t = netpol_common::sizes::PEERS_V6)]
+    max_peers_v6: u32,
+    #[arg(long, default_value_t = netpol_common::sizes::POLICY)]
+    max_policy: u32,
+    #[arg(long, default_value_t = netpol_common::sizes::FLOWS)]
+    max_flows: u32,
+}
+
+fn main() -> Result<()> {
+    // `netpol-agent status | head` must not panic on a closed pipe.
+    // SAFETY: resetting SIGPIPE to its default before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Run(a) => {
+            let Some(dir) = a.source.strip_prefix("dir:") else {
+                bail!("--source {}: expected dir:<path>", a.source);
+            };
+            let cfg = agent::Config {
+                node: a.node,
+                source_dir: PathBuf::from(dir),
+                bpffs_root: a.bpffs_root,
+                state_dir: a.state_dir,
+                flow_log: a.flow_log,
+                events_per_sec: a.events_per_sec,
+                audit: a.audit,
+                sizes: MapSizes {
+                    endpoints: a.max_endpoints,
+                    peers_v4: a.max_peers_v4,
+                    peers_v6: a.max_peers_v6,
+                    policy: a.max_policy,
+                    flows: a.max_flows,
+                    ..MapSizes::default()
+                },
+                poll: std::time::Duration::from_millis(a.poll_ms),
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(agent::run(cfg))
+        }
+        Cmd::Status { state_dir, json } => {
+            let path = agent::status_path(&state_dir);
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {} (is the agent running?)", path.display()))?;
+            if json {
+                println!("{text}");
+                return Ok(());
+            }
+            let s: Status = serde_json::from_str(&text)?;
+            println!("node:        {}", s.node);
+            println!(
+                "synced:      {} (source revision {})",
+                s.synced, s.source_revision
+            );
+            println!("generation:  {}", s.generation);
+            println!(
+                "endpoints:   {} enforced, {} pending (denied until known)",
+                s.endpoints, s.pending
+            );
+            if !s.missing_veths.is_empty() {
+                println!("no veth yet: {}", s.missing_veths.join(", "));
+            }
+            for (m, n) in &s.map_entries {
+                println!("map {m:<10} {n} entries");
+            }
+            for (c, n) in &s.counters {
+                println!("counter {c:<32} {n}");
+            }
+            for e in &s.errors {
+                println!("error: {e}");
+            }
+            Ok(())
+        }
+        Cmd::Discover => {
+            let view = netpol_agent::netlink::discover()?;
+            for v in view.veths.values() {
+                let ips: Vec<String> = view
+                    .addresses
+                    .get(&v.ifindex)
+                    .map(|s| s.iter().map(|ip| ip.to_string()).collect())
+                    .unwrap_or_default();
+                println!(
+                    "{:<16} ifindex {:<4} bridge {:<6} peer netnsid {:<6} pod IPs {}",
+                    v.name,
+                    v.ifindex,
+                    v.controller.map(|c| c.to_string()).unwrap_or("-".into()),
+                    v.peer_netnsid.map(|c| c.to_string()).unwrap_or("-".into()),
+                    if ips.is_empty() {
+                        "-".to_string()
+                    } else {
+                        ips.join(", ")
+                    }
+                );
+            }
+            let node: Vec<String> = view.node_addresses.iter().map(|a| a.to_string()).collect();
+            println!("node addresses: {}", node.join(", "));
+            Ok(())
+        }
+        Cmd::Cleanup { bpffs_root } => {
+            let n = datapath::cleanup(&bpffs_root)
+                .with_context(|| format!("cleaning up {}", bpffs_root.display()))?;
+            println!("removed {n} pins under {}", bpffs_root.display());
+            Ok(())
+        }
+    }
+}

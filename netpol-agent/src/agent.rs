@@ -1,0 +1,465 @@
+//! The agent's run loop: source -> compiler -> map updates, pod veths ->
+//! attachments, ring buffer -> flow logs, and a status file.
+//!
+//! Ordering rules that keep enforcement without gaps:
+//! - map entries are written before the endpoint that uses them, and
+//!   removed after the endpoint stops using them;
+//! - a pod's endpoint entry is written before its veth gets programs;
+//! - a veth that looks like a pod's (a host route to it, or a bridge port)
+//!   but whose pod the agent does not know yet gets the programs with no
+//!   endpoint entry: the datapath drops its traffic (`no_endpoint`) until
+//!   the pod is known ("pending = deny");
+//! - after any update that can revoke, the policy generation is bumped so
+//!   established flows are re-checked on their next packet.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Write as _,
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use netpol_common::{
+    CFG_F_AUDIT_ALL, COUNTER_EVENTS_RATE_LIMITED, COUNTER_EVENTS_RINGBUF_FULL, COUNTER_EVENTS_SENT,
+    ConfigValue, DIR_EGRESS, DIR_INGRESS, EndpointValue, REASON_COUNT, VerdictEvent, counter_index,
+    reason_name,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    compiler::{
+        Compiler, Maps, NodeInfo,
+        diff::{MapUpdate, diff_maps},
+    },
+    datapath::{Datapath, MapSizes},
+    flowlog::{self, Names},
+    netlink,
+    pins::Pins,
+    source::DirSource,
+};
+
+/// Settings of `netpol-agent run`.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node: String,
+    pub source_dir: PathBuf,
+    pub bpffs_root: PathBuf,
+    pub state_dir: PathBuf,
+    pub flow_log: Option<PathBuf>,
+    pub events_per_sec: u32,
+    pub audit: bool,
+    pub sizes: MapSizes,
+    /// How often the source and the node are looked at.
+    pub poll: Duration,
+}
+
+/// What `netpol-agent status` reads (written atomically after each sync).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub pid: u32,
+    /// At least one full sync completed with the current source revision.
+    pub synced: bool,
+    pub source_revision: u64,
+    pub generation: u32,
+    /// Local pods enforced (veth found, endpoint programmed).
+    pub endpoints: usize,
+    /// Pod-like veths whose pod is not known: programs attached, traffic
+    /// denied until it is.
+    pub pending: usize,
+    /// Local pods from the source whose veth was not found (yet).
+    pub missing_veths: Vec<String>,
+    pub map_entries: BTreeMap<String, usize>,
+    pub counters: BTreeMap<String, u64>,
+    pub errors: Vec<String>,
+    pub last_sync_unix_ms: u64,
+}
+
+pub fn status_path(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("status.json")
+}
+
+struct Agent {
+    cfg: Config,
+    dp: Datapath,
+    source: DirSource,
+    compiler: Compiler,
+    /// Peer and policy entries as last written to the kernel (endpoints are
+    /// kept by ifindex in `endpoints`).
+    applied: Maps,
+    endpoints: BTreeMap<u32, EndpointValue>,
+    /// Veths this process attached its programs to.
+    attached_this_run: BTreeSet<u32>,
+    names: Names,
+    generation: u32,
+    synced_revision: Option<u64>,
+    errors: Vec<String>,
+    pending: usize,
+    missing: Vec<String>,
+    flow_log: Box<dyn std::io::Write + Send>,
+}
+
+pub async fn run(cfg: Config) -> Result<()> {
+    let pins = Pins::new(&cfg.bpffs_root);
+    let mut dp = Datapath::load(pins, cfg.sizes).context("loading the datapath")?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+
+    // Adopt what a previous agent left: the generation continues, and the
+    // maps' current contents are the starting point of the first diff.
+    let old_cfg = dp.config().unwrap_or_default();
+    let generation = old_cfg.generation;
+    dp.set_config(ConfigValue {
+        generation,
+        events_per_sec: cfg.events_per_sec,
+        flags: if cfg.audit { CFG_F_AUDIT_ALL } else { 0 },
+        _pad: 0,
+    })?;
+    let applied = dp.read_maps().context("reading pinned maps")?;
+    let endpoints = dp.read_endpoints().context("reading pinned endpoints")?;
+    tracing::info!(
+        generation,
+        endpoints = endpoints.len(),
+        policy_entries = applied.policy.len(),
+        "datapath loaded (adopting pinned state where present)"
+    );
+
+    let flow_log: Box<dyn std::io::Write + Send> = match &cfg.flow_log {
+        Some(p) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening flow log {}", p.display()))?,
+        ),
+        None => Box::new(std::io::stdout()),
+    };
+
+    let ring = dp.take_events().context("events ring buffer")?;
+    // SAFETY: the ring buffer and the socket own their fds and keep them open
+    // for as long as the AsyncFd owns them.
+    let mut ring = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+    let nl = netlink::subscribe().context("subscribing to netlink")?;
+    nl.set_non_blocking(true)?;
+    let nl = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(nl, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow::anyhow!("polling netlink: {e}"))?;
+
+    let mut agent = Agent {
+        source: DirSource::new(&cfg.source_dir),
+        cfg,
+        dp,
+        compiler: Compiler::default(),
+        applied,
+        endpoints,
+        attached_this_run: BTreeSet::new(),
+        names: Names::default(),
+        generation,
+        synced_revision: None,
+        errors: Vec::new(),
+        pending: 0,
+        missing: Vec::new(),
+        flow_log,
+    };
+
+    let mut tick = tokio::time::interval(agent.cfg.poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut last_full = Instant::now() - Duration::from_secs(3600);
+    let mut node_dirty = true;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let changed = match agent.source.poll() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(dir = %agent.cfg.source_dir.display(), "reading the source: {e}");
+                        false
+                    }
+                };
+                // Bridged pods get their addresses inside their own netns,
+                // where no event reaches us: look again every second.
+                if changed || node_dirty || last_full.elapsed() >= Duration::from_secs(1) {
+                    node_dirty = false;
+                    last_full = Instant::now();
+                    if let Err(e) = agent.sync() {
+                        tracing::error!("sync failed: {e:#}");
+                        agent.errors = vec![format!("{e:#}")];
+                    }
+                    agent.write_status();
+                }
+            }
+            guard = nl.readable() => {
+                let mut guard = guard?;
+                let mut buf = vec![0u8; 1 << 16];
+                // Drain; any message means links/addresses/routes changed.
+                while guard.get_inner().recv(&mut &mut buf[..], 0).is_ok() {}
+                guard.clear_ready();
+                if let Err(e) = agent.sync() {
+                    tracing::error!("sync failed: {e:#}");
+                }
+                agent.write_status();
+            }
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                let rb = guard.get_inner_mut();
+                while let Some(item) = rb.next() {
+                    if let Some(ev) = VerdictEvent::from_bytes(&item) {
+                        agent.log_event(&ev);
+                    }
+                }
+                let _ = agent.flow_log.flush();
+                guard.clear_ready();
+            }
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: exiting; programs and maps stay pinned and enforcing");
+                agent.write_status();
+                return Ok(());
+            }
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("interrupted: exiting; programs and maps stay pinned and enforcing");
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl Agent {
+    fn log_event(&mut self, ev: &VerdictEvent) {
+        let line = flowlog::describe(ev, &self.names, flowlog::wall_time(ev.timestamp_ns));
+        if let Ok(json) = serde_json::to_string(&line) {
+            let _ = writeln!(self.flow_log, "{json}");
+        }
+    }
+
+    /// One reconciliation: read the node, compile, write maps, attach.
+    fn sync(&mut self) -> Result<()> {
+        let snap = self.source.snapshot();
+        let view = netlink::discover().context("reading the node through netlink")?;
+        let node = NodeInfo {
+            name: self.cfg.node.clone(),
+            addresses: view.node_addresses.iter().copied().collect(),
+        };
+        let compiled = self.compiler.compile(&snap.cluster, &node);
+
+        // Pod veths and their endpoints.
+        let mut desired: BTreeMap<u32, EndpointValue> = BTreeMap::new();
+        let mut endpoint_pods: BTreeMap<u32, crate::model::PodRef> = BTreeMap::new();
+        let mut pod_like: BTreeSet<u32> = view.addresses.keys().copied().collect();
+        for v in view.veths.values() {
+            if v.controller.is_some() && v.peer_netnsid.is_some() {
+                pod_like.insert(v.ifindex);
+            }
+        }
+        for (ifindex, ips) in &view.addresses {
+            let pod = ips.iter().find_map(|ip| compiled.local_ips.get(ip));
+            if let Some(pod) = pod
+                && let Some(ep) = compiled.maps.endpoints.get(pod)
+            {
+                desired.insert(*ifindex, *ep);
+                endpoint_pods.insert(*ifindex, pod.clone());
+            }
+        }
+        let found: BTreeSet<&crate::model::PodRef> = endpoint_pods.values().collect();
+        self.missing = compiled
+            .maps
+            .endpoints
+            .keys()
+            .filter(|p| !found.contains(p))
+            .map(|p| p.to_string())
+            .collect();
+        self.pending = pod_like.len() - desired.len().min(pod_like.len());
+
+        // Peer and policy updates (endpoints handled by ifindex below).
+        let mut new_maps = compiled.maps.clone();
+        new_maps.endpoints.clear();
+        let diff = diff_maps(&self.applied, &new_maps);
+        let mut errors: Vec<String> = snap.errors.clone();
+        let (adds, deletes): (Vec<&MapUpdate>, Vec<&MapUpdate>) =
+            diff.updates.iter().partition(|u| !u.is_delete());
+        for u in adds {
+            if let Err(e) = self.apply(u) {
+                errors.push(e.to_string());
+            }
+        }
+        let mut revokes = diff.revokes;
+        for (ifindex, ep) in &desired {
+            if self.endpoints.get(ifindex) != Some(ep) {
+                revokes |= self.endpoints.contains_key(ifindex);
+                match self.dp.set_endpoint(*ifindex, *ep) {
+                    Ok(()) => {
+                        self.endpoints.insert(*ifindex, *ep);
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+        }
+        // Attach to every pod-like veth (endpoint written first).
+        // Programs are attached once per agent run even where pins exist,
+        // so a restarted (or upgraded) agent swaps its programs into the
+        // links it adopts.
+        for ifindex in &pod_like {
+            if !self.attached_this_run.contains(ifindex) {
+                let name = &view.veths[ifindex].name;
+                match self.dp.attach(*ifindex, name) {
+                    Ok(()) => {
+                        self.attached_this_run.insert(*ifindex);
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+        }
+        // Endpoints no longer wanted; veths gone or no longer a pod's.
+        let stale: Vec<u32> = self
+            .endpoints
+            .keys()
+            .filter(|i| !desired.contains_key(i))
+            .copied()
+            .collect();
+        for ifindex in stale {
+            revokes = true;
+            if let Err(e) = self.dp.remove_endpoint(ifindex) {
+                errors.push(e.to_string());
+            } else {
+                self.endpoints.remove(&ifindex);
+            }
+        }
+        for ifindex in self.dp.attached() {
+            if !pod_like.contains(&ifindex) {
+                self.dp.detach(ifindex);
+                self.attached_this_run.remove(&ifindex);
+            }
+        }
+        for u in deletes {
+            if let Err(e) = self.apply(u) {
+                errors.push(e.to_string());
+            }
+        }
+        if revokes {
+            self.generation = self.generation.wrapping_add(1);
+            let mut c = self.dp.config().unwrap_or_default();
+            c.generation = self.generation;
+            self.dp.set_config(c)?;
+        }
+        self.applied = new_maps;
+        for e in &errors {
+            if !self.errors.contains(e) {
+                tracing::warn!("{e}");
+            }
+        }
+        self.errors = errors;
+        self.names = Names {
+            pods_by_ip: snap
+                .cluster
+                .pods
+                .values()
+                .filter(|p| p.is_live())
+                .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.pod_ref())))
+                .collect::<BTreeMap<IpAddr, _>>(),
+            compiled,
+            endpoints: endpoint_pods,
+        };
+        self.synced_revision = Some(self.source.revision());
+        Ok(())
+    }
+
+    fn apply(&mut self, u: &MapUpdate) -> Result<(), crate::datapath::DatapathError> {
+        match u {
+            MapUpdate::Endpoint { .. } => Ok(()),
+            MapUpdate::PeerV4 {
+                addr,
+                prefix_len,
+                value: Some(v),
+            } => self.dp.set_peer_v4(*addr, *prefix_len, *v),
+            MapUpdate::PeerV4 {
+                addr,
+                prefix_len,
+                value: None,
+            } => self.dp.remove_peer_v4(*addr, *prefix_len),
+            MapUpdate::PeerV6 {
+                addr,
+                prefix_len,
+                value: Some(v),
+            } => self.dp.set_peer_v6(*addr, *prefix_len, *v),
+            MapUpdate::PeerV6 {
+                addr,
+                prefix_len,
+                value: None,
+            } => self.dp.remove_peer_v6(*addr, *prefix_len),
+            MapUpdate::Policy {
+                key,
+                prefix_len,
+                value: Some(v),
+            } => self.dp.set_policy(*key, *prefix_len, *v),
+            MapUpdate::Policy {
+                key,
+                prefix_len,
+                value: None,
+            } => self.dp.remove_policy(*key, *prefix_len),
+        }
+    }
+
+    fn write_status(&mut self) {
+        let counters = self.dp.counters().unwrap_or_default();
+        let mut named = BTreeMap::new();
+        for dir in [DIR_INGRESS, DIR_EGRESS] {
+            for r in 0..REASON_COUNT {
+                let v = counters
+                    .get(counter_index(dir, r) as usize)
+                    .copied()
+                    .unwrap_or(0);
+                if v > 0 {
+                    named.insert(
+                        format!("{}_{}", netpol_common::direction_name(dir), reason_name(r)),
+                        v,
+                    );
+                }
+            }
+        }
+        for (slot, name) in [
+            (COUNTER_EVENTS_SENT, "events_sent"),
+            (COUNTER_EVENTS_RATE_LIMITED, "events_rate_limited"),
+            (COUNTER_EVENTS_RINGBUF_FULL, "events_ringbuf_full"),
+        ] {
+            named.insert(
+                name.to_string(),
+                counters.get(slot as usize).copied().unwrap_or(0),
+            );
+        }
+        let status = Status {
+            node: self.cfg.node.clone(),
+            pid: std::process::id(),
+            synced: self.synced_revision == Some(self.source.revision()),
+            source_revision: self.source.revision(),
+            generation: self.generation,
+            endpoints: self.endpoints.len(),
+            pending: self.pending,
+            missing_veths: self.missing.clone(),
+            map_entries: BTreeMap::from([
+                ("endpoints".to_string(), self.endpoints.len()),
+                ("peers_v4".to_string(), self.applied.peers_v4.len()),
+                ("peers_v6".to_string(), self.applied.peers_v6.len()),
+                ("policy".to_string(), self.applied.policy.len()),
+            ]),
+            counters: named,
+            errors: self.errors.clone(),
+            last_sync_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        };
+        let path = status_path(&self.cfg.state_dir);
+        let tmp = path.with_extension("json.tmp");
+        if let Ok(json) = serde_json::to_vec_pretty(&status)
+            && std::fs::write(&tmp, json).is_ok()
+        {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
+}

@@ -1,0 +1,464 @@
+//! The kernel side as the agent sees it: load the embedded eBPF object with
+//! its maps pinned (adopting maps a previous agent pinned), attach the
+//! programs to veths through pinned TCX links (replacing a previous agent's
+//! program inside the same link, so enforcement never has a gap), and write
+//! map entries.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+};
+use netpol_common::{
+    COUNTER_SLOTS, ConfigValue, EndpointValue, PeerValue, PolicyKey, PolicyValue, map_names,
+};
+
+use crate::pins::{Hook, Pins};
+
+/// The eBPF object, built by build.rs with aya-build.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netpol"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("preparing bpffs at {path}: {source}")]
+    Bpffs {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("map {map} is full (max_entries {capacity}): {what} could not be programmed")]
+    MapFull {
+        map: &'static str,
+        capacity: u32,
+        what: String,
+    },
+    #[error("attaching to {ifname} (ifindex {ifindex}) {hook}: {source}")]
+    Attach {
+        ifname: String,
+        ifindex: u32,
+        hook: &'static str,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+type Result<T> = std::result::Result<T, DatapathError>;
+
+/// Map sizes (max entries), set at load time. A map that is already pinned
+/// keeps the size it was created with.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    pub endpoints: u32,
+    pub peers_v4: u32,
+    pub peers_v6: u32,
+    pub policy: u32,
+    pub flows: u32,
+    pub frags: u32,
+    pub events_bytes: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        use netpol_common::sizes;
+        Self {
+            endpoints: sizes::ENDPOINTS,
+            peers_v4: sizes::PEERS_V4,
+            peers_v6: sizes::PEERS_V6,
+            policy: sizes::POLICY,
+            flows: sizes::FLOWS,
+            frags: sizes::FRAGS,
+            events_bytes: sizes::EVENTS_BYTES,
+        }
+    }
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pins: Pins,
+    sizes: MapSizes,
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, source }
+}
+
+/// `E2BIG`/`ENOSPC`/`ENOMEM` from a map update: the map is full.
+fn is_full(e: &aya::maps::MapError) -> bool {
+    matches!(e, aya::maps::MapError::SyscallError(s)
+        if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM)))
+}
+
+impl Datapath {
+    /// Load the object, creating or adopting the pinned maps, and load both
+    /// programs into the kernel (not attached yet).
+    pub fn load(pins: Pins, sizes: MapSizes) -> Result<Self> {
+        pins.prepare().map_err(|source| DatapathError::Bpffs {
+            path: pins.root().display().to_string(),
+            source,
+        })?;
+        let mut loader = EbpfLoader::new();
+        let map_paths: Vec<(&'static str, std::path::PathBuf)> =
+            map_names::ALL.iter().map(|n| (*n, pins.map(n))).collect();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader
+            .map_max_entries(map_names::ENDPOINTS, sizes.endpoints)
+            .map_max_entries(map_names::PEERS_V4, sizes.peers_v4)
+            .map_max_entries(map_names::PEERS_V6, sizes.peers_v6)
+            .map_max_entries(map_names::POLICY, sizes.policy)
+            .map_max_entries(map_names::FLOWS, sizes.flows)
+            .map_max_entries(map_names::FRAGS, sizes.frags)
+            .map_max_entries(map_names::EVENTS, sizes.events_bytes);
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        for hook in Hook::ALL {
+            let name = hook.program();
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .expect("program is in the object")
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        Ok(Self { ebpf, pins, sizes })
+    }
+
+    pub fn pins(&self) -> &Pins {
+        &self.pins
+    }
+
+    pub fn sizes(&self) -> MapSizes {
+        self.sizes
+    }
+
+    /// Attach both programs to the veth, or, if a previous agent left pinned
+    /// links there, swap our programs into those links atomically.
+    pub fn attach(&mut self, ifindex: u32, ifname: &str) -> Result<()> {
+        for hook in Hook::ALL {
+            let path = self.pins.link(ifindex, hook);
+            let name = hook.program();
+            let attach_err =
+                |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
+                    ifname: ifname.to_string(),
+                    ifindex,
+                    hook: hook.as_str(),
+                    source,
+                };
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .expect("program is in the object")
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            if path.exists() {
+                let replaced = PinnedLink::from_pin(&path)
+                    .map_err(|e| attach_err(Box::new(e)))
+                    .and_then(|pinned| {
+                        let link: SchedClassifierLink = FdLink::from(pinned).try_into().map_err(
+                            |e: aya::programs::links::LinkError| attach_err(Box::new(e)),
+                        )?;
+                        let id = prog
+                            .attach_to_link(link)
+                            .map_err(|e| attach_err(Box::new(e)))?;
+                        // Ownership back out of the program, so that dropping
+                        // the program never detaches; the pin keeps it alive.
+                        let link = prog.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
+                        drop(link);
+                        Ok(())
+                    });
+                match replaced {
+                    Ok(()) => continue,
+                    Err(e) => {
+                        // A link whose interface is gone: start over.
+                        tracing::warn!(
+                            ifname,
+                            ifindex,
+                            hook = hook.as_str(),
+                            "stale link pin: {e}"
+                        );
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+            }
+            let attach_type = match hook {
+                Hook::FromPod => TcAttachType::Ingress,
+                Hook::ToPod => TcAttachType::Egress,
+            };
+            let id = prog
+                .attach_with_options(
+                    ifname,
+                    attach_type,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|e| attach_err(Box::new(e)))?;
+            let link = prog.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
+            let fd: FdLink = link
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| attach_err(Box::new(e)))?;
+            fd.pin(&path).map_err(|e| attach_err(Box::new(e)))?;
+        }
+        Ok(())
+    }
+
+    /// Remove our programs from a veth (unpinning the links destroys them).
+    pub fn detach(&mut self, ifindex: u32) {
+        for hook in Hook::ALL {
+            let _ = std::fs::remove_file(self.pins.link(ifindex, hook));
+        }
+    }
+
+    /// Interfaces that have pinned links (from us or a previous agent).
+    pub fn attached(&self) -> BTreeSet<u32> {
+        attached_ifindexes(&self.pins)
+    }
+
+    fn endpoints(&mut self) -> Result<HashMap<&mut MapData, u32, EndpointValue>> {
+        HashMap::try_from(
+            self.ebpf
+                .map_mut(map_names::ENDPOINTS)
+                .expect("map in object"),
+        )
+        .map_err(map_err(map_names::ENDPOINTS))
+    }
+
+    pub fn set_endpoint(&mut self, ifindex: u32, v: EndpointValue) -> Result<()> {
+        let cap = self.sizes.endpoints;
+        self.endpoints()?.insert(ifindex, v, 0).map_err(|e| {
+            if is_full(&e) {
+                DatapathError::MapFull {
+                    map: map_names::ENDPOINTS,
+                    capacity: cap,
+                    what: format!("endpoint ifindex {ifindex}"),
+                }
+            } else {
+                map_err(map_names::ENDPOINTS)(e)
+            }
+        })
+    }
+
+    pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<()> {
+        match self.endpoints()?.remove(&ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(map_names::ENDPOINTS)(e)),
+        }
+    }
+
+    pub fn set_peer_v4(&mut self, addr: Ipv4Addr, prefix: u8, v: PeerValue) -> Result<()> {
+        let cap = self.sizes.peers_v4;
+        let mut m: LpmTrie<_, [u8; 4], PeerValue> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::PEERS_V4).expect("map"))
+                .map_err(map_err(map_names::PEERS_V4))?;
+        m.insert(&Key::new(prefix as u32, addr.octets()), v, 0)
+            .map_err(|e| full_or(e, map_names::PEERS_V4, cap, format!("{addr}/{prefix}")))
+    }
+
+    pub fn remove_peer_v4(&mut self, addr: Ipv4Addr, prefix: u8) -> Result<()> {
+        let mut m: LpmTrie<_, [u8; 4], PeerValue> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::PEERS_V4).expect("map"))
+                .map_err(map_err(map_names::PEERS_V4))?;
+        ignore_missing(
+            m.remove(&Key::new(prefix as u32, addr.octets())),
+            map_names::PEERS_V4,
+        )
+    }
+
+    pub fn set_peer_v6(&mut self, addr: Ipv6Addr, prefix: u8, v: PeerValue) -> Result<()> {
+        let cap = self.sizes.peers_v6;
+        let mut m: LpmTrie<_, [u8; 16], PeerValue> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::PEERS_V6).expect("map"))
+                .map_err(map_err(map_names::PEERS_V6))?;
+        m.insert(&Key::new(prefix as u32, addr.octets()), v, 0)
+            .map_err(|e| full_or(e, map_names::PEERS_V6, cap, format!("{addr}/{prefix}")))
+    }
+
+    pub fn remove_peer_v6(&mut self, addr: Ipv6Addr, prefix: u8) -> Result<()> {
+        let mut m: LpmTrie<_, [u8; 16], PeerValue> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::PEERS_V6).expect("map"))
+                .map_err(map_err(map_names::PEERS_V6))?;
+        ignore_missing(
+            m.remove(&Key::new(prefix as u32, addr.octets())),
+            map_names::PEERS_V6,
+        )
+    }
+
+    pub fn set_policy(&mut self, key: PolicyKey, prefix: u32, v: PolicyValue) -> Result<()> {
+        let cap = self.sizes.policy;
+        let mut m: LpmTrie<_, PolicyKey, PolicyValue> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::POLICY).expect("map"))
+                .map_err(map_err(map_names::POLICY))?;
+        m.insert(&Key::new(prefix, key), v, 0)
+            .map_err(|e| full_or(e, map_names::POLICY, cap, format!("{key:?}/{prefix}")))
+    }
+
+    pub fn remove_policy(&mut self, key: PolicyKey, prefix: u32) -> Result<()> {
+        let mut m: LpmTrie<_, PolicyKey, PolicyValue> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::POLICY).expect("map"))
+                .map_err(map_err(map_names::POLICY))?;
+        ignore_missing(m.remove(&Key::new(prefix, key)), map_names::POLICY)
+    }
+
+    pub fn config(&mut self) -> Result<ConfigValue> {
+        let m: Array<_, ConfigValue> =
+            Array::try_from(self.ebpf.map_mut(map_names::CONFIG).expect("map"))
+                .map_err(map_err(map_names::CONFIG))?;
+        m.get(&0, 0).map_err(map_err(map_names::CONFIG))
+    }
+
+    pub fn set_config(&mut self, v: ConfigValue) -> Result<()> {
+        let mut m: Array<_, ConfigValue> =
+            Array::try_from(self.ebpf.map_mut(map_names::CONFIG).expect("map"))
+                .map_err(map_err(map_names::CONFIG))?;
+        m.set(0, v, 0).map_err(map_err(map_names::CONFIG))
+    }
+
+    /// Counters summed over CPUs, indexed like `netpol_common::counter_index`.
+    pub fn counters(&mut self) -> Result<Vec<u64>> {
+        let m: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map_mut(map_names::COUNTERS).expect("map"))
+                .map_err(map_err(map_names::COUNTERS))?;
+        let mut out = vec![0u64; COUNTER_SLOTS as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let v = m
+                .get(&(i as u32), 0)
+                .map_err(map_err(map_names::COUNTERS))?;
+            *slot = v.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// The peer and policy entries currently in the kernel maps (endpoints
+    /// are read separately, by ifindex).
+    pub fn read_maps(&mut self) -> Result<crate::compiler::Maps> {
+        let mut out = crate::compiler::Maps::default();
+        {
+            let m: LpmTrie<_, [u8; 4], PeerValue> =
+                LpmTrie::try_from(self.ebpf.map(map_names::PEERS_V4).expect("map"))
+                    .map_err(map_err(map_names::PEERS_V4))?;
+            for kv in m.iter() {
+                let (k, v) = kv.map_err(map_err(map_names::PEERS_V4))?;
+                out.peers_v4
+                    .insert((Ipv4Addr::from(k.data()), k.prefix_len() as u8), v);
+            }
+        }
+        {
+            let m: LpmTrie<_, [u8; 16], PeerValue> =
+                LpmTrie::try_from(self.ebpf.map(map_names::PEERS_V6).expect("map"))
+                    .map_err(map_err(map_names::PEERS_V6))?;
+            for kv in m.iter() {
+                let (k, v) = kv.map_err(map_err(map_names::PEERS_V6))?;
+                out.peers_v6
+                    .insert((Ipv6Addr::from(k.data()), k.prefix_len() as u8), v);
+            }
+        }
+        {
+            let m: LpmTrie<_, PolicyKey, PolicyValue> =
+                LpmTrie::try_from(self.ebpf.map(map_names::POLICY).expect("map"))
+                    .map_err(map_err(map_names::POLICY))?;
+            for kv in m.iter() {
+                let (k, v) = kv.map_err(map_err(map_names::POLICY))?;
+                out.policy.insert((k.data(), k.prefix_len()), v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The endpoint entries currently in the kernel map.
+    pub fn read_endpoints(&mut self) -> Result<std::collections::BTreeMap<u32, EndpointValue>> {
+        let m = self.endpoints()?;
+        let mut out = std::collections::BTreeMap::new();
+        for kv in m.iter() {
+            let (k, v) = kv.map_err(map_err(map_names::ENDPOINTS))?;
+            out.insert(k, v);
+        }
+        Ok(out)
+    }
+
+    /// Hand over the events ring buffer (for the flow-log task).
+    pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        let map = self.ebpf.take_map(map_names::EVENTS)?;
+        aya::maps::RingBuf::try_from(map).ok()
+    }
+}
+
+fn full_or(
+    e: aya::maps::MapError,
+    map: &'static str,
+    capacity: u32,
+    what: String,
+) -> DatapathError {
+    if is_full(&e) {
+        DatapathError::MapFull {
+            map,
+            capacity,
+            what,
+        }
+    } else {
+        DatapathError::Map { map, source: e }
+    }
+}
+
+fn ignore_missing(
+    r: std::result::Result<(), aya::maps::MapError>,
+    map: &'static str,
+) -> Result<()> {
+    match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(s))
+            if s.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(DatapathError::Map { map, source }),
+    }
+}
+
+/// Interfaces with pinned links under `pins`.
+pub fn attached_ifindexes(pins: &Pins) -> BTreeSet<u32> {
+    std::fs::read_dir(pins.links_dir())
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| Pins::parse_link_name(&e.file_name().to_string_lossy()))
+                .map(|(i, _)| i)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `netpol-agent cleanup`: remove every link (detaching the programs),
+/// every pinned map and the root directory.
+pub fn cleanup(root: &Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    let pins = Pins::new(root);
+    for dir in [pins.links_dir(), pins.maps_dir()] {
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                std::fs::remove_file(e.path())?;
+                removed += 1;
+            }
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+    let _ = std::fs::remove_dir(root);
+    Ok(removed)
+}
