@@ -1,1 +1,295 @@
-fn main(){}
+//! `netpol-lab`: bring labs up and down, probe them, and run the pod servers.
+
+use std::{
+    os::unix::process::CommandExt,
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use netpol_lab::{
+    ClusterSpec, Family, LabState, ProbeSpec, Protocol, UpOptions, down, down_all, netns_command,
+    probe, server, up,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "netpol-lab",
+    version,
+    about = "A Kubernetes-like cluster of network namespaces"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the cluster a cluster file describes.
+    Up {
+        /// The cluster file (see lab/README.md).
+        cluster: PathBuf,
+        /// Where to write manifests [default: /run/netpol-lab/<name>/manifests].
+        #[arg(long)]
+        manifests: Option<PathBuf>,
+    },
+    /// Remove a lab (or every lab) with its processes, namespaces, manifests and state.
+    Down {
+        /// Lab name.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        /// Remove every lab, including leftovers without a state file.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Connect from every pod to every pod and print truth tables.
+    Probe {
+        /// Lab name [default: the only lab that is up].
+        #[arg(long)]
+        lab: Option<String>,
+        /// Ports [default: every TCP/UDP container port in the lab].
+        #[arg(long, value_delimiter = ',')]
+        ports: Vec<u16>,
+        /// Protocols.
+        #[arg(long, value_delimiter = ',', default_value = "tcp,udp")]
+        protocols: Vec<Protocol>,
+        #[arg(long, value_enum, default_value = "both")]
+        family: FamilyArg,
+        /// Client pods (namespace/name) [default: all].
+        #[arg(long, value_delimiter = ',')]
+        from: Option<Vec<String>>,
+        /// Server pods (namespace/name) [default: all].
+        #[arg(long, value_delimiter = ',')]
+        to: Option<Vec<String>>,
+        /// Timeout of one attempt, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+        /// Attempts per cell (2 = one retry after a failure).
+        #[arg(long, default_value_t = 2)]
+        attempts: u32,
+        /// Print one JSON object per line instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List labs, or show one lab's nodes and pods.
+    Status {
+        /// Lab name.
+        name: Option<String>,
+    },
+    /// Run a command in a node's or pod's network namespace (mounts, and so bpffs, stay).
+    Exec {
+        /// Lab name.
+        lab: String,
+        /// A node name or a pod as namespace/name.
+        target: String,
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Run a pod server (started by `up` inside the pod's netns).
+    Serve {
+        /// What to answer: the pod's namespace/name.
+        #[arg(long)]
+        name: String,
+        /// TCP ports.
+        #[arg(long, value_delimiter = ',')]
+        tcp: Vec<u16>,
+        /// UDP ports.
+        #[arg(long, value_delimiter = ',')]
+        udp: Vec<u16>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FamilyArg {
+    V4,
+    V6,
+    Both,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Cmd::Serve { .. }) {
+        // Die quietly when stdout is a closed pipe (`netpol-lab probe | head`), like other
+        // command-line tools, instead of panicking on the next print. Servers keep ignoring
+        // SIGPIPE: a client that goes away must not kill them.
+        // SAFETY: setting a signal disposition to the default touches no memory of ours.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("netpol-lab: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Cmd::Up { cluster, manifests } => cmd_up(cluster, manifests),
+        Cmd::Down { name, all } => cmd_down(name, all),
+        Cmd::Probe {
+            lab,
+            ports,
+            protocols,
+            family,
+            from,
+            to,
+            timeout_ms,
+            attempts,
+            json,
+        } => {
+            let state = LabState::load(&pick_lab(lab)?)?;
+            let spec = ProbeSpec {
+                ports,
+                protocols,
+                families: match family {
+                    FamilyArg::V4 => vec![Family::V4],
+                    FamilyArg::V6 => vec![Family::V6],
+                    FamilyArg::Both => vec![Family::V4, Family::V6],
+                },
+                from,
+                to,
+                timeout: Duration::from_millis(timeout_ms),
+                attempts,
+            };
+            let results = probe(&state, &spec)?;
+            if json {
+                for result in &results.results {
+                    println!("{}", serde_json::to_string(result)?);
+                }
+            } else {
+                println!("{}", results.render());
+                let connected = results.results.iter().filter(|r| r.connected).count();
+                eprintln!(
+                    "{connected}/{} connected in {:.2?}",
+                    results.results.len(),
+                    results.elapsed
+                );
+            }
+            Ok(())
+        }
+        Cmd::Status { name } => cmd_status(name),
+        Cmd::Exec {
+            lab,
+            target,
+            command,
+        } => {
+            let state = LabState::load(&lab)?;
+            let netns = match (state.node(&target), state.pod_by_key(&target)) {
+                (Some(node), _) => node.netns_path(),
+                (None, Some(pod)) => pod.netns_path(),
+                (None, None) => bail!("lab {lab:?} has no node or pod {target:?}"),
+            };
+            let err = netns_command(&netns, &command[0])
+                .args(&command[1..])
+                .exec();
+            Err(err).with_context(|| format!("exec {}", command[0]))
+        }
+        Cmd::Serve { name, tcp, udp } => {
+            server::serve(&name, &tcp, &udp)?;
+            Ok(())
+        }
+    }
+}
+
+fn cmd_up(cluster: PathBuf, manifests: Option<PathBuf>) -> Result<()> {
+    let started = Instant::now();
+    let spec = ClusterSpec::from_file(&cluster)?;
+    let state = up(
+        &spec,
+        &UpOptions {
+            manifests_dir: manifests,
+            server_exe: None,
+        },
+    )?;
+    print_status(&state);
+    eprintln!("lab {:?} up in {:.2?}", state.name, started.elapsed());
+    Ok(())
+}
+
+fn cmd_down(name: Option<String>, all: bool) -> Result<()> {
+    let started = Instant::now();
+    let reports = if all {
+        down_all()?
+    } else {
+        vec![down(
+            name.as_deref().expect("clap requires a name without --all"),
+        )?]
+    };
+    for report in reports {
+        if report.is_empty() {
+            eprintln!("lab {:?}: nothing to remove", report.lab);
+        } else {
+            eprintln!(
+                "lab {:?}: killed {} processes, deleted {} netns, removed {} manifests",
+                report.lab,
+                report.processes_killed.len(),
+                report.netns_deleted.len(),
+                report.manifests_removed
+            );
+        }
+    }
+    eprintln!("down in {:.2?}", started.elapsed());
+    Ok(())
+}
+
+fn cmd_status(name: Option<String>) -> Result<()> {
+    match name {
+        Some(name) => print_status(&LabState::load(&name)?),
+        None => {
+            for lab in LabState::list() {
+                println!("{lab}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_status(state: &LabState) {
+    println!(
+        "lab {}: manifests in {}",
+        state.name,
+        state.manifests_dir.display()
+    );
+    println!("NODE\tATTACHMENT\tIPv4\tIPv6\tPOD CIDRs\tNETNS");
+    for n in &state.nodes {
+        println!(
+            "{}\t{}\t{}\t{}\t{},{}\t{}",
+            n.name, n.attachment, n.ip_v4, n.ip_v6, n.pod_cidr_v4, n.pod_cidr_v6, n.netns
+        );
+    }
+    println!("POD\tNODE\tIPv4\tIPv6\tHOST VETH\tSERVER PID");
+    for p in &state.pods {
+        let pid = p
+            .server_pid
+            .map_or_else(|| "-".to_owned(), |pid| pid.to_string());
+        println!(
+            "{}\t{}\t{}\t{}\t{}\t{}",
+            p.key(),
+            p.node,
+            p.ip_v4,
+            p.ip_v6,
+            p.host_veth,
+            pid
+        );
+    }
+}
+
+/// The lab named, or the only lab that is up.
+fn pick_lab(lab: Option<String>) -> Result<String> {
+    if let Some(lab) = lab {
+        return Ok(lab);
+    }
+    match LabState::list().as_slice() {
+        [only] => Ok(only.clone()),
+        [] => bail!("no lab is up"),
+        labs => bail!(
+            "several labs are up ({}); pick one with --lab",
+            labs.join(", ")
+        ),
+    }
+}

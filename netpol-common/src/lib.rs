@@ -179,7 +179,13 @@ pub struct PolicyKey {
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 
 impl PolicyKey {
-    pub const fn new(policy_id: u32, identity: u32, direction: u8, protocol: u8, port: u16) -> Self {
+    pub const fn new(
+        policy_id: u32,
+        identity: u32,
+        direction: u8,
+        protocol: u8,
+        port: u16,
+    ) -> Self {
         Self {
             policy_id,
             identity,
@@ -464,7 +470,11 @@ mod user {
     }
 
     pub fn direction_name(d: u8) -> &'static str {
-        if d == DIR_INGRESS { "ingress" } else { "egress" }
+        if d == DIR_INGRESS {
+            "ingress"
+        } else {
+            "egress"
+        }
     }
 }
 #[cfg(feature = "user")]

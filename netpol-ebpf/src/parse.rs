@@ -86,14 +86,8 @@ fn load<T>(ctx: &TcContext, off: usize) -> Result<T> {
 #[inline(always)]
 fn load_into(ctx: &TcContext, off: usize, dst: &mut [u8; 16]) -> Result<()> {
     // SAFETY: `dst` is 16 writable bytes; the helper bounds-checks the skb.
-    let ret = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb.cast(),
-            off as u32,
-            dst.as_mut_ptr().cast(),
-            16,
-        )
-    };
+    let ret =
+        unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), off as u32, dst.as_mut_ptr().cast(), 16) };
     if ret < 0 {
         Err(ParseError(REASON_MALFORMED))
     } else {

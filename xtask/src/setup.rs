@@ -8,13 +8,25 @@ use anyhow::{Context as _, Result, bail};
 
 /// Debian packages the build, the lab and the benchmarks need, with why.
 pub const APT_PACKAGES: &[(&str, &str)] = &[
-    ("llvm-22-dev", "bpf-linker is built against LLVM 22, like rustc"),
-    ("libpolly-22-dev", "LLVM 22's static libraries link against Polly"),
+    (
+        "llvm-22-dev",
+        "bpf-linker is built against LLVM 22, like rustc",
+    ),
+    (
+        "libpolly-22-dev",
+        "LLVM 22's static libraries link against Polly",
+    ),
     ("libzstd-dev", "linked by bpf-linker's LLVM"),
     ("zlib1g-dev", "linked by bpf-linker's LLVM"),
-    ("iproute2", "the lab's namespaces, veths, bridges and routes"),
+    (
+        "iproute2",
+        "the lab's namespaces, veths, bridges and routes",
+    ),
     ("bpftool", "inspecting pinned maps (`bpftool map dump`)"),
-    ("util-linux", "nsenter: running agents inside node namespaces"),
+    (
+        "util-linux",
+        "nsenter: running agents inside node namespaces",
+    ),
     ("iptables", "the iptables baseline of the benchmarks"),
     ("ipset", "the iptables baseline of the benchmarks"),
 ];
@@ -91,9 +103,7 @@ pub fn is_root() -> bool {
 
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("setup: running {cmd:?}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("starting {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }

@@ -1,0 +1,443 @@
+//! Bringing a lab up and tearing it down.
+//!
+//! `up` creates what [`LabState::plan`] says with `ip` (iproute2) and sysctl writes, starts the
+//! pod servers and writes the manifests. Every interface is created directly inside its target
+//! namespace (`ip -n <ns> link add ... peer name ... netns <other>`), so nothing of the lab ever
+//! appears in the root network namespace, and no namespace of the lab has a link to it.
+//!
+//! `down` works from netns names alone (every lab netns starts with `nplab_<lab>_`), so it also
+//! removes leftovers of a crashed `up` that never wrote a state file.
+
+use std::{
+    collections::BTreeSet,
+    fs, io,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use crate::{
+    manifests::write_manifests,
+    netns::{is_alive, list_netns, processes_in, terminate, write_sysctls},
+    server::{self, ServerError},
+    spec::{Attachment, ClusterSpec, SpecError},
+    state::{
+        LabState, NETNS_DIR, NETNS_PREFIX, NodeState, PodState, STATE_ROOT, StateError,
+        netns_prefix, state_dir, state_file,
+    },
+};
+
+/// How long servers get to bind their sockets.
+const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long processes in lab namespaces get between SIGTERM and SIGKILL.
+const TERMINATE_GRACE: Duration = Duration::from_secs(2);
+
+/// Errors bringing a lab up or down.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    #[error("lab {lab:?} is already up (state file {path}); run `netpol-lab down {lab}` first")]
+    AlreadyUp { lab: String, path: PathBuf },
+    #[error("`{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Options of [`up`].
+#[derive(Debug, Clone, Default)]
+pub struct UpOptions {
+    /// Where to write manifests; default `/run/netpol-lab/<lab>/manifests`.
+    pub manifests_dir: Option<PathBuf>,
+    /// The `netpol-lab` binary that runs pod servers; default [`server::server_exe`].
+    pub server_exe: Option<PathBuf>,
+}
+
+/// What [`down`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DownReport {
+    pub lab: String,
+    pub netns_deleted: Vec<String>,
+    pub processes_killed: Vec<u32>,
+    pub manifests_removed: usize,
+    pub state_dir_removed: bool,
+}
+
+impl DownReport {
+    /// True when there was nothing of the lab left.
+    pub fn is_empty(&self) -> bool {
+        self.netns_deleted.is_empty()
+            && self.processes_killed.is_empty()
+            && self.manifests_removed == 0
+            && !self.state_dir_removed
+    }
+}
+
+/// Brings a lab up: namespaces, links, addresses, routes, servers, manifests, state file.
+/// Leftovers of an earlier lab of the same name without a state file are removed first; a lab
+/// that is up (has a state file) is an error. On failure everything created is removed again.
+pub fn up(spec: &ClusterSpec, options: &UpOptions) -> Result<LabState, LabError> {
+    spec.validate()?;
+    let lab = spec.name.as_str();
+    let path = state_file(lab);
+    if path.exists() {
+        return Err(LabError::AlreadyUp {
+            lab: lab.to_owned(),
+            path,
+        });
+    }
+    if !list_netns(&netns_prefix(lab)).is_empty() {
+        down(lab)?;
+    }
+    let exe = match &options.server_exe {
+        Some(exe) => exe.clone(),
+        None => server::server_exe()?,
+    };
+    let mut state = LabState::plan(spec, options.manifests_dir.clone());
+    fs::create_dir_all(&state.state_dir).map_err(|source| LabError::Io {
+        context: format!("create {}", state.state_dir.display()),
+        source,
+    })?;
+    state.save()?;
+    match build(&mut state, &exe) {
+        Ok(()) => Ok(state),
+        Err(e) => {
+            // Best effort: the error that matters is the one that stopped `up`.
+            let _ = down(lab);
+            Err(e)
+        }
+    }
+}
+
+fn build(state: &mut LabState, exe: &Path) -> Result<(), LabError> {
+    create_fabric(state)?;
+    for node in &state.nodes {
+        create_node(state, node)?;
+    }
+    for pod in &state.pods {
+        create_pod(state.node_of(pod), pod)?;
+    }
+    start_servers(state, exe)?;
+    state.save()?;
+    state.manifests = write_manifests(state)?;
+    state.save()?;
+    Ok(())
+}
+
+/// Runs `ip` with a command line given as format arguments, split on whitespace (lab names,
+/// addresses and interface names never contain any).
+macro_rules! ip {
+    ($($arg:tt)*) => {
+        ip(&format!($($arg)*))
+    };
+}
+
+fn create_fabric(state: &LabState) -> Result<(), LabError> {
+    let f = &state.fabric;
+    let (ns, br) = (f.netns.as_str(), f.bridge.as_str());
+    let (gw4, len4, gw6, len6) = (
+        f.gateway_v4,
+        f.cidr_v4.prefix_len(),
+        f.gateway_v6,
+        f.cidr_v6.prefix_len(),
+    );
+    add_netns(ns)?;
+    sysctls(ns, &[common_sysctls(), forwarding("0")].concat())?;
+    ip!(
+        "-n {ns} link add {br} address {} type bridge",
+        mac(&state.name, ns)
+    )?;
+    ip!("-n {ns} addr add {gw4}/{len4} dev {br}")?;
+    ip!("-n {ns} addr add {gw6}/{len6} dev {br} nodad")?;
+    ip!("-n {ns} link set {br} up")
+}
+
+fn create_node(state: &LabState, node: &NodeState) -> Result<(), LabError> {
+    let f = &state.fabric;
+    let (ns, fabric, br, port) = (
+        node.netns.as_str(),
+        f.netns.as_str(),
+        f.bridge.as_str(),
+        node.fabric_port.as_str(),
+    );
+    add_netns(ns)?;
+    sysctls(ns, &[common_sysctls(), forwarding("1")].concat())?;
+
+    // eth0 into the fabric bridge.
+    let (ip4, len4, ip6, len6) = (
+        node.ip_v4,
+        f.cidr_v4.prefix_len(),
+        node.ip_v6,
+        f.cidr_v6.prefix_len(),
+    );
+    ip!("-n {ns} link add eth0 type veth peer name {port} netns {fabric}")?;
+    ip!("-n {fabric} link set {port} master {br} up")?;
+    ip!("-n {ns} addr add {ip4}/{len4} dev eth0")?;
+    ip!("-n {ns} addr add {ip6}/{len6} dev eth0 nodad")?;
+    ip!("-n {ns} link set eth0 up")?;
+    // The default route leads to the fabric's sink gateway. Routed nodes need one: proxy ARP
+    // only answers for addresses (the pods' 169.254.1.1 gateway) that route via another device.
+    let (gw4, gw6) = (f.gateway_v4, f.gateway_v6);
+    ip!("-n {ns} route add default via {gw4}")?;
+    ip!("-n {ns} -6 route add default via {gw6}")?;
+    // host-gw: other nodes' pod CIDRs via their fabric address.
+    for other in state.nodes.iter().filter(|n| n.name != node.name) {
+        let (cidr4, via4, cidr6, via6) = (
+            other.pod_cidr_v4,
+            other.ip_v4,
+            other.pod_cidr_v6,
+            other.ip_v6,
+        );
+        ip!("-n {ns} route add {cidr4} via {via4}")?;
+        ip!("-n {ns} -6 route add {cidr6} via {via6}")?;
+    }
+
+    let (cidr4, cidr6) = (node.pod_cidr_v4, node.pod_cidr_v6);
+    match node.attachment {
+        Attachment::Routed => {
+            // Like Calico: unassigned pod addresses of this node go nowhere.
+            ip!("-n {ns} route add blackhole {cidr4}")?;
+            ip!("-n {ns} -6 route add blackhole {cidr6}")
+        }
+        Attachment::Bridged => {
+            let (gw4, len4, gw6, len6) = (
+                node.gateway_v4,
+                cidr4.prefix_len(),
+                node.gateway_v6,
+                cidr6.prefix_len(),
+            );
+            // A fixed MAC: a bridge without one takes its lowest port's, changing as pods come.
+            ip!(
+                "-n {ns} link add cni0 address {} type bridge",
+                mac(&state.name, ns)
+            )?;
+            ip!("-n {ns} addr add {gw4}/{len4} dev cni0")?;
+            ip!("-n {ns} addr add {gw6}/{len6} dev cni0 nodad")?;
+            ip!("-n {ns} link set cni0 up")
+        }
+    }
+}
+
+fn create_pod(node: &NodeState, pod: &PodState) -> Result<(), LabError> {
+    let (ns, node_ns, veth) = (
+        pod.netns.as_str(),
+        node.netns.as_str(),
+        pod.host_veth.as_str(),
+    );
+    let (ip4, ip6, gw4, gw6) = (pod.ip_v4, pod.ip_v6, node.gateway_v4, node.gateway_v6);
+    add_netns(ns)?;
+    sysctls(ns, &common_sysctls())?;
+    ip!("-n {node_ns} link add {veth} type veth peer name eth0 netns {ns}")?;
+
+    match node.attachment {
+        Attachment::Routed => {
+            sysctls(
+                node_ns,
+                &[
+                    (format!("net/ipv4/conf/{veth}/proxy_arp"), "1"),
+                    // Answer proxy ARP at once instead of after a random delay of up to 0.8 s.
+                    (format!("net/ipv4/neigh/{veth}/proxy_delay"), "0"),
+                ],
+            )?;
+            ip!("-n {node_ns} addr add {gw6}/64 dev {veth} nodad")?;
+            ip!("-n {node_ns} link set {veth} up")?;
+            ip!("-n {node_ns} route add {ip4}/32 dev {veth} scope link")?;
+            ip!("-n {node_ns} -6 route add {ip6}/128 dev {veth}")?;
+
+            ip!("-n {ns} addr add {ip4}/32 dev eth0")?;
+            ip!("-n {ns} addr add {ip6}/128 dev eth0 nodad")?;
+            ip!("-n {ns} link set eth0 up")?;
+            ip!("-n {ns} route add {gw4} dev eth0 scope link")?;
+            ip!("-n {ns} route add default via {gw4} dev eth0")?;
+            ip!("-n {ns} -6 route add default via {gw6} dev eth0")
+        }
+        Attachment::Bridged => {
+            let (len4, len6) = (node.pod_cidr_v4.prefix_len(), node.pod_cidr_v6.prefix_len());
+            ip!("-n {node_ns} link set {veth} master cni0 up")?;
+            ip!("-n {ns} addr add {ip4}/{len4} dev eth0")?;
+            ip!("-n {ns} addr add {ip6}/{len6} dev eth0 nodad")?;
+            ip!("-n {ns} link set eth0 up")?;
+            ip!("-n {ns} route add default via {gw4}")?;
+            ip!("-n {ns} -6 route add default via {gw6}")
+        }
+    }
+}
+
+/// Starts every pod's server, then waits for all of them (so they bind in parallel).
+fn start_servers(state: &mut LabState, exe: &Path) -> Result<(), LabError> {
+    let starting = state
+        .pods
+        .iter()
+        .map(|pod| server::spawn(exe, pod, state.server_log(pod)))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (pod, starting) in state.pods.iter_mut().zip(starting) {
+        pod.server_pid = Some(starting.wait_ready(SERVER_READY_TIMEOUT)?);
+    }
+    Ok(())
+}
+
+/// Sysctls of every lab netns: `lo` up is done by `add_netns`; no IPv6 DAD (addresses would
+/// be tentative for a second or more), no reverse-path filtering (independent of the host's
+/// settings, which IPv4 namespaces inherit).
+fn common_sysctls() -> Vec<(String, &'static str)> {
+    [
+        ("net/ipv6/conf/all/accept_dad", "0"),
+        ("net/ipv6/conf/default/accept_dad", "0"),
+        ("net/ipv4/conf/all/rp_filter", "0"),
+        ("net/ipv4/conf/default/rp_filter", "0"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+fn forwarding(value: &'static str) -> Vec<(String, &'static str)> {
+    vec![
+        ("net/ipv4/ip_forward".to_owned(), value),
+        ("net/ipv6/conf/all/forwarding".to_owned(), value),
+    ]
+}
+
+fn sysctls(netns: &str, values: &[(String, &str)]) -> Result<(), LabError> {
+    write_sysctls(&Path::new(NETNS_DIR).join(netns), values).map_err(|source| LabError::Io {
+        context: format!("sysctl in netns {netns}"),
+        source,
+    })
+}
+
+fn add_netns(name: &str) -> Result<(), LabError> {
+    ip!("netns add {name}")?;
+    ip!("-n {name} link set lo up")
+}
+
+/// A locally administered unicast MAC, stable per lab and namespace.
+fn mac(lab: &str, netns: &str) -> String {
+    let h = crate::state::uid(&[lab, "mac", netns]).replace('-', "");
+    format!(
+        "02:{}:{}:{}:{}:{}",
+        &h[0..2],
+        &h[2..4],
+        &h[4..6],
+        &h[6..8],
+        &h[8..10]
+    )
+}
+
+/// Runs `ip <args>` (split on whitespace), turning a failure into an error that shows the
+/// command and its stderr.
+fn ip(args: &str) -> Result<(), LabError> {
+    let command = || format!("ip {args}");
+    let output = Command::new("ip")
+        .args(args.split_whitespace())
+        .output()
+        .map_err(|source| LabError::Io {
+            context: format!("run `{}`", command()),
+            source,
+        })?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(LabError::Command {
+            command: command(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// Tears a lab down: kills every process in its namespaces (servers, and anything else that
+/// was started there, such as an agent), deletes its namespaces (which deletes their links),
+/// removes the manifests it wrote and its state dir. Works without a state file; idempotent.
+pub fn down(lab: &str) -> Result<DownReport, LabError> {
+    let mut report = DownReport {
+        lab: lab.to_owned(),
+        ..DownReport::default()
+    };
+    let state = LabState::load(lab).ok();
+    let netns = list_netns(&netns_prefix(lab));
+    let paths: Vec<PathBuf> = netns.iter().map(|n| Path::new(NETNS_DIR).join(n)).collect();
+    let path_refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+    let mut pids: BTreeSet<u32> = processes_in(&path_refs).into_iter().collect();
+    // Servers whose netns file is gone already (deleted by hand) are still ours to stop.
+    if let Some(state) = &state {
+        for pod in &state.pods {
+            if let Some(pid) = pod.server_pid
+                && is_alive(pid)
+                && is_server_of(pid, &pod.key())
+            {
+                pids.insert(pid);
+            }
+        }
+    }
+    report.processes_killed = pids.into_iter().collect();
+    terminate(&report.processes_killed, TERMINATE_GRACE);
+
+    for name in netns {
+        match ip!("netns delete {name}") {
+            Ok(()) => report.netns_deleted.push(name),
+            // Someone else (a parallel `down`) may have deleted it meanwhile.
+            Err(_) if !Path::new(NETNS_DIR).join(&name).exists() => {}
+            Err(e) => return Err(e),
+        }
+    }
+
+    if let Some(state) = &state
+        && !state.manifests_dir.starts_with(&state.state_dir)
+    {
+        for file in &state.manifests {
+            if fs::remove_file(file).is_ok() {
+                report.manifests_removed += 1;
+            }
+        }
+    }
+    let dir = state_dir(lab);
+    if dir.exists() {
+        if let Some(state) = &state
+            && state.manifests_dir.starts_with(&dir)
+        {
+            report.manifests_removed += state.manifests.len();
+        }
+        fs::remove_dir_all(&dir).map_err(|source| LabError::Io {
+            context: format!("remove {}", dir.display()),
+            source,
+        })?;
+        report.state_dir_removed = true;
+    }
+    Ok(report)
+}
+
+/// Tears down every lab: those with a state dir and those with only leftover namespaces.
+pub fn down_all() -> Result<Vec<DownReport>, LabError> {
+    let mut labs: BTreeSet<String> = fs::read_dir(STATE_ROOT)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| !name.starts_with('.'))
+        .collect();
+    for netns in list_netns(NETNS_PREFIX) {
+        if let Some((lab, _)) = netns[NETNS_PREFIX.len()..].split_once('_') {
+            labs.insert(lab.to_owned());
+        }
+    }
+    labs.iter().map(|lab| down(lab)).collect()
+}
+
+/// True if `pid`'s command line is `... serve --name <key> ...`.
+fn is_server_of(pid: u32, key: &str) -> bool {
+    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    args.contains(&b"serve".as_slice())
+        && args
+            .windows(2)
+            .any(|w| w[0] == b"--name" && w[1] == key.as_bytes())
+}
