@@ -11,6 +11,7 @@
 //!
 //! See `lab/README.md` for the cluster file format and the topology.
 
+pub mod agents;
 pub mod cluster;
 pub mod manifests;
 pub mod netns;
@@ -22,6 +23,7 @@ pub mod table;
 
 use std::{io::Write, ops::Deref, path::Path};
 
+pub use agents::{AgentProc, Agents, start_agents};
 pub use cluster::{DownReport, LabError, UpOptions, down, down_all, up};
 pub use netns::{netns_command, run_in_netns};
 pub use probe::{

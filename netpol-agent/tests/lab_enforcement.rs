@@ -1,0 +1,214 @@
+//! End to end, in a lab of network namespaces: one routed node and one
+//! bridged node, an agent on each, real connections between pods.
+//! Needs root (namespaces, BPF); skips loudly without it, fails under CI.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use netpol_lab::{
+    ClusterSpec, Family, Lab, LabState, ProbeSpec, Protocol, TableKey, TruthTable, UpOptions,
+    require_privileges, start_agents,
+};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_netpol-agent");
+
+fn cluster(name: &str) -> ClusterSpec {
+    ClusterSpec::from_yaml(&format!(
+        r#"
+name: {name}
+nodes:
+  - {{name: node-a, attachment: routed, podCIDR: 10.244.1.0/24, podCIDRv6: "fd00:244:1::/64"}}
+  - {{name: node-b, attachment: bridged, podCIDR: 10.244.2.0/24, podCIDRv6: "fd00:244:2::/64"}}
+namespaces:
+  - {{name: x, labels: {{ns: x}}}}
+  - {{name: y, labels: {{ns: y}}}}
+pods:
+  - {{namespace: x, name: a, node: node-a, labels: {{pod: a}}, ports: [{{name: http, port: 80, protocol: TCP}}, {{name: dns, port: 80, protocol: UDP}}]}}
+  - {{namespace: x, name: b, node: node-b, labels: {{pod: b}}, ports: [{{name: http, port: 80, protocol: TCP}}, {{name: dns, port: 80, protocol: UDP}}]}}
+  - {{namespace: y, name: a, node: node-b, labels: {{pod: a}}, ports: [{{name: http, port: 80, protocol: TCP}}, {{name: dns, port: 80, protocol: UDP}}]}}
+  - {{namespace: y, name: b, node: node-a, labels: {{pod: b}}, ports: [{{name: http, port: 80, protocol: TCP}}, {{name: dns, port: 80, protocol: UDP}}]}}
+"#
+    ))
+    .expect("test cluster parses")
+}
+
+fn lab_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("NETPOL_LAB_BIN") {
+        return p.into();
+    }
+    // target/debug/deps/<test> -> target/debug/netpol-lab
+    let exe = std::env::current_exe().expect("test exe");
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("netpol-lab");
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (`cargo build -p netpol-lab`, which `cargo xtask test` does) or set NETPOL_LAB_BIN",
+        p.display()
+    );
+    p
+}
+
+fn up(name: &str) -> Lab {
+    Lab::up(
+        &cluster(name),
+        &UpOptions {
+            server_exe: Some(lab_bin()),
+            ..UpOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("lab up {name}: {e}"))
+}
+
+fn write_policy(lab: &LabState, file: &str, yaml: &str) {
+    let tmp = lab.manifests_dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, yaml).expect("write policy");
+    std::fs::rename(&tmp, lab.manifests_dir.join(file)).expect("rename policy");
+}
+
+fn tcp80(lab: &LabState, family: Family) -> TruthTable {
+    let spec = ProbeSpec {
+        ports: vec![80],
+        protocols: vec![Protocol::Tcp],
+        families: vec![family],
+        ..ProbeSpec::default()
+    };
+    let res = netpol_lab::probe(lab, &spec).expect("probe");
+    res.table(&TableKey {
+        port: 80,
+        protocol: Protocol::Tcp,
+        family,
+    })
+}
+
+fn expect(lab: &LabState, family: Family, expected: &str) {
+    let expected: TruthTable = expected.parse().expect("expected table parses");
+    let actual = tcp80(lab, family);
+    let cmp = expected.compare(&actual);
+    assert!(
+        cmp.is_match(),
+        "TCP/80 {family:?} reachability differs:\n{}\nactual:\n{}",
+        cmp.render(),
+        actual.render()
+    );
+}
+
+const ALL_CONNECTED: &str = "
+-   x/a x/b y/a y/b
+x/a .   .   .   .
+x/b .   .   .   .
+y/a .   .   .   .
+y/b .   .   .   .
+";
+
+const DENY_ALL_X: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-all, namespace: x}
+spec:
+  podSelector: {}
+"#;
+
+const ALLOW_Y_TO_XA: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-from-y, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+    - from:
+        - namespaceSelector: {matchLabels: {ns: y}}
+      ports:
+        - {protocol: TCP, port: 80}
+"#;
+
+/// Default deny and an allow from another namespace, across a routed and
+/// a bridged node, IPv4 and IPv6; flow logs name the deciding policy;
+/// deleting the policies restores everything.
+#[test]
+fn policies_enforced_across_routed_and_bridged_nodes() {
+    if !require_privileges("policies_enforced_across_routed_and_bridged_nodes") {
+        return;
+    }
+    let lab = up(&format!("e{}", std::process::id() % 100_000));
+    let mut agents = start_agents(&lab, Path::new(AGENT), &[]).expect("start agents");
+    agents
+        .wait_synced(&[], Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for family in [Family::V4, Family::V6] {
+        expect(&lab, family, ALL_CONNECTED);
+    }
+
+    agents
+        .change(
+            || {
+                write_policy(&lab, "deny-all.yaml", DENY_ALL_X);
+                write_policy(&lab, "allow-from-y.yaml", ALLOW_Y_TO_XA);
+            },
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let enforced = "
+-   x/a x/b y/a y/b
+x/a .   X   .   .
+x/b X   .   .   .
+y/a .   X   .   .
+y/b .   X   .   .
+";
+    for family in [Family::V4, Family::V6] {
+        expect(&lab, family, enforced);
+    }
+
+    // Flow logs: the deny names default-deny and the isolating policy, the
+    // allow names the policy and rule.
+    std::thread::sleep(Duration::from_millis(300));
+    let logs = agents.flow_logs();
+    let xb = lab.pod("x", "b").unwrap().ip_v4.to_string();
+    let xa = lab.pod("x", "a").unwrap().ip_v4.to_string();
+    let deny = logs.iter().find(|(_, l)| {
+        l["verdict"] == "deny" && l["dst"]["ip"] == xb.as_str() && l["protocol"] == "TCP"
+    });
+    let (raw, deny) = deny.unwrap_or_else(|| panic!("no deny logged for x/b: {logs:?}"));
+    assert_eq!(deny["policy"], "default-deny", "{raw}");
+    assert_eq!(deny["dst"]["pod"], "b", "{raw}");
+    assert!(
+        deny["isolated_by"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|p| p == "x/deny-all")),
+        "{raw}"
+    );
+    let allow = logs.iter().find(|(_, l)| {
+        l["verdict"] == "allow" && l["dst"]["ip"] == xa.as_str() && l["policy"] == "x/allow-from-y"
+    });
+    let (raw, allow) = allow.unwrap_or_else(|| panic!("no allow by x/allow-from-y: {logs:?}"));
+    assert_eq!(allow["rule"], "ingress[0]", "{raw}");
+    assert_eq!(allow["src"]["namespace"], "y", "{raw}");
+
+    // The maps are pinned and bpftool prints them as typed structs.
+    let a = agents.node("node-a");
+    let endpoints = a.bpffs_root.join("maps/NETPOL_ENDPOINTS");
+    assert!(endpoints.exists(), "{} not pinned", endpoints.display());
+    if let Ok(out) = Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(&endpoints)
+        .output()
+    {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("policy_id") && text.contains("flags"),
+            "bpftool does not show typed values:\n{text}"
+        );
+    }
+
+    agents
+        .change(
+            || {
+                std::fs::remove_file(lab.manifests_dir.join("deny-all.yaml")).unwrap();
+                std::fs::remove_file(lab.manifests_dir.join("allow-from-y.yaml")).unwrap();
+            },
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    expect(&lab, Family::V4, ALL_CONNECTED);
+}
