@@ -14,6 +14,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
     io::Write as _,
     net::IpAddr,
     path::PathBuf,
@@ -29,12 +30,14 @@ use netpol_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    api::{self, Shared, SharedRef},
     compiler::{
         Compiler, Maps, NodeInfo,
         diff::{MapUpdate, diff_maps},
     },
     datapath::{Datapath, MapSizes},
     flowlog::{self, Names},
+    metrics::Metrics,
     netlink,
     pins::Pins,
     source::DirSource,
@@ -53,6 +56,8 @@ pub struct Config {
     pub sizes: MapSizes,
     /// How often the source and the node are looked at.
     pub poll: Duration,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served over TCP.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// What `netpol-agent status` reads (written atomically after each sync).
@@ -92,7 +97,8 @@ struct Agent {
     endpoints: BTreeMap<u32, EndpointValue>,
     /// Veths this process attached its programs to.
     attached_this_run: BTreeSet<u32>,
-    names: Names,
+    names: Arc<Names>,
+    shared: SharedRef,
     generation: u32,
     synced_revision: Option<u64>,
     errors: Vec<String>,
@@ -151,6 +157,31 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
     .map_err(|e| anyhow::anyhow!("polling netlink: {e}"))?;
 
+    let shared: SharedRef = Arc::new(Mutex::new(Shared {
+        status: Status::default(),
+        names: Arc::new(Names::default()),
+        metrics: Metrics::new(),
+        pins: dp.pins().clone(),
+    }));
+    let sock = api::socket_path(&cfg.state_dir);
+    let api_shared = shared.clone();
+    tokio::spawn(async move {
+        if let Err(e) = api::serve_unix(sock.clone(), api_shared).await {
+            tracing::error!(socket = %sock.display(), "API socket: {e}");
+        }
+    });
+    if let Some(addr) = cfg.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr} for metrics"))?;
+        let tcp_shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = api::serve_tcp(listener, tcp_shared).await {
+                tracing::error!(%addr, "metrics listener: {e}");
+            }
+        });
+    }
+
     let mut agent = Agent {
         source: DirSource::new(&cfg.source_dir),
         cfg,
@@ -159,7 +190,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         applied,
         endpoints,
         attached_this_run: BTreeSet::new(),
-        names: Names::default(),
+        names: Arc::new(Names::default()),
+        shared,
         generation,
         synced_revision: None,
         errors: Vec::new(),
@@ -246,7 +278,10 @@ impl Agent {
             name: self.cfg.node.clone(),
             addresses: view.node_addresses.iter().copied().collect(),
         };
+        let t_compile = Instant::now();
         let compiled = self.compiler.compile(&snap.cluster, &node);
+        let compile_secs = t_compile.elapsed().as_secs_f64();
+        let t_apply = Instant::now();
 
         // Pod veths and their endpoints.
         let mut desired: BTreeMap<u32, EndpointValue> = BTreeMap::new();
@@ -285,6 +320,7 @@ impl Agent {
             diff.updates.iter().partition(|u| !u.is_delete());
         for u in adds {
             if let Err(e) = self.apply(u) {
+                self.map_error(&e);
                 errors.push(e.to_string());
             }
         }
@@ -338,6 +374,7 @@ impl Agent {
         }
         for u in deletes {
             if let Err(e) = self.apply(u) {
+                self.map_error(&e);
                 errors.push(e.to_string());
             }
         }
@@ -354,7 +391,12 @@ impl Agent {
             }
         }
         self.errors = errors;
-        self.names = Names {
+        {
+            let sh = self.shared.lock().expect("api state lock");
+            sh.metrics.compile_seconds.observe(compile_secs);
+            sh.metrics.apply_seconds.observe(t_apply.elapsed().as_secs_f64());
+        }
+        self.names = Arc::new(Names {
             pods_by_ip: snap
                 .cluster
                 .pods
@@ -364,9 +406,22 @@ impl Agent {
                 .collect::<BTreeMap<IpAddr, _>>(),
             compiled,
             endpoints: endpoint_pods,
-        };
+            cluster: snap.cluster,
+        });
+        self.shared.lock().expect("api state lock").names = self.names.clone();
         self.synced_revision = Some(self.source.revision());
         Ok(())
+    }
+
+    fn map_error(&self, e: &crate::datapath::DatapathError) {
+        use crate::datapath::DatapathError::*;
+        if let Map { map, .. } | MapFull { map, .. } = e {
+            self.shared
+                .lock()
+                .expect("api state lock")
+                .metrics
+                .map_error(map);
+        }
     }
 
     fn apply(&mut self, u: &MapUpdate) -> Result<(), crate::datapath::DatapathError> {
@@ -454,6 +509,23 @@ impl Agent {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
         };
+        {
+            let mut sh = self.shared.lock().expect("api state lock");
+            sh.metrics.observe_counters(&counters);
+            let sizes = self.dp.sizes();
+            sh.metrics.set_map("endpoints", self.endpoints.len(), sizes.endpoints);
+            sh.metrics.set_map("peers_v4", self.applied.peers_v4.len(), sizes.peers_v4);
+            sh.metrics.set_map("peers_v6", self.applied.peers_v6.len(), sizes.peers_v6);
+            sh.metrics.set_map("policy", self.applied.policy.len(), sizes.policy);
+            sh.metrics.endpoints.set(self.endpoints.len() as i64);
+            sh.metrics.pending_endpoints.set(self.pending as i64);
+            sh.metrics.generation.set(self.generation as i64);
+            sh.metrics.source_errors.set(self.errors.len() as i64);
+            sh.metrics
+                .last_sync
+                .set(status.last_sync_unix_ms as f64 / 1000.0);
+            sh.status = status.clone();
+        }
         let path = status_path(&self.cfg.state_dir);
         let tmp = path.with_extension("json.tmp");
         if let Ok(json) = serde_json::to_vec_pretty(&status)

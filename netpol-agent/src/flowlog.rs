@@ -18,9 +18,12 @@ use crate::{
     model::{PodRef, PolicyRef},
 };
 
-/// What the flow log needs to name things, rebuilt after each compile.
+/// What the flow log (and the API) needs to name things, rebuilt after
+/// each compile.
 #[derive(Clone, Debug, Default)]
 pub struct Names {
+    /// The cluster state the compile was made from.
+    pub cluster: crate::model::Cluster,
     /// Every live pod's IPs (peers can be on any node).
     pub pods_by_ip: BTreeMap<IpAddr, PodRef>,
     /// The compile the datapath is running.
@@ -71,16 +74,20 @@ fn side(names: &Names, ip: IpAddr) -> Side {
     }
 }
 
-/// Convert a kernel timestamp (CLOCK_MONOTONIC ns) to wall-clock time.
-pub fn wall_time(mono_ns: u64) -> SystemTime {
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes into a timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let now_mono = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
-    let age = Duration::from_nanos(now_mono.saturating_sub(mono_ns));
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Convert a kernel timestamp (CLOCK_MONOTONIC ns) to wall-clock time.
+pub fn wall_time(mono_ns: u64) -> SystemTime {
+    let age = Duration::from_nanos(monotonic_ns().saturating_sub(mono_ns));
     SystemTime::now() - age
 }
 

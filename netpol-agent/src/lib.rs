@@ -1,11 +1,14 @@
 //! netpol agent library: the pure policy compiler and the thin shell around
 //! it (sources, netlink, BPF maps, flow logs).
 pub mod agent;
+pub mod api;
 pub mod compiler;
 pub mod convert;
 pub mod datapath;
+pub mod explain;
 pub mod flowlog;
 pub mod manifest;
+pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod pins;

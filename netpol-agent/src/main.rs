@@ -33,6 +33,30 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Why is a connection allowed or denied? Asks the running agent, which
+    /// answers from the compiled state its datapath uses.
+    Explain {
+        /// `<namespace>/<pod>` or an IP address.
+        #[arg(long)]
+        from: String,
+        /// `<namespace>/<pod>` or an IP address.
+        #[arg(long)]
+        to: String,
+        /// `<port>/<protocol>`, e.g. 80/TCP, 53/UDP, icmp.
+        #[arg(long)]
+        port: String,
+        #[arg(long, default_value = "/run/netpol")]
+        state_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The established-flow table with pod names, verdicts and counters.
+    Flows {
+        #[arg(long, default_value = "/run/netpol")]
+        state_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print what netlink shows of this node: veths, pod addresses found
     /// per veth, node addresses (for debugging discovery).
     Discover,
@@ -66,6 +90,9 @@ struct RunArgs {
     /// Audit mode for every pod: report what would be denied, pass it.
     #[arg(long)]
     audit: bool,
+    /// Serve /healthz, /readyz and /metrics here (e.g. 0.0.0.0:9964).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Poll interval of the source and the node, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
@@ -113,6 +140,7 @@ fn main() -> Result<()> {
                     ..MapSizes::default()
                 },
                 poll: std::time::Duration::from_millis(a.poll_ms),
+                metrics_addr: a.metrics_addr,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -149,6 +177,65 @@ fn main() -> Result<()> {
             }
             for e in &s.errors {
                 println!("error: {e}");
+            }
+            Ok(())
+        }
+        Cmd::Explain {
+            from,
+            to,
+            port,
+            state_dir,
+            json,
+        } => {
+            use netpol_agent::api::{encode_query, get};
+            let path = format!(
+                "/explain?from={}&to={}&port={}",
+                encode_query(&from),
+                encode_query(&to),
+                encode_query(&port)
+            );
+            let (code, body) = get(&state_dir, &path).map_err(anyhow::Error::msg)?;
+            if code != 200 {
+                bail!("explain: {}", body.trim());
+            }
+            if json {
+                println!("{body}");
+            } else {
+                let e: netpol_agent::explain::Explanation = serde_json::from_str(&body)?;
+                print!("{e}");
+            }
+            Ok(())
+        }
+        Cmd::Flows { state_dir, json } => {
+            let (code, body) =
+                netpol_agent::api::get(&state_dir, "/flows").map_err(anyhow::Error::msg)?;
+            if code != 200 {
+                bail!("flows: {}", body.trim());
+            }
+            if json {
+                println!("{body}");
+                return Ok(());
+            }
+            let flows: Vec<serde_json::Value> = serde_json::from_str(&body)?;
+            println!(
+                "{:<14} {:<7} {:<5} {:<6} {:<32} {:<32} {:<7} {:<22} {:>8} {:>10}",
+                "ENDPOINT", "DIR", "REPLY", "PROTO", "SRC", "DST", "VERDICT", "POLICY", "PACKETS", "BYTES"
+            );
+            for f in flows {
+                let s = |k: &str| f[k].as_str().unwrap_or("-").to_string();
+                println!(
+                    "{:<14} {:<7} {:<5} {:<6} {:<32} {:<32} {:<7} {:<22} {:>8} {:>10}",
+                    s("endpoint"),
+                    s("direction"),
+                    f["reply"],
+                    s("protocol"),
+                    format!("{}:{}", s("src"), f["sport"]),
+                    format!("{}:{}", s("dst"), f["dport"]),
+                    s("verdict"),
+                    s("policy"),
+                    f["packets"],
+                    f["bytes"]
+                );
             }
             Ok(())
         }

@@ -1,0 +1,216 @@
+//! Prometheus metrics (prometheus-client): verdicts by direction and reason
+//! (from the datapath's per-CPU counters), map occupancy and capacity,
+//! compile and apply latency, last sync, endpoints, event accounting.
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+type Labels = Vec<(String, String)>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub verdicts: Family<Labels, Counter>,
+    pub events: Family<Labels, Counter>,
+    pub map_entries: Family<Labels, Gauge>,
+    pub map_capacity: Family<Labels, Gauge>,
+    pub map_update_errors: Family<Labels, Counter>,
+    pub compile_seconds: Histogram,
+    pub apply_seconds: Histogram,
+    pub last_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub endpoints: Gauge,
+    pub pending_endpoints: Gauge,
+    pub generation: Gauge,
+    pub source_errors: Gauge,
+    /// Last value seen of each kernel counter slot (the kernel counts; we
+    /// add the difference).
+    last_counters: Vec<u64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn latency() -> Histogram {
+    // 50 us .. ~3 s
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("netpol");
+        let m = Self {
+            verdicts: Family::default(),
+            events: Family::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+            map_update_errors: Family::default(),
+            compile_seconds: latency(),
+            apply_seconds: latency(),
+            last_sync: Gauge::default(),
+            endpoints: Gauge::default(),
+            pending_endpoints: Gauge::default(),
+            generation: Gauge::default(),
+            source_errors: Gauge::default(),
+            last_counters: Vec::new(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "verdicts",
+            "Packets by direction (pod's point of view) and verdict reason",
+            m.verdicts.clone(),
+        );
+        registry.register(
+            "events",
+            "Verdict events: sent, or not sent (rate_limited, ringbuf_full)",
+            m.events.clone(),
+        );
+        registry.register("map_entries", "Entries in each datapath map", m.map_entries.clone());
+        registry.register(
+            "map_capacity",
+            "Maximum entries of each datapath map",
+            m.map_capacity.clone(),
+        );
+        registry.register(
+            "map_update_errors",
+            "Map updates that failed (a full map: what could not be programmed stays denied)",
+            m.map_update_errors.clone(),
+        );
+        registry.register(
+            "compile_seconds",
+            "Time to compile cluster state into map contents",
+            m.compile_seconds.clone(),
+        );
+        registry.register(
+            "apply_seconds",
+            "Time to write a compile's map updates and attachments",
+            m.apply_seconds.clone(),
+        );
+        registry.register(
+            "last_sync_timestamp_seconds",
+            "Unix time of the last completed sync",
+            m.last_sync.clone(),
+        );
+        registry.register("endpoints", "Local pods enforced", m.endpoints.clone());
+        registry.register(
+            "pending_endpoints",
+            "Pod veths whose pod is not known yet (traffic denied)",
+            m.pending_endpoints.clone(),
+        );
+        registry.register(
+            "policy_generation",
+            "Policy generation (bumped when a change can revoke established flows)",
+            m.generation.clone(),
+        );
+        registry.register(
+            "source_errors",
+            "Manifests or objects that could not be used",
+            m.source_errors.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Fold in the kernel's counters (summed over CPUs, indexed by
+    /// `netpol_common::counter_index`).
+    pub fn observe_counters(&mut self, counters: &[u64]) {
+        use netpol_common::*;
+        if self.last_counters.len() != counters.len() {
+            self.last_counters = vec![0; counters.len()];
+        }
+        let delta = |last: &mut Vec<u64>, i: usize| -> u64 {
+            let d = counters[i].saturating_sub(last[i]);
+            last[i] = counters[i];
+            d
+        };
+        for dir in [DIR_INGRESS, DIR_EGRESS] {
+            for r in 0..REASON_COUNT {
+                let i = counter_index(dir, r) as usize;
+                if i >= counters.len() {
+                    continue;
+                }
+                let d = delta(&mut self.last_counters, i);
+                let c = self.verdicts.get_or_create(&vec![
+                    ("direction".into(), direction_name(dir).into()),
+                    ("reason".into(), reason_name(r).into()),
+                    (
+                        "verdict".into(),
+                        if reason_passes(r) { "pass" } else { "drop" }.into(),
+                    ),
+                ]);
+                c.inc_by(d);
+            }
+        }
+        for (slot, name) in [
+            (COUNTER_EVENTS_SENT, "sent"),
+            (COUNTER_EVENTS_RATE_LIMITED, "rate_limited"),
+            (COUNTER_EVENTS_RINGBUF_FULL, "ringbuf_full"),
+        ] {
+            let i = slot as usize;
+            if i < counters.len() {
+                let d = delta(&mut self.last_counters, i);
+                self.events
+                    .get_or_create(&vec![("outcome".into(), name.into())])
+                    .inc_by(d);
+            }
+        }
+    }
+
+    pub fn set_map(&self, map: &str, entries: usize, capacity: u32) {
+        let l = vec![("map".to_string(), map.to_string())];
+        self.map_entries.get_or_create(&l).set(entries as i64);
+        self.map_capacity.get_or_create(&l).set(capacity as i64);
+    }
+
+    pub fn map_error(&self, map: &str) {
+        self.map_update_errors
+            .get_or_create(&vec![("map".to_string(), map.to_string())])
+            .inc();
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use netpol_common::*;
+
+    use super::*;
+
+    #[test]
+    fn kernel_counters_become_verdict_metrics_by_difference() {
+        let mut m = Metrics::new();
+        let mut c = vec![0u64; COUNTER_SLOTS as usize];
+        c[counter_index(DIR_INGRESS, REASON_POLICY_DENY) as usize] = 5;
+        c[COUNTER_EVENTS_RATE_LIMITED as usize] = 2;
+        m.observe_counters(&c);
+        c[counter_index(DIR_INGRESS, REASON_POLICY_DENY) as usize] = 7;
+        m.observe_counters(&c);
+        m.set_map("policy", 10, 100);
+        let text = m.render();
+        assert!(
+            text.contains(
+                r#"netpol_verdicts_total{direction="ingress",reason="policy_deny",verdict="drop"} 7"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"netpol_events_total{outcome="rate_limited"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"netpol_map_capacity{map="policy"} 100"#), "{text}");
+    }
+}
