@@ -125,7 +125,9 @@ impl AgentProc {
 
     /// Whether the agent exited (and how).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// The agent's log so far (for failure messages).
@@ -163,7 +165,11 @@ pub struct Agents {
 }
 
 /// Start one agent per node.
-pub fn start_agents(lab: &LabState, agent_bin: &Path, extra_args: &[String]) -> std::io::Result<Agents> {
+pub fn start_agents(
+    lab: &LabState,
+    agent_bin: &Path,
+    extra_args: &[String],
+) -> std::io::Result<Agents> {
     let mut agents = Vec::new();
     for node in &lab.nodes {
         // A previous run's pins under the same root would be adopted; a
@@ -238,16 +244,12 @@ impl Agents {
                 let logs: Vec<String> = self
                     .agents
                     .iter()
-                    .map(|a| {
-                        format!(
-                            "--- {} status {:?}\n{}",
-                            a.node,
-                            a.status(),
-                            a.log_tail(20)
-                        )
-                    })
+                    .map(|a| format!("--- {} status {:?}\n{}", a.node, a.status(), a.log_tail(20)))
                     .collect();
-                return Err(format!("agents not synced after {timeout:?}:\n{}", logs.join("\n")));
+                return Err(format!(
+                    "agents not synced after {timeout:?}:\n{}",
+                    logs.join("\n")
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }

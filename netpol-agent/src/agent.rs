@@ -14,10 +14,10 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::{Arc, Mutex},
     io::Write as _,
     net::IpAddr,
     path::PathBuf,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -394,7 +394,9 @@ impl Agent {
         {
             let sh = self.shared.lock().expect("api state lock");
             sh.metrics.compile_seconds.observe(compile_secs);
-            sh.metrics.apply_seconds.observe(t_apply.elapsed().as_secs_f64());
+            sh.metrics
+                .apply_seconds
+                .observe(t_apply.elapsed().as_secs_f64());
         }
         self.names = Arc::new(Names {
             pods_by_ip: snap
@@ -513,10 +515,14 @@ impl Agent {
             let mut sh = self.shared.lock().expect("api state lock");
             sh.metrics.observe_counters(&counters);
             let sizes = self.dp.sizes();
-            sh.metrics.set_map("endpoints", self.endpoints.len(), sizes.endpoints);
-            sh.metrics.set_map("peers_v4", self.applied.peers_v4.len(), sizes.peers_v4);
-            sh.metrics.set_map("peers_v6", self.applied.peers_v6.len(), sizes.peers_v6);
-            sh.metrics.set_map("policy", self.applied.policy.len(), sizes.policy);
+            sh.metrics
+                .set_map("endpoints", self.endpoints.len(), sizes.endpoints);
+            sh.metrics
+                .set_map("peers_v4", self.applied.peers_v4.len(), sizes.peers_v4);
+            sh.metrics
+                .set_map("peers_v6", self.applied.peers_v6.len(), sizes.peers_v6);
+            sh.metrics
+                .set_map("policy", self.applied.policy.len(), sizes.policy);
             sh.metrics.endpoints.set(self.endpoints.len() as i64);
             sh.metrics.pending_endpoints.set(self.pending as i64);
             sh.metrics.generation.set(self.generation as i64);

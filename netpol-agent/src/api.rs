@@ -10,7 +10,9 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use netpol_common::{FLOW_F_REPLY, FlowKey, FlowValue, map_names, protocol_name, reason_name, verdict_name};
+use netpol_common::{
+    FLOW_F_REPLY, FlowKey, FlowValue, map_names, protocol_name, reason_name, verdict_name,
+};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWrite, AsyncWriteExt as _, BufReader};
 
@@ -150,7 +152,8 @@ pub struct FlowEntry {
 
 /// Read the pinned flow table (it can be read while the datapath writes it).
 pub fn read_flows(pins: &Pins, names: &Names) -> Result<Vec<FlowEntry>, String> {
-    let data = aya::maps::MapData::from_pin(pins.map(map_names::FLOWS)).map_err(|e| e.to_string())?;
+    let data =
+        aya::maps::MapData::from_pin(pins.map(map_names::FLOWS)).map_err(|e| e.to_string())?;
     let map = aya::maps::Map::LruHashMap(data);
     let flows: aya::maps::HashMap<_, FlowKey, FlowValue> =
         aya::maps::HashMap::try_from(&map).map_err(|e| e.to_string())?;
@@ -240,7 +243,10 @@ pub async fn serve_unix(path: PathBuf, shared: SharedRef) -> std::io::Result<()>
 }
 
 /// Serve on a TCP address (health, readiness and metrics).
-pub async fn serve_tcp(listener: tokio::net::TcpListener, shared: SharedRef) -> std::io::Result<()> {
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    shared: SharedRef,
+) -> std::io::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         tokio::spawn(handle(stream, shared.clone()));
@@ -251,8 +257,12 @@ pub async fn serve_tcp(listener: tokio::net::TcpListener, shared: SharedRef) -> 
 pub fn get(state_dir: &Path, path: &str) -> Result<(u16, String), String> {
     use std::io::{Read as _, Write as _};
     let sock = socket_path(state_dir);
-    let mut s = std::os::unix::net::UnixStream::connect(&sock)
-        .map_err(|e| format!("connecting to {} (is the agent running?): {e}", sock.display()))?;
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).map_err(|e| {
+        format!(
+            "connecting to {} (is the agent running?): {e}",
+            sock.display()
+        )
+    })?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: netpol\r\n\r\n").map_err(|e| e.to_string())?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).map_err(|e| e.to_string())?;

@@ -34,7 +34,9 @@ impl std::str::FromStr for Endpoint {
             Some((ns, name)) if !ns.is_empty() && !name.is_empty() => {
                 Ok(Endpoint::Pod(PodRef::new(ns, name)))
             }
-            _ => Err(format!("{s:?}: expected <namespace>/<pod> or an IP address")),
+            _ => Err(format!(
+                "{s:?}: expected <namespace>/<pod> or an IP address"
+            )),
         }
     }
 }
@@ -145,7 +147,9 @@ pub fn explain(
         Endpoint::Ip(_) => (dst_ip, dst_pod),
     };
     if src_ip.is_ipv4() != dst_ip.is_ipv4() {
-        return Err(format!("{src_ip} and {dst_ip} are of different address families"));
+        return Err(format!(
+            "{src_ip} and {dst_ip} are of different address families"
+        ));
     }
     let egress = side(cluster, live, src_pod, DIR_EGRESS, dst_ip, proto, port);
     let ingress = side(cluster, live, dst_pod, DIR_INGRESS, src_ip, proto, port);
@@ -176,7 +180,11 @@ fn side(
     proto: u8,
     port: u16,
 ) -> Side {
-    let dir = if direction == DIR_INGRESS { "ingress" } else { "egress" };
+    let dir = if direction == DIR_INGRESS {
+        "ingress"
+    } else {
+        "egress"
+    };
     let Some(pod) = pod else {
         return Side {
             check: format!("{dir} of a non-pod address"),
@@ -211,14 +219,20 @@ fn side(
     let peer_identity = sim::peer_lookup(&compiled.maps, peer).map(|p| p.identity);
     let verdict = sim::endpoint_verdict(&compiled.maps, &r, direction, peer, proto, port);
     let reason = match verdict {
-        sim::Verdict::NotIsolated => format!("{r} is not isolated for {dir}: no policy with {dir} selects it"),
+        sim::Verdict::NotIsolated => {
+            format!("{r} is not isolated for {dir}: no policy with {dir} selects it")
+        }
         sim::Verdict::Host => "from one of the node's own addresses: always allowed".into(),
         sim::Verdict::Allow { rule_id } => match compiled.rules.get(&rule_id) {
             Some(rule) => format!(
                 "allowed by {}/{} {}[{}]",
                 rule.namespace,
                 rule.policy,
-                if rule.direction == DIR_INGRESS { "ingress" } else { "egress" },
+                if rule.direction == DIR_INGRESS {
+                    "ingress"
+                } else {
+                    "egress"
+                },
                 rule.index
             ),
             None => format!("allowed by rule {rule_id}"),
@@ -227,7 +241,9 @@ fn side(
             "denied: {r} is isolated for {dir} by {} and no rule allows this peer, protocol and port",
             isolated_by.join(", ")
         ),
-        sim::Verdict::NoEndpoint => format!("{r} has no endpoint on node {node}: its traffic is dropped"),
+        sim::Verdict::NoEndpoint => {
+            format!("{r} has no endpoint on node {node}: its traffic is dropped")
+        }
     };
     Side {
         check: format!("{dir} of {r}"),
@@ -299,9 +315,11 @@ mod tests {
             .pod(pod("x", "a").label("pod", "a").ip("10.0.1.2").node("n1"))
             .pod(pod("y", "b").label("pod", "b").ip("10.0.2.2").node("n2"))
             .policy(
-                policy("y", "allow-x")
-                    .select(all())
-                    .ingress(allow().from(namespaces(labels([("ns", "x")]))).port(tcp(80))),
+                policy("y", "allow-x").select(all()).ingress(
+                    allow()
+                        .from(namespaces(labels([("ns", "x")])))
+                        .port(tcp(80)),
+                ),
             )
     }
 

@@ -219,7 +219,16 @@ fn main() -> Result<()> {
             let flows: Vec<serde_json::Value> = serde_json::from_str(&body)?;
             println!(
                 "{:<14} {:<7} {:<5} {:<6} {:<32} {:<32} {:<7} {:<22} {:>8} {:>10}",
-                "ENDPOINT", "DIR", "REPLY", "PROTO", "SRC", "DST", "VERDICT", "POLICY", "PACKETS", "BYTES"
+                "ENDPOINT",
+                "DIR",
+                "REPLY",
+                "PROTO",
+                "SRC",
+                "DST",
+                "VERDICT",
+                "POLICY",
+                "PACKETS",
+                "BYTES"
             );
             for f in flows {
                 let s = |k: &str| f[k].as_str().unwrap_or("-").to_string();

@@ -74,7 +74,11 @@ impl Metrics {
             "Verdict events: sent, or not sent (rate_limited, ringbuf_full)",
             m.events.clone(),
         );
-        registry.register("map_entries", "Entries in each datapath map", m.map_entries.clone());
+        registry.register(
+            "map_entries",
+            "Entries in each datapath map",
+            m.map_entries.clone(),
+        );
         registry.register(
             "map_capacity",
             "Maximum entries of each datapath map",
@@ -211,6 +215,9 @@ mod tests {
             text.contains(r#"netpol_events_total{outcome="rate_limited"} 2"#),
             "{text}"
         );
-        assert!(text.contains(r#"netpol_map_capacity{map="policy"} 100"#), "{text}");
+        assert!(
+            text.contains(r#"netpol_map_capacity{map="policy"} 100"#),
+            "{text}"
+        );
     }
 }

@@ -43,7 +43,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let spec = ClusterSpec::from_file(&resolve(&args.cluster))
         .with_context(|| format!("reading {}", args.cluster.display()))?;
 
-    println!("== Lab: {} nodes, {} pods", spec.nodes.len(), spec.pods.len());
+    println!(
+        "== Lab: {} nodes, {} pods",
+        spec.nodes.len(),
+        spec.pods.len()
+    );
     for n in &spec.nodes {
         println!("   node {:<8} {:?} pod attachment", n.name, n.attachment);
     }
@@ -68,8 +72,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     }
 
     println!("\n== Starting netpol-agent on each node");
-    let mut agents =
-        netpol_lab::start_agents(&lab, agent, &[]).context("starting the agents")?;
+    let mut agents = netpol_lab::start_agents(&lab, agent, &[]).context("starting the agents")?;
     agents
         .wait_synced(&[], Duration::from_secs(20))
         .map_err(|e| anyhow!(e))?;
@@ -89,7 +92,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
         families: vec![Family::V4, Family::V6],
         ..ProbeSpec::default()
     };
-    println!("\n== Reachability before any policy (rows: client, columns: server; . connected, X blocked)");
+    println!(
+        "\n== Reachability before any policy (rows: client, columns: server; . connected, X blocked)"
+    );
     let before = netpol_lab::probe(&lab, &probe).map_err(|e| anyhow!("probe: {e}"))?;
     print!("{}", before.render());
 
@@ -101,7 +106,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
         .collect();
     files.sort();
-    println!("\n== Applying {} policies from {}", files.len(), args.policies.display());
+    println!(
+        "\n== Applying {} policies from {}",
+        files.len(),
+        args.policies.display()
+    );
     for f in &files {
         println!("   {}", f.file_name().unwrap_or_default().to_string_lossy());
     }
@@ -139,7 +148,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
 }
 
 fn copy_atomically(src: &Path, dir: &Path) -> std::io::Result<()> {
-    let name = src.file_name().expect("a file").to_string_lossy().to_string();
+    let name = src
+        .file_name()
+        .expect("a file")
+        .to_string_lossy()
+        .to_string();
     let tmp = dir.join(format!(".{name}.tmp"));
     std::fs::copy(src, &tmp)?;
     std::fs::rename(&tmp, dir.join(name))
@@ -179,7 +192,11 @@ fn show_denied(
         denied.from,
         denied.to_ip,
         denied.port,
-        if ok { "connected (!)" } else { "timed out (dropped)" }
+        if ok {
+            "connected (!)"
+        } else {
+            "timed out (dropped)"
+        }
     );
     std::thread::sleep(Duration::from_millis(300));
     let to_ip = denied.to_ip.to_string();
