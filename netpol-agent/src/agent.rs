@@ -40,14 +40,13 @@ use crate::{
     metrics::Metrics,
     netlink,
     pins::Pins,
-    source::DirSource,
+    source::ClusterSource,
 };
 
 /// Settings of `netpol-agent run`.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub node: String,
-    pub source_dir: PathBuf,
     pub bpffs_root: PathBuf,
     pub state_dir: PathBuf,
     pub flow_log: Option<PathBuf>,
@@ -89,7 +88,7 @@ pub fn status_path(state_dir: &std::path::Path) -> PathBuf {
 struct Agent {
     cfg: Config,
     dp: Datapath,
-    source: DirSource,
+    source: Box<dyn ClusterSource>,
     compiler: Compiler,
     /// Peer and policy entries as last written to the kernel (endpoints are
     /// kept by ifindex in `endpoints`).
@@ -107,7 +106,7 @@ struct Agent {
     flow_log: Box<dyn std::io::Write + Send>,
 }
 
-pub async fn run(cfg: Config) -> Result<()> {
+pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
     let pins = Pins::new(&cfg.bpffs_root);
     let mut dp = Datapath::load(pins, cfg.sizes).context("loading the datapath")?;
     std::fs::create_dir_all(&cfg.state_dir)
@@ -183,7 +182,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
 
     let mut agent = Agent {
-        source: DirSource::new(&cfg.source_dir),
+        source,
         cfg,
         dp,
         compiler: Compiler::default(),
@@ -211,12 +210,18 @@ pub async fn run(cfg: Config) -> Result<()> {
                 let changed = match agent.source.poll() {
                     Ok(c) => c,
                     Err(e) => {
-                        tracing::error!(dir = %agent.cfg.source_dir.display(), "reading the source: {e}");
+                        tracing::error!(source = %agent.source.describe(), "reading the source: {e}");
                         false
                     }
                 };
                 // Bridged pods get their addresses inside their own netns,
                 // where no event reaches us: look again every second.
+                if !agent.source.ready() {
+                    // Keep enforcing what the maps hold until the source has
+                    // a complete picture (never compile a half-listed cluster).
+                    agent.write_status();
+                    continue;
+                }
                 if changed || node_dirty || last_full.elapsed() >= Duration::from_secs(1) {
                     node_dirty = false;
                     last_full = Instant::now();
@@ -233,10 +238,13 @@ pub async fn run(cfg: Config) -> Result<()> {
                 // Drain; any message means links/addresses/routes changed.
                 while guard.get_inner().recv(&mut &mut buf[..], 0).is_ok() {}
                 guard.clear_ready();
-                if let Err(e) = agent.sync() {
-                    tracing::error!("sync failed: {e:#}");
+                if agent.source.ready() {
+                    if let Err(e) = agent.sync() {
+                        tracing::error!("sync failed: {e:#}");
+                        agent.errors = vec![format!("{e:#}")];
+                    }
+                    agent.write_status();
                 }
-                agent.write_status();
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard?;

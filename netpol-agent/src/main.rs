@@ -120,12 +120,13 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().cmd {
         Cmd::Run(a) => {
-            let Some(dir) = a.source.strip_prefix("dir:") else {
-                bail!("--source {}: expected dir:<path>", a.source);
-            };
+            let source: Box<dyn netpol_agent::source::ClusterSource> =
+                match a.source.strip_prefix("dir:") {
+                    Some(dir) => Box::new(netpol_agent::source::DirSource::new(dir)),
+                    None => bail!("--source {}: expected dir:<path>", a.source),
+                };
             let cfg = agent::Config {
                 node: a.node,
-                source_dir: PathBuf::from(dir),
                 bpffs_root: a.bpffs_root,
                 state_dir: a.state_dir,
                 flow_log: a.flow_log,
@@ -145,7 +146,7 @@ fn main() -> Result<()> {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(agent::run(cfg))
+                .block_on(agent::run(cfg, source))
         }
         Cmd::Status { state_dir, json } => {
             let path = agent::status_path(&state_dir);

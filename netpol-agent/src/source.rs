@@ -22,6 +22,26 @@ struct FileEntry {
     errors: Vec<ManifestError>,
 }
 
+/// Where cluster state comes from (a manifests directory, or the
+/// Kubernetes API). The run loop polls it and compiles its snapshots.
+pub trait ClusterSource: Send {
+    /// Look for changes; true if the cluster may have changed since the
+    /// last call. An error leaves the previous state in force.
+    fn poll(&mut self) -> std::io::Result<bool>;
+    /// Incremented on every change.
+    fn revision(&self) -> u64;
+    /// The cluster as the source describes it now.
+    fn snapshot(&self) -> Snapshot;
+    /// Whether the source has delivered a complete state (for the API: every
+    /// initial list is done). Until then the agent keeps what it enforces
+    /// and does not report ready.
+    fn ready(&self) -> bool {
+        true
+    }
+    /// For logs: what this source reads.
+    fn describe(&self) -> String;
+}
+
 /// The directory and what its files held when last read.
 #[derive(Debug)]
 pub struct DirSource {
@@ -57,16 +77,22 @@ impl DirSource {
             revision: 0,
         }
     }
+}
+
+impl ClusterSource for DirSource {
+    fn describe(&self) -> String {
+        format!("dir:{}", self.dir.display())
+    }
 
     /// Incremented every time the directory's content changes.
-    pub fn revision(&self) -> u64 {
+    fn revision(&self) -> u64 {
         self.revision
     }
 
     /// Look at the directory; re-read changed files. Returns whether
     /// anything changed. A directory that cannot be listed is an error (the
     /// caller keeps enforcing what it had).
-    pub fn poll(&mut self) -> std::io::Result<bool> {
+    fn poll(&mut self) -> std::io::Result<bool> {
         let mut seen = BTreeMap::new();
         for e in std::fs::read_dir(&self.dir)? {
             let e = e?;
@@ -129,7 +155,7 @@ impl DirSource {
     }
 
     /// The cluster as the files describe it now.
-    pub fn snapshot(&self) -> Snapshot {
+    fn snapshot(&self) -> Snapshot {
         let mut snap = Snapshot::default();
         for f in self.files.values() {
             snap.errors.extend(f.errors.iter().map(|e| e.to_string()));
