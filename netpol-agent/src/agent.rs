@@ -43,6 +43,10 @@ use crate::{
     source::ClusterSource,
 };
 
+/// A policy set id the compiler never assigns: no policy entry carries it,
+/// so an endpoint on it (isolated both ways) is denied everything.
+const LOCKDOWN_POLICY_ID: u32 = u32::MAX;
+
 /// Settings of `netpol-agent run`.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -309,6 +313,39 @@ impl Agent {
                 endpoint_pods.insert(*ifindex, pod.clone());
             }
         }
+        // A peer map that cannot hold every address would let some address
+        // fall back to a shorter prefix's identity, possibly a more
+        // permissive one: fail closed by isolating every local pod with
+        // nothing allowed until the map fits.
+        let mut errors: Vec<String> = snap.errors.clone();
+        let sizes = self.dp.sizes();
+        for (map, need, cap) in [
+            (
+                netpol_common::map_names::PEERS_V4,
+                compiled.maps.peers_v4.len(),
+                sizes.peers_v4,
+            ),
+            (
+                netpol_common::map_names::PEERS_V6,
+                compiled.maps.peers_v6.len(),
+                sizes.peers_v6,
+            ),
+        ] {
+            if need > cap as usize {
+                errors.push(format!(
+                    "map {map} is full: the cluster needs {need} entries, capacity is {cap}; \
+                     every local pod is denied until it fits (raise --max-peers-v4/--max-peers-v6)"
+                ));
+                self.map_error_named(map);
+                for ep in desired.values_mut() {
+                    *ep = EndpointValue::new(
+                        LOCKDOWN_POLICY_ID,
+                        ep.endpoint_id,
+                        netpol_common::EP_F_INGRESS_ISOLATED | netpol_common::EP_F_EGRESS_ISOLATED,
+                    );
+                }
+            }
+        }
         let found: BTreeSet<&crate::model::PodRef> = endpoint_pods.values().collect();
         self.missing = compiled
             .maps
@@ -323,7 +360,6 @@ impl Agent {
         let mut new_maps = compiled.maps.clone();
         new_maps.endpoints.clear();
         let diff = diff_maps(&self.applied, &new_maps);
-        let mut errors: Vec<String> = snap.errors.clone();
         let (adds, deletes): (Vec<&MapUpdate>, Vec<&MapUpdate>) =
             diff.updates.iter().partition(|u| !u.is_delete());
         for u in adds {
@@ -426,12 +462,16 @@ impl Agent {
     fn map_error(&self, e: &crate::datapath::DatapathError) {
         use crate::datapath::DatapathError::*;
         if let Map { map, .. } | MapFull { map, .. } = e {
-            self.shared
-                .lock()
-                .expect("api state lock")
-                .metrics
-                .map_error(map);
+            self.map_error_named(map);
         }
+    }
+
+    fn map_error_named(&self, map: &str) {
+        self.shared
+            .lock()
+            .expect("api state lock")
+            .metrics
+            .map_error(map);
     }
 
     fn apply(&mut self, u: &MapUpdate) -> Result<(), crate::datapath::DatapathError> {

@@ -53,6 +53,20 @@ pub enum DatapathError {
         capacity: u32,
         what: String,
     },
+    #[error(
+        "pinned map {path} has key size {found_key} and value size {found_value}, but this \
+         agent's {map} has {want_key} and {want_value}: it was pinned by an incompatible \
+         version. Its programs keep enforcing with it; to replace it run `netpol-agent cleanup \
+         --bpffs-root <root>` (enforcement stops until this agent starts)"
+    )]
+    IncompatiblePin {
+        map: &'static str,
+        path: String,
+        found_key: u32,
+        found_value: u32,
+        want_key: u32,
+        want_value: u32,
+    },
     #[error("attaching to {ifname} (ifindex {ifindex}) {hook}: {source}")]
     Attach {
         ifname: String,
@@ -108,6 +122,53 @@ fn is_full(e: &aya::maps::MapError) -> bool {
         if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM)))
 }
 
+/// Key and value sizes of every pinned map, as this agent's object defines
+/// them (an LPM key is the 4-byte prefix length plus the data).
+fn expected_layout(map: &str) -> Option<(u32, u32)> {
+    use std::mem::size_of;
+
+    use netpol_common::*;
+    let sz = |k: usize, v: usize| Some((k as u32, v as u32));
+    match map {
+        map_names::ENDPOINTS => sz(4, size_of::<EndpointValue>()),
+        map_names::PEERS_V4 => sz(4 + 4, size_of::<PeerValue>()),
+        map_names::PEERS_V6 => sz(4 + 16, size_of::<PeerValue>()),
+        map_names::POLICY => sz(4 + size_of::<PolicyKey>(), size_of::<PolicyValue>()),
+        map_names::FLOWS => sz(size_of::<FlowKey>(), size_of::<FlowValue>()),
+        map_names::FRAGS => sz(size_of::<FragKey>(), size_of::<FragValue>()),
+        map_names::COUNTERS => sz(4, 8),
+        map_names::EVENT_RATE => sz(4, size_of::<RateState>()),
+        map_names::CONFIG => sz(4, size_of::<ConfigValue>()),
+        _ => None, // the ring buffer has no key or value
+    }
+}
+
+/// Refuse to adopt a pinned map whose layout differs from ours (a program
+/// would read garbage from it).
+fn check_pinned_layouts(pins: &Pins) -> Result<()> {
+    for name in map_names::ALL {
+        let path = pins.map(name);
+        let Some((want_key, want_value)) = expected_layout(name) else {
+            continue;
+        };
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(map_err(name))?;
+        if info.key_size() != want_key || info.value_size() != want_value {
+            return Err(DatapathError::IncompatiblePin {
+                map: name,
+                path: path.display().to_string(),
+                found_key: info.key_size(),
+                found_value: info.value_size(),
+                want_key,
+                want_value,
+            });
+        }
+    }
+    Ok(())
+}
+
 impl Datapath {
     /// Load the object, creating or adopting the pinned maps, and load both
     /// programs into the kernel (not attached yet).
@@ -116,6 +177,7 @@ impl Datapath {
             path: pins.root().display().to_string(),
             source,
         })?;
+        check_pinned_layouts(&pins)?;
         let mut loader = EbpfLoader::new();
         let map_paths: Vec<(&'static str, std::path::PathBuf)> =
             map_names::ALL.iter().map(|n| (*n, pins.map(n))).collect();

@@ -212,3 +212,39 @@ y/b .   X   .   .
         .unwrap_or_else(|e| panic!("{e}"));
     expect(&lab, Family::V4, ALL_CONNECTED);
 }
+
+/// A peer map too small for the cluster must not let an address fall back
+/// to a more permissive identity: every local pod is denied, the status
+/// names the map.
+#[test]
+fn full_peer_map_fails_closed() {
+    if !require_privileges("full_peer_map_fails_closed") {
+        return;
+    }
+    let lab = up(&format!("f{}", std::process::id() % 100_000));
+    let mut agents = start_agents(
+        &lab,
+        Path::new(AGENT),
+        &["--max-peers-v4".to_string(), "1".to_string()],
+    )
+    .expect("start agents");
+    agents
+        .wait_synced(&[], Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let status = agents.node("node-a").status().expect("status");
+    let errors = status["errors"].to_string();
+    assert!(
+        errors.contains("NETPOL_PEERS_V4 is full"),
+        "status does not name the full map: {errors}"
+    );
+    // Only a pod talking to itself (never leaves its netns) connects.
+    let locked = "
+-   x/a x/b y/a y/b
+x/a .   X   X   X
+x/b X   .   X   X
+y/a X   X   .   X
+y/b X   X   X   .
+";
+    expect(&lab, Family::V4, locked);
+    expect(&lab, Family::V6, locked);
+}
