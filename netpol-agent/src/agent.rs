@@ -59,6 +59,9 @@ pub struct Config {
     pub sizes: MapSizes,
     /// How often the source and the node are looked at.
     pub poll: Duration,
+    /// Only veths whose name starts with one of these are pods' (empty: any
+    /// veth whose peer is in another netns and that has no node address).
+    pub veth_prefixes: Vec<String>,
     /// Where `/healthz`, `/readyz` and `/metrics` are served over TCP.
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
@@ -298,12 +301,21 @@ impl Agent {
         // Pod veths and their endpoints.
         let mut desired: BTreeMap<u32, EndpointValue> = BTreeMap::new();
         let mut endpoint_pods: BTreeMap<u32, crate::model::PodRef> = BTreeMap::new();
-        let mut pod_like: BTreeSet<u32> = view.addresses.keys().copied().collect();
-        for v in view.veths.values() {
-            if v.controller.is_some() && v.peer_netnsid.is_some() {
-                pod_like.insert(v.ifindex);
-            }
-        }
+        // A pod's veth: its peer lives in another network namespace and it
+        // carries none of the node's own addresses (that would be an uplink).
+        // It is attached from the moment it appears, before the CNI gives
+        // the pod an address: until the agent knows the pod, its traffic is
+        // denied (no endpoint entry), so there is no window without policy.
+        let pod_like: BTreeSet<u32> = view
+            .veths
+            .values()
+            .filter(|v| v.peer_netnsid.is_some() && !view.node_veths.contains(&v.ifindex))
+            .filter(|v| {
+                self.cfg.veth_prefixes.is_empty()
+                    || self.cfg.veth_prefixes.iter().any(|p| v.name.starts_with(p))
+            })
+            .map(|v| v.ifindex)
+            .collect();
         for (ifindex, ips) in &view.addresses {
             let pod = ips.iter().find_map(|ip| compiled.local_ips.get(ip));
             if let Some(pod) = pod

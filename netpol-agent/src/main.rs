@@ -72,9 +72,15 @@ struct RunArgs {
     /// This node's name (pods with this spec.nodeName are enforced here).
     #[arg(long)]
     node: String,
-    /// Where cluster state comes from: `dir:<path>` (a manifests directory).
+    /// Where cluster state comes from: `dir:<path>` (a manifests directory)
+    /// or `kube` (the Kubernetes API: in-cluster service account, or
+    /// --kubeconfig / KUBECONFIG / ~/.kube/config).
     #[arg(long)]
     source: String,
+    /// kubeconfig for `--source kube` (default: KUBECONFIG, ~/.kube/config,
+    /// then the in-cluster service account).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// bpffs directory for pinned maps and links.
     #[arg(long, default_value = DEFAULT_ROOT)]
     bpffs_root: PathBuf,
@@ -90,6 +96,10 @@ struct RunArgs {
     /// Audit mode for every pod: report what would be denied, pass it.
     #[arg(long)]
     audit: bool,
+    /// Pod veth name prefixes (e.g. cali,veth,lxc); default: every veth whose
+    /// peer is in another network namespace and that has no node address.
+    #[arg(long, value_delimiter = ',')]
+    veth_prefixes: Vec<String>,
     /// Serve /healthz, /readyz and /metrics here (e.g. 0.0.0.0:9964).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -123,7 +133,18 @@ fn main() -> Result<()> {
             let source: Box<dyn netpol_agent::source::ClusterSource> =
                 match a.source.strip_prefix("dir:") {
                     Some(dir) => Box::new(netpol_agent::source::DirSource::new(dir)),
-                    None => bail!("--source {}: expected dir:<path>", a.source),
+                    None if a.source == "kube" => {
+                        use netpol_agent::kube_source::{KubeSource, Options, load_config};
+                        // Only reads the configuration (fails fast when there
+                        // is none); the client and its watchers start on the
+                        // first poll, inside the agent's runtime below.
+                        let config = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()?
+                            .block_on(load_config(a.kubeconfig.as_deref()))?;
+                        Box::new(KubeSource::new(config, Options::default()))
+                    }
+                    None => bail!("--source {}: expected dir:<path> or kube", a.source),
                 };
             let cfg = agent::Config {
                 node: a.node,
@@ -142,6 +163,7 @@ fn main() -> Result<()> {
                 },
                 poll: std::time::Duration::from_millis(a.poll_ms),
                 metrics_addr: a.metrics_addr,
+                veth_prefixes: a.veth_prefixes,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

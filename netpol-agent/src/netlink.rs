@@ -69,6 +69,8 @@ pub struct NodeView {
     pub addresses: BTreeMap<u32, BTreeSet<IpAddr>>,
     /// The node's own addresses (global scope, every interface).
     pub node_addresses: BTreeSet<IpAddr>,
+    /// Veths that carry one of the node's own addresses (uplinks, not pods).
+    pub node_veths: BTreeSet<u32>,
 }
 
 impl NodeView {
@@ -356,6 +358,9 @@ pub fn discover() -> Result<NodeView> {
             && !ip.is_loopback()
         {
             view.node_addresses.insert(ip);
+            if view.veths.contains_key(&a.header.index) {
+                view.node_veths.insert(a.header.index);
+            }
         }
     }
 
