@@ -1,0 +1,175 @@
+//! Map updates between two compiles of one node.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
+
+use netpol_common::{EndpointValue, PeerValue, PolicyKey, PolicyValue};
+
+use super::{Compiled, Maps};
+use crate::model::PodRef;
+
+/// One write to a datapath map. `value: None` deletes the entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapUpdate {
+    Endpoint {
+        pod: PodRef,
+        value: Option<EndpointValue>,
+    },
+    PeerV4 {
+        addr: Ipv4Addr,
+        prefix_len: u8,
+        value: Option<PeerValue>,
+    },
+    PeerV6 {
+        addr: Ipv6Addr,
+        prefix_len: u8,
+        value: Option<PeerValue>,
+    },
+    Policy {
+        key: PolicyKey,
+        prefix_len: u32,
+        value: Option<PolicyValue>,
+    },
+}
+
+impl MapUpdate {
+    /// Whether the update deletes an entry.
+    pub fn is_delete(&self) -> bool {
+        match self {
+            MapUpdate::Endpoint { value, .. } => value.is_none(),
+            MapUpdate::PeerV4 { value, .. } | MapUpdate::PeerV6 { value, .. } => value.is_none(),
+            MapUpdate::Policy { value, .. } => value.is_none(),
+        }
+    }
+}
+
+/// The updates that turn the maps of one compile into the next.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    /// In a safe order: new and changed policy entries first, then peers,
+    /// then endpoints (so nothing points at an entry that isn't there yet),
+    /// then deletions of endpoints, peers and policy entries (so nothing
+    /// points at an entry that is already gone).
+    pub updates: Vec<MapUpdate>,
+    /// Some update removes or changes an existing entry: flows allowed
+    /// before may be denied now, so the generation must be bumped. A diff
+    /// that only adds entries never revokes.
+    pub revokes: bool,
+}
+
+impl Diff {
+    pub fn is_empty(&self) -> bool {
+        self.updates.is_empty()
+    }
+}
+
+/// The map updates from `old` to `new` (both compiles of the same node).
+pub fn diff(old: &Compiled, new: &Compiled) -> Diff {
+    diff_maps(&old.maps, &new.maps)
+}
+
+/// [`diff`] over map contents only.
+pub fn diff_maps(old: &Maps, new: &Maps) -> Diff {
+    let mut revokes = false;
+    let (policy_up, policy_del) = changes(&old.policy, &new.policy, &mut revokes);
+    let (v4_up, v4_del) = changes(&old.peers_v4, &new.peers_v4, &mut revokes);
+    let (v6_up, v6_del) = changes(&old.peers_v6, &new.peers_v6, &mut revokes);
+    let (ep_up, ep_del) = changes(&old.endpoints, &new.endpoints, &mut revokes);
+
+    let policy =
+        |((key, prefix_len), value): ((PolicyKey, u32), Option<PolicyValue>)| MapUpdate::Policy {
+            key,
+            prefix_len,
+            value,
+        };
+    let v4 = |((addr, prefix_len), value)| MapUpdate::PeerV4 {
+        addr,
+        prefix_len,
+        value,
+    };
+    let v6 = |((addr, prefix_len), value)| MapUpdate::PeerV6 {
+        addr,
+        prefix_len,
+        value,
+    };
+    let ep = |(pod, value)| MapUpdate::Endpoint { pod, value };
+
+    let mut updates = Vec::new();
+    updates.extend(policy_up.into_iter().map(policy));
+    updates.extend(v4_up.into_iter().map(v4));
+    updates.extend(v6_up.into_iter().map(v6));
+    updates.extend(ep_up.into_iter().map(ep));
+    updates.extend(ep_del.into_iter().map(ep));
+    updates.extend(v4_del.into_iter().map(v4));
+    updates.extend(v6_del.into_iter().map(v6));
+    updates.extend(policy_del.into_iter().map(policy));
+    Diff { updates, revokes }
+}
+
+type Changes<K, V> = Vec<(K, Option<V>)>;
+
+/// (upserts, deletes) between two maps; sets `revokes` when an existing key
+/// changes or goes.
+fn changes<K: Ord + Clone, V: PartialEq + Copy>(
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+    revokes: &mut bool,
+) -> (Changes<K, V>, Changes<K, V>) {
+    let mut up = Vec::new();
+    let mut del = Vec::new();
+    for (k, v) in new {
+        match old.get(k) {
+            Some(o) if o == v => {}
+            Some(_) => {
+                *revokes = true;
+                up.push((k.clone(), Some(*v)));
+            }
+            None => up.push((k.clone(), Some(*v))),
+        }
+    }
+    for k in old.keys() {
+        if !new.contains_key(k) {
+            *revokes = true;
+            del.push((k.clone(), None));
+        }
+    }
+    (up, del)
+}
+
+impl Maps {
+    /// Applies updates the way the agent writes them to the kernel maps.
+    pub fn apply(&mut self, updates: &[MapUpdate]) {
+        fn set<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
+            match value {
+                Some(v) => {
+                    map.insert(key, v);
+                }
+                None => {
+                    map.remove(&key);
+                }
+            }
+        }
+        for u in updates.iter().cloned() {
+            match u {
+                MapUpdate::Endpoint { pod, value } => set(&mut self.endpoints, pod, value),
+                MapUpdate::PeerV4 {
+                    addr,
+                    prefix_len,
+                    value,
+                } => set(&mut self.peers_v4, (addr, prefix_len), value),
+                MapUpdate::PeerV6 {
+                    addr,
+                    prefix_len,
+                    value,
+                } => set(&mut self.peers_v6, (addr, prefix_len), value),
+                MapUpdate::Policy {
+                    key,
+                    prefix_len,
+                    value,
+                } => set(&mut self.policy, (key, prefix_len), value),
+            }
+        }
+    }
+}
