@@ -7,23 +7,39 @@
 //!
 //! `down` works from netns names alone (every lab netns starts with `nplab_<lab>_`), so it also
 //! removes leftovers of a crashed `up` that never wrote a state file.
+//!
+//! A running lab changes with [`add_pod`], [`remove_pod`], [`set_pod_labels`] and
+//! [`set_namespace_labels`], in the order a kubelet and its CNI plugin do things:
+//!
+//! * adding: netns, veth, addresses and routes first (CNI ADD), then the server (the container
+//!   starts), and only then the Pod manifest with `status.podIPs` (the kubelet reports the
+//!   sandbox's IPs once CNI ADD returned, and Running once the container runs). A watcher that
+//!   sees the Pod can count on its veth existing.
+//! * removing: the server is stopped, the routes and the veth are deleted (CNI DEL), the netns
+//!   is deleted, and only then the manifest is removed (the API server forgets a pod once the
+//!   kubelet has torn it down).
+//!
+//! Each change holds the lab's lock ([`crate::state::lock`]) from loading the state to saving
+//! it, so changes from several threads or processes do not lose each other's updates.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs, io,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
 };
 
 use crate::{
-    manifests::write_manifests,
+    Lab,
+    manifests::{pod_manifest_file, write_manifests, write_namespace_manifest, write_pod_manifest},
     netns::{is_alive, list_netns, processes_in, terminate, write_sysctls},
     server::{self, ServerError},
-    spec::{Attachment, ClusterSpec, SpecError},
+    spec::{Attachment, ClusterSpec, PodSpec, SpecError},
     state::{
-        LabState, NETNS_DIR, NETNS_PREFIX, NodeState, PodState, STATE_ROOT, StateError,
-        netns_prefix, state_dir, state_file,
+        ChangeError, LabState, NETNS_DIR, NETNS_PREFIX, NodeState, PodState, STATE_ROOT,
+        StateError, lock, netns_prefix, state_dir, state_file,
     },
 };
 
@@ -41,6 +57,8 @@ pub enum LabError {
     State(#[from] StateError),
     #[error(transparent)]
     Server(#[from] ServerError),
+    #[error(transparent)]
+    Change(#[from] ChangeError),
     #[error("lab {lab:?} is already up (state file {path}); run `netpol-lab down {lab}` first")]
     AlreadyUp { lab: String, path: PathBuf },
     #[error("`{command}` failed: {stderr}")]
@@ -103,6 +121,7 @@ pub fn up(spec: &ClusterSpec, options: &UpOptions) -> Result<LabState, LabError>
         None => server::server_exe()?,
     };
     let mut state = LabState::plan(spec, options.manifests_dir.clone());
+    state.server_exe = Some(exe.clone());
     fs::create_dir_all(&state.state_dir).map_err(|source| LabError::Io {
         context: format!("create {}", state.state_dir.display()),
         source,
@@ -285,6 +304,220 @@ fn start_servers(state: &mut LabState, exe: &Path) -> Result<(), LabError> {
     Ok(())
 }
 
+/// Options of [`add_pod`].
+#[derive(Debug, Clone, Default)]
+pub struct AddPodOptions {
+    /// The pod's IPv4 address instead of the next free one: any pod address of its node that no
+    /// existing pod has, such as a deleted pod's (to test that an address that changes hands
+    /// gets the new pod's identity).
+    pub ip_v4: Option<Ipv4Addr>,
+    /// The pod's IPv6 address instead of the next free one.
+    pub ip_v6: Option<Ipv6Addr>,
+    /// The `netpol-lab` binary that runs the pod's server; default: the one `up` used if it
+    /// still exists, else [`server::server_exe`].
+    pub server_exe: Option<PathBuf>,
+}
+
+/// Adds a pod to a running lab, as `up` would have created it: netns, veth on its node's
+/// attachment (routed: /32 and /128 routes and proxy ARP; bridged: a `cni0` port), addresses
+/// (the next free ones of the node's CIDRs, see [`LabState::plan_pod`], or those in `options`),
+/// then its server, then its Pod manifest (atomically), then the state file. Returns the pod as
+/// recorded. On failure, whatever was created is removed again and the state is unchanged.
+pub fn add_pod(lab: &str, pod: PodSpec, options: &AddPodOptions) -> Result<PodState, LabError> {
+    let _lock = lock(lab)?;
+    let mut state = LabState::load(lab)?;
+    let mut pod = state.plan_pod(pod, options.ip_v4, options.ip_v6)?;
+    let exe = match options
+        .server_exe
+        .clone()
+        .or_else(|| state.server_exe.clone().filter(|exe| exe.is_file()))
+    {
+        Some(exe) => exe,
+        None => server::server_exe()?,
+    };
+    let node = state.node_of(&pod).clone();
+    match start_pod(&mut state, &node, &mut pod, &exe) {
+        Ok(()) => Ok(pod),
+        Err(e) => {
+            // Best effort: the error that matters is the one that stopped `add_pod`.
+            let _ = delete_pod(&node, &pod);
+            let _ = remove_pod_manifest(&state, &pod);
+            Err(e)
+        }
+    }
+}
+
+/// The kernel and file side of [`add_pod`], in kubelet order: CNI ADD, container, manifest.
+fn start_pod(
+    state: &mut LabState,
+    node: &NodeState,
+    pod: &mut PodState,
+    exe: &Path,
+) -> Result<(), LabError> {
+    create_pod(node, pod)?;
+    let starting = server::spawn(exe, pod, state.server_log(pod))?;
+    pod.server_pid = Some(starting.wait_ready(SERVER_READY_TIMEOUT)?);
+    if let Some(recorded) = state
+        .pods
+        .iter_mut()
+        .find(|p| p.namespace == pod.namespace && p.name == pod.name)
+    {
+        recorded.server_pid = pod.server_pid;
+    }
+    let path = write_pod_manifest(state, pod)?;
+    if !state.manifests.contains(&path) {
+        state.manifests.push(path);
+    }
+    state.save()?;
+    Ok(())
+}
+
+/// Removes a pod from a running lab: stops its server (and anything else running in its
+/// netns), deletes its routes and veth on the node and its netns, then removes its Pod
+/// manifest and updates the state file. Returns the pod as it was.
+pub fn remove_pod(lab: &str, namespace: &str, name: &str) -> Result<PodState, LabError> {
+    let _lock = lock(lab)?;
+    let mut state = LabState::load(lab)?;
+    let pod = state.forget_pod(namespace, name)?;
+    let node = state
+        .node(&pod.node)
+        .expect("state invariant: every pod's node exists")
+        .clone();
+    delete_pod(&node, &pod)?;
+    let manifest = remove_pod_manifest(&state, &pod)?;
+    state.manifests.retain(|path| path != &manifest);
+    state.save()?;
+    Ok(pod)
+}
+
+/// Replaces a pod's labels (the whole set) and rewrites its Pod manifest atomically, then the
+/// state file. Returns the updated pod.
+pub fn set_pod_labels(
+    lab: &str,
+    namespace: &str,
+    name: &str,
+    labels: BTreeMap<String, String>,
+) -> Result<PodState, LabError> {
+    let _lock = lock(lab)?;
+    let mut state = LabState::load(lab)?;
+    let pod = state.relabel_pod(namespace, name, labels)?;
+    write_pod_manifest(&state, &pod)?;
+    state.save()?;
+    Ok(pod)
+}
+
+/// Replaces a namespace's labels (the whole set; `kubernetes.io/metadata.name` stays) and
+/// rewrites its Namespace manifest atomically, then the state file.
+pub fn set_namespace_labels(
+    lab: &str,
+    namespace: &str,
+    labels: BTreeMap<String, String>,
+) -> Result<(), LabError> {
+    let _lock = lock(lab)?;
+    let mut state = LabState::load(lab)?;
+    state.relabel_namespace(namespace, labels)?;
+    write_namespace_manifest(&state, namespace)?;
+    state.save()?;
+    Ok(())
+}
+
+/// Changes to a running [`Lab`] that keep its copy of the state current (see [`add_pod`] and
+/// friends, which work from the lab name and the state file).
+impl Lab {
+    /// Reads the state file again (after changes made through the free functions or the CLI).
+    pub fn reload(&mut self) -> Result<(), LabError> {
+        self.state = LabState::load(&self.state.name)?;
+        Ok(())
+    }
+
+    /// [`add_pod`] on this lab.
+    pub fn add_pod(&mut self, pod: PodSpec, options: &AddPodOptions) -> Result<PodState, LabError> {
+        let added = add_pod(&self.state.name, pod, options)?;
+        self.reload()?;
+        Ok(added)
+    }
+
+    /// [`remove_pod`] on this lab.
+    pub fn remove_pod(&mut self, namespace: &str, name: &str) -> Result<PodState, LabError> {
+        let removed = remove_pod(&self.state.name, namespace, name)?;
+        self.reload()?;
+        Ok(removed)
+    }
+
+    /// [`set_pod_labels`] on this lab.
+    pub fn set_pod_labels(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<PodState, LabError> {
+        let pod = set_pod_labels(&self.state.name, namespace, name, labels)?;
+        self.reload()?;
+        Ok(pod)
+    }
+
+    /// [`set_namespace_labels`] on this lab.
+    pub fn set_namespace_labels(
+        &mut self,
+        namespace: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), LabError> {
+        set_namespace_labels(&self.state.name, namespace, labels)?;
+        self.reload()
+    }
+}
+
+/// Tears one pod down, in the order a kubelet does: stops every process in its netns (its
+/// server, and anything else started there), deletes its routes and veth on the node (CNI DEL;
+/// deleting the host side takes the pod's `eth0` with it at once, while a deleted netns only
+/// goes away once nothing holds it), then its netns. Parts already gone are skipped.
+fn delete_pod(node: &NodeState, pod: &PodState) -> Result<(), LabError> {
+    let netns_path = pod.netns_path();
+    let mut pids: BTreeSet<u32> = processes_in(&[netns_path.as_path()]).into_iter().collect();
+    if let Some(pid) = pod.server_pid
+        && is_alive(pid)
+        && is_server_of(pid, &pod.key())
+    {
+        pids.insert(pid);
+    }
+    terminate(&pids.into_iter().collect::<Vec<_>>(), TERMINATE_GRACE);
+
+    let (node_ns, veth, ip4, ip6) = (
+        node.netns.as_str(),
+        pod.host_veth.as_str(),
+        pod.ip_v4,
+        pod.ip_v6,
+    );
+    if ip_succeeds(&format!("-n {node_ns} link show dev {veth}")) {
+        if node.attachment == Attachment::Routed {
+            // Like Calico's CNI DEL. Deleting the veth would remove them as well, so a route
+            // that is missing (a failed CNI ADD) is no error.
+            ip_succeeds(&format!("-n {node_ns} route del {ip4}/32 dev {veth}"));
+            ip_succeeds(&format!("-n {node_ns} -6 route del {ip6}/128 dev {veth}"));
+        }
+        ip!("-n {node_ns} link del {veth}")?;
+    }
+    if netns_path.exists() {
+        ip!("netns delete {}", pod.netns)?;
+    }
+    Ok(())
+}
+
+/// Removes a pod's manifest file if it exists; returns its path.
+fn remove_pod_manifest(state: &LabState, pod: &PodState) -> Result<PathBuf, LabError> {
+    let path = state
+        .manifests_dir
+        .join(pod_manifest_file(&pod.namespace, &pod.name));
+    match fs::remove_file(&path) {
+        Ok(()) => Ok(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(path),
+        Err(source) => Err(LabError::Io {
+            context: format!("remove {}", path.display()),
+            source,
+        }),
+    }
+}
+
 /// Sysctls of every lab netns: `lo` up is done by `add_netns`; no IPv6 DAD (addresses would
 /// be tentative for a second or more), no reverse-path filtering (independent of the host's
 /// settings, which IPv4 namespaces inherit).
@@ -330,6 +563,14 @@ fn mac(lab: &str, netns: &str) -> String {
         &h[6..8],
         &h[8..10]
     )
+}
+
+/// Runs `ip <args>` (split on whitespace) and tells whether it succeeded (for `show` queries).
+fn ip_succeeds(args: &str) -> bool {
+    Command::new("ip")
+        .args(args.split_whitespace())
+        .output()
+        .is_ok_and(|output| output.status.success())
 }
 
 /// Runs `ip <args>` (split on whitespace), turning a failure into an error that shows the

@@ -19,19 +19,24 @@ pub mod probe;
 pub mod server;
 pub mod spec;
 pub mod state;
+pub mod stream;
 pub mod table;
 
 use std::{io::Write, ops::Deref, path::Path};
 
 pub use agents::{AgentProc, Agents, start_agents};
-pub use cluster::{DownReport, LabError, UpOptions, down, down_all, up};
+pub use cluster::{
+    AddPodOptions, DownReport, LabError, UpOptions, add_pod, down, down_all, remove_pod,
+    set_namespace_labels, set_pod_labels, up,
+};
 pub use netns::{netns_command, run_in_netns};
 pub use probe::{
     Attempt, ProbeError, ProbeResult, ProbeResults, ProbeSpec, TableKey, connect, connect_detailed,
     probe,
 };
-pub use spec::{Attachment, ClusterSpec, Protocol, SpecError};
-pub use state::{Family, LabState, NodeState, PodState, StateError};
+pub use spec::{Attachment, ClusterSpec, PodSpec, PortSpec, Protocol, SpecError};
+pub use state::{ChangeError, Family, LabState, NodeState, PodState, StateError};
+pub use stream::{StreamError, StreamHandle, StreamReport, start_stream};
 pub use table::{Comparison, Mismatch, TruthTable};
 
 /// A running lab that is torn down when dropped (for tests and tools).

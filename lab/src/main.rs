@@ -1,6 +1,8 @@
 //! `netpol-lab`: bring labs up and down, probe them, and run the pod servers.
 
 use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
     os::unix::process::CommandExt,
     path::PathBuf,
     process::ExitCode,
@@ -10,8 +12,9 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use netpol_lab::{
-    ClusterSpec, Family, LabState, ProbeSpec, Protocol, UpOptions, down, down_all, netns_command,
-    probe, server, up,
+    AddPodOptions, ClusterSpec, Family, LabState, PodSpec, PodState, PortSpec, ProbeSpec, Protocol,
+    UpOptions, add_pod, down, down_all, netns_command, probe, remove_pod, server,
+    set_namespace_labels, set_pod_labels, up,
 };
 
 #[derive(Parser)]
@@ -73,6 +76,53 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Add a pod to a running lab (netns, veth, addresses, server, then its Pod manifest).
+    AddPod {
+        /// Lab name.
+        lab: String,
+        /// The pod's namespace (declared in the cluster file).
+        #[arg(long)]
+        namespace: String,
+        /// The pod's name.
+        #[arg(long)]
+        name: String,
+        /// The node to run it on.
+        #[arg(long)]
+        node: String,
+        /// Labels: key=value,... (the whole set).
+        #[arg(long, value_parser = parse_labels, default_value = "")]
+        labels: Labels,
+        /// A container port: [name:]port[/TCP|UDP|SCTP], e.g. serve-80-tcp:80/TCP; repeatable.
+        #[arg(long = "port", value_parser = parse_port)]
+        ports: Vec<PortSpec>,
+        /// IPv4 address [default: the node's next free one], e.g. a deleted pod's.
+        #[arg(long)]
+        ip_v4: Option<Ipv4Addr>,
+        /// IPv6 address [default: the node's next free one].
+        #[arg(long)]
+        ip_v6: Option<Ipv6Addr>,
+    },
+    /// Remove a pod from a running lab (server, veth, netns, then its Pod manifest).
+    RemovePod {
+        /// Lab name.
+        lab: String,
+        /// The pod, as namespace/name.
+        pod: String,
+    },
+    /// Replace the labels of a pod or a namespace and rewrite its manifest.
+    Label {
+        /// Lab name.
+        lab: String,
+        /// What to relabel.
+        #[arg(value_enum)]
+        kind: LabelKind,
+        /// The pod (namespace/name) or the namespace.
+        target: String,
+        /// The new labels: key=value,... ("" for none; kubernetes.io/metadata.name stays on
+        /// namespaces).
+        #[arg(value_parser = parse_labels)]
+        labels: Labels,
+    },
     /// List labs, or show one lab's nodes and pods.
     Status {
         /// Lab name.
@@ -101,6 +151,15 @@ enum Cmd {
         udp: Vec<u16>,
     },
 }
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LabelKind {
+    Pod,
+    Namespace,
+}
+
+/// Labels as parsed from `key=value,...`.
+type Labels = BTreeMap<String, String>;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum FamilyArg {
@@ -172,6 +231,65 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::AddPod {
+            lab,
+            namespace,
+            name,
+            node,
+            labels,
+            ports,
+            ip_v4,
+            ip_v6,
+        } => {
+            let pod = PodSpec {
+                namespace,
+                name,
+                node,
+                labels,
+                ports,
+            };
+            let options = AddPodOptions {
+                ip_v4,
+                ip_v6,
+                server_exe: None,
+            };
+            let key = format!("{}/{}", pod.namespace, pod.name);
+            let pod = add_pod(&lab, pod, &options)
+                .with_context(|| format!("adding pod {key} to lab {lab:?}"))?;
+            print_pods(&[pod]);
+            Ok(())
+        }
+        Cmd::RemovePod { lab, pod } => {
+            let (namespace, name) = split_pod(&pod)?;
+            let removed = remove_pod(&lab, namespace, name)
+                .with_context(|| format!("removing pod {pod} from lab {lab:?}"))?;
+            eprintln!(
+                "removed pod {} ({}, {}) from node {}",
+                removed.key(),
+                removed.ip_v4,
+                removed.ip_v6,
+                removed.node
+            );
+            Ok(())
+        }
+        Cmd::Label {
+            lab,
+            kind,
+            target,
+            labels,
+        } => match kind {
+            LabelKind::Pod => {
+                let (namespace, name) = split_pod(&target)?;
+                set_pod_labels(&lab, namespace, name, labels)
+                    .with_context(|| format!("relabelling pod {target} of lab {lab:?}"))?;
+                Ok(())
+            }
+            LabelKind::Namespace => {
+                set_namespace_labels(&lab, &target, labels)
+                    .with_context(|| format!("relabelling namespace {target:?} of lab {lab:?}"))?;
+                Ok(())
+            }
+        },
         Cmd::Status { name } => cmd_status(name),
         Cmd::Exec {
             lab,
@@ -262,8 +380,12 @@ fn print_status(state: &LabState) {
             n.name, n.attachment, n.ip_v4, n.ip_v6, n.pod_cidr_v4, n.pod_cidr_v6, n.netns
         );
     }
+    print_pods(&state.pods);
+}
+
+fn print_pods(pods: &[PodState]) {
     println!("POD\tNODE\tIPv4\tIPv6\tHOST VETH\tSERVER PID");
-    for p in &state.pods {
+    for p in pods {
         let pid = p
             .server_pid
             .map_or_else(|| "-".to_owned(), |pid| pid.to_string());
@@ -291,5 +413,79 @@ fn pick_lab(lab: Option<String>) -> Result<String> {
             "several labs are up ({}); pick one with --lab",
             labs.join(", ")
         ),
+    }
+}
+
+/// `namespace/name`.
+fn split_pod(pod: &str) -> Result<(&str, &str)> {
+    pod.split_once('/')
+        .with_context(|| format!("{pod:?}: pods are named namespace/name"))
+}
+
+/// `key=value,...`; the empty string is no labels.
+fn parse_labels(text: &str) -> Result<Labels, String> {
+    text.split(',')
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            item.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| format!("{item:?} is not key=value"))
+        })
+        .collect()
+}
+
+/// `[name:]port[/protocol]`: `serve-80-tcp:80/TCP`, `81/udp`, `80` (TCP).
+fn parse_port(text: &str) -> Result<PortSpec, String> {
+    let (name, rest) = match text.split_once(':') {
+        Some((name, rest)) => (Some(name.to_owned()), rest),
+        None => (None, text),
+    };
+    let (port, protocol) = match rest.split_once('/') {
+        Some((port, protocol)) => (port, protocol.parse::<Protocol>()?),
+        None => (rest, Protocol::Tcp),
+    };
+    let port = port
+        .parse()
+        .map_err(|e| format!("{text:?}: port {port:?}: {e}"))?;
+    Ok(PortSpec {
+        name,
+        port,
+        protocol,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_labels() {
+        let labels = parse_labels("pod=c,app=web").expect("labels");
+        assert_eq!(labels.len(), 2);
+        assert_eq!(labels["app"], "web");
+        assert!(parse_labels("").expect("no labels").is_empty());
+        assert_eq!(parse_labels("empty=").expect("empty value")["empty"], "");
+        assert!(parse_labels("pod").is_err());
+    }
+
+    #[test]
+    fn parses_ports() {
+        let port = parse_port("serve-80-tcp:80/TCP").expect("named port");
+        assert_eq!(port.name.as_deref(), Some("serve-80-tcp"));
+        assert_eq!((port.port, port.protocol), (80, Protocol::Tcp));
+        let port = parse_port("81/udp").expect("udp port");
+        assert_eq!(
+            (port.name, port.port, port.protocol),
+            (None, 81, Protocol::Udp)
+        );
+        assert_eq!(parse_port("90").expect("bare port").protocol, Protocol::Tcp);
+        assert!(parse_port("x:eighty").is_err());
+        assert!(parse_port("80/icmp").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 }

@@ -1,8 +1,14 @@
 //! The lab's cluster state as ordinary Kubernetes manifests: one YAML file per Namespace, Pod
 //! and Node, written atomically into the manifests dir, which the agent watches in place of an
 //! API server.
+//!
+//! `up` writes them all ([`write_manifests`]); changes to a running lab rewrite one object's
+//! file ([`write_pod_manifest`], [`write_namespace_manifest`]) or remove it.
 
-use std::{fs, path::PathBuf};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
 
 use serde_json::{Value, json};
 
@@ -108,22 +114,38 @@ pub fn node_manifest(state: &LabState, node: &NodeState) -> Value {
     })
 }
 
+/// `namespace-<ns>.yaml`.
+pub fn namespace_manifest_file(namespace: &str) -> String {
+    format!("namespace-{namespace}.yaml")
+}
+
+/// `pod-<ns>-<pod>.yaml`. Not unique in general (`a-b`/`c` and `a`/`b-c` share a name): adding
+/// a pod whose file name another pod has is refused.
+pub fn pod_manifest_file(namespace: &str, name: &str) -> String {
+    format!("pod-{namespace}-{name}.yaml")
+}
+
+/// `node-<node>.yaml`.
+pub fn node_manifest_file(node: &str) -> String {
+    format!("node-{node}.yaml")
+}
+
 /// Every manifest of the lab with its file name: `namespace-<ns>.yaml`, `node-<node>.yaml`,
 /// `pod-<ns>-<pod>.yaml`.
 pub fn all_manifests(state: &LabState) -> Vec<(String, Value)> {
     let namespaces = (0..state.spec.namespaces.len()).map(|i| {
         (
-            format!("namespace-{}.yaml", state.spec.namespaces[i].name),
+            namespace_manifest_file(&state.spec.namespaces[i].name),
             namespace_manifest(state, i),
         )
     });
     let nodes = state
         .nodes
         .iter()
-        .map(|n| (format!("node-{}.yaml", n.name), node_manifest(state, n)));
+        .map(|n| (node_manifest_file(&n.name), node_manifest(state, n)));
     let pods = state.pods.iter().map(|p| {
         (
-            format!("pod-{}-{}.yaml", p.namespace, p.name),
+            pod_manifest_file(&p.namespace, &p.name),
             pod_manifest(state, p),
         )
     });
@@ -133,19 +155,48 @@ pub fn all_manifests(state: &LabState) -> Vec<(String, Value)> {
 /// Writes every manifest into the manifests dir (created if missing), each atomically, and
 /// returns the paths written.
 pub fn write_manifests(state: &LabState) -> Result<Vec<PathBuf>, StateError> {
-    fs::create_dir_all(&state.manifests_dir).map_err(|source| StateError::Io {
+    all_manifests(state)
+        .into_iter()
+        .map(|(file, manifest)| write_manifest(&state.manifests_dir, &file, &manifest))
+        .collect()
+}
+
+/// Writes (or rewrites) one pod's manifest atomically; returns its path.
+pub fn write_pod_manifest(state: &LabState, pod: &PodState) -> Result<PathBuf, StateError> {
+    write_manifest(
+        &state.manifests_dir,
+        &pod_manifest_file(&pod.namespace, &pod.name),
+        &pod_manifest(state, pod),
+    )
+}
+
+/// Rewrites one namespace's manifest atomically; returns its path. `namespace` must be
+/// declared in the state's spec.
+pub fn write_namespace_manifest(state: &LabState, namespace: &str) -> Result<PathBuf, StateError> {
+    let index = state
+        .spec
+        .namespaces
+        .iter()
+        .position(|n| n.name == namespace)
+        .expect("callers check that the namespace exists");
+    write_manifest(
+        &state.manifests_dir,
+        &namespace_manifest_file(namespace),
+        &namespace_manifest(state, index),
+    )
+}
+
+/// Writes one manifest as YAML into `dir` (created if missing), atomically.
+fn write_manifest(dir: &Path, file: &str, manifest: &Value) -> Result<PathBuf, StateError> {
+    fs::create_dir_all(dir).map_err(|source| StateError::Io {
         action: "create",
-        path: state.manifests_dir.clone(),
+        path: dir.to_owned(),
         source,
     })?;
-    let mut written = Vec::new();
-    for (file, manifest) in all_manifests(state) {
-        let path = state.manifests_dir.join(file);
-        let yaml = serde_yaml::to_string(&manifest).expect("manifest serializes");
-        write_atomic(&path, yaml.as_bytes())?;
-        written.push(path);
-    }
-    Ok(written)
+    let path = dir.join(file);
+    let yaml = serde_yaml::to_string(manifest).expect("manifest serializes");
+    write_atomic(&path, yaml.as_bytes())?;
+    Ok(path)
 }
 
 #[cfg(test)]

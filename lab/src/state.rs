@@ -5,6 +5,12 @@
 //! saves the state as `/run/netpol-lab/<lab>/state.json` so that `probe`, `down` and library
 //! users can work from the lab name alone ([`LabState::load`]).
 //!
+//! A running lab changes through [`LabState::plan_pod`], [`LabState::forget_pod`],
+//! [`LabState::relabel_pod`] and [`LabState::relabel_namespace`]: pure edits of the state (and of
+//! its `spec`, which always describes the cluster as it is now) that validate the change and pick
+//! addresses, names and uids. `cluster::add_pod` and friends do the kernel work around them,
+//! holding the lab's lock ([`lock`]) from load to save.
+//!
 //! # Naming
 //! * Network namespaces: `nplab_<lab>_fabric`, `nplab_<lab>_node_<node>`,
 //!   `nplab_<lab>_pod_<namespace>_<pod>`. Lab names are DNS labels, so they contain no `_` and
@@ -18,13 +24,18 @@ use std::{
     fs,
     io::Write,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    ops::RangeInclusive,
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{Attachment, ClusterSpec, PortSpec, Protocol};
+use crate::{
+    manifests::pod_manifest_file,
+    spec::{Attachment, ClusterSpec, PodSpec, PortSpec, Protocol, SpecError},
+};
 
 /// Where labs keep their state: `<STATE_ROOT>/<lab>/state.json`.
 pub const STATE_ROOT: &str = "/run/netpol-lab";
@@ -93,11 +104,44 @@ impl std::fmt::Display for Family {
     }
 }
 
+/// Errors in a change to a running lab (adding, removing or relabelling a pod or namespace).
+/// The state is left as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error("lab {lab:?} has no pod {pod}")]
+    UnknownPod { lab: String, pod: String },
+    #[error("lab {lab:?} has no namespace {namespace:?}")]
+    UnknownNamespace { lab: String, namespace: String },
+    #[error("lab {lab:?} already has a pod {pod}")]
+    PodExists { lab: String, pod: String },
+    /// A field of the pod or namespace is invalid, named as in the cluster file but relative to
+    /// the object (`pod.labels`, `pod.ports[1].name`, `namespace.labels`).
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    #[error("node {node:?} has no free pod address left")]
+    NoAddressLeft { node: String },
+    #[error("{ip} is not a pod address of node {node:?} (hosts 2 and up of {cidr})")]
+    AddressNotOnNode {
+        ip: IpAddr,
+        node: String,
+        cidr: String,
+    },
+    #[error("{ip} belongs to pod {pod}, which still exists")]
+    AddressInUse { ip: IpAddr, pod: String },
+    #[error("pods {pod} and {other} would share the manifest file {file}")]
+    ManifestClash {
+        pod: String,
+        other: String,
+        file: String,
+    },
+}
+
 /// A whole lab, as planned and (after `up`) as running.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LabState {
     pub name: String,
-    /// The cluster file the lab was made from.
+    /// The cluster as it is now: the cluster file the lab was made from, with the pods added
+    /// and removed and the labels changed since `up`.
     pub spec: ClusterSpec,
     /// `/run/netpol-lab/<lab>`.
     pub state_dir: PathBuf,
@@ -108,6 +152,18 @@ pub struct LabState {
     pub pods: Vec<PodState>,
     /// Manifest files the lab wrote (removed again by `down`).
     pub manifests: Vec<PathBuf>,
+    /// The `netpol-lab` binary that runs the pod servers (`up` records it; `add_pod` reuses it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_exe: Option<PathBuf>,
+    /// Per node, the host index of the last pod addresses handed out. Like host-local IPAM,
+    /// the next pod gets the next free index after it, so the addresses of a deleted pod are
+    /// reused only once the node's range wraps around (or when asked for explicitly).
+    #[serde(default)]
+    pub last_pod_host: BTreeMap<String, u64>,
+    /// How many pods were added to the running lab; salts the uids of added pods, so that a pod
+    /// deleted and created again gets a new uid, as in Kubernetes.
+    #[serde(default)]
+    pub pods_added: u64,
 }
 
 /// The netns that links the nodes: a bridge `br0` with one port per node.
@@ -265,51 +321,248 @@ impl LabState {
             })
             .collect();
 
-        let mut next_host: BTreeMap<&str, u32> = BTreeMap::new();
-        let mut veths: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
-        let pods = spec
-            .pods
-            .iter()
-            .map(|pod| {
-                let node = nodes
-                    .iter()
-                    .find(|n| n.name == pod.node)
-                    .expect("validated: pods reference declared nodes");
-                let host = next_host.entry(node.name.as_str()).or_insert(2);
-                let (ip_v4, ip_v6) = (
-                    host4(&node.pod_cidr_v4, *host),
-                    host6(&node.pod_cidr_v6, (*host).into()),
-                );
-                *host += 1;
-                let taken = veths.entry(node.name.as_str()).or_default();
-                let host_veth = host_veth_name(node.attachment, &pod.namespace, &pod.name, taken);
-                taken.insert(host_veth.clone());
-                PodState {
-                    namespace: pod.namespace.clone(),
-                    name: pod.name.clone(),
-                    node: pod.node.clone(),
-                    netns: format!("{prefix}pod_{}_{}", pod.namespace, pod.name),
-                    uid: uid(&[lab, "pod", &pod.namespace, &pod.name]),
-                    ip_v4,
-                    ip_v6,
-                    host_veth,
-                    labels: pod.labels.clone(),
-                    ports: pod.ports.clone(),
-                    server_pid: None,
-                }
-            })
-            .collect();
-
-        LabState {
+        let mut state = LabState {
             name: lab.to_owned(),
             spec: spec.clone(),
             state_dir: state_dir(lab),
             manifests_dir: manifests_dir.unwrap_or_else(|| default_manifests_dir(lab)),
             fabric,
             nodes,
-            pods,
+            pods: Vec::new(),
             manifests: Vec::new(),
+            server_exe: None,
+            last_pod_host: BTreeMap::new(),
+            pods_added: 0,
+        };
+        for node in &state.nodes {
+            state.last_pod_host.insert(node.name.clone(), 1);
         }
+        for pod in &spec.pods {
+            let node = state
+                .node(&pod.node)
+                .expect("validated: pods reference declared nodes");
+            let last = state.last_pod_host[&node.name];
+            let host = u32::try_from(last + 1).expect("validated: the node has room");
+            let (ip_v4, ip_v6) = (
+                host4(&node.pod_cidr_v4, host),
+                host6(&node.pod_cidr_v6, host.into()),
+            );
+            let uid = uid(&[lab, "pod", &pod.namespace, &pod.name]);
+            let planned = state.pod_state(pod, ip_v4, ip_v6, uid);
+            state.last_pod_host.insert(pod.node.clone(), last + 1);
+            state.pods.push(planned);
+        }
+        state
+    }
+
+    /// The state of a new pod with the given addresses and uid: netns name, and a host-side
+    /// veth name that is free on its node.
+    fn pod_state(&self, pod: &PodSpec, ip_v4: Ipv4Addr, ip_v6: Ipv6Addr, uid: String) -> PodState {
+        let node = self
+            .node(&pod.node)
+            .expect("callers check that the node exists");
+        let taken: BTreeSet<String> = self
+            .pods
+            .iter()
+            .filter(|p| p.node == node.name)
+            .map(|p| p.host_veth.clone())
+            .collect();
+        PodState {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            node: pod.node.clone(),
+            netns: format!(
+                "{}pod_{}_{}",
+                netns_prefix(&self.name),
+                pod.namespace,
+                pod.name
+            ),
+            uid,
+            ip_v4,
+            ip_v6,
+            host_veth: host_veth_name(node.attachment, &pod.namespace, &pod.name, &taken),
+            labels: pod.labels.clone(),
+            ports: pod.ports.clone(),
+            server_pid: None,
+        }
+    }
+
+    /// Plans a pod added to the running lab and records it in the state (and its `spec`); the
+    /// caller creates it and saves the state. The pod must be new, on a declared node, in a
+    /// declared namespace, with valid labels and ports.
+    ///
+    /// Addresses: `ip_v4`/`ip_v6` when given (any free pod address of the node, such as a deleted
+    /// pod's), else the next host index after the node's last one that is free in every family
+    /// asked for, wrapping around to host 2 (see [`LabState::last_pod_host`]). An address of a
+    /// pod that still exists is never given out. The uid is new: a pod created again under the
+    /// same name gets a different uid.
+    pub fn plan_pod(
+        &mut self,
+        pod: PodSpec,
+        ip_v4: Option<Ipv4Addr>,
+        ip_v6: Option<Ipv6Addr>,
+    ) -> Result<PodState, ChangeError> {
+        let key = format!("{}/{}", pod.namespace, pod.name);
+        if self.pod(&pod.namespace, &pod.name).is_some() {
+            return Err(ChangeError::PodExists {
+                lab: self.name.clone(),
+                pod: key,
+            });
+        }
+        let mut spec = self.spec.clone();
+        spec.pods.push(pod.clone());
+        check_spec(&spec, &format!("pods[{}].", spec.pods.len() - 1), "pod.")?;
+        let node = self
+            .node(&pod.node)
+            .expect("validated: the pod's node is declared");
+        let file = pod_manifest_file(&pod.namespace, &pod.name);
+        if let Some(other) = self
+            .pods
+            .iter()
+            .find(|p| pod_manifest_file(&p.namespace, &p.name) == file)
+        {
+            return Err(ChangeError::ManifestClash {
+                pod: key,
+                other: other.key(),
+                file,
+            });
+        }
+
+        let hosts = pod_hosts(node);
+        let used: BTreeMap<IpAddr, &PodState> = self
+            .pods
+            .iter()
+            .flat_map(|p| [(IpAddr::from(p.ip_v4), p), (IpAddr::from(p.ip_v6), p)])
+            .collect();
+        for ip in [ip_v4.map(IpAddr::from), ip_v6.map(IpAddr::from)]
+            .into_iter()
+            .flatten()
+        {
+            let (index, cidr) = match ip {
+                IpAddr::V4(ip) => (
+                    host_index4(&node.pod_cidr_v4, ip),
+                    node.pod_cidr_v4.to_string(),
+                ),
+                IpAddr::V6(ip) => (
+                    host_index6(&node.pod_cidr_v6, ip),
+                    node.pod_cidr_v6.to_string(),
+                ),
+            };
+            if !index.is_some_and(|i| hosts.contains(&i)) {
+                return Err(ChangeError::AddressNotOnNode {
+                    ip,
+                    node: node.name.clone(),
+                    cidr,
+                });
+            }
+            if let Some(owner) = used.get(&ip) {
+                return Err(ChangeError::AddressInUse {
+                    ip,
+                    pod: owner.key(),
+                });
+            }
+        }
+
+        let last = self.last_pod_host.get(&node.name).copied().unwrap_or(1);
+        let free = |index: u64| {
+            let host = u32::try_from(index).expect("pod host indexes fit a u32");
+            (ip_v4.is_some() || !used.contains_key(&host4(&node.pod_cidr_v4, host).into()))
+                && (ip_v6.is_some()
+                    || !used.contains_key(&host6(&node.pod_cidr_v6, host.into()).into()))
+        };
+        let auto = if ip_v4.is_some() && ip_v6.is_some() {
+            None
+        } else {
+            let start = last.clamp(*hosts.start() - 1, *hosts.end());
+            let index = (start + 1..=*hosts.end())
+                .chain(*hosts.start()..=start)
+                .find(|&i| free(i))
+                .ok_or_else(|| ChangeError::NoAddressLeft {
+                    node: node.name.clone(),
+                })?;
+            Some(u32::try_from(index).expect("pod host indexes fit a u32"))
+        };
+        let ip_v4 = ip_v4.unwrap_or_else(|| host4(&node.pod_cidr_v4, auto.expect("picked")));
+        let ip_v6 = ip_v6.unwrap_or_else(|| host6(&node.pod_cidr_v6, auto.expect("picked").into()));
+
+        let added = self.pods_added + 1;
+        let uid = uid(&[
+            &self.name,
+            "pod",
+            &pod.namespace,
+            &pod.name,
+            &added.to_string(),
+        ]);
+        let planned = self.pod_state(&pod, ip_v4, ip_v6, uid);
+        if let Some(index) = auto {
+            self.last_pod_host.insert(node.name.clone(), index.into());
+        }
+        self.pods_added = added;
+        self.spec = spec;
+        self.pods.push(planned.clone());
+        Ok(planned)
+    }
+
+    /// Removes a pod from the state (and its `spec`) and returns it; the caller deletes it.
+    pub fn forget_pod(&mut self, namespace: &str, name: &str) -> Result<PodState, ChangeError> {
+        let index = self.pod_index(namespace, name)?;
+        self.spec
+            .pods
+            .retain(|p| !(p.namespace == namespace && p.name == name));
+        Ok(self.pods.remove(index))
+    }
+
+    /// Replaces a pod's labels (in the state and its `spec`) and returns the updated pod.
+    pub fn relabel_pod(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<PodState, ChangeError> {
+        let index = self.pod_index(namespace, name)?;
+        let mut spec = self.spec.clone();
+        let spec_index = spec
+            .pods
+            .iter()
+            .position(|p| p.namespace == namespace && p.name == name)
+            .expect("state invariant: every pod is in the spec");
+        spec.pods[spec_index].labels = labels.clone();
+        check_spec(&spec, &format!("pods[{spec_index}]."), "pod.")?;
+        self.spec = spec;
+        self.pods[index].labels = labels;
+        Ok(self.pods[index].clone())
+    }
+
+    /// Replaces a namespace's labels (in the `spec`). `kubernetes.io/metadata.name` is always
+    /// added to the manifest; giving it with another value than the name is an error.
+    pub fn relabel_namespace(
+        &mut self,
+        namespace: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), ChangeError> {
+        let mut spec = self.spec.clone();
+        let index = spec
+            .namespaces
+            .iter()
+            .position(|n| n.name == namespace)
+            .ok_or_else(|| ChangeError::UnknownNamespace {
+                lab: self.name.clone(),
+                namespace: namespace.to_owned(),
+            })?;
+        spec.namespaces[index].labels = labels;
+        check_spec(&spec, &format!("namespaces[{index}]."), "namespace.")?;
+        self.spec = spec;
+        Ok(())
+    }
+
+    fn pod_index(&self, namespace: &str, name: &str) -> Result<usize, ChangeError> {
+        self.pods
+            .iter()
+            .position(|p| p.namespace == namespace && p.name == name)
+            .ok_or_else(|| ChangeError::UnknownPod {
+                lab: self.name.clone(),
+                pod: format!("{namespace}/{name}"),
+            })
     }
 
     /// Loads the state of a running lab.
@@ -419,6 +672,82 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), StateError> {
     file.sync_all().map_err(|e| io("sync", e))?;
     drop(file);
     fs::rename(&tmp, path).map_err(|e| io("rename", e))
+}
+
+/// A lab's lock, held while a change loads, edits and saves its state (see [`lock`]).
+#[derive(Debug)]
+pub struct LabLock {
+    _file: fs::File,
+}
+
+/// Takes the lab's lock (`flock` on `<state dir>/.lock`), waiting for other changes of the lab
+/// (in this or another process) to finish. Released when the [`LabLock`] is dropped.
+pub fn lock(lab: &str) -> Result<LabLock, StateError> {
+    let state = state_file(lab);
+    if !state.is_file() {
+        return Err(StateError::NotFound {
+            lab: lab.to_owned(),
+            path: state,
+        });
+    }
+    let path = state_dir(lab).join(".lock");
+    let io = |action, source| StateError::Io {
+        action,
+        path: path.clone(),
+        source,
+    };
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io("open", e))?;
+    // SAFETY: flock only takes the descriptor, which `file` keeps open.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io("lock", std::io::Error::last_os_error()));
+    }
+    Ok(LabLock { _file: file })
+}
+
+/// Validates a changed spec; errors about the changed object (`pods[7].labels`) are renamed
+/// relative to it (`pod.labels`).
+fn check_spec(spec: &ClusterSpec, from: &str, to: &str) -> Result<(), ChangeError> {
+    spec.validate().map_err(|e| match e {
+        SpecError::Invalid { field, message } => ChangeError::Invalid {
+            field: field
+                .strip_prefix(from)
+                .map_or(field.clone(), |rest| format!("{to}{rest}")),
+            message,
+        },
+        other => ChangeError::Invalid {
+            field: to.trim_end_matches('.').to_owned(),
+            message: other.to_string(),
+        },
+    })
+}
+
+/// Host indexes of a node's pod addresses: 2 and up (0 is the network, 1 the bridged nodes'
+/// gateway), both families, without the IPv4 broadcast address. The same room as
+/// [`ClusterSpec::validate`] allows per node.
+fn pod_hosts(node: &NodeState) -> RangeInclusive<u64> {
+    let room4 = (1u64 << (32 - u32::from(node.pod_cidr_v4.prefix_len()))) - 3;
+    let bits6 = (128 - u32::from(node.pod_cidr_v6.prefix_len())).min(63);
+    let room6 = (1u64 << bits6) - 2;
+    2..=room4.min(room6) + 1
+}
+
+/// The host index of an address in an IPv4 network, if it is in it.
+fn host_index4(net: &Ipv4Net, ip: Ipv4Addr) -> Option<u64> {
+    net.contains(&ip)
+        .then(|| u64::from(u32::from(ip) - u32::from(net.network())))
+}
+
+/// The host index of an address in an IPv6 network, if it is in it and the index is small
+/// enough to be a pod's.
+fn host_index6(net: &Ipv6Net, ip: Ipv6Addr) -> Option<u64> {
+    net.contains(&ip)
+        .then(|| u64::try_from(u128::from(ip) - u128::from(net.network())).ok())
+        .flatten()
 }
 
 /// Host `index` of an IPv4 network.
@@ -575,5 +904,202 @@ mod tests {
         assert_eq!(pod.netns_path(), Path::new("/run/netns").join(&pod.netns));
         assert_eq!(pod.ports_of(Protocol::Udp), vec![80, 81]);
         assert!(state.pod_by_key("nope").is_none());
+    }
+
+    fn pod(namespace: &str, name: &str, node: &str) -> PodSpec {
+        PodSpec {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            node: node.to_owned(),
+            labels: BTreeMap::from([("pod".to_owned(), name.to_owned())]),
+            ports: Vec::new(),
+        }
+    }
+
+    fn change_field(result: Result<PodState, ChangeError>) -> String {
+        match result {
+            Err(ChangeError::Invalid { field, .. }) => field,
+            other => panic!("expected ChangeError::Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn added_pods_get_the_next_free_addresses_and_new_uids() {
+        let mut state = LabState::plan(&demo(), None);
+        let node = state.node("node-a").expect("node-a").clone();
+        let on_node = state.pods.iter().filter(|p| p.node == "node-a").count();
+        let last = u32::try_from(on_node).expect("few pods") + 1;
+
+        let c = state
+            .plan_pod(pod("x", "d", "node-a"), None, None)
+            .expect("add x/d");
+        assert_eq!(c.ip_v4, host4(&node.pod_cidr_v4, last + 1));
+        assert_eq!(c.ip_v6, host6(&node.pod_cidr_v6, (last + 1).into()));
+        assert!(c.host_veth.starts_with("cali"));
+        assert_eq!(c.netns, "nplab_two-node_pod_x_d");
+        assert_eq!(state.pod("x", "d"), Some(&c));
+        assert!(state.spec.pods.iter().any(|p| p.name == "d"));
+
+        // A removed pod's addresses are not handed out again at once...
+        let removed = state.forget_pod("x", "d").expect("remove x/d");
+        assert!(state.pod("x", "d").is_none());
+        assert!(!state.spec.pods.iter().any(|p| p.name == "d"));
+        let again = state
+            .plan_pod(pod("x", "d", "node-a"), None, None)
+            .expect("re-add");
+        assert_ne!(again.ip_v4, removed.ip_v4);
+        assert_ne!(again.uid, removed.uid, "a re-created pod gets a new uid");
+        // ...but can be asked for.
+        let reuse = state
+            .plan_pod(
+                pod("x", "e", "node-a"),
+                Some(removed.ip_v4),
+                Some(removed.ip_v6),
+            )
+            .expect("explicit reuse");
+        assert_eq!((reuse.ip_v4, reuse.ip_v6), (removed.ip_v4, removed.ip_v6));
+
+        // Never the address of a pod that exists.
+        let taken = state.pod("x", "a").expect("x/a").clone();
+        match state.plan_pod(pod("x", "f", "node-a"), Some(taken.ip_v4), None) {
+            Err(ChangeError::AddressInUse { pod, .. }) => assert_eq!(pod, "x/a"),
+            other => panic!("expected AddressInUse, got {other:?}"),
+        }
+        let elsewhere = state.node("node-b").expect("node-b").clone();
+        for ip in [
+            host4(&elsewhere.pod_cidr_v4, 9),
+            host4(&node.pod_cidr_v4, 1),
+            host4(&node.pod_cidr_v4, 255),
+        ] {
+            match state.plan_pod(pod("x", "f", "node-a"), Some(ip), None) {
+                Err(ChangeError::AddressNotOnNode { .. }) => {}
+                other => panic!("{ip}: expected AddressNotOnNode, got {other:?}"),
+            }
+        }
+        let used: BTreeSet<Ipv4Addr> = state.pods.iter().map(|p| p.ip_v4).collect();
+        assert_eq!(used.len(), state.pods.len(), "addresses are unique");
+    }
+
+    #[test]
+    fn addresses_wrap_around_a_full_node() {
+        let mut spec = demo();
+        spec.nodes[0].pod_cidr = "10.244.1.0/29".parse().expect("cidr");
+        let mut state = LabState::plan(&spec, None);
+        // A /29 holds hosts 2..=6; fill node-a up.
+        let mut i = 0;
+        while state.pods.iter().filter(|p| p.node == "node-a").count() < 5 {
+            state
+                .plan_pod(pod("x", &format!("p{i}"), "node-a"), None, None)
+                .expect("room left");
+            i += 1;
+        }
+        match state.plan_pod(pod("x", "full", "node-a"), None, None) {
+            Err(ChangeError::Invalid { field, message }) => {
+                assert_eq!(field, "pod.node");
+                assert!(message.contains("no pod address left"), "{message}");
+            }
+            other => panic!("expected a full node, got {other:?}"),
+        }
+        // Freeing the first address makes it the next one, after wrapping around.
+        let first = state
+            .pods
+            .iter()
+            .find(|p| p.ip_v4 == Ipv4Addr::new(10, 244, 1, 2))
+            .expect("host 2")
+            .clone();
+        state
+            .forget_pod(&first.namespace, &first.name)
+            .expect("remove");
+        let next = state
+            .plan_pod(pod("x", "wrapped", "node-a"), None, None)
+            .expect("wraps");
+        assert_eq!(next.ip_v4, first.ip_v4);
+    }
+
+    #[test]
+    fn invalid_changes_name_the_field_and_change_nothing() {
+        let mut state = LabState::plan(&demo(), None);
+        let before = state.clone();
+        let mut bad = pod("x", "d", "node-a");
+        bad.labels.insert("bad key!".into(), "v".into());
+        assert_eq!(change_field(state.plan_pod(bad, None, None)), "pod.labels");
+        assert_eq!(
+            change_field(state.plan_pod(pod("nope", "d", "node-a"), None, None)),
+            "pod.namespace"
+        );
+        assert_eq!(
+            change_field(state.plan_pod(pod("x", "d", "node-z"), None, None)),
+            "pod.node"
+        );
+        assert_eq!(
+            change_field(state.plan_pod(pod("x", "D", "node-a"), None, None)),
+            "pod.name"
+        );
+        assert!(matches!(
+            state.plan_pod(pod("x", "a", "node-b"), None, None),
+            Err(ChangeError::PodExists { .. })
+        ));
+        let bad_labels = BTreeMap::from([("a b".to_owned(), "c".to_owned())]);
+        assert_eq!(
+            change_field(state.relabel_pod("x", "a", bad_labels.clone())),
+            "pod.labels"
+        );
+        match state.relabel_namespace("x", bad_labels) {
+            Err(ChangeError::Invalid { field, .. }) => assert_eq!(field, "namespace.labels"),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+        let wrong_name =
+            BTreeMap::from([(crate::spec::NAMESPACE_NAME_LABEL.to_owned(), "y".to_owned())]);
+        assert!(state.relabel_namespace("x", wrong_name).is_err());
+        assert!(matches!(
+            state.relabel_namespace("nope", BTreeMap::new()),
+            Err(ChangeError::UnknownNamespace { .. })
+        ));
+        assert!(matches!(
+            state.forget_pod("x", "nope"),
+            Err(ChangeError::UnknownPod { .. })
+        ));
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn relabelling_updates_state_and_spec() {
+        let mut state = LabState::plan(&demo(), None);
+        let labels = BTreeMap::from([("role".to_owned(), "db".to_owned())]);
+        let pod = state
+            .relabel_pod("y", "b", labels.clone())
+            .expect("relabel");
+        assert_eq!(pod.labels, labels);
+        assert_eq!(state.pod("y", "b").expect("y/b").labels, labels);
+        let spec_pod = state
+            .spec
+            .pods
+            .iter()
+            .find(|p| p.namespace == "y" && p.name == "b")
+            .expect("in spec");
+        assert_eq!(spec_pod.labels, labels);
+        state
+            .relabel_namespace("z", labels.clone())
+            .expect("relabel namespace");
+        let ns = state.spec.namespaces.iter().find(|n| n.name == "z");
+        assert_eq!(ns.map(|n| &n.labels), Some(&labels));
+    }
+
+    #[test]
+    fn manifest_file_clashes_are_refused() {
+        let mut spec = demo();
+        spec.namespaces.push(crate::spec::NamespaceSpec {
+            name: "x-a".into(),
+            labels: BTreeMap::new(),
+        });
+        let mut state = LabState::plan(&spec, None);
+        // pod-x-a-b.yaml: x/a-b clashes with x-a/b.
+        state
+            .plan_pod(pod("x-a", "b", "node-a"), None, None)
+            .expect("x-a/b");
+        assert!(matches!(
+            state.plan_pod(pod("x", "a-b", "node-a"), None, None),
+            Err(ChangeError::ManifestClash { .. })
+        ));
     }
 }
