@@ -7,6 +7,7 @@ pub mod convert;
 pub mod datapath;
 pub mod explain;
 pub mod flowlog;
+pub mod kube_source;
 pub mod manifest;
 pub mod metrics;
 pub mod model;

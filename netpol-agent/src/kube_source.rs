@@ -1,0 +1,712 @@
+//! `--source kube`: cluster state from the Kubernetes API.
+//!
+//! Three kube-runtime [`watcher()`]s (Namespaces, Pods in all namespaces,
+//! NetworkPolicies) feed one store. Each object is converted with
+//! [`crate::convert`] as it arrives and only the light [`crate::model`] is
+//! kept, with the conversion problems of each object: at 100k pods the full
+//! objects would cost far more than the model does. At most one list page of
+//! full objects ([`Options::page_size`]) is in memory at a time.
+//!
+//! What the snapshot promises:
+//! - [`KubeSource::ready`] is false until the initial list of every kind has
+//!   completed; until then the agent keeps enforcing what its maps hold.
+//! - A relist (startup, a `410 Gone` after the watch fell out of the API
+//!   server's window, a watch that could not be resumed) is buffered and
+//!   applied as one atomic replace of that kind's objects when it completes
+//!   (`InitDone`). Nothing is removed before then, so a snapshot never shows a
+//!   half-listed cluster, and a relist that was interrupted leaves the
+//!   previous state in force.
+//! - The revision only moves when the model or the reported problems change:
+//!   a relist that returns the same objects, a bookmark, or a pod status
+//!   update that the model does not keep does not cause a recompile.
+//! - Watch errors are logged and retried with backoff; the last state stays
+//!   in force meanwhile (enforcement is never dropped because the API server
+//!   is unreachable).
+//!
+//! Lists use the default, consistent semantics (`resourceVersion` unset), not
+//! `any_semantic()`: a list served from a lagging watch cache could take the
+//! agent back in time after a relist (a deleted allow policy would briefly
+//! reappear and open traffic). Since Kubernetes 1.31 consistent lists are
+//! served from the watch cache anyway (ConsistentListFromCache), so the
+//! cheaper semantic buys little. Bookmarks stay enabled (kube-runtime's
+//! default): they keep the resume point fresh, so a reconnect resumes the
+//! watch instead of relisting.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::{core::v1 as core, networking::v1 as net};
+use kube::{
+    Api, Client, Resource,
+    config::{InferConfigError, KubeConfigOptions, Kubeconfig, KubeconfigError},
+    runtime::{
+        WatchStreamExt as _,
+        utils::Backoff,
+        watcher::{self, DefaultBackoff, Event, watcher},
+    },
+};
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+use tokio::task::JoinHandle;
+
+use crate::{
+    convert,
+    model::{self, Cluster, ObjectRef},
+    source::{ClusterSource, Snapshot},
+};
+
+/// The kinds the source watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    NetworkPolicy,
+}
+
+impl Kind {
+    /// Every watched kind, in the order their problems are reported.
+    pub const ALL: [Kind; 3] = [Kind::Namespace, Kind::Pod, Kind::NetworkPolicy];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::NetworkPolicy => "NetworkPolicy",
+        })
+    }
+}
+
+/// Why the source could not be set up or stopped working.
+#[derive(Debug, Error)]
+pub enum KubeSourceError {
+    /// Neither `KUBECONFIG`, `~/.kube/config` nor the in-cluster service
+    /// account gave a configuration.
+    #[error("no Kubernetes API configuration found: {source}")]
+    Infer {
+        #[source]
+        source: InferConfigError,
+    },
+    /// `--kubeconfig` could not be read or used.
+    #[error("kubeconfig {}: {source}", path.display())]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: KubeconfigError,
+    },
+    /// The client for the API server could not be built (TLS, auth).
+    #[error("Kubernetes client for {server}: {source}")]
+    Client {
+        server: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// The watchers were to be started outside a tokio runtime.
+    #[error("the Kubernetes watchers must start inside a tokio runtime")]
+    NoRuntime,
+    /// A watcher task ended (it only does if it panicked).
+    #[error("the {kind} watcher stopped")]
+    WatcherStopped { kind: Kind },
+}
+
+/// Reads the client configuration: `kubeconfig` when given, otherwise
+/// inferred (`KUBECONFIG`, `~/.kube/config`, then the in-cluster service
+/// account). A client is built from it once and dropped, so that bad
+/// certificates or keys fail here, at startup, rather than on every poll.
+pub async fn load_config(kubeconfig: Option<&Path>) -> Result<kube::Config, KubeSourceError> {
+    let config = read_config(kubeconfig).await?;
+    Client::try_from(config.clone()).map_err(|source| KubeSourceError::Client {
+        server: config.cluster_url.to_string(),
+        source,
+    })?;
+    Ok(config)
+}
+
+async fn read_config(kubeconfig: Option<&Path>) -> Result<kube::Config, KubeSourceError> {
+    match kubeconfig {
+        Some(path) => {
+            let err = |source| KubeSourceError::Kubeconfig {
+                path: path.to_path_buf(),
+                source,
+            };
+            let kc = Kubeconfig::read_from(path).map_err(err)?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(err)
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|source| KubeSourceError::Infer { source }),
+    }
+}
+
+/// Tuning of the watchers.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Objects per list page during a (re)list; bounds how many full objects
+    /// are in memory at once. Default 500, like client-go.
+    pub page_size: u32,
+    /// Delays between retries after a failed list or watch. `None` (the
+    /// default): kube-runtime's `default_backoff()` (0.8 s doubling to 30 s,
+    /// jittered, reset after two minutes without errors).
+    pub retry: Option<Retry>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            page_size: 500,
+            retry: None,
+        }
+    }
+}
+
+/// An exponential retry delay without jitter: `first`, doubling up to `max`,
+/// back to `first` once a list or watch succeeds again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retry {
+    pub first: Duration,
+    pub max: Duration,
+}
+
+/// [`Retry`] as a kube-runtime [`Backoff`].
+#[derive(Debug)]
+struct RetryBackoff {
+    retry: Retry,
+    next: Duration,
+}
+
+impl Iterator for RetryBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let d = self.next;
+        self.next = (d * 2).min(self.retry.max);
+        Some(d)
+    }
+}
+
+impl Backoff for RetryBackoff {
+    fn reset(&mut self) {
+        self.next = self.retry.first;
+    }
+}
+
+/// Cluster state watched from the Kubernetes API (see the module docs).
+///
+/// The watchers start on [`KubeSource::start`] or on the first
+/// [`ClusterSource::poll`], which must run inside the tokio runtime that is
+/// to drive them (the agent's). Dropping the source stops them.
+pub struct KubeSource {
+    store: Arc<Mutex<Store>>,
+    server: String,
+    options: Options,
+    /// The configuration, until the watchers are started.
+    config: Option<kube::Config>,
+    tasks: Vec<(Kind, JoinHandle<()>)>,
+    /// Revision seen by the last `poll`.
+    polled: u64,
+}
+
+impl fmt::Debug for KubeSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KubeSource")
+            .field("server", &self.server)
+            .field("started", &self.config.is_none())
+            .field("revision", &self.revision())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubeSource {
+    /// A source for the API server of `config`; nothing is contacted before
+    /// [`KubeSource::start`] (or the first poll).
+    pub fn new(config: kube::Config, options: Options) -> Self {
+        Self {
+            store: Arc::default(),
+            server: config.cluster_url.to_string(),
+            options,
+            config: Some(config),
+            tasks: Vec::new(),
+            polled: 0,
+        }
+    }
+
+    /// Builds the client and spawns the three watchers on the current tokio
+    /// runtime. Does nothing if they already run.
+    pub fn start(&mut self) -> Result<(), KubeSourceError> {
+        let Some(config) = self.config.take() else {
+            return Ok(());
+        };
+        let runtime = match tokio::runtime::Handle::try_current() {
+            Ok(h) => h,
+            Err(_) => {
+                self.config = Some(config);
+                return Err(KubeSourceError::NoRuntime);
+            }
+        };
+        // Building the client spawns its request buffer on this runtime.
+        let client = match Client::try_from(config.clone()) {
+            Ok(client) => client,
+            Err(source) => {
+                // Left unstarted: the next poll tries again.
+                self.config = Some(config);
+                return Err(KubeSourceError::Client {
+                    server: self.server.clone(),
+                    source,
+                });
+            }
+        };
+        self.tasks = vec![
+            (
+                Kind::Namespace,
+                runtime.spawn(watch::<core::Namespace>(
+                    client.clone(),
+                    self.options.clone(),
+                    self.store.clone(),
+                )),
+            ),
+            (
+                Kind::Pod,
+                runtime.spawn(watch::<core::Pod>(
+                    client.clone(),
+                    self.options.clone(),
+                    self.store.clone(),
+                )),
+            ),
+            (
+                Kind::NetworkPolicy,
+                runtime.spawn(watch::<net::NetworkPolicy>(
+                    client,
+                    self.options.clone(),
+                    self.store.clone(),
+                )),
+            ),
+        ];
+        tracing::info!(server = %self.server, "watching namespaces, pods and network policies");
+        Ok(())
+    }
+
+    fn store(&self) -> MutexGuard<'_, Store> {
+        lock(&self.store)
+    }
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for (_, task) in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl ClusterSource for KubeSource {
+    /// Starts the watchers if needed; true if the revision moved since the
+    /// last call. Fails if a watcher task has died (the state it left stays
+    /// in force).
+    fn poll(&mut self) -> std::io::Result<bool> {
+        self.start().map_err(std::io::Error::other)?;
+        if let Some((kind, _)) = self.tasks.iter().find(|(_, t)| t.is_finished()) {
+            return Err(std::io::Error::other(KubeSourceError::WatcherStopped {
+                kind: *kind,
+            }));
+        }
+        let revision = self.revision();
+        let changed = revision != self.polled;
+        self.polled = revision;
+        Ok(changed)
+    }
+
+    /// Incremented when the model or the reported problems change, and once
+    /// when the source becomes ready.
+    fn revision(&self) -> u64 {
+        self.store().revision
+    }
+
+    /// The model and every object's conversion problems (namespaces, then
+    /// pods, then policies).
+    fn snapshot(&self) -> Snapshot {
+        let store = self.store();
+        Snapshot {
+            cluster: store.cluster.clone(),
+            errors: store
+                .errors
+                .iter()
+                .flat_map(|by_object| by_object.values().flatten().cloned())
+                .collect(),
+        }
+    }
+
+    /// True once the initial list of every kind has completed.
+    fn ready(&self) -> bool {
+        self.store().ready()
+    }
+
+    fn describe(&self) -> String {
+        format!("kube:{}", self.server)
+    }
+}
+
+fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
+    // Updates never panic halfway, so a poisoned store is still consistent.
+    store
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What the watchers maintain and the agent reads.
+#[derive(Debug, Default)]
+struct Store {
+    cluster: Cluster,
+    /// Conversion problems by object, per kind (`Kind::index`).
+    errors: [BTreeMap<ObjectRef, Vec<String>>; 3],
+    /// Whether each kind's initial list has completed.
+    listed: [bool; 3],
+    revision: u64,
+}
+
+/// One object, converted.
+struct Entry<L> {
+    /// `None` when the object could not be converted at all.
+    value: Option<L>,
+    errors: Vec<String>,
+}
+
+/// A relist in progress: what the pages held so far.
+struct Relist<K: Watched> {
+    objects: BTreeMap<K::Key, K::Light>,
+    errors: BTreeMap<ObjectRef, Vec<String>>,
+}
+
+impl<K: Watched> Default for Relist<K> {
+    fn default() -> Self {
+        Self {
+            objects: BTreeMap::new(),
+            errors: BTreeMap::new(),
+        }
+    }
+}
+
+impl<K: Watched> Relist<K> {
+    fn add(&mut self, obj: &K) {
+        let id = object_ref(obj);
+        let entry = obj.light();
+        if let Some(v) = entry.value {
+            self.objects.insert(K::key(&id), v);
+        }
+        if !entry.errors.is_empty() {
+            self.errors.insert(id, entry.errors);
+        }
+    }
+}
+
+impl Store {
+    fn ready(&self) -> bool {
+        self.listed.iter().all(|l| *l)
+    }
+
+    /// An added or modified object. True if the model or the problems
+    /// changed.
+    fn apply<K: Watched>(&mut self, id: ObjectRef, entry: Entry<K::Light>) -> bool {
+        let key = K::key(&id);
+        let objects = K::objects(&mut self.cluster);
+        let mut changed = match entry.value {
+            Some(v) => {
+                if objects.get(&key) == Some(&v) {
+                    false
+                } else {
+                    objects.insert(key, v);
+                    true
+                }
+            }
+            None => objects.remove(&key).is_some(),
+        };
+        let errors = &mut self.errors[K::KIND.index()];
+        if entry.errors.is_empty() {
+            changed |= errors.remove(&id).is_some();
+        } else if errors.get(&id) != Some(&entry.errors) {
+            errors.insert(id, entry.errors);
+            changed = true;
+        }
+        if changed {
+            self.revision += 1;
+        }
+        changed
+    }
+
+    /// A deleted object. True if it was known.
+    fn delete<K: Watched>(&mut self, id: &ObjectRef) -> bool {
+        let removed = K::objects(&mut self.cluster).remove(&K::key(id)).is_some();
+        let changed = self.errors[K::KIND.index()].remove(id).is_some() || removed;
+        if changed {
+            self.revision += 1;
+        }
+        changed
+    }
+
+    /// A completed (re)list replaces every object of its kind at once.
+    /// Returns whether anything changed, and the replaced state (to be
+    /// dropped outside the lock).
+    fn replace<K: Watched>(&mut self, relist: Relist<K>) -> (bool, Relist<K>) {
+        let was_ready = self.ready();
+        let objects = K::objects(&mut self.cluster);
+        let errors = &mut self.errors[K::KIND.index()];
+        let changed = *objects != relist.objects || *errors != relist.errors;
+        let old = if changed {
+            self.revision += 1;
+            Relist {
+                objects: std::mem::replace(objects, relist.objects),
+                errors: std::mem::replace(errors, relist.errors),
+            }
+        } else {
+            relist
+        };
+        self.listed[K::KIND.index()] = true;
+        if !was_ready && self.ready() {
+            // The agent compiles once the source is ready, whatever the
+            // lists held.
+            self.revision += 1;
+        }
+        (changed, old)
+    }
+}
+
+/// `namespace/name` of an object (empty namespace for a Namespace).
+fn object_ref<K: Resource>(obj: &K) -> ObjectRef {
+    let meta = obj.meta();
+    ObjectRef::new(
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// A watched kind: how its objects become model entries.
+trait Watched:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + fmt::Debug + Send + Sync + 'static
+{
+    const KIND: Kind;
+    /// Key of the model's map for this kind.
+    type Key: Ord + Clone + Send + 'static;
+    /// The model's value for this kind.
+    type Light: Clone + PartialEq + Send + 'static;
+    /// The model's map for this kind.
+    fn objects(cluster: &mut Cluster) -> &mut BTreeMap<Self::Key, Self::Light>;
+    fn key(id: &ObjectRef) -> Self::Key;
+    fn light(&self) -> Entry<Self::Light>;
+}
+
+impl Watched for core::Namespace {
+    const KIND: Kind = Kind::Namespace;
+    type Key = String;
+    type Light = model::Namespace;
+    fn objects(cluster: &mut Cluster) -> &mut BTreeMap<String, model::Namespace> {
+        &mut cluster.namespaces
+    }
+    fn key(id: &ObjectRef) -> String {
+        id.name.clone()
+    }
+    fn light(&self) -> Entry<model::Namespace> {
+        match convert::namespace(self) {
+            Ok(ns) => Entry {
+                value: Some(ns),
+                errors: Vec::new(),
+            },
+            Err(e) => Entry {
+                value: None,
+                errors: vec![e.to_string()],
+            },
+        }
+    }
+}
+
+impl Watched for core::Pod {
+    const KIND: Kind = Kind::Pod;
+    type Key = ObjectRef;
+    type Light = model::Pod;
+    fn objects(cluster: &mut Cluster) -> &mut BTreeMap<ObjectRef, model::Pod> {
+        &mut cluster.pods
+    }
+    fn key(id: &ObjectRef) -> ObjectRef {
+        id.clone()
+    }
+    fn light(&self) -> Entry<model::Pod> {
+        converted(convert::pod(self))
+    }
+}
+
+impl Watched for net::NetworkPolicy {
+    const KIND: Kind = Kind::NetworkPolicy;
+    type Key = ObjectRef;
+    type Light = model::NetworkPolicy;
+    fn objects(cluster: &mut Cluster) -> &mut BTreeMap<ObjectRef, model::NetworkPolicy> {
+        &mut cluster.policies
+    }
+    fn key(id: &ObjectRef) -> ObjectRef {
+        id.clone()
+    }
+    fn light(&self) -> Entry<model::NetworkPolicy> {
+        converted(convert::network_policy(self))
+    }
+}
+
+fn converted<T>(r: Result<convert::Converted<T>, convert::ConvertError>) -> Entry<T> {
+    match r {
+        Ok(c) => Entry {
+            value: Some(c.value),
+            errors: c.errors.iter().map(ToString::to_string).collect(),
+        },
+        Err(e) => Entry {
+            value: None,
+            errors: vec![e.to_string()],
+        },
+    }
+}
+
+/// One kind's watcher task: list, then watch, relisting when the API server
+/// says the resume point is gone; runs until aborted.
+async fn watch<K: Watched>(client: Client, options: Options, store: Arc<Mutex<Store>>) {
+    let kind = K::KIND;
+    let config = watcher::Config::default().page_size(options.page_size);
+    // `DefaultBackoff` is what `WatchStreamExt::default_backoff()` applies.
+    let backoff: Box<dyn Backoff> = match options.retry {
+        None => Box::new(DefaultBackoff::default()),
+        Some(retry) => Box::new(RetryBackoff {
+            retry,
+            next: retry.first,
+        }),
+    };
+    let mut events = std::pin::pin!(watcher(Api::<K>::all(client), config).backoff(backoff));
+    let mut relist: Option<Relist<K>> = None;
+    let mut failing = false;
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(event) => {
+                if std::mem::take(&mut failing) {
+                    tracing::info!(%kind, "watch recovered");
+                }
+                match event {
+                    Event::Init => {
+                        tracing::debug!(%kind, "listing");
+                        relist = Some(Relist::default());
+                    }
+                    Event::InitApply(obj) => relist.get_or_insert_with(Relist::default).add(&obj),
+                    Event::InitDone => {
+                        let listed = relist.take().unwrap_or_default();
+                        let count = listed.objects.len();
+                        let (changed, old) = lock(&store).replace(listed);
+                        drop(old);
+                        tracing::info!(%kind, objects = count, changed, "list complete");
+                    }
+                    Event::Apply(obj) => {
+                        let id = object_ref(&obj);
+                        let entry = obj.light();
+                        drop(obj);
+                        if lock(&store).apply::<K>(id.clone(), entry) {
+                            tracing::debug!(%kind, object = %id, "applied");
+                        }
+                    }
+                    Event::Delete(obj) => {
+                        let id = object_ref(&obj);
+                        if lock(&store).delete::<K>(&id) {
+                            tracing::debug!(%kind, object = %id, "deleted");
+                        }
+                    }
+                }
+            }
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                tracing::info!(%kind, "watch expired (410 Gone): relisting; the last state stays in force");
+            }
+            Err(e) => {
+                failing = true;
+                tracing::warn!(%kind, "watch failed, retrying with backoff; the last state stays in force: {e}");
+            }
+        }
+    }
+    // The backoff never gives up, so the stream does not end.
+    tracing::error!(%kind, "watcher ended");
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+
+    fn ns(name: &str, team: &str) -> core::Namespace {
+        core::Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some([("team".to_string(), team.to_string())].into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn entry(n: &core::Namespace) -> (ObjectRef, Entry<model::Namespace>) {
+        (object_ref(n), n.light())
+    }
+
+    #[test]
+    fn apply_bumps_only_on_change() {
+        let mut s = Store::default();
+        let (id, e) = entry(&ns("a", "x"));
+        assert!(s.apply::<core::Namespace>(id, e));
+        let (id, e) = entry(&ns("a", "x"));
+        assert!(!s.apply::<core::Namespace>(id, e));
+        let (id, e) = entry(&ns("a", "y"));
+        assert!(s.apply::<core::Namespace>(id.clone(), e));
+        assert_eq!(s.revision, 2);
+        assert!(s.delete::<core::Namespace>(&id));
+        assert!(!s.delete::<core::Namespace>(&id));
+        assert_eq!(s.revision, 3);
+    }
+
+    #[test]
+    fn relist_replaces_atomically_and_only_bumps_on_change() {
+        let mut s = Store::default();
+        let mut r = Relist::<core::Namespace>::default();
+        r.add(&ns("a", "x"));
+        r.add(&ns("b", "x"));
+        let (changed, _) = s.replace(r);
+        assert!(changed);
+        assert!(!s.ready());
+        let rev = s.revision;
+        let mut same = Relist::<core::Namespace>::default();
+        same.add(&ns("a", "x"));
+        same.add(&ns("b", "x"));
+        assert!(!s.replace(same).0);
+        assert_eq!(s.revision, rev);
+        let mut fewer = Relist::<core::Namespace>::default();
+        fewer.add(&ns("a", "x"));
+        assert!(s.replace(fewer).0);
+        assert_eq!(s.cluster.namespaces.len(), 1);
+    }
+
+    #[test]
+    fn retry_doubles_to_max_and_resets() {
+        let retry = Retry {
+            first: Duration::from_millis(10),
+            max: Duration::from_millis(30),
+        };
+        let mut b = RetryBackoff {
+            retry,
+            next: retry.first,
+        };
+        let ms: Vec<u128> = b.by_ref().take(4).map(|d| d.as_millis()).collect();
+        assert_eq!(ms, [10, 20, 30, 30]);
+        b.reset();
+        assert_eq!(b.next(), Some(Duration::from_millis(10)));
+    }
+}
