@@ -11,7 +11,7 @@ use std::{
 };
 
 use netpol_common::{
-    FLOW_F_REPLY, FlowKey, FlowValue, map_names, protocol_name, reason_name, verdict_name,
+    FlowKey, FlowValue, map_names, protocol_name, reason_name, verdict_name,
 };
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWrite, AsyncWriteExt as _, BufReader};
@@ -132,19 +132,22 @@ fn route(shared: &SharedRef, path: &str) -> Response {
 /// A flow table entry with names.
 #[derive(Debug, Serialize)]
 pub struct FlowEntry {
+    /// The local pod (the veth's).
     pub endpoint: Option<String>,
-    pub direction: &'static str,
-    pub reply: bool,
+    /// Who opened the flow: `egress` (the pod) or `ingress` (the peer).
+    pub opened: &'static str,
     pub protocol: &'static str,
-    pub src: String,
-    pub sport: u16,
-    pub dst: String,
-    pub dport: u16,
+    pub pod: String,
+    pub pod_port: u16,
+    pub remote: String,
+    pub remote_port: u16,
     pub verdict: &'static str,
     pub reason: &'static str,
     pub policy: Option<String>,
-    pub packets: u64,
-    pub bytes: u64,
+    pub packets_from_pod: u64,
+    pub bytes_from_pod: u64,
+    pub packets_to_pod: u64,
+    pub bytes_to_pod: u64,
     pub generation: u32,
     pub age_ms: u64,
     pub idle_ms: u64,
@@ -167,13 +170,12 @@ pub fn read_flows(pins: &Pins, names: &Names) -> Result<Vec<FlowEntry>, String> 
         let (k, v) = kv.map_err(|e| e.to_string())?;
         out.push(FlowEntry {
             endpoint: names.endpoints.get(&k.ifindex).map(|p| p.to_string()),
-            direction: netpol_common::direction_name(k.direction),
-            reply: v.flags & FLOW_F_REPLY != 0,
+            opened: netpol_common::direction_name(v.origin),
             protocol: protocol_name(k.protocol),
-            src: label(k.src_ip()),
-            sport: k.sport,
-            dst: label(k.dst_ip()),
-            dport: k.dport,
+            pod: label(k.pod_ip()),
+            pod_port: k.pod_port,
+            remote: label(k.remote_ip()),
+            remote_port: k.remote_port,
             verdict: verdict_name(v.verdict),
             reason: reason_name(v.reason),
             policy: names
@@ -181,14 +183,18 @@ pub fn read_flows(pins: &Pins, names: &Names) -> Result<Vec<FlowEntry>, String> 
                 .rules
                 .get(&v.rule_id)
                 .map(|r| format!("{}/{}", r.namespace, r.policy)),
-            packets: v.packets,
-            bytes: v.bytes,
+            packets_from_pod: v.packets_from_pod,
+            bytes_from_pod: v.bytes_from_pod,
+            packets_to_pod: v.packets_to_pod,
+            bytes_to_pod: v.bytes_to_pod,
             generation: v.generation,
             age_ms: now.saturating_sub(v.created_ns) / 1_000_000,
             idle_ms: now.saturating_sub(v.last_seen_ns) / 1_000_000,
         });
     }
-    out.sort_by(|a, b| (&a.endpoint, &a.src, a.sport).cmp(&(&b.endpoint, &b.src, b.sport)));
+    out.sort_by(|a, b| {
+        (&a.endpoint, &a.remote, a.remote_port).cmp(&(&b.endpoint, &b.remote, b.remote_port))
+    });
     Ok(out)
 }
 

@@ -241,32 +241,22 @@ fn main() -> Result<()> {
             }
             let flows: Vec<serde_json::Value> = serde_json::from_str(&body)?;
             println!(
-                "{:<14} {:<7} {:<5} {:<6} {:<32} {:<32} {:<7} {:<22} {:>8} {:>10}",
-                "ENDPOINT",
-                "DIR",
-                "REPLY",
-                "PROTO",
-                "SRC",
-                "DST",
-                "VERDICT",
-                "POLICY",
-                "PACKETS",
-                "BYTES"
+                "{:<16} {:<7} {:<6} {:<34} {:<34} {:<7} {:<24} {:>9} {:>9}",
+                "ENDPOINT", "OPENED", "PROTO", "POD", "REMOTE", "VERDICT", "POLICY", "PKTS OUT", "PKTS IN"
             );
             for f in flows {
                 let s = |k: &str| f[k].as_str().unwrap_or("-").to_string();
                 println!(
-                    "{:<14} {:<7} {:<5} {:<6} {:<32} {:<32} {:<7} {:<22} {:>8} {:>10}",
+                    "{:<16} {:<7} {:<6} {:<34} {:<34} {:<7} {:<24} {:>9} {:>9}",
                     s("endpoint"),
-                    s("direction"),
-                    f["reply"],
+                    s("opened"),
                     s("protocol"),
-                    format!("{}:{}", s("src"), f["sport"]),
-                    format!("{}:{}", s("dst"), f["dport"]),
+                    format!("{}:{}", s("pod"), f["pod_port"]),
+                    format!("{}:{}", s("remote"), f["remote_port"]),
                     s("verdict"),
                     s("policy"),
-                    f["packets"],
-                    f["bytes"]
+                    f["packets_from_pod"],
+                    f["packets_to_pod"]
                 );
             }
             Ok(())

@@ -224,33 +224,31 @@ impl PolicyValue {
 }
 
 // ---------------------------------------------------------------------------
-// Flows: NETPOL_FLOWS, LRU hash of allowed flows, two entries per flow (one
-// for each direction of travel), so every packet of a known flow costs one
-// lookup.
+// Flows: NETPOL_FLOWS, LRU hash of allowed flows, ONE entry per flow that
+// serves both directions of travel: every packet of a known flow costs one
+// lookup, and the LRU can only ever evict a whole flow (never one direction
+// of it).
 // ---------------------------------------------------------------------------
 
-/// A 5-tuple as seen on one endpoint's veth in one direction. IPv4 addresses
-/// use the first word of `saddr`/`daddr` and leave the rest zero. For ICMP
-/// echo, `sport` is the echo id of a request and `dport` is 0 (a reply has
-/// them the other way round), so a reply's key is the request's key reversed.
+/// A flow as seen on one endpoint's veth, keyed from the pod's side so that
+/// both directions of travel find the same entry: for a packet the pod sends
+/// the pod side is its source, for a packet it receives its destination.
+/// IPv4 addresses use the first four bytes and leave the rest zero. For ICMP
+/// echo the echo id is the port of the side that sent the request and the
+/// other side's port is 0, so a reply finds its request's entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {
     pub ifindex: u32,
-    pub sport: u16,
-    pub dport: u16,
+    pub pod_port: u16,
+    pub remote_port: u16,
     pub protocol: u8,
     pub family: u8,
-    /// `DIR_*` of this packet, from the pod's point of view.
-    pub direction: u8,
-    pub _pad: u8,
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
+    pub _pad: [u8; 2],
+    pub pod_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 44);
-
-/// Flow entry of the direction that opened the flow.
-pub const FLOW_F_REPLY: u8 = 1 << 0;
 
 /// Value of the flow table.
 #[repr(C)]
@@ -258,8 +256,10 @@ pub const FLOW_F_REPLY: u8 = 1 << 0;
 pub struct FlowValue {
     pub created_ns: u64,
     pub last_seen_ns: u64,
-    pub packets: u64,
-    pub bytes: u64,
+    pub packets_from_pod: u64,
+    pub bytes_from_pod: u64,
+    pub packets_to_pod: u64,
+    pub bytes_to_pod: u64,
     /// Policy generation the verdict was decided under.
     pub generation: u32,
     /// Rule that allowed the flow (0: not isolated, host, ...).
@@ -268,11 +268,12 @@ pub struct FlowValue {
     pub verdict: u8,
     /// `REASON_*` of the original decision.
     pub reason: u8,
-    /// `FLOW_F_*`.
-    pub flags: u8,
+    /// `DIR_*` of the packet that opened the flow: packets the other way
+    /// are replies.
+    pub origin: u8,
     pub _pad: [u8; 5],
 }
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 48);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 64);
 
 pub const VERDICT_ALLOW: u8 = 1;
 pub const VERDICT_DENY: u8 = 2;
@@ -284,6 +285,10 @@ pub const VERDICT_AUDIT: u8 = 3;
 // its ports and verdict, later fragments follow it.
 // ---------------------------------------------------------------------------
 
+/// A fragmented datagram on one endpoint's veth, like the kernel's
+/// reassembly key: addresses and id, plus the protocol for IPv4 (for IPv6
+/// `protocol` is 0: a later fragment's header does not name the upper
+/// protocol).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FragKey {
@@ -403,11 +408,11 @@ mod user {
     unsafe impl aya::Pod for VerdictEvent {}
 
     impl FlowKey {
-        pub fn src_ip(&self) -> std::net::IpAddr {
-            ip_from(self.family, &self.saddr)
+        pub fn pod_ip(&self) -> std::net::IpAddr {
+            ip_from(self.family, &self.pod_addr)
         }
-        pub fn dst_ip(&self) -> std::net::IpAddr {
-            ip_from(self.family, &self.daddr)
+        pub fn remote_ip(&self) -> std::net::IpAddr {
+            ip_from(self.family, &self.remote_addr)
         }
     }
 

@@ -3,7 +3,7 @@
 
 use aya_ebpf::programs::TcContext;
 use netpol_common::{
-    CFG_F_AUDIT_ALL, ConfigValue, DIR_EGRESS, DIR_INGRESS, EP_F_AUDIT, EndpointValue, FLOW_F_REPLY,
+    CFG_F_AUDIT_ALL, ConfigValue, DIR_EGRESS, DIR_INGRESS, EP_F_AUDIT, EndpointValue, FAMILY_V6,
     FlowKey, FlowValue, FragKey, FragValue, REASON_AUDIT, REASON_ESTABLISHED,
     REASON_FRAGMENT_FOLLOWS, REASON_FRAGMENT_UNKNOWN, REASON_ICMP_ERROR_RELATED,
     REASON_ICMP_ERROR_UNRELATED, REASON_MALFORMED, REASON_NEIGHBOR_DISCOVERY, REASON_NO_ENDPOINT,
@@ -12,7 +12,7 @@ use netpol_common::{
 };
 
 use crate::{
-    events::{count, emit, now_ns},
+    events::{coarse_now_ns, count, emit, now_ns},
     maps::{NETPOL_CONFIG, NETPOL_ENDPOINTS, NETPOL_FLOWS, NETPOL_FRAGS, NETPOL_SCRATCH},
     parse::{
         ETH_HLEN, ETH_P_ARP, Frag, IcmpKind, Packet, ParseError, ethertype, family_of, parse_ip,
@@ -33,6 +33,7 @@ pub struct Scratch {
     pkt: Packet,
     inner: Packet,
     key: FlowKey,
+    /// The key of the flow an ICMP error quotes.
     rkey: FlowKey,
     value: FlowValue,
     event: VerdictEvent,
@@ -99,38 +100,35 @@ const fn flip(direction: u8) -> u8 {
     }
 }
 
+/// The flow's key from the pod's side: the pod is the source of what it
+/// sends (`DIR_EGRESS`) and the destination of what it receives.
 #[inline(always)]
 fn fill_flow_key(k: &mut FlowKey, ifindex: u32, p: &Packet, direction: u8) {
     k.ifindex = ifindex;
-    k.sport = p.sport;
-    k.dport = p.dport;
     k.protocol = p.protocol;
     k.family = p.family;
-    k.direction = direction;
-    k._pad = 0;
-    k.saddr = p.saddr;
-    k.daddr = p.daddr;
-}
-
-/// The key of the other direction of travel of the same flow.
-#[inline(always)]
-fn fill_reversed(r: &mut FlowKey, k: &FlowKey) {
-    r.ifindex = k.ifindex;
-    r.sport = k.dport;
-    r.dport = k.sport;
-    r.protocol = k.protocol;
-    r.family = k.family;
-    r.direction = flip(k.direction);
-    r._pad = 0;
-    r.saddr = k.daddr;
-    r.daddr = k.saddr;
+    k._pad = [0; 2];
+    if direction == DIR_EGRESS {
+        k.pod_port = p.sport;
+        k.remote_port = p.dport;
+        k.pod_addr = p.saddr;
+        k.remote_addr = p.daddr;
+    } else {
+        k.pod_port = p.dport;
+        k.remote_port = p.sport;
+        k.pod_addr = p.daddr;
+        k.remote_addr = p.saddr;
+    }
 }
 
 #[inline(always)]
 fn fill_frag_key(fk: &mut FragKey, ifindex: u32, p: &Packet, direction: u8) {
     fk.ifindex = ifindex;
     fk.id = p.frag_id;
-    fk.protocol = p.protocol;
+    // An IPv6 later fragment's header names the first header of the
+    // fragmentable part, not the upper protocol: key IPv6 datagrams on
+    // addresses and id only, as the kernel's reassembly does.
+    fk.protocol = if p.family == FAMILY_V6 { 0 } else { p.protocol };
     fk.family = p.family;
     fk.direction = direction;
     fk._pad = 0;
@@ -250,10 +248,11 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
         // written below are counters and idempotent stores.
         let f = unsafe { &mut *f };
         if f.generation == cfg.generation {
-            f.last_seen_ns = now_ns();
-            bump_flow(f, len);
+            // Idle time only needs coarse precision: the cheaper clock.
+            f.last_seen_ns = coarse_now_ns();
+            bump_flow(f, direction, len);
             let verdict = f.verdict;
-            let reply = f.flags & FLOW_F_REPLY != 0;
+            let reply = f.origin != direction;
             if s.pkt.frag == Frag::First {
                 record_first_fragment(s, ifindex, direction, verdict);
             }
@@ -267,7 +266,16 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
             );
             return Ok(Verdict::Pass);
         }
-        return Ok(recheck(s, ifindex, direction, f, &cfg, len));
+        let v = recheck(s, ifindex, direction, f, &cfg, len);
+        if s.pkt.frag == Frag::First {
+            let verdict = if v == Verdict::Pass {
+                f.verdict
+            } else {
+                VERDICT_DENY
+            };
+            record_first_fragment(s, ifindex, direction, verdict);
+        }
+        return Ok(v);
     }
 
     let now = now_ns();
@@ -295,6 +303,7 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
         // The quoted packet travelled the other way through this endpoint:
         // an error about an allowed flow passes (path MTU discovery).
         if parse_ip(ctx, family, s.pkt.l4_off + 8, true, &mut s.inner).is_ok() {
+            // The quoted packet travelled the other way.
             fill_flow_key(&mut s.rkey, ifindex, &s.inner, flip(direction));
             if unsafe { NETPOL_FLOWS.get(&s.rkey) }.is_some() {
                 count(direction, REASON_ICMP_ERROR_RELATED);
@@ -335,30 +344,32 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
     );
     count(direction, reason);
     if verdict == VERDICT_DENY {
+        if s.pkt.frag == Frag::First {
+            // Later fragments of a denied datagram must not follow an older
+            // allow recorded under a reused id.
+            record_first_fragment(s, ifindex, direction, VERDICT_DENY);
+        }
         return Ok(Verdict::Drop);
     }
     if s.pkt.icmp != IcmpKind::Error {
-        // Two entries, one per direction of travel, so that every later
-        // packet costs one lookup. If the table is full the LRU evicts the
-        // least recently used flow; an evicted flow's next packet is decided
-        // again as a new flow (a reply of an evicted flow is then judged as
-        // traffic of its own: fail closed).
+        // One entry serves both directions of travel. If the table is full
+        // the LRU evicts the least recently used flow as a whole; its next
+        // packet is decided again as a new flow (a reply of an evicted flow
+        // is then judged as traffic of its own: fail closed).
         let v = &mut s.value;
         v.created_ns = now;
         v.last_seen_ns = now;
-        v.packets = 0;
-        v.bytes = 0;
+        v.packets_from_pod = 0;
+        v.bytes_from_pod = 0;
+        v.packets_to_pod = 0;
+        v.bytes_to_pod = 0;
         v.generation = cfg.generation;
         v.rule_id = d.rule_id;
         v.verdict = verdict;
         v.reason = reason;
-        v.flags = FLOW_F_REPLY;
+        v.origin = direction;
         v._pad = [0; 5];
-        fill_reversed(&mut s.rkey, &s.key);
-        let _ = NETPOL_FLOWS.insert(&s.rkey, &s.value, 0);
-        s.value.flags = 0;
-        s.value.packets = 1;
-        s.value.bytes = len as u64;
+        bump_flow(v, direction, len);
         let _ = NETPOL_FLOWS.insert(&s.key, &s.value, 0);
     }
     if s.pkt.frag == Frag::First {
@@ -372,9 +383,14 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
 /// instant can lose an increment: the counters are statistics, never an
 /// input to a verdict.
 #[inline(always)]
-fn bump_flow(f: &mut FlowValue, len: u32) {
-    f.packets = f.packets.wrapping_add(1);
-    f.bytes = f.bytes.wrapping_add(len as u64);
+fn bump_flow(f: &mut FlowValue, direction: u8, len: u32) {
+    if direction == DIR_EGRESS {
+        f.packets_from_pod = f.packets_from_pod.wrapping_add(1);
+        f.bytes_from_pod = f.bytes_from_pod.wrapping_add(len as u64);
+    } else {
+        f.packets_to_pod = f.packets_to_pod.wrapping_add(1);
+        f.bytes_to_pod = f.bytes_to_pod.wrapping_add(len as u64);
+    }
 }
 
 #[inline(always)]
@@ -390,9 +406,9 @@ fn record_first_fragment(s: &mut Scratch, ifindex: u32, direction: u8, verdict: 
 }
 
 /// A known flow decided under an older policy generation: decide it again as
-/// the packet that opened it (for a reply entry: the opposite direction and
-/// the reply's source port). Still allowed: refresh. Now denied: drop this
-/// packet and forget both entries of the flow.
+/// the packet that opened it (its origin direction; the remote side is the
+/// peer; the port is the one the opening packet was sent to). Still allowed:
+/// refresh. Now denied: drop this packet and forget the flow.
 #[inline(always)]
 fn recheck(
     s: &mut Scratch,
@@ -403,37 +419,31 @@ fn recheck(
     len: u32,
 ) -> Verdict {
     let now = now_ns();
-    fill_reversed(&mut s.rkey, &s.key);
     let Some(ep) = (unsafe { NETPOL_ENDPOINTS.get(&ifindex) }).copied() else {
-        let _ = NETPOL_FLOWS.remove(&s.rkey);
         let _ = NETPOL_FLOWS.remove(&s.key);
         count(direction, REASON_NO_ENDPOINT);
         return Verdict::Drop;
     };
-    let reply = f.flags & FLOW_F_REPLY != 0;
-    let (policy_dir, port) = if reply {
-        (flip(direction), s.pkt.sport)
+    let origin = f.origin;
+    let port = if origin == DIR_EGRESS {
+        s.key.remote_port
     } else {
-        (direction, s.pkt.dport)
+        s.key.pod_port
     };
     let d = decide(
         &ep,
-        policy_dir,
-        s.pkt.family,
-        remote(&s.pkt, direction),
-        s.pkt.protocol,
+        origin,
+        s.key.family,
+        &s.key.remote_addr,
+        s.key.protocol,
         port,
     );
     if d.allow || audit(&ep, cfg) {
         f.generation = cfg.generation;
         f.rule_id = d.rule_id;
-        f.verdict = if d.allow {
-            VERDICT_ALLOW
-        } else {
-            VERDICT_AUDIT
-        };
+        f.verdict = if d.allow { VERDICT_ALLOW } else { VERDICT_AUDIT };
         f.last_seen_ns = now;
-        bump_flow(f, len);
+        bump_flow(f, direction, len);
         count(
             direction,
             if d.allow {
@@ -458,7 +468,6 @@ fn recheck(
         now,
     );
     count(direction, REASON_REVOKED);
-    let _ = NETPOL_FLOWS.remove(&s.rkey);
     let _ = NETPOL_FLOWS.remove(&s.key);
     Verdict::Drop
 }

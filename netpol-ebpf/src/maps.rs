@@ -36,7 +36,8 @@ pub static NETPOL_PEERS_V6: LpmTrie<[u8; 16], PeerValue, { sizes::PEERS_V6 as us
 pub static NETPOL_POLICY: LpmTrie<PolicyKey, PolicyValue, { sizes::POLICY as usize }> =
     LpmTrie::new();
 
-/// Established flows, two entries per flow (one per direction of travel).
+/// Established flows, one entry per flow serving both directions of travel
+/// (keyed from the pod's side, see `netpol_common::FlowKey`).
 /// Written by the datapath; the agent reads it (`netpol-agent flows`) and
 /// never needs to write it.
 #[btf_map]

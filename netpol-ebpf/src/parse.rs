@@ -14,6 +14,10 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86DD;
 pub const ETH_P_ARP: u16 = 0x0806;
 
+/// Headers further into the packet than this are read with
+/// `bpf_skb_load_bytes` rather than directly.
+const MAX_DIRECT_OFF: usize = 1024;
+
 /// How many IPv6 extension headers the datapath walks before giving up
 /// (and dropping with `REASON_IPV6_EXT_TOO_DEEP`).
 pub const MAX_IPV6_EXT: usize = 6;
@@ -76,8 +80,28 @@ pub struct ParseError(pub u8);
 
 type Result<T> = core::result::Result<T, ParseError>;
 
+/// Read a `T` at `off`: straight from the packet's linear part when it is
+/// there (no helper call: the fast path), else through
+/// `bpf_skb_load_bytes` (headers in a non-linear part). Beyond the packet
+/// it is an error.
 #[inline(always)]
-fn load<T>(ctx: &TcContext, off: usize) -> Result<T> {
+fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    // The bound on `off` lets the verifier accept the pointer arithmetic
+    // (offsets read back from the scratch map are otherwise unbounded). At
+    // least two bytes are checked: LLVM turns `p + 1 <= end` into `p < end`,
+    // from which the verifier learns no range when `p`'s offset is variable
+    // (a one-byte read at the very end takes the helper path instead).
+    let need = if core::mem::size_of::<T>() < 2 {
+        2
+    } else {
+        core::mem::size_of::<T>()
+    };
+    if off < MAX_DIRECT_OFF && start + off + need <= end {
+        // SAFETY: bounds checked against data_end just above.
+        return Ok(unsafe { core::ptr::read_unaligned((start + off) as *const T) });
+    }
     ctx.load::<T>(off).map_err(|_| ParseError(REASON_MALFORMED))
 }
 
@@ -85,6 +109,13 @@ fn load<T>(ctx: &TcContext, off: usize) -> Result<T> {
 /// unless all 16 bytes are in the packet.
 #[inline(always)]
 fn load_into(ctx: &TcContext, off: usize, dst: &mut [u8; 16]) -> Result<()> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if off < MAX_DIRECT_OFF && start + off + 16 <= end {
+        // SAFETY: bounds checked against data_end just above.
+        *dst = unsafe { core::ptr::read_unaligned((start + off) as *const [u8; 16]) };
+        return Ok(());
+    }
     // SAFETY: `dst` is 16 writable bytes; the helper bounds-checks the skb.
     let ret =
         unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), off as u32, dst.as_mut_ptr().cast(), 16) };
@@ -181,8 +212,17 @@ fn parse_v6(ctx: &TcContext, l3: usize, p: &mut Packet) -> Result<()> {
     load_into(ctx, l3 + 8, &mut p.saddr)?;
     load_into(ctx, l3 + 24, &mut p.daddr)?;
     let mut off = l3 + 40;
+    // Up to MAX_IPV6_EXT extension headers are walked; the header after the
+    // last of them must be the upper protocol.
     let mut i = 0;
-    while i < MAX_IPV6_EXT {
+    while i <= MAX_IPV6_EXT {
+        let is_ext = matches!(
+            nh,
+            IPV6_NH_HOP | IPV6_NH_ROUTING | IPV6_NH_DSTOPTS | IPV6_NH_AH | IPV6_NH_FRAGMENT
+        );
+        if is_ext && i == MAX_IPV6_EXT {
+            return Err(ParseError(REASON_IPV6_EXT_TOO_DEEP));
+        }
         match nh {
             IPV6_NH_HOP | IPV6_NH_ROUTING | IPV6_NH_DSTOPTS => {
                 let hdr: [u8; 2] = load(ctx, off)?;
@@ -206,7 +246,12 @@ fn parse_v6(ctx: &TcContext, l3: usize, p: &mut Packet) -> Result<()> {
                     if (offset as usize) * 8 < 16 {
                         return Err(ParseError(REASON_MALFORMED));
                     }
+                    // What follows is the middle of the datagram, not
+                    // headers: stop here.
                     p.frag = Frag::Later;
+                    p.protocol = nh;
+                    p.l4_off = off;
+                    return Ok(());
                 } else if more {
                     p.frag = Frag::First;
                 }
