@@ -1,0 +1,344 @@
+//! Datapath micro-benchmark: nanoseconds per packet through the real TC
+//! program (`BPF_PROG_TEST_RUN`), for a new flow and an established flow,
+//! IPv4 and IPv6, with 10 .. 10,000 policies selecting the endpoint. The
+//! maps are filled by the same compiler the agent runs.
+//!
+//! - established: one packet of a known flow, run `--repeat` times in one
+//!   `BPF_PROG_TEST_RUN` call (the kernel's own per-run average);
+//! - new flow: `--flows` distinct flows (source ports), one run each, so that
+//!   every run misses the flow table and takes the policy path. A single run
+//!   carries the kernel's timing overhead, so the same single-run method is
+//!   also reported for established packets (`established (1 run)`): the
+//!   difference between the two is the policy decision and flow insertion.
+//!
+//! Needs root. Prints a table and, with `--json <file>`, writes the numbers.
+
+#[path = "../../../netpol-agent/tests/common/packets.rs"]
+mod packets;
+
+use std::{collections::BTreeMap, time::Instant};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+};
+use clap::Parser;
+use netpol_agent::{
+    compiler::{Compiled, NodeInfo, compile},
+    datapath::EBPF_OBJECT,
+    model::{Cluster, build::*},
+};
+use netpol_common::{ConfigValue, EndpointValue, PeerValue, PolicyKey, PolicyValue, map_names};
+use serde::Serialize;
+
+#[derive(Parser)]
+struct Args {
+    /// Policy counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "10,100,1000,10000")]
+    policies: Vec<usize>,
+    /// Runs per established-flow measurement.
+    #[arg(long, default_value_t = 1_000_000)]
+    repeat: u32,
+    /// Distinct new flows per new-flow measurement.
+    #[arg(long, default_value_t = 20_000)]
+    flows: u16,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+/// The endpoint under test is keyed by ifindex 1: `BPF_PROG_TEST_RUN` runs
+/// packets on the loopback device when no context is given.
+const IFINDEX: u32 = 1;
+const SERVER_V4: &str = "10.1.0.2";
+const SERVER_V6: &str = "fd00:1::2";
+const CLIENT_V4: &str = "10.1.0.3";
+const CLIENT_V6: &str = "fd00:1::3";
+
+/// A cluster where `n` policies select the server, each allowing one TCP
+/// port (1000 + i) from the clients labelled `tier: v<i>`; there is one
+/// such client pod per policy (so every policy compiles to real entries,
+/// with `n` identities). The client under test is allowed by the last
+/// policy only; even policies select clients by pod label, odd ones by
+/// namespace, so the compiler sees varied selectors.
+fn bench_cluster(n: usize) -> Cluster {
+    let mut c = cluster()
+        .namespace(namespace("bench").label("team", "bench"))
+        .pod(
+            pod("bench", "server")
+                .label("app", "server")
+                .ip(SERVER_V4)
+                .ip(SERVER_V6)
+                .node("n1"),
+        );
+    for i in 0..n {
+        let tier = format!("v{i}");
+        let team = format!("team{i}");
+        let (v4, v6) = client_ips(i, n);
+        let ns = if i % 2 == 0 { "bench" } else { team.as_str() };
+        if i % 2 == 1 {
+            c = c.namespace(namespace(ns).label("team", &team));
+        }
+        c = c.pod(
+            pod(ns, &format!("client{i}"))
+                .label("tier", &tier)
+                .ip(&v4)
+                .ip(&v6)
+                .node("n2"),
+        );
+        let peer = if i % 2 == 0 {
+            pods(labels([("tier", tier.as_str())]))
+        } else {
+            namespaces(labels([("team", team.as_str())]))
+        };
+        c = c.policy(
+            policy("bench", &format!("p{i}"))
+                .select(labels([("app", "server")]))
+                .ingress(allow().from(peer).port(tcp(1000 + i as u16))),
+        );
+    }
+    c
+}
+
+/// Client `i`'s addresses; the last one is the client under test.
+fn client_ips(i: usize, n: usize) -> (String, String) {
+    if i + 1 == n {
+        return (CLIENT_V4.to_string(), CLIENT_V6.to_string());
+    }
+    let i = i + 10;
+    (
+        format!("10.2.{}.{}", i / 250, i % 250 + 1),
+        format!("fd00:2::{:x}", i + 1),
+    )
+}
+
+fn load(compiled: &Compiled) -> Result<Ebpf> {
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries(map_names::FLOWS, 1 << 20)
+        .load(EBPF_OBJECT)
+        .context("loading the eBPF object (root needed)")?;
+    for name in [
+        netpol_common::prog_names::TO_POD,
+        netpol_common::prog_names::FROM_POD,
+    ] {
+        let p: &mut SchedClassifier = ebpf.program_mut(name).expect("program").try_into()?;
+        p.load()?;
+    }
+    let server = netpol_agent::model::PodRef::new("bench", "server");
+    let ep = compiled
+        .maps
+        .endpoints
+        .get(&server)
+        .context("server is not an endpoint")?;
+    {
+        let mut m: HashMap<_, u32, EndpointValue> =
+            HashMap::try_from(ebpf.map_mut(map_names::ENDPOINTS).expect("map"))?;
+        m.insert(IFINDEX, *ep, 0)?;
+    }
+    {
+        let mut m: LpmTrie<_, [u8; 4], PeerValue> =
+            LpmTrie::try_from(ebpf.map_mut(map_names::PEERS_V4).expect("map"))?;
+        for ((addr, len), v) in &compiled.maps.peers_v4 {
+            m.insert(&Key::new(u32::from(*len), addr.octets()), *v, 0)?;
+        }
+    }
+    {
+        let mut m: LpmTrie<_, [u8; 16], PeerValue> =
+            LpmTrie::try_from(ebpf.map_mut(map_names::PEERS_V6).expect("map"))?;
+        for ((addr, len), v) in &compiled.maps.peers_v6 {
+            m.insert(&Key::new(u32::from(*len), addr.octets()), *v, 0)?;
+        }
+    }
+    {
+        let mut m: LpmTrie<_, PolicyKey, PolicyValue> =
+            LpmTrie::try_from(ebpf.map_mut(map_names::POLICY).expect("map"))?;
+        for ((k, len), v) in &compiled.maps.policy {
+            m.insert(&Key::new(*len, *k), *v, 0)?;
+        }
+    }
+    {
+        let mut m: Array<_, ConfigValue> =
+            Array::try_from(ebpf.map_mut(map_names::CONFIG).expect("map"))?;
+        // Events off: the benchmark measures the verdict, not the ring buffer.
+        m.set(0, ConfigValue::default(), 0)?;
+    }
+    Ok(ebpf)
+}
+
+fn run(prog: &SchedClassifier, frame: &[u8], repeat: u32) -> Result<(u32, f64)> {
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        repeat,
+        ..TestRunOptions::default()
+    })?;
+    // The kernel reports the average time of one run over `repeat` runs.
+    Ok((r.return_value, r.duration.as_nanos() as f64))
+}
+
+#[derive(Serialize)]
+struct Row {
+    family: &'static str,
+    policies: usize,
+    policy_entries: usize,
+    identities: usize,
+    /// Allowed new flows, one run each (includes the single-run timing
+    /// overhead, like `established_single_ns`).
+    new_flow_ns: f64,
+    established_single_ns: f64,
+    /// A denied new flow, repeated (no flow is inserted, so every run takes
+    /// the whole policy path).
+    denied_new_flow_ns: f64,
+    /// A known flow's packet, repeated.
+    established_ns: f64,
+}
+
+fn measure(args: &Args, n: usize, v6: bool) -> Result<Row> {
+    let c = bench_cluster(n);
+    let compiled = compile(&c, &NodeInfo::new("n1", []));
+    let ebpf = load(&compiled)?;
+    let prog: &SchedClassifier = ebpf
+        .program(netpol_common::prog_names::TO_POD)
+        .expect("program")
+        .try_into()?;
+    let port = 1000 + n as u16 - 1;
+    let (client, server) = if v6 {
+        (format!("[{CLIENT_V6}]"), format!("[{SERVER_V6}]"))
+    } else {
+        (CLIENT_V4.to_string(), SERVER_V4.to_string())
+    };
+    let frame = |sport: u16| {
+        packets::tcp(&format!("{client}:{sport}"), &format!("{server}:{port}"))
+            .syn()
+            .frame()
+    };
+    // Sanity: the packet is allowed (and only by the last policy).
+    let (rc, _) = run(prog, &frame(1), 1)?;
+    if rc != 0 {
+        bail!("the benchmark packet was dropped ({n} policies): the cluster is wrong");
+    }
+    let denied = packets::tcp(
+        &format!("{client}:1"),
+        &format!("{server}:{}", 1000 + n as u16),
+    )
+    .syn()
+    .frame();
+    if run(prog, &denied, 1)?.0 == 0 {
+        bail!("a port no policy allows passed ({n} policies)");
+    }
+
+    // New flows: distinct source ports, one run each.
+    let frames: Vec<Vec<u8>> = (0..args.flows).map(|i| frame(10_000 + i)).collect();
+    let mut new_total = 0.0;
+    for f in &frames {
+        new_total += run(prog, f, 1)?.1;
+    }
+    // The same packets again: now established, one run each.
+    let mut est_single = 0.0;
+    for f in &frames {
+        est_single += run(prog, f, 1)?.1;
+    }
+    let (_, est) = run(prog, &frames[0], args.repeat)?;
+    let (_, denied_ns) = run(prog, &denied, args.repeat)?;
+    Ok(Row {
+        family: if v6 { "IPv6" } else { "IPv4" },
+        policies: n,
+        policy_entries: compiled.maps.policy.len(),
+        identities: compiled.identities.len(),
+        new_flow_ns: new_total / frames.len() as f64,
+        established_single_ns: est_single / frames.len() as f64,
+        denied_new_flow_ns: denied_ns,
+        established_ns: est,
+    })
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the datapath benchmark runs eBPF programs: run it as root");
+    }
+    println!(
+        "datapath: ns per packet through netpol_to_pod (BPF_PROG_TEST_RUN), {} CPUs, kernel {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        kernel()
+    );
+    println!(
+        "{:<5} {:>9} {:>8} {:>10} | {:>13} {:>17} | {:>15} {:>12}",
+        "fam",
+        "policies",
+        "entries",
+        "identities",
+        "new flow ns",
+        "estab. ns",
+        "denied new ns",
+        "estab. ns"
+    );
+    println!(
+        "{:<36} | {:^31} | {:^28}",
+        "", "single runs (timer overhead in)", "repeated runs (kernel avg)"
+    );
+    let started = Instant::now();
+    // The floor: an ARP frame passes after the ethertype and one counter.
+    {
+        let compiled = compile(&bench_cluster(1), &NodeInfo::new("n1", []));
+        let ebpf = load(&compiled)?;
+        let prog: &SchedClassifier = ebpf
+            .program(netpol_common::prog_names::TO_POD)
+            .expect("program")
+            .try_into()?;
+        let arp = packets::arp_request("10.1.0.3", "10.1.0.2");
+        let (_, floor) = run(prog, &arp, args.repeat)?;
+        println!("floor (ARP frame: ethertype check and one counter, repeated): {floor:.1} ns");
+    }
+    let mut rows = Vec::new();
+    for &n in &args.policies {
+        for v6 in [false, true] {
+            let r = measure(&args, n, v6)?;
+            println!(
+                "{:<5} {:>9} {:>8} {:>10} | {:>13.1} {:>17.1} | {:>15.1} {:>12.1}",
+                r.family,
+                r.policies,
+                r.policy_entries,
+                r.identities,
+                r.new_flow_ns,
+                r.established_single_ns,
+                r.denied_new_flow_ns,
+                r.established_ns
+            );
+            rows.push(r);
+        }
+    }
+    let mut summary = BTreeMap::new();
+    for fam in ["IPv4", "IPv6"] {
+        let of = |n: usize| rows.iter().find(|r| r.family == fam && r.policies == n);
+        if let (Some(lo), Some(hi)) = (
+            of(*args.policies.iter().min().unwrap_or(&0)),
+            of(*args.policies.iter().max().unwrap_or(&0)),
+        ) {
+            let ratio = hi.new_flow_ns / lo.new_flow_ns;
+            println!(
+                "{fam}: new flow at {} policies costs {:.1}% of the cost at {} (denied new flow: {:.1}%; bar: within 110%); established {:.1} ns (bar: under 60 ns)",
+                hi.policies,
+                ratio * 100.0,
+                lo.policies,
+                hi.denied_new_flow_ns / lo.denied_new_flow_ns * 100.0,
+                hi.established_ns
+            );
+            summary.insert(fam, ratio);
+        }
+    }
+    println!("({:.1} s)", started.elapsed().as_secs_f64());
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
