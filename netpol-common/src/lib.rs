@@ -127,14 +127,30 @@ pub struct PeerValue {
     /// Identity: the equivalence class of addresses under every peer selector
     /// in play.
     pub identity: u32,
+    /// A second, coarser identity for rules that only look at the address:
+    /// the class of the address under the ipBlocks in play. Policy entries of
+    /// ipBlock peers can be keyed on it, so they do not multiply with the pod
+    /// identities inside the block. 0 (or equal to `identity`): none, the
+    /// datapath skips that lookup.
+    pub cidr_identity: u32,
     /// `PEER_F_*` flags.
     pub flags: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<PeerValue>() == 8);
+const _: () = assert!(core::mem::size_of::<PeerValue>() == 16);
 
 impl PeerValue {
     pub const fn new(identity: u32, flags: u32) -> Self {
-        Self { identity, flags }
+        Self {
+            identity,
+            cidr_identity: 0,
+            flags,
+            _pad: 0,
+        }
+    }
+    pub const fn with_cidr_identity(mut self, cidr_identity: u32) -> Self {
+        self.cidr_identity = cidr_identity;
+        self
     }
 }
 
@@ -164,8 +180,9 @@ pub const POLICY_PREFIX_FULL: u32 = 96;
 /// are looked up with port 0 and so match only prefix-72 entries.
 ///
 /// `identity` is [`IDENTITY_ANY`] for rules that allow every peer; the
-/// datapath looks up the peer's identity and then `IDENTITY_ANY`: two
-/// lookups whatever the number of policies.
+/// datapath looks up the peer's identity, then its `cidr_identity` (when it
+/// has a distinct one), then `IDENTITY_ANY`: at most three lookups whatever
+/// the number of policies.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyKey {

@@ -1,7 +1,8 @@
 //! The policy decision for a new (or re-checked) flow: a bounded number of
 //! map lookups whatever the number of policies, rules or pods:
-//! endpoint flags, one peer LPM lookup, then at most two policy LPM lookups
-//! (the peer's identity, then the "any peer" wildcard).
+//! endpoint flags, one peer LPM lookup, then at most three policy LPM
+//! lookups (the peer's identity, its address-only identity, then the "any
+//! peer" wildcard).
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use netpol_common::{
@@ -56,9 +57,9 @@ pub fn decide(
         let key = Key::new(128, *peer);
         NETPOL_PEERS_V6.get(&key).copied()
     };
-    let (identity, peer_flags) = match peer_value {
-        Some(v) => (v.identity, v.flags),
-        None => (IDENTITY_UNKNOWN, 0),
+    let (identity, cidr_identity, peer_flags) = match peer_value {
+        Some(v) => (v.identity, v.cidr_identity, v.flags),
+        None => (IDENTITY_UNKNOWN, 0, 0),
     };
 
     // Kubernetes: traffic from the node to its pods (kubelet probes) is
@@ -72,18 +73,19 @@ pub fn decide(
         };
     }
 
-    for id in [identity, IDENTITY_ANY] {
-        let key = Key::new(
-            POLICY_PREFIX_FULL,
-            PolicyKey::new(ep.policy_id, id, direction, protocol, port),
-        );
-        if let Some(v) = NETPOL_POLICY.get(&key)
-            && v.action == ACTION_ALLOW
-        {
+    let has_cidr = cidr_identity != 0 && cidr_identity != identity;
+    for (i, id) in [identity, cidr_identity, IDENTITY_ANY]
+        .into_iter()
+        .enumerate()
+    {
+        if i == 1 && !has_cidr {
+            continue;
+        }
+        if let Some(rule_id) = lookup(ep.policy_id, id, direction, protocol, port) {
             return Decision {
                 allow: true,
                 reason: REASON_POLICY_ALLOW,
-                rule_id: v.rule_id,
+                rule_id,
                 peer_identity: identity,
             };
         }
@@ -93,5 +95,18 @@ pub fn decide(
         reason: REASON_POLICY_DENY,
         rule_id: 0,
         peer_identity: identity,
+    }
+}
+
+/// The rule that allows (`policy_id`, `identity`, ...) on this port, if any.
+#[inline(always)]
+fn lookup(policy_id: u32, identity: u32, direction: u8, protocol: u8, port: u16) -> Option<u32> {
+    let key = Key::new(
+        POLICY_PREFIX_FULL,
+        PolicyKey::new(policy_id, identity, direction, protocol, port),
+    );
+    match NETPOL_POLICY.get(&key) {
+        Some(v) if v.action == ACTION_ALLOW => Some(v.rule_id),
+        _ => None,
     }
 }

@@ -5,8 +5,8 @@
 //! 1. the endpoint entry; not isolated in the packet's direction -> allow;
 //! 2. the peer address (source for ingress, destination for egress) -> LPM
 //!    lookup in the peer map; ingress from a `PEER_F_HOST` address -> allow;
-//! 3. policy LPM lookup at prefix 96 with the peer's identity, then with
-//!    `IDENTITY_ANY`; a match allows, anything else denies. Port-less
+//! 3. policy LPM lookup at prefix 96 with the peer's identity, its distinct
+//!    address-only identity (`cidr_identity`, if any), then `IDENTITY_ANY`; a match allows, anything else denies. Port-less
 //!    protocols (ICMP echo) are looked up with port 0.
 //!
 //! A connection is allowed when the source pod's egress (on its node) and the
@@ -99,7 +99,16 @@ pub fn endpoint_verdict(
     } else {
         0
     };
-    for identity in [peer.identity, IDENTITY_ANY] {
+    // The datapath's order: the peer's identity, its distinct address-only
+    // identity if it has one, then the "any peer" wildcard.
+    let has_cidr = peer.cidr_identity != 0 && peer.cidr_identity != peer.identity;
+    for (i, identity) in [peer.identity, peer.cidr_identity, IDENTITY_ANY]
+        .into_iter()
+        .enumerate()
+    {
+        if i == 1 && !has_cidr {
+            continue;
+        }
         let key = PolicyKey::new(ep.policy_id, identity, direction, proto, port);
         if let Some(rule_id) = policy_lookup(maps, key) {
             return Verdict::Allow { rule_id };
