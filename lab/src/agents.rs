@@ -24,11 +24,46 @@ pub struct AgentProc {
     extra_args: Vec<String>,
 }
 
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// `netpol-lab_<lab>_`: lab names cannot contain `_`, so one lab's prefix
+/// never matches another lab's pins.
+fn pin_prefix(lab: &str) -> String {
+    format!("netpol-lab_{lab}_")
+}
+
 /// Where a lab's agent keeps its pins and files.
 pub fn agent_paths(lab: &LabState, node: &NodeState) -> (PathBuf, PathBuf) {
-    let bpffs = PathBuf::from(format!("/sys/fs/bpf/netpol-lab-{}-{}", lab.name, node.name));
+    let bpffs = Path::new(BPFFS).join(format!("{}{}", pin_prefix(&lab.name), node.name));
     let state = lab.state_dir.join("agents").join(&node.name);
     (bpffs, state)
+}
+
+/// Remove the pins of every agent a lab ran (what `netpol-agent cleanup`
+/// does, for each node). Returns how many pin directories went.
+pub fn remove_agent_pins(lab: &str) -> usize {
+    let prefix = pin_prefix(lab);
+    let Ok(dir) = std::fs::read_dir(BPFFS) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in dir.flatten() {
+        if !e.file_name().to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        for sub in ["links", "maps"] {
+            if let Ok(files) = std::fs::read_dir(e.path().join(sub)) {
+                for f in files.flatten() {
+                    let _ = std::fs::remove_file(f.path());
+                }
+            }
+            let _ = std::fs::remove_dir(e.path().join(sub));
+        }
+        if std::fs::remove_dir(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 impl AgentProc {

@@ -620,6 +620,9 @@ pub fn down(lab: &str) -> Result<DownReport, LabError> {
     }
     report.processes_killed = pids.into_iter().collect();
     terminate(&report.processes_killed, TERMINATE_GRACE);
+    // Agents run in node namespaces and are gone now; their pinned maps and
+    // links (whose veths are about to go) would outlive the lab.
+    crate::agents::remove_agent_pins(lab);
 
     for name in netns {
         match ip!("netns delete {name}") {

@@ -108,14 +108,19 @@ pub fn spawn(exe: &std::path::Path, pod: &PodState, log: PathBuf) -> Result<Star
             .join(",")
     };
     let mut command = Command::new(exe);
+    command.arg("serve").arg("--name").arg(&key);
+    // A pod may have ports of one protocol only: an empty list is no flag
+    // at all (clap would refuse `--udp ''`).
+    for (flag, protocol) in [
+        ("--tcp", crate::spec::Protocol::Tcp),
+        ("--udp", crate::spec::Protocol::Udp),
+    ] {
+        let ports = pod.ports_of(protocol);
+        if !ports.is_empty() {
+            command.arg(flag).arg(join(ports));
+        }
+    }
     command
-        .arg("serve")
-        .arg("--name")
-        .arg(&key)
-        .arg("--tcp")
-        .arg(join(pod.ports_of(crate::spec::Protocol::Tcp)))
-        .arg("--udp")
-        .arg(join(pod.ports_of(crate::spec::Protocol::Udp)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr);

@@ -1,0 +1,471 @@
+//! The agent's lifecycle in a lab: kill -9 and restart without a gap,
+//! SIGTERM keeps enforcing, `cleanup` removes it all, and pods that come and
+//! go while agents run (a new pod's veth is denied until the agent knows the
+//! pod). Needs root; skips loudly without it, fails under CI.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use netpol_lab::{
+    AddPodOptions, ClusterSpec, Lab, LabState, PodSpec, PortSpec, Protocol, UpOptions, connect,
+    require_privileges, start_agents, start_stream,
+};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_netpol-agent");
+
+fn lab_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("NETPOL_LAB_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("test exe");
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("netpol-lab");
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (`cargo build -p netpol-lab`, which `cargo xtask test` does) or set NETPOL_LAB_BIN",
+        p.display()
+    );
+    p
+}
+
+fn up(name: &str) -> Lab {
+    let spec = ClusterSpec::from_yaml(&format!(
+        r#"
+name: {name}
+nodes:
+  - {{name: node-a, attachment: routed, podCIDR: 10.244.1.0/24, podCIDRv6: "fd00:244:1::/64"}}
+  - {{name: node-b, attachment: bridged, podCIDR: 10.244.2.0/24, podCIDRv6: "fd00:244:2::/64"}}
+namespaces:
+  - {{name: x, labels: {{ns: x}}}}
+  - {{name: y, labels: {{ns: y}}}}
+pods:
+  - {{namespace: x, name: a, node: node-a, labels: {{pod: a}}, ports: [{{port: 80, protocol: TCP}}]}}
+  - {{namespace: x, name: b, node: node-b, labels: {{pod: b}}, ports: [{{port: 80, protocol: TCP}}]}}
+  - {{namespace: y, name: a, node: node-b, labels: {{pod: a}}, ports: [{{port: 80, protocol: TCP}}]}}
+  - {{namespace: y, name: b, node: node-a, labels: {{pod: b}}, ports: [{{port: 80, protocol: TCP}}]}}
+"#
+    ))
+    .expect("cluster parses");
+    Lab::up(
+        &spec,
+        &UpOptions {
+            server_exe: Some(lab_bin()),
+            ..UpOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("lab up {name}: {e}"))
+}
+
+fn write_policy(lab: &LabState, file: &str, yaml: &str) {
+    let tmp = lab.manifests_dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, yaml).expect("write policy");
+    std::fs::rename(&tmp, lab.manifests_dir.join(file)).expect("rename policy");
+}
+
+/// x is default-deny; y/a may reach x/a on the stream ports (TCP 9100,
+/// UDP 9101) and on 80.
+const POLICIES: [(&str, &str); 2] = [
+    (
+        "deny-all.yaml",
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-all, namespace: x}
+spec:
+  podSelector: {}
+"#,
+    ),
+    (
+        "allow-ya.yaml",
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-ya, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+    - from:
+        - namespaceSelector: {matchLabels: {ns: y}}
+          podSelector: {matchLabels: {pod: a}}
+      ports:
+        - {protocol: TCP, port: 9100}
+        - {protocol: UDP, port: 9101}
+        - {protocol: TCP, port: 80}
+"#,
+    ),
+];
+
+fn connects(lab: &LabState, from: (&str, &str), to: (&str, &str)) -> bool {
+    let from = lab.pod(from.0, from.1).expect("from pod");
+    let to = lab.pod(to.0, to.1).expect("to pod");
+    connect(
+        lab,
+        from,
+        IpAddr::V4(to.ip_v4),
+        80,
+        Protocol::Tcp,
+        Duration::from_millis(500),
+    )
+}
+
+/// Keeps trying a connection that policy denies until stopped; counts the
+/// ones that got through.
+struct DeniedProber {
+    stop: Arc<AtomicBool>,
+    leaks: Arc<AtomicU64>,
+    tries: Arc<AtomicU64>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl DeniedProber {
+    fn start(lab: &LabState, from: (&str, &str), to: (&str, &str)) -> Self {
+        let lab = lab.clone();
+        let (from, to) = (
+            (from.0.to_string(), from.1.to_string()),
+            (to.0.to_string(), to.1.to_string()),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let leaks = Arc::new(AtomicU64::new(0));
+        let tries = Arc::new(AtomicU64::new(0));
+        let (s, l, t) = (stop.clone(), leaks.clone(), tries.clone());
+        let handle = std::thread::spawn(move || {
+            let from = lab.pod(&from.0, &from.1).expect("from").clone();
+            let to = lab.pod(&to.0, &to.1).expect("to").clone();
+            while !s.load(Ordering::Relaxed) {
+                t.fetch_add(1, Ordering::Relaxed);
+                if connect(
+                    &lab,
+                    &from,
+                    IpAddr::V4(to.ip_v4),
+                    80,
+                    Protocol::Tcp,
+                    Duration::from_millis(100),
+                ) {
+                    l.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        Self {
+            stop,
+            leaks,
+            tries,
+            handle,
+        }
+    }
+
+    /// (tries, leaks)
+    fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("prober thread");
+        (
+            self.tries.load(Ordering::Relaxed),
+            self.leaks.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Program ids attached in the pinned links of an agent.
+fn attached_programs(bpffs_root: &Path) -> BTreeMap<String, u32> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(bpffs_root.join("links"))
+        .expect("links dir")
+        .flatten()
+    {
+        let link = aya::programs::links::PinnedLink::from_pin(e.path()).expect("pinned link");
+        let fd: aya::programs::links::FdLink = link.into();
+        let info = fd.info().expect("link info");
+        out.insert(
+            e.file_name().to_string_lossy().into_owned(),
+            info.program_id(),
+        );
+    }
+    out
+}
+
+/// kill -9 both agents while a TCP and a UDP stream flow through an allowed
+/// path and a denied path is probed: no allowed packet is lost, no denied
+/// connection gets through, and the restarted agents swap their programs
+/// into the pinned links.
+#[test]
+fn agent_kill_and_restart_leaves_no_gap() {
+    if !require_privileges("agent_kill_and_restart_leaves_no_gap") {
+        return;
+    }
+    let lab = up(&format!("r{}", std::process::id() % 100_000));
+    let mut agents = start_agents(&lab, Path::new(AGENT), &[]).expect("start agents");
+    agents
+        .change(
+            || {
+                for (f, y) in POLICIES {
+                    write_policy(&lab, f, y);
+                }
+            },
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(connects(&lab, ("y", "a"), ("x", "a")), "allowed path works");
+    assert!(
+        !connects(&lab, ("y", "b"), ("x", "b")),
+        "denied path denied"
+    );
+
+    let ya = lab.pod("y", "a").unwrap().clone();
+    let xa = lab.pod("x", "a").unwrap().clone();
+    let tick = Duration::from_millis(2);
+    let tcp = start_stream(&lab, &ya, IpAddr::V4(xa.ip_v4), 9100, Protocol::Tcp, tick)
+        .expect("tcp stream");
+    let udp = start_stream(&lab, &ya, IpAddr::V4(xa.ip_v4), 9101, Protocol::Udp, tick)
+        .expect("udp stream");
+    let prober = DeniedProber::start(&lab, ("y", "b"), ("x", "b"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (tcp.echoed() < 50 || udp.echoed() < 50) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let before: Vec<_> = agents
+        .agents
+        .iter()
+        .map(|a| attached_programs(&a.bpffs_root))
+        .collect();
+    for a in &mut agents.agents {
+        a.kill();
+    }
+    // Nothing runs the control plane now; enforcement must carry on.
+    std::thread::sleep(Duration::from_millis(500));
+    for a in &mut agents.agents {
+        a.restart(&lab).expect("restart agent");
+    }
+    agents
+        .wait_synced(&[], Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_millis(500));
+
+    let (tries, leaks) = prober.stop();
+    let tcp = tcp.stop();
+    let udp = udp.stop();
+    assert!(tcp.is_clean(), "TCP stream through the restart: {tcp}");
+    assert!(udp.is_clean(), "UDP stream through the restart: {udp}");
+    assert!(tries > 5, "the denied path was probed ({tries} tries)");
+    assert_eq!(
+        leaks, 0,
+        "{leaks} of {tries} denied connections got through"
+    );
+
+    // Same links (same pins), new programs inside them.
+    for (a, before) in agents.agents.iter().zip(before) {
+        let after = attached_programs(&a.bpffs_root);
+        assert_eq!(
+            after.keys().collect::<Vec<_>>(),
+            before.keys().collect::<Vec<_>>(),
+            "{}: the links are the same",
+            a.node
+        );
+        for (link, prog) in &after {
+            assert_ne!(
+                *prog, before[link],
+                "{}: {link} still runs the killed agent's program",
+                a.node
+            );
+        }
+    }
+}
+
+/// SIGTERM leaves enforcement in place; `netpol-agent cleanup` removes every
+/// attachment, map and pin.
+#[test]
+fn sigterm_keeps_enforcing_and_cleanup_removes_everything() {
+    if !require_privileges("sigterm_keeps_enforcing_and_cleanup_removes_everything") {
+        return;
+    }
+    let lab = up(&format!("t{}", std::process::id() % 100_000));
+    let mut agents = start_agents(&lab, Path::new(AGENT), &[]).expect("start agents");
+    agents
+        .change(
+            || {
+                for (f, y) in POLICIES {
+                    write_policy(&lab, f, y);
+                }
+            },
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    for a in &mut agents.agents {
+        a.terminate();
+    }
+    assert!(
+        !connects(&lab, ("y", "b"), ("x", "b")),
+        "denied after the agents stopped"
+    );
+    assert!(
+        connects(&lab, ("y", "a"), ("x", "a")),
+        "allowed after the agents stopped"
+    );
+    for a in &agents.agents {
+        assert!(a.bpffs_root.join("maps").exists());
+        a.cleanup_pins();
+        assert!(
+            !a.bpffs_root.exists(),
+            "cleanup left {}",
+            a.bpffs_root.display()
+        );
+    }
+    // Unpinning releases the links (and detaches the programs) as the
+    // kernel drops its last reference; give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !connects(&lab, ("y", "b"), ("x", "b")) {
+        assert!(
+            Instant::now() < deadline,
+            "after cleanup nothing is enforced, yet y/b still cannot reach x/b"
+        );
+    }
+}
+
+/// Pods added and removed while the agents run: a new pod's veth gets the
+/// programs as soon as it appears and is denied until the agent knows the
+/// pod; then its policies apply; a removed pod's attachments and endpoint go.
+/// Prints how long each step took (a measurement, not a pass/fail bar).
+#[test]
+fn pods_added_and_removed_while_agents_run() {
+    if !require_privileges("pods_added_and_removed_while_agents_run") {
+        return;
+    }
+    let mut lab = up(&format!("p{}", std::process::id() % 100_000));
+    let mut agents = start_agents(&lab, Path::new(AGENT), &[]).expect("start agents");
+    agents
+        .change(
+            || {
+                for (f, y) in POLICIES {
+                    write_policy(&lab, f, y);
+                }
+            },
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    for (node, name, v4) in [
+        ("node-a", "c", "10.244.1.200"),
+        ("node-b", "d", "10.244.2.200"),
+    ] {
+        // x/a may not reach the new x pod at all (x is default-deny): probe
+        // its address from before it exists until well after it is known.
+        let new_ip: IpAddr = v4.parse().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let leaks = Arc::new(AtomicU64::new(0));
+        let prober = {
+            let lab = lab.state().clone();
+            let (stop, leaks) = (stop.clone(), leaks.clone());
+            std::thread::spawn(move || {
+                let from = lab.pod("x", "a").unwrap().clone();
+                while !stop.load(Ordering::Relaxed) {
+                    if connect(
+                        &lab,
+                        &from,
+                        new_ip,
+                        80,
+                        Protocol::Tcp,
+                        Duration::from_millis(50),
+                    ) {
+                        leaks.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        let t0 = Instant::now();
+        let before = agents.revisions();
+        let pod = lab
+            .add_pod(
+                PodSpec {
+                    namespace: "x".into(),
+                    name: name.into(),
+                    node: node.into(),
+                    labels: BTreeMap::from([("pod".to_string(), name.to_string())]),
+                    ports: vec![PortSpec {
+                        name: None,
+                        port: 80,
+                        protocol: Protocol::Tcp,
+                    }],
+                },
+                &AddPodOptions {
+                    ip_v4: Some(v4.parse().unwrap()),
+                    ..AddPodOptions::default()
+                },
+            )
+            .expect("add pod");
+        let added = t0.elapsed();
+        let agent = agents.node(node);
+        let links = agent.bpffs_root.join("links");
+        let attach_seen = (|| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                let n = std::fs::read_dir(&links)
+                    .map(|d| d.count())
+                    .unwrap_or_default();
+                // two links per pod veth
+                if n >= 2 * lab.pods.iter().filter(|p| p.node == node).count() {
+                    return Some(t0.elapsed());
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            None
+        })();
+        agents
+            .wait_synced(&before, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let known = t0.elapsed();
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        prober.join().unwrap();
+        eprintln!(
+            "[measure] pod x/{name} on {node}: lab created it in {added:?}; programs on its veth after {attach_seen:?}; agent knew the pod after {known:?}"
+        );
+        assert_eq!(
+            leaks.load(Ordering::Relaxed),
+            0,
+            "x/a reached the new default-deny pod x/{name}"
+        );
+        assert!(
+            attach_seen.is_some(),
+            "no programs attached to x/{name}'s veth"
+        );
+        // Known now: y/a may not reach it either (allow-ya selects pod=a).
+        assert!(!connects(&lab, ("y", "a"), ("x", name)));
+        assert_eq!(pod.ip_v4.to_string(), v4);
+    }
+
+    // Remove one: its endpoint and links go.
+    let before = agents.revisions();
+    let endpoints_before = agents.node("node-a").status().unwrap()["endpoints"]
+        .as_u64()
+        .unwrap();
+    lab.remove_pod("x", "c").expect("remove pod");
+    agents
+        .wait_synced(&before, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let a = agents.node("node-a");
+        let st = a.status().unwrap();
+        let links = std::fs::read_dir(a.bpffs_root.join("links"))
+            .map(|d| d.count())
+            .unwrap_or_default();
+        if st["endpoints"].as_u64() == Some(endpoints_before - 1) && links == 2 * 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "x/c's endpoint or links were not removed: {st} ({links} links)"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
