@@ -29,6 +29,7 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("iptables", "the iptables baseline of the benchmarks"),
     ("ipset", "the iptables baseline of the benchmarks"),
+    ("nginx-light", "the HTTP server of the benchmarks"),
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
