@@ -107,6 +107,10 @@ struct Agent {
     shared: SharedRef,
     generation: u32,
     synced_revision: Option<u64>,
+    /// The node as the last sync saw it.
+    last_view: Option<netlink::NodeView>,
+    /// The last sync could not write everything: do it again next time.
+    retry: bool,
     errors: Vec<String>,
     pending: usize,
     missing: Vec<String>,
@@ -200,6 +204,8 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         shared,
         generation,
         synced_revision: None,
+        last_view: None,
+        retry: false,
         errors: Vec::new(),
         pending: 0,
         missing: Vec::new(),
@@ -287,8 +293,17 @@ impl Agent {
 
     /// One reconciliation: read the node, compile, write maps, attach.
     fn sync(&mut self) -> Result<()> {
-        let snap = self.source.snapshot();
         let view = netlink::discover().context("reading the node through netlink")?;
+        // Nothing changed since a sync that fully applied: no snapshot, no
+        // compile (both cost at 100k pods).
+        let revision = self.source.revision();
+        if !self.retry
+            && self.synced_revision == Some(revision)
+            && self.last_view.as_ref() == Some(&view)
+        {
+            return Ok(());
+        }
+        let snap = self.source.snapshot();
         let node = NodeInfo {
             name: self.cfg.node.clone(),
             addresses: view.node_addresses.iter().copied().collect(),
@@ -330,6 +345,7 @@ impl Agent {
         // permissive one: fail closed by isolating every local pod with
         // nothing allowed until the map fits.
         let mut errors: Vec<String> = snap.errors.clone();
+        let source_errors = errors.len();
         let sizes = self.dp.sizes();
         for (map, need, cap) in [
             (
@@ -446,6 +462,7 @@ impl Agent {
                 tracing::warn!("{e}");
             }
         }
+        let datapath_errors = errors.len() > source_errors;
         self.errors = errors;
         {
             let sh = self.shared.lock().expect("api state lock");
@@ -467,7 +484,9 @@ impl Agent {
             cluster: snap.cluster,
         });
         self.shared.lock().expect("api state lock").names = self.names.clone();
-        self.synced_revision = Some(self.source.revision());
+        self.synced_revision = Some(revision);
+        self.retry = datapath_errors;
+        self.last_view = Some(view);
         Ok(())
     }
 

@@ -160,6 +160,32 @@ y/b .   X   .   .
         expect(&lab, family, enforced);
     }
 
+    // `explain` agrees with the probes, cell by cell (a pod reaching
+    // itself never leaves its netns, so those cells are not policy's).
+    let actual = tcp80(&lab, Family::V4);
+    let state_dir = agents.node("node-a").state_dir.clone();
+    for from in ["x/a", "x/b", "y/a", "y/b"] {
+        for to in ["x/a", "x/b", "y/a", "y/b"] {
+            if from == to {
+                continue;
+            }
+            let (code, body) = netpol_agent::api::get(
+                &state_dir,
+                &format!("/explain?from={from}&to={to}&port=80/TCP"),
+            )
+            .unwrap_or_else(|e| panic!("explain {from} -> {to}: {e}"));
+            assert_eq!(code, 200, "explain {from} -> {to}: {body}");
+            let e: netpol_agent::explain::Explanation =
+                serde_json::from_str(&body).expect("explanation JSON");
+            let probed = actual.get(from, to).expect("probed cell");
+            assert_eq!(
+                e.allowed, probed,
+                "explain says {} but the probe says {probed} for {from} -> {to}:\n{e}",
+                e.allowed
+            );
+        }
+    }
+
     // Flow logs: the deny names default-deny and the isolating policy, the
     // allow names the policy and rule.
     std::thread::sleep(Duration::from_millis(300));
