@@ -5,67 +5,16 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use netpol_lab::{
-    ClusterSpec, Family, Lab, LabState, ProbeSpec, Protocol, TableKey, TruthTable, UpOptions,
-    require_privileges, start_agents,
+    Family, LabState, ProbeSpec, Protocol, TableKey, TruthTable, require_privileges, start_agents,
 };
 
-const AGENT: &str = env!("CARGO_BIN_EXE_netpol-agent");
-
-fn cluster(name: &str) -> ClusterSpec {
-    ClusterSpec::from_yaml(&format!(
-        r#"
-name: {name}
-nodes:
-  - {{name: node-a, attachment: routed, podCIDR: 10.244.1.0/24, podCIDRv6: "fd00:244:1::/64"}}
-  - {{name: node-b, attachment: bridged, podCIDR: 10.244.2.0/24, podCIDRv6: "fd00:244:2::/64"}}
-namespaces:
-  - {{name: x, labels: {{ns: x}}}}
-  - {{name: y, labels: {{ns: y}}}}
-pods:
-  - {{namespace: x, name: a, node: node-a, labels: {{pod: a}}, ports: [{{name: http, port: 80, protocol: TCP}}, {{name: dns, port: 80, protocol: UDP}}]}}
-  - {{namespace: x, name: b, node: node-b, labels: {{pod: b}}, ports: [{{name: http, port: 80, protocol: TCP}}, {{name: dns, port: 80, protocol: UDP}}]}}
-  - {{namespace: y, name: a, node: node-b, labels: {{pod: a}}, ports: [{{name: http, port: 80, protocol: TCP}}, {{name: dns, port: 80, protocol: UDP}}]}}
-  - {{namespace: y, name: b, node: node-a, labels: {{pod: b}}, ports: [{{name: http, port: 80, protocol: TCP}}, {{name: dns, port: 80, protocol: UDP}}]}}
-"#
-    ))
-    .expect("test cluster parses")
+mod common {
+    pub mod lab;
 }
 
-fn lab_bin() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("NETPOL_LAB_BIN") {
-        return p.into();
-    }
-    // target/debug/deps/<test> -> target/debug/netpol-lab
-    let exe = std::env::current_exe().expect("test exe");
-    let p = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("netpol-lab");
-    assert!(
-        p.exists(),
-        "{} is missing: build it first (`cargo build -p netpol-lab`, which `cargo xtask test` does) or set NETPOL_LAB_BIN",
-        p.display()
-    );
-    p
-}
+use common::lab::{AGENT, write_policy};
 
-fn up(name: &str) -> Lab {
-    Lab::up(
-        &cluster(name),
-        &UpOptions {
-            server_exe: Some(lab_bin()),
-            ..UpOptions::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("lab up {name}: {e}"))
-}
-
-fn write_policy(lab: &LabState, file: &str, yaml: &str) {
-    let tmp = lab.manifests_dir.join(format!(".{file}.tmp"));
-    std::fs::write(&tmp, yaml).expect("write policy");
-    std::fs::rename(&tmp, lab.manifests_dir.join(file)).expect("rename policy");
-}
+const PORTS: &str = "[{name: http, port: 80, protocol: TCP}, {name: dns, port: 80, protocol: UDP}]";
 
 fn tcp80(lab: &LabState, family: Family) -> TruthTable {
     let spec = ProbeSpec {
@@ -131,7 +80,7 @@ fn policies_enforced_across_routed_and_bridged_nodes() {
     if !require_privileges("policies_enforced_across_routed_and_bridged_nodes") {
         return;
     }
-    let lab = up(&format!("e{}", std::process::id() % 100_000));
+    let lab = common::lab::up('e', PORTS);
     let mut agents = start_agents(&lab, Path::new(AGENT), &[]).expect("start agents");
     agents
         .wait_synced(&[], Duration::from_secs(30))
@@ -247,7 +196,7 @@ fn full_peer_map_fails_closed() {
     if !require_privileges("full_peer_map_fails_closed") {
         return;
     }
-    let lab = up(&format!("f{}", std::process::id() % 100_000));
+    let lab = common::lab::up('f', PORTS);
     let mut agents = start_agents(
         &lab,
         Path::new(AGENT),

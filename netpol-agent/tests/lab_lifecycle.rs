@@ -15,63 +15,17 @@ use std::{
 };
 
 use netpol_lab::{
-    AddPodOptions, ClusterSpec, Lab, LabState, PodSpec, PortSpec, Protocol, UpOptions, connect,
-    require_privileges, start_agents, start_stream,
+    AddPodOptions, LabState, PodSpec, PortSpec, Protocol, connect, require_privileges,
+    start_agents, start_stream,
 };
 
-const AGENT: &str = env!("CARGO_BIN_EXE_netpol-agent");
-
-fn lab_bin() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("NETPOL_LAB_BIN") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("test exe");
-    let p = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("netpol-lab");
-    assert!(
-        p.exists(),
-        "{} is missing: build it first (`cargo build -p netpol-lab`, which `cargo xtask test` does) or set NETPOL_LAB_BIN",
-        p.display()
-    );
-    p
+mod common {
+    pub mod lab;
 }
 
-fn up(name: &str) -> Lab {
-    let spec = ClusterSpec::from_yaml(&format!(
-        r#"
-name: {name}
-nodes:
-  - {{name: node-a, attachment: routed, podCIDR: 10.244.1.0/24, podCIDRv6: "fd00:244:1::/64"}}
-  - {{name: node-b, attachment: bridged, podCIDR: 10.244.2.0/24, podCIDRv6: "fd00:244:2::/64"}}
-namespaces:
-  - {{name: x, labels: {{ns: x}}}}
-  - {{name: y, labels: {{ns: y}}}}
-pods:
-  - {{namespace: x, name: a, node: node-a, labels: {{pod: a}}, ports: [{{port: 80, protocol: TCP}}]}}
-  - {{namespace: x, name: b, node: node-b, labels: {{pod: b}}, ports: [{{port: 80, protocol: TCP}}]}}
-  - {{namespace: y, name: a, node: node-b, labels: {{pod: a}}, ports: [{{port: 80, protocol: TCP}}]}}
-  - {{namespace: y, name: b, node: node-a, labels: {{pod: b}}, ports: [{{port: 80, protocol: TCP}}]}}
-"#
-    ))
-    .expect("cluster parses");
-    Lab::up(
-        &spec,
-        &UpOptions {
-            server_exe: Some(lab_bin()),
-            ..UpOptions::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("lab up {name}: {e}"))
-}
+use common::lab::{AGENT, write_policy};
 
-fn write_policy(lab: &LabState, file: &str, yaml: &str) {
-    let tmp = lab.manifests_dir.join(format!(".{file}.tmp"));
-    std::fs::write(&tmp, yaml).expect("write policy");
-    std::fs::rename(&tmp, lab.manifests_dir.join(file)).expect("rename policy");
-}
+const PORTS: &str = "[{port: 80, protocol: TCP}]";
 
 /// x is default-deny; y/a may reach x/a on the stream ports (TCP 9100,
 /// UDP 9101) and on 80.
@@ -105,6 +59,20 @@ spec:
 "#,
     ),
 ];
+
+/// Write [`POLICIES`] and wait until every agent enforces them.
+fn apply_policies(lab: &LabState, agents: &mut netpol_lab::Agents) {
+    agents
+        .change(
+            || {
+                for (f, y) in POLICIES {
+                    write_policy(lab, f, y);
+                }
+            },
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+}
 
 fn connects(lab: &LabState, from: (&str, &str), to: (&str, &str)) -> bool {
     let from = lab.pod(from.0, from.1).expect("from pod");
@@ -202,18 +170,9 @@ fn agent_kill_and_restart_leaves_no_gap() {
     if !require_privileges("agent_kill_and_restart_leaves_no_gap") {
         return;
     }
-    let lab = up(&format!("r{}", std::process::id() % 100_000));
+    let lab = common::lab::up('r', PORTS);
     let mut agents = start_agents(&lab, Path::new(AGENT), &[]).expect("start agents");
-    agents
-        .change(
-            || {
-                for (f, y) in POLICIES {
-                    write_policy(&lab, f, y);
-                }
-            },
-            Duration::from_secs(30),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+    apply_policies(&lab, &mut agents);
     assert!(connects(&lab, ("y", "a"), ("x", "a")), "allowed path works");
     assert!(
         !connects(&lab, ("y", "b"), ("x", "b")),
@@ -288,18 +247,9 @@ fn sigterm_keeps_enforcing_and_cleanup_removes_everything() {
     if !require_privileges("sigterm_keeps_enforcing_and_cleanup_removes_everything") {
         return;
     }
-    let lab = up(&format!("t{}", std::process::id() % 100_000));
+    let lab = common::lab::up('t', PORTS);
     let mut agents = start_agents(&lab, Path::new(AGENT), &[]).expect("start agents");
-    agents
-        .change(
-            || {
-                for (f, y) in POLICIES {
-                    write_policy(&lab, f, y);
-                }
-            },
-            Duration::from_secs(30),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+    apply_policies(&lab, &mut agents);
     for a in &mut agents.agents {
         a.terminate();
     }
@@ -340,18 +290,9 @@ fn pods_added_and_removed_while_agents_run() {
     if !require_privileges("pods_added_and_removed_while_agents_run") {
         return;
     }
-    let mut lab = up(&format!("p{}", std::process::id() % 100_000));
+    let mut lab = common::lab::up('p', PORTS);
     let mut agents = start_agents(&lab, Path::new(AGENT), &[]).expect("start agents");
-    agents
-        .change(
-            || {
-                for (f, y) in POLICIES {
-                    write_policy(&lab, f, y);
-                }
-            },
-            Duration::from_secs(30),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+    apply_policies(&lab, &mut agents);
 
     for (node, name, v4) in [
         ("node-a", "c", "10.244.1.200"),
