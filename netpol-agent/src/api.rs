@@ -10,9 +10,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use netpol_common::{
-    FlowKey, FlowValue, map_names, protocol_name, reason_name, verdict_name,
-};
+use netpol_common::{FlowKey, FlowValue, map_names, protocol_name, reason_name, verdict_name};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWrite, AsyncWriteExt as _, BufReader};
 

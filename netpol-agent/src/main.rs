@@ -242,7 +242,15 @@ fn main() -> Result<()> {
             let flows: Vec<serde_json::Value> = serde_json::from_str(&body)?;
             println!(
                 "{:<16} {:<7} {:<6} {:<34} {:<34} {:<7} {:<24} {:>9} {:>9}",
-                "ENDPOINT", "OPENED", "PROTO", "POD", "REMOTE", "VERDICT", "POLICY", "PKTS OUT", "PKTS IN"
+                "ENDPOINT",
+                "OPENED",
+                "PROTO",
+                "POD",
+                "REMOTE",
+                "VERDICT",
+                "POLICY",
+                "PKTS OUT",
+                "PKTS IN"
             );
             for f in flows {
                 let s = |k: &str| f[k].as_str().unwrap_or("-").to_string();

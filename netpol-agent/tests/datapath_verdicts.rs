@@ -29,16 +29,15 @@ use netpol_agent::datapath::EBPF_OBJECT;
 use netpol_common::{
     CFG_F_AUDIT_ALL, COUNTER_EVENTS_RATE_LIMITED, COUNTER_EVENTS_RINGBUF_FULL, COUNTER_EVENTS_SENT,
     COUNTER_SLOTS, ConfigValue, DIR_EGRESS, DIR_INGRESS, EP_F_AUDIT, EP_F_EGRESS_ISOLATED,
-    EP_F_INGRESS_ISOLATED, EndpointValue, FlowKey, FlowValue, FragKey, FragValue,
-    IDENTITY_ANY, PEER_F_HOST, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerValue, PolicyKey, PolicyValue, REASON_AUDIT,
-    REASON_ESTABLISHED, REASON_FRAGMENT_FOLLOWS, REASON_FRAGMENT_UNKNOWN, REASON_HOST,
-    REASON_ICMP_ERROR_RELATED, REASON_ICMP_ERROR_UNRELATED, REASON_IPV6_EXT_TOO_DEEP,
-    REASON_MALFORMED, REASON_NEIGHBOR_DISCOVERY, REASON_NO_ENDPOINT, REASON_NOT_IP,
-    REASON_NOT_ISOLATED, REASON_POLICY_ALLOW, REASON_POLICY_DENY, REASON_RECHECK_ALLOW,
-    REASON_REPLY, REASON_REVOKED, REASON_SLOTS, REASON_UNSUPPORTED_ETHERTYPE, VERDICT_ALLOW,
-    VERDICT_AUDIT, VERDICT_DENY, VerdictEvent, direction_name, ip_bytes, map_names, prog_names,
-    reason_name, verdict_name,
+    EP_F_INGRESS_ISOLATED, EndpointValue, FlowKey, FlowValue, FragKey, FragValue, IDENTITY_ANY,
+    PEER_F_HOST, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP, PeerValue, PolicyKey, PolicyValue, REASON_AUDIT, REASON_ESTABLISHED,
+    REASON_FRAGMENT_FOLLOWS, REASON_FRAGMENT_UNKNOWN, REASON_HOST, REASON_ICMP_ERROR_RELATED,
+    REASON_ICMP_ERROR_UNRELATED, REASON_IPV6_EXT_TOO_DEEP, REASON_MALFORMED,
+    REASON_NEIGHBOR_DISCOVERY, REASON_NO_ENDPOINT, REASON_NOT_IP, REASON_NOT_ISOLATED,
+    REASON_POLICY_ALLOW, REASON_POLICY_DENY, REASON_RECHECK_ALLOW, REASON_REPLY, REASON_REVOKED,
+    REASON_SLOTS, REASON_UNSUPPORTED_ETHERTYPE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+    VerdictEvent, direction_name, ip_bytes, map_names, prog_names, reason_name, verdict_name,
 };
 
 // ---------------------------------------------------------------------------
@@ -789,7 +788,11 @@ fn not_isolated_endpoint_passes_and_opens_a_flow_in_both_directions() {
     out.event().peer_identity(0);
 
     let flows = dp.flows();
-    assert_eq!(flows.len(), 1, "one entry serves both directions: {flows:?}");
+    assert_eq!(
+        flows.len(),
+        1,
+        "one entry serves both directions: {flows:?}"
+    );
     let fwd = dp.flow(&syn, DIR_INGRESS).expect("flow entry");
     assert_eq!(fwd.origin, DIR_INGRESS, "the peer opened it");
     assert_eq!(

@@ -441,7 +441,11 @@ fn recheck(
     if d.allow || audit(&ep, cfg) {
         f.generation = cfg.generation;
         f.rule_id = d.rule_id;
-        f.verdict = if d.allow { VERDICT_ALLOW } else { VERDICT_AUDIT };
+        f.verdict = if d.allow {
+            VERDICT_ALLOW
+        } else {
+            VERDICT_AUDIT
+        };
         f.last_seen_ns = now;
         bump_flow(f, direction, len);
         count(
