@@ -40,8 +40,14 @@ enum Cmd {
     /// A 2-node lab (routed + bridged) with agents; reachability before and
     /// after the policies in `examples/`.
     Demo(demo::DemoArgs),
-    /// Unit tests, then the privileged lab tests.
+    /// Unit tests, then the privileged lab tests (conformance included).
     Test(test::TestArgs),
+    /// The upstream NetworkPolicy e2e model in the lab, with the real agents
+    /// (`--filter <name>`, `--list`, `--reference-only`, `--keep`).
+    Conformance {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -69,7 +75,24 @@ fn main() -> Result<()> {
             setup::ensure(false)?;
             test::run(args)
         }
+        Cmd::Conformance { args } => {
+            setup::ensure(false)?;
+            conformance(&args)
+        }
     }
+}
+
+/// Run the conformance suite (its own crate: it needs netpol-agent, which
+/// xtask must not depend on so that it builds before bpf-linker exists).
+pub fn conformance(args: &[String]) -> Result<()> {
+    let bins = build_bins(&["netpol-agent", "netpol-lab", "netpol-conformance"])?;
+    exec(
+        Command::new(&bins[2])
+            .current_dir(workspace_root())
+            .args(args)
+            .env("NETPOL_AGENT_BIN", &bins[0])
+            .env("NETPOL_LAB_BIN", &bins[1]),
+    )
 }
 
 pub fn workspace_root() -> PathBuf {

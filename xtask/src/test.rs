@@ -49,5 +49,15 @@ pub fn run(args: TestArgs) -> Result<()> {
             .args(&args.filter)
             .env("NETPOL_LAB_BIN", &bins[1]),
     )?;
-    Ok(())
+    if !args.filter.is_empty() {
+        return Ok(());
+    }
+
+    println!("\n== Conformance: the upstream NetworkPolicy e2e model in the lab");
+    if is_root() {
+        crate::conformance(&[])
+    } else {
+        // Without root only the case files against the reference evaluator.
+        crate::conformance(&["--reference-only".to_string()])
+    }
 }
