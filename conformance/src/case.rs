@@ -527,7 +527,7 @@ mod tests {
 
     fn lab() -> LabState {
         let spec =
-            ClusterSpec::from_file(&super::workspace_root().join("conformance/cluster.yaml"))
+            ClusterSpec::from_file(&crate::workspace_root().join("conformance/cluster.yaml"))
                 .expect("the conformance cluster file parses");
         LabState::plan(&spec, None)
     }
@@ -561,7 +561,7 @@ mod tests {
 
     #[test]
     fn shipped_cases_load() {
-        let root = super::workspace_root();
+        let root = crate::workspace_root();
         let spec = ClusterSpec::from_file(&root.join("conformance/cluster.yaml"))
             .expect("the conformance cluster file parses");
         let cases =
