@@ -2,6 +2,7 @@
 //! test). Each command that needs the eBPF toolchain runs `setup::ensure`
 //! first, so the README's commands work on a fresh machine.
 
+mod bench;
 mod demo;
 mod ebpf;
 mod setup;
@@ -40,6 +41,8 @@ enum Cmd {
     /// A 2-node lab (routed + bridged) with agents; reachability before and
     /// after the policies in `examples/`.
     Demo(demo::DemoArgs),
+    /// Benchmarks in the lab: tables, results.json and SVG plots in target/bench.
+    Bench(bench::BenchArgs),
     /// Unit tests, then the privileged lab tests (conformance included).
     Test(test::TestArgs),
     /// The upstream NetworkPolicy e2e model in the lab, with the real agents
@@ -75,6 +78,7 @@ fn main() -> Result<()> {
             setup::ensure(false)?;
             test::run(args)
         }
+        Cmd::Bench(args) => bench::run(args),
         Cmd::Conformance { args } => {
             setup::ensure(false)?;
             conformance(&args)

@@ -1,0 +1,548 @@
+//! The lab the end-to-end benchmarks run in.
+//!
+//! Each enforcement mode gets its own client pod, server pod and pair of
+//! nodes, so that the modes never share a node's network stack and can be
+//! interleaved request by request without switching anything:
+//!
+//! ```text
+//! mode          client pod (bridged node)                server pod (routed node)
+//! none          bench/cli-none         on none-cli         bench/srv-none         on none-srv
+//! netpol        bench/cli-netpol       on netpol-cli       bench/srv-netpol       on netpol-srv
+//! netpol-nolog  bench/cli-netpol-nolog on netpol-nolog-cli bench/srv-netpol-nolog on netpol-nolog-srv
+//! iptables      bench/cli-iptables     on iptables-cli     bench/srv-iptables     on iptables-srv
+//! ```
+//!
+//! Traffic crosses nodes the way it does in a cluster: from the client's
+//! bridged node (bridge-CNI/flannel host-gw-like) over the fabric to the
+//! server's routed node (Calico-like). `netpol-agent` runs only on the nodes
+//! of the netpol modes (`netpol-nolog`: with the flow log off); the iptables
+//! rules live only in the iptables server's node (conntrack is never turned
+//! on in the other nodes' namespaces).
+//!
+//! Policies: `n` policies select the netpol servers (label `netpol:
+//! server`) and the iptables server; policy `i < n-1` allows TCP port
+//! `10000 + i` from one address of 10.250.0.0/16 (an `ipBlock` /32, a range
+//! no lab node routes), and the last one allows the HTTP port from the
+//! client (a pod selector). Every policy has a different peer, so the
+//! iptables mode gets `n` ipsets and `n` rules, and a new connection from
+//! the client walks all of them before it is accepted. (Peers are addresses
+//! rather than pod objects so that the agents' idle work does not grow with
+//! the policy count; [`BenchLab::add_fake_pods`] adds pod objects for the
+//! benchmarks that want a large cluster.)
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use netpol_lab::{
+    AgentProc, Agents, ClusterSpec, Lab, LabState, NodeState, PodState, Protocol, UpOptions,
+    agents::agent_paths, run_in_netns, state::write_atomic,
+};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::{http, iptables, nginx::Nginx};
+
+/// Namespace of every bench pod.
+pub const NAMESPACE: &str = "bench";
+/// nginx listens here in every server pod.
+pub const HTTP_PORT: u16 = 8080;
+/// The lab's own server; no bench policy allows it (a denied port).
+pub const SERVE_PORT: u16 = 80;
+/// Policy `i` (but the last) allows `POLICY_BASE_PORT + i`.
+pub const POLICY_BASE_PORT: u16 = 10000;
+/// The policies file in the manifests dir.
+pub const POLICIES_FILE: &str = "bench-policies.json";
+
+/// An enforcement mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// No agent, no programs, no rules.
+    None,
+    /// netpol-agent on both nodes as deployed (flow log on: a verdict event
+    /// for every new flow, up to `--events-per-sec`), the policies as manifests.
+    Netpol,
+    /// The same with `--events-per-sec 0`: the datapath alone, no flow log.
+    NetpolNolog,
+    /// The iptables chain of [`crate::iptables`] in the server's node.
+    Iptables,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 4] = [Mode::None, Mode::Netpol, Mode::NetpolNolog, Mode::Iptables];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::None => "none",
+            Mode::Netpol => "netpol",
+            Mode::NetpolNolog => "netpol-nolog",
+            Mode::Iptables => "iptables",
+        }
+    }
+
+    /// Runs netpol-agent.
+    pub fn is_netpol(self) -> bool {
+        matches!(self, Mode::Netpol | Mode::NetpolNolog)
+    }
+
+    /// Something enforces the policies.
+    pub fn enforces(self) -> bool {
+        self != Mode::None
+    }
+
+    fn index(self) -> u8 {
+        match self {
+            Mode::None => 0,
+            Mode::Netpol => 1,
+            Mode::Iptables => 2,
+            Mode::NetpolNolog => 3,
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A mode's two pods and their nodes.
+#[derive(Debug, Clone)]
+pub struct Pair {
+    pub mode: Mode,
+    pub client: PodState,
+    pub server: PodState,
+    pub client_node: NodeState,
+    pub server_node: NodeState,
+}
+
+impl Pair {
+    /// nginx in the server pod.
+    pub fn http_addr(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.server.ip_v4), HTTP_PORT)
+    }
+}
+
+/// How long applying `n` policies took.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PolicyTimes {
+    pub policies: usize,
+    /// Written to the manifests dir until every agent reported the revision synced.
+    pub netpol_secs: Option<f64>,
+    /// `ipset restore` + `iptables-restore`.
+    pub iptables_secs: Option<f64>,
+}
+
+/// The lab, its agents and nginx servers; everything goes when dropped.
+#[derive(Debug)]
+pub struct BenchLab {
+    // Dropped in this order: servers, agents, then the lab (namespaces).
+    nginx: Vec<Nginx>,
+    agents: Vec<(Mode, Agents)>,
+    lab: Lab,
+    pub modes: Vec<Mode>,
+    pub backend: iptables::Backend,
+    fake_ips: Vec<Ipv4Addr>,
+    policies: usize,
+}
+
+fn node_name(mode: Mode, server: bool) -> String {
+    format!("{}-{}", mode.as_str(), if server { "srv" } else { "cli" })
+}
+
+fn pod_name(mode: Mode, server: bool) -> String {
+    format!("{}-{}", if server { "srv" } else { "cli" }, mode.as_str())
+}
+
+/// The cluster file: two nodes and two pods per mode.
+fn spec(name: &str, modes: &[Mode]) -> Result<ClusterSpec> {
+    let mut y = format!("name: {name}\nnodes:\n");
+    for &m in modes {
+        let base = 1 + 2 * m.index();
+        for (server, k) in [(true, base), (false, base + 1)] {
+            y.push_str(&format!(
+                "  - {{name: {}, attachment: {}, podCIDR: 10.244.{k}.0/24, podCIDRv6: 'fd00:244:{k}::/64'}}\n",
+                node_name(m, server),
+                if server { "routed" } else { "bridged" }
+            ));
+        }
+    }
+    y.push_str(&format!("namespaces:\n  - {{name: {NAMESPACE}}}\npods:\n"));
+    for &m in modes {
+        for server in [true, false] {
+            // The policies select every netpol mode's server and allow every
+            // netpol mode's client through the `netpol` label.
+            let extra = if m.is_netpol() {
+                format!(", netpol: {}", if server { "server" } else { "client" })
+            } else {
+                String::new()
+            };
+            y.push_str(&format!(
+                "  - {{namespace: {NAMESPACE}, name: {p}, node: {}, labels: {{app: {p}{extra}}}, ports: [{{port: {SERVE_PORT}}}]}}\n",
+                node_name(m, server),
+                p = pod_name(m, server)
+            ));
+        }
+    }
+    ClusterSpec::from_yaml(&y).map_err(|e| anyhow!("bench cluster: {e}"))
+}
+
+/// The address of fake pod `i`: 10.250.0.0/16, a range no lab node routes.
+pub fn fake_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 250, 0, 0)) + 1 + i as u32)
+}
+
+/// A Pod object for fake pod `i`, Running on a node that does not exist.
+fn fake_pod(i: usize) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": format!("fake-{i}"),
+            "namespace": NAMESPACE,
+            "uid": format!("00000000-0000-4000-8000-{i:012}"),
+            "labels": { "role": "fake", "peer": format!("f{i}") },
+        },
+        "spec": {
+            "nodeName": format!("fake-node-{}", i / 100),
+            "containers": [{ "name": "c", "image": "none",
+                             "ports": [{ "containerPort": HTTP_PORT, "protocol": "TCP" }] }],
+        },
+        "status": {
+            "phase": "Running",
+            "podIP": fake_ip(i).to_string(),
+            "podIPs": [{ "ip": fake_ip(i).to_string() }],
+        },
+    })
+}
+
+/// Policy `i` of `n` selecting the netpol servers (see the module docs).
+fn policy(i: usize, n: usize) -> Value {
+    let last = i + 1 == n;
+    let (peer, port) = if last {
+        (
+            json!({ "podSelector": { "matchLabels": { "netpol": "client" } } }),
+            HTTP_PORT,
+        )
+    } else {
+        (
+            json!({ "ipBlock": { "cidr": format!("{}/32", fake_ip(i)) } }),
+            POLICY_BASE_PORT + i as u16,
+        )
+    };
+    json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": { "name": format!("bench-{i:05}"), "namespace": NAMESPACE },
+        "spec": {
+            "podSelector": { "matchLabels": { "netpol": "server" } },
+            "policyTypes": ["Ingress"],
+            "ingress": [{
+                "from": [peer],
+                "ports": [{ "protocol": "TCP", "port": port }],
+            }],
+        },
+    })
+}
+
+impl BenchLab {
+    /// Brings up lab `name` (removing leftovers of an earlier run of the
+    /// same name first) with the pairs of `modes`.
+    pub fn up(
+        name: &str,
+        modes: &[Mode],
+        lab_bin: &Path,
+        backend: iptables::Backend,
+    ) -> Result<BenchLab> {
+        let spec = spec(name, modes)?;
+        let _ = netpol_lab::down(name);
+        netpol_lab::agents::remove_agent_pins(name);
+        let lab = Lab::up(
+            &spec,
+            &UpOptions {
+                server_exe: Some(lab_bin.to_path_buf()),
+                ..UpOptions::default()
+            },
+        )
+        .map_err(|e| anyhow!("lab up: {e}"))?;
+        let lab = BenchLab {
+            nginx: Vec::new(),
+            agents: Vec::new(),
+            lab,
+            modes: modes.to_vec(),
+            backend,
+            fake_ips: Vec::new(),
+            policies: 0,
+        };
+        if modes.contains(&Mode::Iptables) {
+            if !iptables::available(backend) {
+                bail!("iptables ({}) or ipset is not installed", backend.as_str());
+            }
+            iptables::clear(&lab.pair(Mode::Iptables).server_node.netns_path(), backend)?;
+        }
+        Ok(lab)
+    }
+
+    pub fn state(&self) -> &LabState {
+        &self.lab
+    }
+
+    pub fn pair(&self, mode: Mode) -> Pair {
+        let pod = |server| {
+            self.lab
+                .pod(NAMESPACE, &pod_name(mode, server))
+                .unwrap_or_else(|| panic!("no {mode} pair in this lab"))
+                .clone()
+        };
+        let (client, server) = (pod(false), pod(true));
+        Pair {
+            mode,
+            client_node: self.lab.node_of(&client).clone(),
+            server_node: self.lab.node_of(&server).clone(),
+            client,
+            server,
+        }
+    }
+
+    /// Writes `n` fake Pod objects (`fake-pod-<i>.json`) into the manifests
+    /// dir: pods on nodes that do not exist, with addresses from
+    /// 10.250.0.0/16, labelled `role: fake` and `peer: f<i>`.
+    pub fn add_fake_pods(&mut self, n: usize) -> Result<()> {
+        for i in self.fake_ips.len()..n {
+            // Hidden name first, then a rename (what the agents' directory
+            // watch expects); no fsync: the manifests dir is on tmpfs.
+            let name = format!("fake-pod-{i:05}.json");
+            let tmp = self.lab.manifests_dir.join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, fake_pod(i).to_string())
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, self.lab.manifests_dir.join(&name))?;
+            self.fake_ips.push(fake_ip(i));
+        }
+        Ok(())
+    }
+
+    pub fn fake_pods(&self) -> usize {
+        self.fake_ips.len()
+    }
+
+    /// Starts `netpol-agent` on the nodes of the netpol modes (only there;
+    /// `netpol-nolog` adds `--events-per-sec 0`) and waits until all have
+    /// synced. Returns the seconds that took.
+    pub fn start_agents(
+        &mut self,
+        agent_bin: &Path,
+        extra_args: &[String],
+        timeout: Duration,
+    ) -> Result<f64> {
+        let started = Instant::now();
+        for mode in self.modes.clone().into_iter().filter(|m| m.is_netpol()) {
+            let pair = self.pair(mode);
+            let mut args = extra_args.to_vec();
+            if mode == Mode::NetpolNolog {
+                args.extend(["--events-per-sec".to_string(), "0".to_string()]);
+            }
+            let mut agents = Vec::new();
+            for node in [&pair.server_node, &pair.client_node] {
+                let (bpffs, _) = agent_paths(&self.lab, node);
+                let _ = std::process::Command::new(agent_bin)
+                    .arg("cleanup")
+                    .arg("--bpffs-root")
+                    .arg(&bpffs)
+                    .stdout(std::process::Stdio::null())
+                    .status();
+                agents.push(
+                    AgentProc::start(&self.lab, node, agent_bin, &args)
+                        .with_context(|| format!("starting {}", agent_bin.display()))?,
+                );
+            }
+            self.agents.push((mode, Agents { agents }));
+        }
+        for (_, agents) in &mut self.agents {
+            agents.wait_synced(&[], timeout).map_err(|e| anyhow!(e))?;
+        }
+        Ok(started.elapsed().as_secs_f64())
+    }
+
+    /// The agents of a netpol mode.
+    pub fn agents(&mut self, mode: Mode) -> Option<&mut Agents> {
+        self.agents
+            .iter_mut()
+            .find(|(m, _)| *m == mode)
+            .map(|(_, a)| a)
+    }
+
+    /// CPU time (user + system) every agent has used so far, in seconds.
+    pub fn agents_cpu_secs(&self) -> f64 {
+        // SAFETY: sysconf has no memory effects.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        self.agents
+            .iter()
+            .flat_map(|(_, a)| &a.agents)
+            .filter_map(|a| a.child.as_ref())
+            .map(|c| {
+                let stat =
+                    std::fs::read_to_string(format!("/proc/{}/stat", c.id())).unwrap_or_default();
+                let fields: Vec<&str> = stat
+                    .rsplit_once(')')
+                    .map(|(_, r)| r.split_whitespace().collect())
+                    .unwrap_or_default();
+                // utime and stime are fields 14 and 15 of stat(5); the
+                // rest after ')' starts at field 3.
+                let t = |k: usize| fields.get(k - 3).and_then(|v| v.parse::<f64>().ok());
+                t(14).unwrap_or(0.0) + t(15).unwrap_or(0.0)
+            })
+            .sum::<f64>()
+            / hz
+    }
+
+    /// The sum of a datapath counter (`events_sent`, `events_rate_limited`,
+    /// ...) over the agents of `mode`, as their status files last said (they
+    /// are rewritten about every second).
+    pub fn agent_counter(&self, mode: Mode, name: &str) -> u64 {
+        self.agents
+            .iter()
+            .filter(|(m, _)| *m == mode)
+            .flat_map(|(_, a)| &a.agents)
+            .filter_map(|a| a.status()?["counters"][name].as_u64())
+            .sum()
+    }
+
+    /// Starts nginx in every server pod, serving a file of each size on
+    /// [`HTTP_PORT`].
+    pub fn start_nginx(&mut self, sizes: &[usize], workers: usize) -> Result<()> {
+        for &m in &self.modes.clone() {
+            let pair = self.pair(m);
+            let dir = self.lab.state_dir.join("nginx").join(&pair.server.name);
+            self.nginx.push(Nginx::start(
+                &pair.server.netns_path(),
+                &dir,
+                sizes,
+                HTTP_PORT,
+                workers,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Makes `n` policies select each enforcing mode's server (see the
+    /// module docs): the policies file for the agents (waiting until they
+    /// have synced it), the chain and ipsets for iptables.
+    pub fn set_policies(&mut self, n: usize, timeout: Duration) -> Result<PolicyTimes> {
+        let mut times = PolicyTimes {
+            policies: n,
+            ..PolicyTimes::default()
+        };
+        if !self.agents.is_empty() {
+            let started = Instant::now();
+            let path = self.lab.manifests_dir.join(POLICIES_FILE);
+            let before: Vec<Vec<u64>> = self.agents.iter().map(|(_, a)| a.revisions()).collect();
+            let changed = if n == 0 {
+                std::fs::remove_file(&path).is_ok()
+            } else {
+                let list = json!({
+                    "apiVersion": "v1",
+                    "kind": "List",
+                    "items": (0..n).map(|i| policy(i, n)).collect::<Vec<_>>(),
+                });
+                write_atomic(&path, list.to_string().as_bytes()).map_err(|e| anyhow!("{e}"))?;
+                true
+            };
+            if changed {
+                for ((_, agents), before) in self.agents.iter_mut().zip(&before) {
+                    agents
+                        .wait_synced(before, timeout)
+                        .map_err(|e| anyhow!(e))?;
+                }
+            }
+            times.netpol_secs = Some(started.elapsed().as_secs_f64());
+        }
+        if self.modes.contains(&Mode::Iptables) {
+            let pair = self.pair(Mode::Iptables);
+            let rules: Vec<iptables::Rule> = (0..n)
+                .map(|i| {
+                    if i + 1 == n {
+                        iptables::Rule {
+                            port: HTTP_PORT,
+                            peers: vec![pair.client.ip_v4],
+                        }
+                    } else {
+                        iptables::Rule {
+                            port: POLICY_BASE_PORT + i as u16,
+                            peers: vec![fake_ip(i)],
+                        }
+                    }
+                })
+                .collect();
+            let applied = iptables::apply(
+                &pair.server_node.netns_path(),
+                self.backend,
+                &pair.server.host_veth,
+                &rules,
+            )?;
+            let in_chain = iptables::chain_len(&pair.server_node.netns_path(), self.backend)?;
+            let expected = if n == 0 { 0 } else { n + 2 };
+            if in_chain != expected {
+                bail!("the iptables chain has {in_chain} rules, expected {expected}");
+            }
+            times.iptables_secs = Some(applied.secs);
+        }
+        self.policies = n;
+        Ok(times)
+    }
+
+    /// Checks that every mode does what it should with the current policies:
+    /// HTTP from the client to nginx works, and the lab server's port (which
+    /// no policy allows) is reachable only where nothing enforces.
+    pub fn check_enforcement(&self) -> Result<()> {
+        for &m in &self.modes {
+            let pair = self.pair(m);
+            let addr = pair.http_addr();
+            let got = run_in_netns(&pair.client.netns_path(), || {
+                let mut buf = Vec::new();
+                http::get_close(addr, "/", Duration::from_secs(2), &mut buf)
+                    .map(|_| ())
+                    .or_else(|e| {
+                        // nginx answers 403/404 for "/" without an index:
+                        // any HTTP answer means the connection was allowed.
+                        if e.to_string().starts_with("HTTP status") {
+                            Ok(())
+                        } else {
+                            Err(e)
+                        }
+                    })
+            });
+            if let Err(e) = got {
+                bail!("{m}: HTTP from {} to {addr} failed: {e}", pair.client.key());
+            }
+            let expect_open = !m.enforces() || self.policies == 0;
+            let open = netpol_lab::connect(
+                &self.lab,
+                &pair.client,
+                IpAddr::V4(pair.server.ip_v4),
+                SERVE_PORT,
+                Protocol::Tcp,
+                Duration::from_millis(400),
+            );
+            if open != expect_open {
+                bail!(
+                    "{m} with {} policies: port {SERVE_PORT} of {} is {} from {}, expected {}",
+                    self.policies,
+                    pair.server.key(),
+                    if open { "open" } else { "blocked" },
+                    pair.client.key(),
+                    if expect_open { "open" } else { "blocked" },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The manifests dir (the agents' `--source dir:`).
+    pub fn manifests_dir(&self) -> PathBuf {
+        self.lab.manifests_dir.clone()
+    }
+}

@@ -1,0 +1,559 @@
+//! End-to-end enforcement latency: the time from a policy file written into
+//! the manifests dir to the first probe that sees it enforced.
+//!
+//! The lab has the netpol pair (see `netpol_benches::benchlab`) with
+//! netpol-agent on both nodes, as deployed (default settings, flow log on),
+//! and `--fake-pods` extra Pod objects (10,000 by default) on nodes that do
+//! not exist, with addresses from 10.250.0.0/16: they exist only as
+//! manifests, so the agents compile a 10k-pod cluster on every change.
+//!
+//! A prober thread in the client pod's netns opens a new TCP connection to
+//! the server pod every `--probe-interval-ms` (2 ms), whatever happened to
+//! the earlier ones (several may be in flight): a SYN-ACK within
+//! `--probe-timeout-ms` means allowed, silence means denied (the SYN was
+//! dropped). Each connection is reset right away (SO_LINGER 0), so no
+//! TIME_WAIT piles up.
+//!
+//! Then `--changes` changes alternate: write a policy that isolates the
+//! server and allows only the fake pods (the probe's connection becomes
+//! denied), then remove it (allowed again). For each change, the latency is
+//! the send time of the first probe sent after the write (the rename into
+//! place, or the unlink) that saw the new verdict, minus the time of the
+//! write. Probes after that one that still saw the old verdict are counted
+//! as flaps. Between changes the run waits until the agents report the
+//! change synced and then a random 150-350 ms, so changes land at random
+//! phases of the agents' poll of the directory (every 200 ms by default).
+
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, anyhow, bail};
+use clap::Parser;
+use netpol_benches::{
+    benchlab::{BenchLab, Mode, NAMESPACE, SERVE_PORT},
+    clock,
+    iptables::Backend,
+    machine::Machine,
+    require_root, sibling_exe,
+    stats::median_and,
+    write_json,
+};
+use netpol_lab::{
+    netns::{enter_netns, open_netns},
+    state::write_atomic,
+};
+use serde::Serialize;
+use serde_json::json;
+use socket2::{Domain, Socket, Type};
+
+#[derive(Parser)]
+struct Args {
+    /// A reduced run (fewer changes).
+    #[arg(long)]
+    quick: bool,
+    /// Policy changes (deny, remove the deny, alternating) [default: 100; quick: 30].
+    #[arg(long)]
+    changes: Option<usize>,
+    /// Simulated pods (objects only) in the manifests dir.
+    #[arg(long, default_value_t = 10_000)]
+    fake_pods: usize,
+    /// A new probe connection every this many milliseconds.
+    #[arg(long, default_value_t = 2)]
+    probe_interval_ms: u64,
+    /// A probe with no SYN-ACK after this long counts as denied.
+    #[arg(long, default_value_t = 200)]
+    probe_timeout_ms: u64,
+    /// The agents' `--poll-ms` [default: the agent's own default].
+    #[arg(long)]
+    poll_ms: Option<u64>,
+    /// netpol-agent binary [default: next to this one].
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// netpol-lab binary (pod servers) [default: next to this one].
+    #[arg(long)]
+    lab_bin: Option<PathBuf>,
+    /// Extra argument for the agents (repeat for several).
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
+    /// Lab name.
+    #[arg(long, default_value = "npb-e2e")]
+    lab: String,
+    /// Write the numbers as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Outcome {
+    Allowed,
+    Denied,
+    /// RST, unreachable or another socket error (not expected).
+    Error,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    sent_ns: u64,
+    outcome: Outcome,
+}
+
+/// The prober (see the module docs); records every probe until `stop`.
+fn prober(
+    netns: PathBuf,
+    addr: SocketAddr,
+    interval_ns: u64,
+    timeout_ns: u64,
+    log: Arc<Mutex<Vec<Probe>>>,
+    stop: Arc<AtomicBool>,
+) -> io::Result<()> {
+    let fd = open_netns(&netns)?;
+    enter_netns(&fd)?;
+    clock::precise_timer_slack();
+    let mut inflight: Vec<(Socket, u64)> = Vec::new();
+    let start = clock::now_ns();
+    let mut next = start;
+    while !stop.load(Ordering::Relaxed) {
+        let now = clock::now_ns();
+        if now >= next {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            s.set_nonblocking(true)?;
+            s.set_linger(Some(Duration::ZERO))?;
+            let sent_ns = clock::now_ns();
+            match s.connect(&addr.into()) {
+                Ok(()) => log.lock().expect("log").push(Probe {
+                    sent_ns,
+                    outcome: Outcome::Allowed,
+                }),
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EINPROGRESS)
+                        || e.kind() == io::ErrorKind::WouldBlock =>
+                {
+                    inflight.push((s, sent_ns))
+                }
+                Err(_) => log.lock().expect("log").push(Probe {
+                    sent_ns,
+                    outcome: Outcome::Error,
+                }),
+            }
+            // Never catch up in a burst after a stall: the next probe is
+            // due one interval from now at the latest.
+            next = (next + interval_ns).max(now);
+        }
+        let wait = next.saturating_sub(clock::now_ns());
+        let mut fds: Vec<libc::pollfd> = inflight
+            .iter()
+            .map(|(s, _)| libc::pollfd {
+                fd: s.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            })
+            .collect();
+        let ts = libc::timespec {
+            tv_sec: (wait / 1_000_000_000) as libc::time_t,
+            tv_nsec: (wait % 1_000_000_000) as libc::c_long,
+        };
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfds; ppoll writes
+        // only their `revents`; no signal mask is passed.
+        let rc = unsafe {
+            libc::ppoll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                &ts,
+                std::ptr::null(),
+            )
+        };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        let now = clock::now_ns();
+        let mut done = Vec::new();
+        for (i, p) in fds.iter().enumerate() {
+            let (s, sent) = &inflight[i];
+            let outcome = if p.revents != 0 {
+                match s.take_error() {
+                    Ok(None) => Some(Outcome::Allowed),
+                    _ => Some(Outcome::Error),
+                }
+            } else if now - sent >= timeout_ns {
+                Some(Outcome::Denied)
+            } else {
+                None
+            };
+            if let Some(outcome) = outcome {
+                done.push(i);
+                log.lock().expect("log").push(Probe {
+                    sent_ns: *sent,
+                    outcome,
+                });
+            }
+        }
+        for i in done.into_iter().rev() {
+            inflight.swap_remove(i);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Change {
+    index: usize,
+    /// `deny` (the policy written) or `allow` (the policy removed).
+    direction: &'static str,
+    /// From the write to the first probe that saw the new verdict.
+    latency_ms: Option<f64>,
+    /// From the write to the agents reporting the change synced (status
+    /// file, read every 50 ms).
+    agents_synced_ms: Option<f64>,
+    /// Probes after the first new verdict that still saw the old one.
+    flaps: usize,
+    /// When the first and the last of them were sent (ms after the write).
+    flaps_from_ms: Option<f64>,
+    flaps_to_ms: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Summary {
+    direction: &'static str,
+    changes: usize,
+    timed_out: usize,
+    median_ms: f64,
+    p99_ms: f64,
+    min_ms: f64,
+    max_ms: f64,
+    agents_synced_median_ms: f64,
+    flaps: usize,
+}
+
+#[derive(Serialize)]
+struct Output {
+    benchmark: &'static str,
+    machine: Machine,
+    method: String,
+    fake_pods: usize,
+    probe_interval_ms: u64,
+    probe_timeout_ms: u64,
+    poll_ms: Option<u64>,
+    agents_start_secs: f64,
+    probes: usize,
+    probe_errors: usize,
+    summary: Vec<Summary>,
+    changes: Vec<Change>,
+    secs: f64,
+}
+
+/// A small PRNG (xorshift) for the pauses between changes.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    require_root("e2e")?;
+    let changes = args.changes.unwrap_or(if args.quick { 30 } else { 100 });
+    let agent = match &args.agent {
+        Some(p) => p.clone(),
+        None => sibling_exe("netpol-agent")?,
+    };
+    let lab_bin = match &args.lab_bin {
+        Some(p) => p.clone(),
+        None => sibling_exe("netpol-lab")?,
+    };
+    let machine = Machine::describe();
+    let method = format!(
+        "a policy file written into (or removed from) the manifests dir -> the first new TCP connection that sees the new verdict; \
+         a probe every {} ms from the client pod (bridged node) to the server pod (routed node), {} ms without SYN-ACK = denied; \
+         {} fake pods (objects only); agents with default settings{}",
+        args.probe_interval_ms,
+        args.probe_timeout_ms,
+        args.fake_pods,
+        args.poll_ms
+            .map_or(String::new(), |p| format!(" and --poll-ms {p}"))
+    );
+    println!("e2e: {machine}");
+    println!("  {method}");
+    let started = Instant::now();
+    let mut lab = BenchLab::up(&args.lab, &[Mode::Netpol], &lab_bin, Backend::Nft)?;
+    let t = Instant::now();
+    lab.add_fake_pods(args.fake_pods)?;
+    println!(
+        "  wrote {} fake pods in {:.1} s",
+        args.fake_pods,
+        t.elapsed().as_secs_f64()
+    );
+    let mut agent_args = args.agent_args.clone();
+    if let Some(p) = args.poll_ms {
+        agent_args.extend(["--poll-ms".to_string(), p.to_string()]);
+    }
+    let agents_start_secs = lab.start_agents(&agent, &agent_args, Duration::from_secs(300))?;
+    println!("  agents started and synced in {agents_start_secs:.1} s");
+
+    let pair = lab.pair(Mode::Netpol);
+    let addr = SocketAddr::new(pair.server.ip_v4.into(), SERVE_PORT);
+    let log = Arc::new(Mutex::new(Vec::<Probe>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let interval_ns = args.probe_interval_ms * 1_000_000;
+    let timeout_ns = args.probe_timeout_ms * 1_000_000;
+    let prober_thread = {
+        let (netns, log, stop) = (pair.client.netns_path(), log.clone(), stop.clone());
+        std::thread::spawn(move || prober(netns, addr, interval_ns, timeout_ns, log, stop))
+    };
+    let result = run_changes(&mut lab, changes, &log, timeout_ns);
+    stop.store(true, Ordering::Relaxed);
+    let prober_result = prober_thread
+        .join()
+        .map_err(|_| anyhow!("the prober panicked"))?;
+    drop(lab);
+    let changes_done = result?;
+    prober_result.map_err(|e| anyhow!("prober: {e}"))?;
+    let probes = log.lock().expect("log").clone();
+    let probe_errors = probes
+        .iter()
+        .filter(|p| p.outcome == Outcome::Error)
+        .count();
+
+    let mut summary = Vec::new();
+    println!(
+        "\n== Policy written -> enforced ({changes} changes, {} fake pods, a probe every {} ms)",
+        args.fake_pods, args.probe_interval_ms
+    );
+    println!(
+        "{:<8} {:>7} {:>10} {:>10} {:>10} {:>10} {:>14} {:>6} {:>9}",
+        "change",
+        "n",
+        "median ms",
+        "p99 ms",
+        "min ms",
+        "max ms",
+        "agents synced",
+        "flaps",
+        "timed out"
+    );
+    for dir in ["deny", "allow", "all"] {
+        let of: Vec<&Change> = changes_done
+            .iter()
+            .filter(|c| dir == "all" || c.direction == dir)
+            .collect();
+        let lat: Vec<f64> = of.iter().filter_map(|c| c.latency_ms).collect();
+        let synced: Vec<f64> = of.iter().filter_map(|c| c.agents_synced_ms).collect();
+        let (median, p99) = median_and(&lat, 0.99);
+        let s = Summary {
+            direction: dir,
+            changes: of.len(),
+            timed_out: of.len() - lat.len(),
+            median_ms: median,
+            p99_ms: p99,
+            min_ms: lat.iter().copied().fold(f64::INFINITY, f64::min),
+            max_ms: lat.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            agents_synced_median_ms: median_and(&synced, 0.5).0,
+            flaps: of.iter().map(|c| c.flaps).sum(),
+        };
+        println!(
+            "{:<8} {:>7} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>11.1} ms {:>6} {:>9}",
+            dir,
+            s.changes,
+            s.median_ms,
+            s.p99_ms,
+            s.min_ms,
+            s.max_ms,
+            s.agents_synced_median_ms,
+            s.flaps,
+            s.timed_out
+        );
+        summary.push(s);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "({} probes, {probe_errors} with socket errors; {secs:.0} s)",
+        probes.len()
+    );
+    let out = Output {
+        benchmark: "e2e",
+        machine,
+        method,
+        fake_pods: args.fake_pods,
+        probe_interval_ms: args.probe_interval_ms,
+        probe_timeout_ms: args.probe_timeout_ms,
+        poll_ms: args.poll_ms,
+        agents_start_secs,
+        probes: probes.len(),
+        probe_errors,
+        summary,
+        changes: changes_done,
+        secs,
+    };
+    if let Some(path) = &args.json {
+        write_json(path, &out)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Probes sent at or after `from_ns` (and before `to_ns`), by send time.
+fn probes_between(log: &Mutex<Vec<Probe>>, from_ns: u64, to_ns: u64) -> Vec<Probe> {
+    let mut v: Vec<Probe> = log
+        .lock()
+        .expect("log")
+        .iter()
+        .filter(|p| p.sent_ns >= from_ns && p.sent_ns < to_ns)
+        .copied()
+        .collect();
+    v.sort_by_key(|p| p.sent_ns);
+    v
+}
+
+fn run_changes(
+    lab: &mut BenchLab,
+    changes: usize,
+    log: &Mutex<Vec<Probe>>,
+    timeout_ns: u64,
+) -> Result<Vec<Change>> {
+    let manifests = lab.manifests_dir();
+    let policy_file = manifests.join("e2e-deny.json");
+    let policy = json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": { "name": "e2e-deny", "namespace": NAMESPACE },
+        "spec": {
+            "podSelector": { "matchLabels": { "netpol": "server" } },
+            "policyTypes": ["Ingress"],
+            "ingress": [{
+                "from": [{ "podSelector": { "matchLabels": { "role": "fake" } } }],
+                "ports": [{ "protocol": "TCP", "port": 8080 }],
+            }],
+        },
+    })
+    .to_string();
+    // The probes must see the server allowed before the first change.
+    let t0 = clock::now_ns();
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let p = probes_between(log, t0, u64::MAX);
+        if p.iter().filter(|p| p.outcome == Outcome::Allowed).count() >= 10 {
+            break;
+        }
+        if clock::now_ns() - t0 > 10_000_000_000 {
+            bail!(
+                "the probes never got through before any policy: {:?}",
+                p.last()
+            );
+        }
+    }
+    let mut rng = Rng(clock::now_ns() | 1);
+    let mut out = Vec::new();
+    let mut writes = Vec::new();
+    for index in 0..changes {
+        let deny = index % 2 == 0;
+        let expected = if deny {
+            Outcome::Denied
+        } else {
+            Outcome::Allowed
+        };
+        std::thread::sleep(Duration::from_millis(150 + rng.next() % 200));
+        let agents = lab
+            .agents(Mode::Netpol)
+            .ok_or_else(|| anyhow!("no agents"))?;
+        let before = agents.revisions();
+        let t_write = clock::now_ns();
+        if deny {
+            write_atomic(&policy_file, policy.as_bytes()).map_err(|e| anyhow!("{e}"))?;
+        } else {
+            std::fs::remove_file(&policy_file)?;
+        }
+        let synced = agents.wait_synced(&before, Duration::from_secs(60));
+        let synced_ms = synced
+            .is_ok()
+            .then(|| (clock::now_ns() - t_write) as f64 / 1e6);
+        // Wait for a probe with the new verdict, then for every probe sent
+        // before it to resolve.
+        let deadline = t_write + 30_000_000_000;
+        let mut seen = false;
+        while clock::now_ns() < deadline {
+            if probes_between(log, t_write, u64::MAX)
+                .iter()
+                .any(|p| p.outcome == expected)
+            {
+                seen = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if seen {
+            std::thread::sleep(Duration::from_nanos(timeout_ns) + Duration::from_millis(30));
+        }
+        let first = probes_between(log, t_write, u64::MAX)
+            .into_iter()
+            .find(|p| p.outcome == expected);
+        let latency_ms = first.map(|p| (p.sent_ns - t_write) as f64 / 1e6);
+        println!(
+            "[{}/{changes}] {}: {}{}",
+            index + 1,
+            if deny {
+                "deny written  "
+            } else {
+                "deny removed  "
+            },
+            latency_ms.map_or("not seen in 30 s".to_string(), |l| format!(
+                "enforced after {l:.1} ms"
+            )),
+            synced_ms.map_or(
+                " (agents did not report it synced)".to_string(),
+                |s| format!(" (agents reported it synced after {s:.0} ms)")
+            )
+        );
+        writes.push((t_write, first.map(|p| p.sent_ns), expected));
+        out.push(Change {
+            index,
+            direction: if deny { "deny" } else { "allow" },
+            latency_ms,
+            agents_synced_ms: synced_ms,
+            flaps: 0,
+            flaps_from_ms: None,
+            flaps_to_ms: None,
+        });
+    }
+    // Flaps: after the first probe with the new verdict and before the next
+    // change, probes that still saw the old one.
+    std::thread::sleep(Duration::from_nanos(timeout_ns) + Duration::from_millis(30));
+    for (i, (t_write, first, expected)) in writes.iter().enumerate() {
+        let Some(first) = first else { continue };
+        let end = writes.get(i + 1).map_or(u64::MAX, |w| w.0);
+        let flapped: Vec<Probe> = probes_between(log, *first, end)
+            .into_iter()
+            .filter(|p| p.outcome != *expected && p.outcome != Outcome::Error)
+            .collect();
+        out[i].flaps = flapped.len();
+        let ms = |p: &Probe| (p.sent_ns - t_write) as f64 / 1e6;
+        out[i].flaps_from_ms = flapped.first().map(ms);
+        out[i].flaps_to_ms = flapped.last().map(ms);
+        if let (Some(a), Some(b)) = (out[i].flaps_from_ms, out[i].flaps_to_ms) {
+            println!(
+                "  change {} ({}): {} probes sent {a:.1} .. {b:.1} ms after the write saw the old verdict after the new one had been seen",
+                i + 1,
+                out[i].direction,
+                flapped.len()
+            );
+        }
+    }
+    let _ = std::fs::remove_file(&policy_file);
+    Ok(out)
+}

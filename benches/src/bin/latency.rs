@@ -1,0 +1,568 @@
+//! Request latency against the number of policies, the method of the Romana
+//! article (seed 000): a client pod sends HTTP requests to nginx in a server
+//! pod, each on a new TCP connection (`Connection: close`), one at a time
+//! with a pause after each (neither CPU nor link saturates), for several
+//! response sizes, with 0 .. 10,000 policies selecting the server, built so
+//! that a new connection must pass every non-matching policy before the one
+//! that accepts it.
+//!
+//! The modes run in one lab (see `netpol_benches::benchlab`), interleaved
+//! in chunks of requests so that a noisy machine hits them alike:
+//! - `none`: no agent, no programs, no rules;
+//! - `netpol`: netpol-agent on the client's and the server's node, the
+//!   policies written into the manifests dir, flow log on (as deployed);
+//! - `netpol-nolog`: the same with `--events-per-sec 0` (the datapath alone);
+//! - `iptables`: a per-pod chain in the server's node, conntrack first, one
+//!   `-p tcp --dport X -m set --match-set <peers> src -j ACCEPT` per policy,
+//!   then DROP (see `netpol_benches::iptables`).
+//!
+//! A request is timed from before `connect` to the last byte of the body.
+//! Prints mean, p50 and p99 per mode, size and policy count and the
+//! overhead over `none` in percent; `--json` and `--svg` write the numbers
+//! and the overhead plot. Needs root and nginx.
+
+use std::{
+    cell::Cell,
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+use clap::Parser;
+use netpol_benches::{
+    benchlab::{BenchLab, Mode},
+    clock, http,
+    iptables::Backend,
+    machine::Machine,
+    nginx, require_root, sibling_exe, size_label,
+    stats::{Overhead, Summary, overhead, summarize},
+    svg, write_json,
+};
+use netpol_lab::run_in_netns;
+use serde::Serialize;
+
+#[derive(Parser)]
+struct Args {
+    /// A reduced run (fewer policy counts, sizes and requests).
+    #[arg(long)]
+    quick: bool,
+    /// Policy counts [default: 0,10,50,100,200,1000,10000; quick: 0,100,1000,10000].
+    #[arg(long, value_delimiter = ',')]
+    policies: Option<Vec<usize>>,
+    /// Response body sizes in bytes [default: 512,1024,10240,102400; quick: 512,10240].
+    #[arg(long, value_delimiter = ',')]
+    sizes: Option<Vec<usize>>,
+    /// Requests per mode, size and policy count [default: 2000; quick: 1000].
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Requests in a row before switching to the next mode.
+    #[arg(long, default_value_t = 50)]
+    chunk: usize,
+    /// Pause after each request, in microseconds (keeps the CPUs mostly idle).
+    #[arg(long, default_value_t = 500)]
+    gap_us: u64,
+    /// Modes to measure (`none` is the baseline and always runs).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "none,netpol,netpol-nolog,iptables"
+    )]
+    modes: Vec<Mode>,
+    /// iptables backend of the iptables mode.
+    #[arg(long, value_enum, default_value = "nft")]
+    iptables_backend: Backend,
+    /// nginx worker processes.
+    #[arg(long, default_value_t = 1)]
+    nginx_workers: usize,
+    /// netpol-agent binary [default: next to this one].
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// netpol-lab binary (pod servers) [default: next to this one].
+    #[arg(long)]
+    lab_bin: Option<PathBuf>,
+    /// Extra argument for the agents (repeat for several).
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
+    /// Lab name.
+    #[arg(long, default_value = "npb-latency")]
+    lab: String,
+    /// Write the numbers as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the overhead plot (SVG) here.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Row {
+    policies: usize,
+    size: usize,
+    mode: Mode,
+    #[serde(flatten)]
+    summary: Summary,
+    errors: usize,
+    /// Over `none` at the same size and policy count (absent for `none`).
+    overhead: Option<Overhead>,
+}
+
+#[derive(Serialize)]
+struct Point {
+    policies: usize,
+    size: usize,
+    secs: f64,
+    /// CPU all agents used while the cell ran, in % of one CPU.
+    agents_cpu_pct: f64,
+    /// Flow-log events the `netpol` mode's datapath sent to its agents
+    /// during the cell (and those its rate limit held back), from the
+    /// agents' status files (about 1 s resolution).
+    netpol_events_sent: u64,
+    netpol_events_rate_limited: u64,
+}
+
+#[derive(Serialize)]
+struct Output {
+    benchmark: &'static str,
+    machine: Machine,
+    method: String,
+    policies: Vec<usize>,
+    sizes: Vec<usize>,
+    requests: usize,
+    chunk: usize,
+    gap_us: u64,
+    iptables_backend: Backend,
+    modes: Vec<Mode>,
+    setup: BTreeMap<String, f64>,
+    policy_times: Vec<netpol_benches::benchlab::PolicyTimes>,
+    cells: Vec<Point>,
+    rows: Vec<Row>,
+    secs: f64,
+}
+
+/// One client in its pod's netns, for one mode.
+struct Client {
+    mode: Mode,
+    netns: PathBuf,
+    addr: SocketAddr,
+    /// The next local port. Every connection of a run gets a port of its
+    /// own (1024..=65535, then around again), so that it is a new 5-tuple:
+    /// netpol keeps the flow-table entry of a closed connection, and a
+    /// connection that reused its tuple would take the known-flow path
+    /// instead of the policy decision the benchmark is about (iptables'
+    /// conntrack, past TIME_WAIT, walks the chain again either way).
+    next_port: Cell<u16>,
+}
+
+impl Client {
+    fn take_port(&self) -> u16 {
+        let p = self.next_port.get();
+        self.next_port
+            .set(if p == u16::MAX { FIRST_PORT } else { p + 1 });
+        p
+    }
+}
+
+const FIRST_PORT: u16 = 1024;
+
+/// `count` requests one after the other from inside the client's netns;
+/// returns the latencies (ns) and the number of failed requests.
+fn run_chunk(c: &Client, path: &str, count: usize, gap_ns: u64) -> Result<(Vec<u64>, usize)> {
+    let addr = c.addr;
+    let ports: Vec<u16> = (0..count * 2).map(|_| c.take_port()).collect();
+    let (out, used) = run_in_netns(&c.netns, || {
+        let mut buf = Vec::with_capacity(128 * 1024);
+        let mut samples = Vec::with_capacity(count);
+        let mut errors = 0;
+        let mut ports = ports.iter().copied();
+        let mut used = 0;
+        for _ in 0..count {
+            // A port still taken (the lab's server on 80, a connection not
+            // yet closed) is skipped.
+            let r = loop {
+                let Some(port) = ports.next() else {
+                    break http::get_close(addr, path, Duration::from_secs(2), &mut buf);
+                };
+                used += 1;
+                match http::get_close_from(Some(port), addr, path, Duration::from_secs(2), &mut buf)
+                {
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                    r => break r,
+                }
+            };
+            match r {
+                Ok(r) => samples.push(r.elapsed_ns()),
+                Err(_) => errors += 1,
+            }
+            clock::sleep_ns(gap_ns);
+        }
+        Ok(((samples, errors), used))
+    })?;
+    // Hand back the ports this chunk did not use.
+    let unused = count * 2 - used;
+    for _ in 0..unused {
+        let p = c.next_port.get();
+        c.next_port
+            .set(if p == FIRST_PORT { u16::MAX } else { p - 1 });
+    }
+    Ok(out)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    require_root("latency")?;
+    let policies = args.policies.clone().unwrap_or_else(|| {
+        if args.quick {
+            vec![0, 100, 1000, 10000]
+        } else {
+            vec![0, 10, 50, 100, 200, 1000, 10000]
+        }
+    });
+    let sizes = args.sizes.clone().unwrap_or_else(|| {
+        if args.quick {
+            vec![512, 10240]
+        } else {
+            vec![512, 1024, 10240, 102400]
+        }
+    });
+    let requests = args
+        .requests
+        .unwrap_or(if args.quick { 1000 } else { 2000 });
+    let mut modes = args.modes.clone();
+    if !modes.contains(&Mode::None) {
+        modes.insert(0, Mode::None);
+    }
+    modes.sort();
+    modes.dedup();
+    let agent = match &args.agent {
+        Some(p) => p.clone(),
+        None => sibling_exe("netpol-agent")?,
+    };
+    let lab_bin = match &args.lab_bin {
+        Some(p) => p.clone(),
+        None => sibling_exe("netpol-lab")?,
+    };
+    let machine = Machine::describe();
+    let method = format!(
+        "HTTP/1.1 GET, a new TCP connection per request (Connection: close), timed from connect to the last body byte; \
+         client pod on a bridged node -> nginx ({} worker) in a pod on a routed node; \
+         {requests} requests per mode, size and policy count, modes interleaved in chunks of {}, {} us pause after each request",
+        args.nginx_workers, args.chunk, args.gap_us
+    );
+    println!("latency: {machine}");
+    println!("  {method}");
+    println!(
+        "  modes: {} (iptables: {} backend, conntrack + one rule and one ipset per policy)",
+        modes
+            .iter()
+            .map(|m| m.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        args.iptables_backend.as_str()
+    );
+    let started = Instant::now();
+    let mut setup = BTreeMap::new();
+
+    let mut lab = BenchLab::up(&args.lab, &modes, &lab_bin, args.iptables_backend)?;
+    setup.insert("lab_up_secs".to_string(), started.elapsed().as_secs_f64());
+    lab.start_nginx(&sizes, args.nginx_workers)?;
+    if modes.iter().any(|m| m.is_netpol()) {
+        let secs = lab.start_agents(&agent, &args.agent_args, Duration::from_secs(300))?;
+        println!("  agents started and synced in {secs:.1} s");
+        setup.insert("agents_start_secs".to_string(), secs);
+    }
+    let clients: Vec<Client> = modes
+        .iter()
+        .map(|&m| {
+            let p = lab.pair(m);
+            Client {
+                mode: m,
+                netns: p.client.netns_path(),
+                addr: p.http_addr(),
+                next_port: Cell::new(FIRST_PORT),
+            }
+        })
+        .collect();
+
+    let total = policies.len() * sizes.len();
+    let mut k = 0;
+    let mut rows: Vec<Row> = Vec::new();
+    let mut cells = Vec::new();
+    let mut policy_times = Vec::new();
+    let gap_ns = args.gap_us * 1000;
+    for &n in &policies {
+        let times = lab.set_policies(n, Duration::from_secs(600))?;
+        println!(
+            "== {n} policies: agents synced in {}, iptables loaded in {}",
+            times
+                .netpol_secs
+                .map_or("-".into(), |s| format!("{s:.2} s")),
+            times
+                .iptables_secs
+                .map_or("-".into(), |s| format!("{s:.2} s"))
+        );
+        policy_times.push(times);
+        lab.check_enforcement()?;
+        for &size in &sizes {
+            k += 1;
+            let path = nginx::file_path(size);
+            let label = size_label(size);
+            print!(
+                "[{k}/{total}] {n} policies, {label}: {} modes x {requests} requests interleaved ... ",
+                clients.len()
+            );
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+            let t = Instant::now();
+            let cpu0 = lab.agents_cpu_secs();
+            let sent0 = lab.agent_counter(Mode::Netpol, "events_sent");
+            let limited0 = lab.agent_counter(Mode::Netpol, "events_rate_limited");
+            // Warm up every path (ARP, neighbour entries, nginx's caches).
+            for c in &clients {
+                run_chunk(c, &path, 10, gap_ns)?;
+            }
+            let mut samples: BTreeMap<Mode, (Vec<u64>, usize)> = BTreeMap::new();
+            let rounds = requests.div_ceil(args.chunk.max(1));
+            for r in 0..rounds {
+                let count = args.chunk.min(requests - r * args.chunk);
+                for j in 0..clients.len() {
+                    // Rotate the order: each mode goes first equally often.
+                    let c = &clients[(r + j) % clients.len()];
+                    let (s, e) = run_chunk(c, &path, count, gap_ns)?;
+                    let entry = samples.entry(c.mode).or_default();
+                    entry.0.extend(s);
+                    entry.1 += e;
+                    if entry.1 > requests / 10 + 5 {
+                        bail!(
+                            "{}: {} failed requests at {n} policies, {label}",
+                            c.mode,
+                            entry.1
+                        );
+                    }
+                }
+            }
+            let secs = t.elapsed().as_secs_f64();
+            let cpu = (lab.agents_cpu_secs() - cpu0) / secs * 100.0;
+            let sent = lab
+                .agent_counter(Mode::Netpol, "events_sent")
+                .saturating_sub(sent0);
+            let limited = lab
+                .agent_counter(Mode::Netpol, "events_rate_limited")
+                .saturating_sub(limited0);
+            println!(
+                "{secs:.1} s (agents {cpu:.1}% CPU{})",
+                if modes.contains(&Mode::Netpol) {
+                    format!(", netpol flow-log events: {sent} sent, {limited} rate-limited")
+                } else {
+                    String::new()
+                }
+            );
+            cells.push(Point {
+                policies: n,
+                size,
+                secs,
+                agents_cpu_pct: cpu,
+                netpol_events_sent: sent,
+                netpol_events_rate_limited: limited,
+            });
+            let base = summarize(&samples[&Mode::None].0);
+            for (&mode, (s, errors)) in &samples {
+                let summary = summarize(s);
+                let o = (mode != Mode::None).then(|| overhead(&base, &summary));
+                println!(
+                    "    {:<9} mean {:>8.1} us  p50 {:>8.1}  p99 {:>8.1}{}{}",
+                    mode.as_str(),
+                    summary.mean_us,
+                    summary.p50_us,
+                    summary.p99_us,
+                    o.map_or(String::new(), |o| format!(
+                        "   overhead: mean {:+.1}% (±{:.1}), p50 {:+.1}%",
+                        o.mean_pct, o.mean_ci95_pct, o.p50_pct
+                    )),
+                    if *errors > 0 {
+                        format!("  ({errors} failed)")
+                    } else {
+                        String::new()
+                    }
+                );
+                rows.push(Row {
+                    policies: n,
+                    size,
+                    mode,
+                    summary,
+                    errors: *errors,
+                    overhead: o,
+                });
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    print_tables(&rows, &policies, &sizes, &modes);
+    drop(lab);
+
+    if let Some(&max) = policies.iter().max()
+        && modes.iter().any(|m| m.is_netpol())
+    {
+        let parts: Vec<String> = sizes
+            .iter()
+            .filter_map(|&s| {
+                let r = rows
+                    .iter()
+                    .find(|r| r.policies == max && r.size == s && r.mode == Mode::NetpolNolog)?;
+                let o = r.overhead?;
+                Some(format!(
+                    "{} {:+.1}% (±{:.1}, p50 {:+.1}%)",
+                    size_label(s),
+                    o.mean_pct,
+                    o.mean_ci95_pct,
+                    o.p50_pct
+                ))
+            })
+            .collect();
+        if !parts.is_empty() {
+            println!(
+                "netpol-nolog (the datapath) at {max} policies, mean overhead over no enforcement: {} (bar: within 2%)",
+                parts.join(", ")
+            );
+        }
+    }
+    println!("({secs:.0} s)");
+
+    let out = Output {
+        benchmark: "latency",
+        machine: machine.clone(),
+        method: method.clone(),
+        policies: policies.clone(),
+        sizes: sizes.clone(),
+        requests,
+        chunk: args.chunk,
+        gap_us: args.gap_us,
+        iptables_backend: args.iptables_backend,
+        modes: modes.clone(),
+        setup,
+        policy_times,
+        cells,
+        rows,
+        secs,
+    };
+    if let Some(path) = &args.json {
+        write_json(path, &out)?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.svg {
+        plot(&out, &machine).write(path)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// The overhead tables: one per enforcing mode, sizes by policy counts.
+fn print_tables(rows: &[Row], policies: &[usize], sizes: &[usize], modes: &[Mode]) {
+    let find = |n: usize, s: usize, m: Mode| {
+        rows.iter()
+            .find(|r| r.policies == n && r.size == s && r.mode == m)
+    };
+    println!("\n== Latency per request (us): mean / p50 / p99");
+    print!("{:<8} {:>8}", "size", "policies");
+    for m in modes {
+        print!(" | {:^26}", m.as_str());
+    }
+    println!();
+    for &s in sizes {
+        for &n in policies {
+            print!("{:<8} {:>8}", size_label(s), n);
+            for &m in modes {
+                match find(n, s, m) {
+                    Some(r) => print!(
+                        " | {:>8.1} {:>8.1} {:>8.1}",
+                        r.summary.mean_us, r.summary.p50_us, r.summary.p99_us
+                    ),
+                    None => print!(" | {:^26}", "-"),
+                }
+            }
+            println!();
+        }
+    }
+    for &m in modes.iter().filter(|&&m| m != Mode::None) {
+        println!(
+            "\n== {m}: overhead of the mean over no enforcement, % (± half-width of the 95% CI); [p50 overhead]"
+        );
+        print!("{:<8}", "size");
+        for n in policies {
+            print!(" {:>20}", format!("{n} policies"));
+        }
+        println!();
+        for &s in sizes {
+            print!("{:<8}", size_label(s));
+            for &n in policies {
+                match find(n, s, m).and_then(|r| r.overhead) {
+                    Some(o) => print!(
+                        " {:>20}",
+                        format!(
+                            "{:+.1}±{:.1} [{:+.1}]",
+                            o.mean_pct, o.mean_ci95_pct, o.p50_pct
+                        )
+                    ),
+                    None => print!(" {:>20}", "-"),
+                }
+            }
+            println!();
+        }
+    }
+}
+
+/// Overhead over `none` by policy count: one column per size; the mean (the
+/// article's measure) on top, the median below.
+fn plot(out: &Output, machine: &Machine) -> svg::Figure {
+    let mut panels = Vec::new();
+    for (metric, label) in [("mean", "mean"), ("p50", "median")] {
+        for &s in &out.sizes {
+            panels.push(svg::Panel {
+                title: format!("{} responses: {label}", size_label(s)),
+                x_label: "policies selecting the server".into(),
+                y_label: format!("{label} latency over no enforcement (%)"),
+                x_ticks: out.policies.iter().map(|n| n.to_string()).collect(),
+                series: out
+                    .modes
+                    .iter()
+                    .filter(|&&m| m != Mode::None)
+                    .map(|&m| svg::Series {
+                        name: m.as_str().to_string(),
+                        values: out
+                            .policies
+                            .iter()
+                            .map(|&n| {
+                                out.rows
+                                    .iter()
+                                    .find(|r| r.policies == n && r.size == s && r.mode == m)
+                                    .and_then(|r| r.overhead)
+                                    .map(|o| {
+                                        if metric == "mean" {
+                                            o.mean_pct
+                                        } else {
+                                            o.p50_pct
+                                        }
+                                    })
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+                y_log: false,
+                guides: vec![(0.0, String::new()), (2.0, "2%".into())],
+            });
+        }
+    }
+    svg::Figure {
+        title: "HTTP latency over no enforcement, by number of policies".into(),
+        subtitle: format!(
+            "a new connection per request, {} requests per point and mode; {} CPUs, kernel {}; iptables: {}",
+            out.requests,
+            machine.cpus,
+            machine.kernel,
+            out.iptables_backend.as_str()
+        ),
+        columns: out.sizes.len().max(1),
+        panels,
+    }
+}

@@ -1,0 +1,77 @@
+//! Shared helpers of the netpol benchmark binaries. Benchmarks are programs
+//! that print numbers, never pass/fail tests.
+//!
+//! * [`benchlab`]: the lab the `latency`, `loadgen` and `e2e` benchmarks run
+//!   in: one client/server pod pair per enforcement mode, each pair on its
+//!   own two nodes, so the modes can be interleaved request by request;
+//! * [`iptables`]: enforcement the way iptables-based plugins do it
+//!   (a per-pod chain, conntrack first, a rule per policy, ipsets);
+//! * [`nginx`]: nginx inside a pod's netns, serving files of given sizes;
+//! * [`http`]: our HTTP/1.1 client (one request per connection, or keep-alive);
+//! * [`stats`], [`clock`], [`svg`], [`machine`]: summaries, a precise clock,
+//!   hand-written SVG charts and a description of the machine.
+
+pub mod benchlab;
+pub mod clock;
+pub mod http;
+pub mod iptables;
+pub mod machine;
+pub mod nginx;
+pub mod stats;
+pub mod svg;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Fails unless running as root (namespaces, eBPF, iptables).
+pub fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "the {what} benchmark creates network namespaces and loads eBPF programs: run it as root"
+        );
+    }
+    Ok(())
+}
+
+/// A binary next to the running executable (cargo puts every binary of a
+/// profile in the same directory): `netpol-agent`, `netpol-lab`.
+pub fn sibling_exe(name: &str) -> Result<PathBuf> {
+    let me = std::env::current_exe().context("finding the running executable")?;
+    let dir = me.parent().context("the executable has no directory")?;
+    for candidate in [dir.join(name), dir.join("..").join(name)] {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "{name} not found next to {}: build it (`cargo build --release -p {}`) or pass its path",
+        me.display(),
+        if name == "netpol-agent" {
+            "netpol-agent"
+        } else {
+            "netpol-lab"
+        }
+    )
+}
+
+/// Writes pretty JSON to `path`, creating its directory.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// `512 B`, `1 KB`, `10 KB`, `100 KB` (binary kilobytes, as the sizes are).
+pub fn size_label(bytes: usize) -> String {
+    if bytes >= 1024 && bytes.is_multiple_of(1024) {
+        format!("{} KB", bytes / 1024)
+    } else if bytes == 512 {
+        "0.5 KB".to_string()
+    } else {
+        format!("{bytes} B")
+    }
+}
