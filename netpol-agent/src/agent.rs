@@ -55,6 +55,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub flow_log: Option<PathBuf>,
     pub events_per_sec: u32,
+    /// Flow-log allowed new flows too (drops and audits always are).
+    pub log_allowed: bool,
     pub audit: bool,
     pub sizes: MapSizes,
     /// How often the source and the node are looked at.
@@ -130,7 +132,12 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
     dp.set_config(ConfigValue {
         generation,
         events_per_sec: cfg.events_per_sec,
-        flags: if cfg.audit { CFG_F_AUDIT_ALL } else { 0 },
+        flags: if cfg.audit { CFG_F_AUDIT_ALL } else { 0 }
+            | if cfg.log_allowed {
+                netpol_common::CFG_F_LOG_ALLOWED
+            } else {
+                0
+            },
         _pad: 0,
     })?;
     let applied = dp.read_maps().context("reading pinned maps")?;

@@ -93,6 +93,10 @@ struct RunArgs {
     /// Verdict events per second per CPU sent by the kernel (0: none).
     #[arg(long, default_value_t = 1000)]
     events_per_sec: u32,
+    /// Flow-log allowed new flows too (denied, revoked and audited ones are
+    /// always logged; an event per allowed connection costs CPU).
+    #[arg(long)]
+    log_allowed: bool,
     /// Audit mode for every pod: report what would be denied, pass it.
     #[arg(long)]
     audit: bool,
@@ -152,6 +156,7 @@ fn main() -> Result<()> {
                 state_dir: a.state_dir,
                 flow_log: a.flow_log,
                 events_per_sec: a.events_per_sec,
+                log_allowed: a.log_allowed,
                 audit: a.audit,
                 sizes: MapSizes {
                     endpoints: a.max_endpoints,

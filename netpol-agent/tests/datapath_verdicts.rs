@@ -350,7 +350,8 @@ impl Dp {
             config: ConfigValue {
                 generation: 1,
                 events_per_sec: 1_000_000,
-                flags: 0,
+                // Events for allowed flows too, so tests can check them.
+                flags: netpol_common::CFG_F_LOG_ALLOWED,
                 _pad: 0,
             },
         };

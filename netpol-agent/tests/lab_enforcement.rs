@@ -81,7 +81,9 @@ fn policies_enforced_across_routed_and_bridged_nodes() {
         return;
     }
     let lab = common::lab::up('e', PORTS);
-    let mut agents = start_agents(&lab, Path::new(AGENT), &[]).expect("start agents");
+    // Allowed flows are flow-logged too (off by default).
+    let mut agents =
+        start_agents(&lab, Path::new(AGENT), &["--log-allowed".to_string()]).expect("start agents");
     agents
         .wait_synced(&[], Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}"));

@@ -338,6 +338,10 @@ const _: () = assert!(core::mem::size_of::<FragValue>() == 8);
 
 /// Every endpoint is in audit mode.
 pub const CFG_F_AUDIT_ALL: u32 = 1 << 0;
+/// Send events for allowed new flows too (drops, revocations and audits are
+/// always sent). Off by default: on a busy node an event per new connection
+/// costs more than the verdict itself.
+pub const CFG_F_LOG_ALLOWED: u32 = 1 << 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -3,12 +3,13 @@
 
 use aya_ebpf::programs::TcContext;
 use netpol_common::{
-    CFG_F_AUDIT_ALL, ConfigValue, DIR_EGRESS, DIR_INGRESS, EP_F_AUDIT, EndpointValue, FAMILY_V6,
-    FlowKey, FlowValue, FragKey, FragValue, REASON_AUDIT, REASON_ESTABLISHED,
-    REASON_FRAGMENT_FOLLOWS, REASON_FRAGMENT_UNKNOWN, REASON_ICMP_ERROR_RELATED,
-    REASON_ICMP_ERROR_UNRELATED, REASON_MALFORMED, REASON_NEIGHBOR_DISCOVERY, REASON_NO_ENDPOINT,
-    REASON_NOT_IP, REASON_RECHECK_ALLOW, REASON_REPLY, REASON_REVOKED,
-    REASON_UNSUPPORTED_ETHERTYPE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VerdictEvent,
+    CFG_F_AUDIT_ALL, CFG_F_LOG_ALLOWED, ConfigValue, DIR_EGRESS, DIR_INGRESS, EP_F_AUDIT,
+    EndpointValue, FAMILY_V6, FlowKey, FlowValue, FragKey, FragValue, REASON_AUDIT,
+    REASON_ESTABLISHED, REASON_FRAGMENT_FOLLOWS, REASON_FRAGMENT_UNKNOWN,
+    REASON_ICMP_ERROR_RELATED, REASON_ICMP_ERROR_UNRELATED, REASON_MALFORMED,
+    REASON_NEIGHBOR_DISCOVERY, REASON_NO_ENDPOINT, REASON_NOT_IP, REASON_RECHECK_ALLOW,
+    REASON_REPLY, REASON_REVOKED, REASON_UNSUPPORTED_ETHERTYPE, VERDICT_ALLOW, VERDICT_AUDIT,
+    VERDICT_DENY, VerdictEvent,
 };
 
 use crate::{
@@ -329,19 +330,21 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
     } else {
         (VERDICT_DENY, d.reason)
     };
-    send_event(
-        s,
-        &cfg,
-        ifindex,
-        direction,
-        &ep,
-        verdict,
-        reason,
-        d.rule_id,
-        d.peer_identity,
-        len,
-        now,
-    );
+    if verdict != VERDICT_ALLOW || cfg.flags & CFG_F_LOG_ALLOWED != 0 {
+        send_event(
+            s,
+            &cfg,
+            ifindex,
+            direction,
+            &ep,
+            verdict,
+            reason,
+            d.rule_id,
+            d.peer_identity,
+            len,
+            now,
+        );
+    }
     count(direction, reason);
     if verdict == VERDICT_DENY {
         if s.pkt.frag == Frag::First {
