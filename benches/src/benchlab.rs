@@ -63,10 +63,13 @@ pub const POLICIES_FILE: &str = "bench-policies.json";
 pub enum Mode {
     /// No agent, no programs, no rules.
     None,
-    /// netpol-agent on both nodes as deployed (flow log on: a verdict event
-    /// for every new flow, up to `--events-per-sec`), the policies as manifests.
+    /// netpol-agent on both nodes with every new flow flow-logged
+    /// (`--log-allowed`: a verdict event and a JSON line per new flow, up to
+    /// `--events-per-sec`), the policies as manifests.
     Netpol,
     /// The same with `--events-per-sec 0`: the datapath alone, no flow log.
+    /// (The agent's default logs drops only, so with nothing denied this is
+    /// what a default deployment costs.)
     NetpolNolog,
     /// The iptables chain of [`crate::iptables`] in the server's node.
     Iptables,
@@ -330,7 +333,8 @@ impl BenchLab {
     }
 
     /// Starts `netpol-agent` on the nodes of the netpol modes (only there;
-    /// `netpol-nolog` adds `--events-per-sec 0`) and waits until all have
+    /// `netpol` adds `--log-allowed`, `netpol-nolog` `--events-per-sec 0`)
+    /// and waits until all have
     /// synced. Returns the seconds that took.
     pub fn start_agents(
         &mut self,
@@ -342,8 +346,12 @@ impl BenchLab {
         for mode in self.modes.clone().into_iter().filter(|m| m.is_netpol()) {
             let pair = self.pair(mode);
             let mut args = extra_args.to_vec();
-            if mode == Mode::NetpolNolog {
-                args.extend(["--events-per-sec".to_string(), "0".to_string()]);
+            match mode {
+                Mode::Netpol => args.push("--log-allowed".to_string()),
+                Mode::NetpolNolog => {
+                    args.extend(["--events-per-sec".to_string(), "0".to_string()]);
+                }
+                _ => {}
             }
             let mut agents = Vec::new();
             for node in [&pair.server_node, &pair.client_node] {
