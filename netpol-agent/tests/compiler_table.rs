@@ -4,7 +4,7 @@
 //! shape of the compiled maps (ids, sizes, flags) and of diffs.
 
 use netpol_agent::{
-    compiler::{Compiled, Compiler, MapUpdate, NodeInfo, compile, diff, reference, sim},
+    compiler::{Change, Compiled, Compiler, MapUpdate, NodeInfo, compile, diff, reference, sim},
     convert,
     model::{Cluster, ObjectRef, build::*},
 };
@@ -697,17 +697,24 @@ fn finished_pods_and_ip_reuse() {
         !tcp_ok(&c, "10.0.1.10", A, 5432),
         "a failed pod's IP carries no identity"
     );
-    let n1 = n1(&c);
-    let info = n1
+    let mut compiler = Compiler::new(nodes()[0].clone());
+    compiler.sync(&c);
+    let n1 = compiler.compiled();
+    let owners: Vec<Vec<ObjectRef>> = n1
         .identities
-        .values()
-        .find(|i| i.pods.contains(&ObjectRef::new("x", "new-web")))
+        .keys()
+        .map(|id| compiler.pods_with_identity(*id))
+        .collect();
+    let of_new_web = owners
+        .iter()
+        .find(|pods| pods.contains(&ObjectRef::new("x", "new-web")))
         .expect("new-web has an identity");
-    assert!(!info.pods.contains(&ObjectRef::new("x", "old-db")));
+    assert!(!of_new_web.contains(&ObjectRef::new("x", "old-db")));
     assert!(
-        n1.identities
-            .values()
-            .all(|i| !i.pods.contains(&ObjectRef::new("x", "failed-db"))),
+        owners
+            .iter()
+            .flatten()
+            .all(|p| p.name != "old-db" && p.name != "failed-db"),
         "finished pods have no identity"
     );
     assert!(
@@ -1273,20 +1280,33 @@ fn identity_table_describes_pods_prefixes_and_node_addresses() {
                 .from(pods(labels([("pod", "b")]))),
         ),
     );
-    let n1 = n1(&c);
+    let mut compiler = Compiler::new(nodes()[0].clone());
+    compiler.sync(&c);
+    let n1 = compiler.compiled();
     let of = |ip: &str| {
         sim::peer_lookup(&n1.maps, ip.parse().unwrap())
             .expect("every address has an identity")
             .identity
     };
     let b = &n1.identities[&of(B)];
-    assert_eq!(b.pods, [ObjectRef::new("x", "b")]);
+    assert_eq!(
+        (b.address, b.pod_ips),
+        (false, 1),
+        "b: a pod identity, one IP"
+    );
+    assert_eq!(
+        compiler.pods_with_identity(of(B)),
+        [ObjectRef::new("x", "b")]
+    );
     let ten = &n1.identities[&of("10.9.9.9")];
+    assert!(ten.address);
     assert!(ten.prefixes.contains(&"10.0.0.0/8".parse().unwrap()));
-    assert!(
-        ten.pods.contains(&ObjectRef::new("x", "a")),
+    assert_eq!(
+        compiler.pods_with_identity(of("10.9.9.9")),
+        [ObjectRef::new("x", "a"), ObjectRef::new("y", "c")],
         "a and c are just addresses in 10/8 here"
     );
+    assert_eq!(ten.pod_ips, 2);
     let world = &n1.identities[&of(OUTSIDE)];
     assert!(world.prefixes.contains(&"0.0.0.0/0".parse().unwrap()));
     assert!(
@@ -1295,4 +1315,228 @@ fn identity_table_describes_pods_prefixes_and_node_addresses() {
             .contains(&"192.168.0.1".parse().unwrap())
     );
     assert_ne!(of(B), of(A));
+}
+
+// ---------------------------------------------------------------------------
+// Address identities (ipBlocks) and incremental updates
+// ---------------------------------------------------------------------------
+
+#[test]
+fn ip_block_entries_are_keyed_on_the_address_identity() {
+    // b is both selected by label and inside the block: its entry carries a
+    // pod identity and the address identity of 10.0.0.0/16.
+    let c = base().policy(
+        policy("x", "p").select(labels([("pod", "a")])).ingress(
+            allow()
+                .from(block(cidr("10.0.0.0/16").except("10.0.2.0/24")))
+                .from(pods(labels([("pod", "b")])))
+                .port(tcp(80)),
+        ),
+    );
+    let n1 = n1(&c);
+    let peer = |ip: &str| sim::peer_lookup(&n1.maps, ip.parse().unwrap()).unwrap();
+    let (b, outside_pod, inside) = (peer(B), peer(C), peer("10.0.9.9"));
+    assert!(!n1.identities[&b.identity].address, "b has a pod identity");
+    assert_eq!(
+        b.cidr_identity, inside.identity,
+        "and the address identity of the block's addresses"
+    );
+    assert!(n1.identities[&inside.identity].address);
+    assert_eq!(
+        outside_pod.cidr_identity, 0,
+        "c: no selector distinguishes it, its identity is its address identity"
+    );
+    assert!(n1.identities[&outside_pod.identity].address);
+    let keys: Vec<u32> = n1.maps.policy.keys().map(|(k, _)| k.identity).collect();
+    assert_eq!(
+        keys.len(),
+        2,
+        "one entry for the block, one for the selector: {keys:?}"
+    );
+    assert!(keys.contains(&inside.identity) && keys.contains(&b.identity));
+    assert!(tcp_ok(&c, B, A, 80));
+    assert!(tcp_ok(&c, "10.0.9.9", A, 80));
+    assert!(!tcp_ok(&c, C, A, 80), "c is in the except");
+}
+
+#[test]
+fn egress_ip_block_with_a_named_port_resolves_on_the_destination_pod() {
+    let c = base()
+        .pod(
+            pod("y", "web")
+                .ip("10.0.2.11")
+                .node("n2")
+                .named_port("http", Protocol::Tcp, 8080),
+        )
+        .pod(
+            pod("y", "far")
+                .ip("10.9.0.1")
+                .node("n2")
+                .named_port("http", Protocol::Tcp, 8080),
+        )
+        .policy(
+            policy("x", "to-http")
+                .select(labels([("pod", "a")]))
+                .egress(
+                    allow()
+                        .to(ip_block("10.0.0.0/16"))
+                        .port(named(Protocol::Tcp, "http"))
+                        .port(udp(53)),
+                ),
+        );
+    assert!(tcp_ok(&c, A, "10.0.2.11", 8080), "in the block, resolves");
+    assert!(!tcp_ok(&c, A, "10.0.2.11", 9090));
+    assert!(
+        !tcp_ok(&c, A, "10.9.0.1", 8080),
+        "resolves, outside the block"
+    );
+    assert!(
+        !tcp_ok(&c, A, "10.0.9.9", 8080),
+        "in the block, but no pod: no named ports"
+    );
+    assert!(!tcp_ok(&c, A, C, 8080), "c has no port named http");
+    assert!(
+        allowed(&c, A, C, PROTO_UDP, 53),
+        "numbered ports: the block"
+    );
+    assert!(allowed(&c, A, "10.0.9.9", PROTO_UDP, 53));
+}
+
+#[test]
+fn apply_change_returns_the_updates_of_one_change() {
+    let node = nodes()[0].clone();
+    let mut compiler = Compiler::new(node.clone());
+    let initial = compiler.sync(
+        &base().policy(
+            policy("x", "from-b")
+                .select(labels([("pod", "a")]))
+                .ingress(allow().from(pods(labels([("pod", "b")]))).port(tcp(80))),
+        ),
+    );
+    assert!(!initial.revokes);
+    assert_eq!(
+        initial.updates.len(),
+        compiler.compiled().maps.policy.len() + {
+            let m = &compiler.compiled().maps;
+            m.peers_v4.len() + m.peers_v6.len() + m.endpoints.len()
+        }
+    );
+
+    // A remote pod starts matching the selector: its peer entry changes.
+    let before = compiler.compiled().clone();
+    let d = compiler.apply_change(Change::UpsertPod(
+        pod("x", "b2")
+            .labels([("pod", "b")])
+            .ip("10.0.1.3")
+            .node("n2"),
+    ));
+    assert_eq!(d, diff(&before, compiler.compiled()));
+    assert!(!d.revokes);
+    let b = sim::peer_lookup(&compiler.compiled().maps, B.parse().unwrap()).unwrap();
+    assert_eq!(
+        d.updates,
+        [MapUpdate::PeerV4 {
+            addr: "10.0.1.3".parse().unwrap(),
+            prefix_len: 32,
+            value: Some(b),
+        }],
+        "b2 joins b's identity: one peer entry, no policy entry"
+    );
+
+    // The policy goes: its entries go, the endpoint is no longer isolated.
+    let before = compiler.compiled().clone();
+    let d = compiler.apply_change(Change::RemovePolicy(ObjectRef::new("x", "from-b")));
+    assert_eq!(d, diff(&before, compiler.compiled()));
+    assert!(d.revokes);
+    assert!(compiler.compiled().maps.policy.is_empty());
+    assert_eq!(
+        compiler.compiled().maps.endpoints[&ObjectRef::new("x", "a")].flags,
+        0
+    );
+    assert_eq!(
+        canonical_sizes(compiler.compiled()),
+        canonical_sizes(&compile(
+            &base().pod(
+                pod("x", "b2")
+                    .labels([("pod", "b")])
+                    .ip("10.0.1.3")
+                    .node("n2")
+            ),
+            &node
+        ))
+    );
+}
+
+fn canonical_sizes(c: &Compiled) -> [usize; 5] {
+    [
+        c.maps.endpoints.len(),
+        c.maps.peers_v4.len(),
+        c.maps.peers_v6.len(),
+        c.maps.policy.len(),
+        c.identities.len(),
+    ]
+}
+
+#[test]
+fn a_selector_covering_whole_identities_renumbers_nothing() {
+    // Pods labelled pod=b (in x) already have an identity; a new policy
+    // whose peer selects exactly them adds entries and rewrites no peer.
+    let node = nodes()[0].clone();
+    let mut compiler = Compiler::new(node);
+    compiler.sync(
+        &base()
+            .pod(
+                pod("x", "b2")
+                    .labels([("pod", "b")])
+                    .ip("10.0.1.3")
+                    .node("n2"),
+            )
+            .policy(
+                policy("x", "from-b")
+                    .select(labels([("pod", "a")]))
+                    .ingress(allow().from(pods(labels([("pod", "b")]))).port(tcp(80))),
+            ),
+    );
+    let d = compiler.apply_change(Change::UpsertPolicy(
+        policy("x", "b-again")
+            .select(labels([("pod", "a")]))
+            .ingress(
+                allow()
+                    .from(pods(all().key_in("pod", ["b"])))
+                    .port(tcp(443)),
+            ),
+    ));
+    assert!(!d.revokes);
+    assert!(
+        d.updates
+            .iter()
+            .all(|u| matches!(u, MapUpdate::Policy { .. } | MapUpdate::Endpoint { .. })),
+        "{:#?}",
+        d.updates
+    );
+    assert!(
+        d.updates
+            .iter()
+            .any(|u| matches!(u, MapUpdate::Policy { .. }))
+    );
+}
+
+#[test]
+fn setting_the_node_recompiles_for_it() {
+    let c = base().policy(policy("x", "deny").select(all()).deny_ingress());
+    let mut compiler = Compiler::new(nodes()[0].clone());
+    compiler.sync(&c);
+    let d = compiler.apply_change(Change::SetNode(nodes()[1].clone()));
+    assert!(d.revokes, "n1's endpoints and node addresses go");
+    let (now, fresh) = (&compiler.compiled().maps, compile(&c, &nodes()[1]).maps);
+    assert_eq!(now.peers_v4, fresh.peers_v4);
+    assert_eq!(now.peers_v6, fresh.peers_v6);
+    let flags = |m: &netpol_agent::compiler::Maps| -> Vec<(ObjectRef, u32)> {
+        m.endpoints
+            .iter()
+            .map(|(p, e)| (p.clone(), e.flags))
+            .collect()
+    };
+    assert_eq!(flags(now), flags(&fresh), "n2's endpoints (with new ids)");
+    assert_eq!(compiler.compiled().node, "n2");
 }

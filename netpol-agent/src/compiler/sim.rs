@@ -6,7 +6,8 @@
 //! 2. the peer address (source for ingress, destination for egress) -> LPM
 //!    lookup in the peer map; ingress from a `PEER_F_HOST` address -> allow;
 //! 3. policy LPM lookup at prefix 96 with the peer's identity, its distinct
-//!    address-only identity (`cidr_identity`, if any), then `IDENTITY_ANY`; a match allows, anything else denies. Port-less
+//!    address-only identity (`cidr_identity`, if non-zero and different),
+//!    then `IDENTITY_ANY`; a match allows, anything else denies. Port-less
 //!    protocols (ICMP echo) are looked up with port 0.
 //!
 //! A connection is allowed when the source pod's egress (on its node) and the
@@ -88,9 +89,10 @@ pub fn endpoint_verdict(
     if ep.flags & isolated == 0 {
         return Verdict::NotIsolated;
     }
-    let Some(peer) = peer_lookup(maps, peer) else {
-        return Verdict::Deny; // no /0 entry: never written by the compiler
-    };
+    // No entry (the compiler always writes both /0, so only while maps are
+    // being filled): the datapath's "unknown" identity, which only "any
+    // peer" rules match.
+    let peer = peer_lookup(maps, peer).unwrap_or(PeerValue::new(IDENTITY_UNKNOWN, 0));
     if direction == DIR_INGRESS && peer.flags & PEER_F_HOST != 0 {
         return Verdict::Host;
     }
@@ -116,6 +118,9 @@ pub fn endpoint_verdict(
     }
     Verdict::Deny
 }
+
+/// The identity the datapath gives an address no peer entry covers.
+const IDENTITY_UNKNOWN: u32 = u32::MAX;
 
 /// Longest-prefix match in the peer map of the address's family.
 pub fn peer_lookup(maps: &Maps, ip: IpAddr) -> Option<PeerValue> {
