@@ -35,6 +35,37 @@ pub fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
+// The binaries an end-to-end benchmark runs, and extra agent arguments
+// (flattened into each benchmark's command line; a doc comment here would
+// show up in every benchmark's --help).
+#[derive(clap::Args, Debug, Clone)]
+pub struct Binaries {
+    /// netpol-agent binary [default: next to this one].
+    #[arg(long)]
+    pub agent: Option<PathBuf>,
+    /// netpol-lab binary (pod servers) [default: next to this one].
+    #[arg(long)]
+    pub lab_bin: Option<PathBuf>,
+    /// Extra argument for the agents (repeat for several).
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    pub agent_args: Vec<String>,
+}
+
+impl Binaries {
+    /// The agent and lab binaries: as given, or next to this executable.
+    pub fn resolve(&self) -> Result<(PathBuf, PathBuf)> {
+        let agent = match &self.agent {
+            Some(p) => p.clone(),
+            None => sibling_exe("netpol-agent")?,
+        };
+        let lab_bin = match &self.lab_bin {
+            Some(p) => p.clone(),
+            None => sibling_exe("netpol-lab")?,
+        };
+        Ok((agent, lab_bin))
+    }
+}
+
 /// A binary next to the running executable (cargo puts every binary of a
 /// profile in the same directory): `netpol-agent`, `netpol-lab`.
 pub fn sibling_exe(name: &str) -> Result<PathBuf> {

@@ -39,11 +39,12 @@ use std::{
 use anyhow::{Result, anyhow, bail};
 use clap::Parser;
 use netpol_benches::{
+    Binaries,
     benchlab::{BenchLab, Mode, NAMESPACE, SERVE_PORT},
     clock,
     iptables::Backend,
     machine::Machine,
-    require_root, sibling_exe,
+    require_root,
     stats::median_and,
     write_json,
 };
@@ -75,15 +76,8 @@ struct Args {
     /// The agents' `--poll-ms` [default: the agent's own default].
     #[arg(long)]
     poll_ms: Option<u64>,
-    /// netpol-agent binary [default: next to this one].
-    #[arg(long)]
-    agent: Option<PathBuf>,
-    /// netpol-lab binary (pod servers) [default: next to this one].
-    #[arg(long)]
-    lab_bin: Option<PathBuf>,
-    /// Extra argument for the agents (repeat for several).
-    #[arg(long = "agent-arg", allow_hyphen_values = true)]
-    agent_args: Vec<String>,
+    #[command(flatten)]
+    bins: Binaries,
     /// Lab name.
     #[arg(long, default_value = "npb-e2e")]
     lab: String,
@@ -270,14 +264,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     require_root("e2e")?;
     let changes = args.changes.unwrap_or(if args.quick { 30 } else { 100 });
-    let agent = match &args.agent {
-        Some(p) => p.clone(),
-        None => sibling_exe("netpol-agent")?,
-    };
-    let lab_bin = match &args.lab_bin {
-        Some(p) => p.clone(),
-        None => sibling_exe("netpol-lab")?,
-    };
+    let (agent, lab_bin) = args.bins.resolve()?;
     let machine = Machine::describe();
     let method = format!(
         "a policy file written into (or removed from) the manifests dir -> the first new TCP connection that sees the new verdict; \
@@ -300,7 +287,7 @@ fn main() -> Result<()> {
         args.fake_pods,
         t.elapsed().as_secs_f64()
     );
-    let mut agent_args = args.agent_args.clone();
+    let mut agent_args = args.bins.agent_args.clone();
     if let Some(p) = args.poll_ms {
         agent_args.extend(["--poll-ms".to_string(), p.to_string()]);
     }

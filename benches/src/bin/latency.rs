@@ -32,11 +32,12 @@ use std::{
 use anyhow::{Result, bail};
 use clap::Parser;
 use netpol_benches::{
+    Binaries,
     benchlab::{BenchLab, Mode},
     clock, http,
     iptables::Backend,
     machine::Machine,
-    nginx, require_root, sibling_exe, size_label,
+    nginx, require_root, size_label,
     stats::{Overhead, Summary, overhead, summarize},
     svg, write_json,
 };
@@ -76,15 +77,8 @@ struct Args {
     /// nginx worker processes.
     #[arg(long, default_value_t = 1)]
     nginx_workers: usize,
-    /// netpol-agent binary [default: next to this one].
-    #[arg(long)]
-    agent: Option<PathBuf>,
-    /// netpol-lab binary (pod servers) [default: next to this one].
-    #[arg(long)]
-    lab_bin: Option<PathBuf>,
-    /// Extra argument for the agents (repeat for several).
-    #[arg(long = "agent-arg", allow_hyphen_values = true)]
-    agent_args: Vec<String>,
+    #[command(flatten)]
+    bins: Binaries,
     /// Lab name.
     #[arg(long, default_value = "npb-latency")]
     lab: String,
@@ -235,14 +229,7 @@ fn main() -> Result<()> {
     }
     modes.sort();
     modes.dedup();
-    let agent = match &args.agent {
-        Some(p) => p.clone(),
-        None => sibling_exe("netpol-agent")?,
-    };
-    let lab_bin = match &args.lab_bin {
-        Some(p) => p.clone(),
-        None => sibling_exe("netpol-lab")?,
-    };
+    let (agent, lab_bin) = args.bins.resolve()?;
     let machine = Machine::describe();
     let method = format!(
         "HTTP/1.1 GET, a new TCP connection per request (Connection: close), timed from connect to the last body byte; \
@@ -268,7 +255,7 @@ fn main() -> Result<()> {
     setup.insert("lab_up_secs".to_string(), started.elapsed().as_secs_f64());
     lab.start_nginx(&sizes, args.nginx_workers)?;
     if modes.iter().any(|m| m.is_netpol()) {
-        let secs = lab.start_agents(&agent, &args.agent_args, Duration::from_secs(300))?;
+        let secs = lab.start_agents(&agent, &args.bins.agent_args, Duration::from_secs(300))?;
         println!("  agents started and synced in {secs:.1} s");
         setup.insert("agents_start_secs".to_string(), secs);
     }

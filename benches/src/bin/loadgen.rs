@@ -44,11 +44,12 @@ use anyhow::{Context as _, Result, anyhow};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use netpol_benches::{
+    Binaries,
     benchlab::{BenchLab, Mode},
     clock, http,
     iptables::Backend,
     machine::Machine,
-    nginx, require_root, sibling_exe, size_label, svg, write_json,
+    nginx, require_root, size_label, svg, write_json,
 };
 use netpol_lab::netns::{enter_netns, open_netns};
 use serde::Serialize;
@@ -134,15 +135,8 @@ struct Args {
     /// nginx worker processes.
     #[arg(long, default_value_t = 1)]
     nginx_workers: usize,
-    /// netpol-agent binary [default: next to this one].
-    #[arg(long)]
-    agent: Option<PathBuf>,
-    /// netpol-lab binary (pod servers) [default: next to this one].
-    #[arg(long)]
-    lab_bin: Option<PathBuf>,
-    /// Extra argument for the agents (repeat for several).
-    #[arg(long = "agent-arg", allow_hyphen_values = true)]
-    agent_args: Vec<String>,
+    #[command(flatten)]
+    bins: Binaries,
     /// Lab name.
     #[arg(long, default_value = "npb-loadgen")]
     lab: String,
@@ -399,14 +393,7 @@ fn main() -> Result<()> {
     modes.push(Mode::None);
     modes.sort();
     modes.dedup();
-    let agent = match &args.agent {
-        Some(p) => p.clone(),
-        None => sibling_exe("netpol-agent")?,
-    };
-    let lab_bin = match &args.lab_bin {
-        Some(p) => p.clone(),
-        None => sibling_exe("netpol-lab")?,
-    };
+    let (agent, lab_bin) = args.bins.resolve()?;
     let machine = Machine::describe();
     let method = format!(
         "open loop: requests due at a constant rate over {} client threads, latency from the due time to the last byte (HdrHistogram); {}; \
@@ -430,7 +417,7 @@ fn main() -> Result<()> {
     all_sizes.dedup();
     lab.start_nginx(&all_sizes, args.nginx_workers)?;
     if modes.iter().any(|m| m.is_netpol()) {
-        lab.start_agents(&agent, &args.agent_args, Duration::from_secs(300))?;
+        lab.start_agents(&agent, &args.bins.agent_args, Duration::from_secs(300))?;
     }
     let times = lab.set_policies(args.policies, Duration::from_secs(300))?;
     lab.check_enforcement()?;
