@@ -78,37 +78,67 @@ pub fn diff_maps(old: &Maps, new: &Maps) -> Diff {
     let (v6_up, v6_del) = changes(&old.peers_v6, &new.peers_v6, &mut revokes);
     let (ep_up, ep_del) = changes(&old.endpoints, &new.endpoints, &mut revokes);
 
-    let policy =
-        |((key, prefix_len), value): ((PolicyKey, u32), Option<PolicyValue>)| MapUpdate::Policy {
-            key,
-            prefix_len,
-            value,
-        };
-    let v4 = |((addr, prefix_len), value)| MapUpdate::PeerV4 {
-        addr,
-        prefix_len,
-        value,
-    };
-    let v6 = |((addr, prefix_len), value)| MapUpdate::PeerV6 {
-        addr,
-        prefix_len,
-        value,
-    };
-    let ep = |(pod, value)| MapUpdate::Endpoint { pod, value };
+    ordered(
+        (policy_up, policy_del),
+        (v4_up, v4_del),
+        (v6_up, v6_del),
+        (ep_up, ep_del),
+        revokes,
+    )
+}
 
+/// The updates of each map as (upserts, deletes), put in the safe order of
+/// [`Diff::updates`]: upserts of policy entries, peers, endpoints, then
+/// deletes of endpoints, peers, policy entries. Shared by [`diff_maps`] and
+/// the compiler's journal.
+pub(super) fn ordered(
+    policy: (
+        Changes<(PolicyKey, u32), PolicyValue>,
+        Changes<(PolicyKey, u32), PolicyValue>,
+    ),
+    v4: (
+        Changes<(Ipv4Addr, u8), PeerValue>,
+        Changes<(Ipv4Addr, u8), PeerValue>,
+    ),
+    v6: (
+        Changes<(Ipv6Addr, u8), PeerValue>,
+        Changes<(Ipv6Addr, u8), PeerValue>,
+    ),
+    ep: (
+        Changes<PodRef, EndpointValue>,
+        Changes<PodRef, EndpointValue>,
+    ),
+    revokes: bool,
+) -> Diff {
+    let p = |((key, prefix_len), value)| MapUpdate::Policy {
+        key,
+        prefix_len,
+        value,
+    };
+    let a4 = |((addr, prefix_len), value)| MapUpdate::PeerV4 {
+        addr,
+        prefix_len,
+        value,
+    };
+    let a6 = |((addr, prefix_len), value)| MapUpdate::PeerV6 {
+        addr,
+        prefix_len,
+        value,
+    };
+    let e = |(pod, value)| MapUpdate::Endpoint { pod, value };
     let mut updates = Vec::new();
-    updates.extend(policy_up.into_iter().map(policy));
-    updates.extend(v4_up.into_iter().map(v4));
-    updates.extend(v6_up.into_iter().map(v6));
-    updates.extend(ep_up.into_iter().map(ep));
-    updates.extend(ep_del.into_iter().map(ep));
-    updates.extend(v4_del.into_iter().map(v4));
-    updates.extend(v6_del.into_iter().map(v6));
-    updates.extend(policy_del.into_iter().map(policy));
+    updates.extend(policy.0.into_iter().map(p));
+    updates.extend(v4.0.into_iter().map(a4));
+    updates.extend(v6.0.into_iter().map(a6));
+    updates.extend(ep.0.into_iter().map(e));
+    updates.extend(ep.1.into_iter().map(e));
+    updates.extend(v4.1.into_iter().map(a4));
+    updates.extend(v6.1.into_iter().map(a6));
+    updates.extend(policy.1.into_iter().map(p));
     Diff { updates, revokes }
 }
 
-type Changes<K, V> = Vec<(K, Option<V>)>;
+pub(super) type Changes<K, V> = Vec<(K, Option<V>)>;
 
 /// (upserts, deletes) between two maps; sets `revokes` when an existing key
 /// changes or goes.

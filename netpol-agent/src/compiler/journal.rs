@@ -10,7 +10,7 @@ use std::{
 use ipnet::IpNet;
 use netpol_common::{EndpointValue, PeerValue, PolicyKey, PolicyValue};
 
-use super::{Diff, MapUpdate, Maps, hash::NumMap};
+use super::{Diff, Maps, diff::Changes, hash::NumMap};
 use crate::model::PodRef;
 
 /// For every key written since the last [`Journal::take_diff`], the value it
@@ -75,36 +75,15 @@ impl Journal {
         let (v4_up, v4_del) = changes(&mut self.peers_v4, &maps.peers_v4, &mut revokes);
         let (v6_up, v6_del) = changes(&mut self.peers_v6, &maps.peers_v6, &mut revokes);
         let (ep_up, ep_del) = changes(&mut self.endpoints, &maps.endpoints, &mut revokes);
-        let policy = |((key, prefix_len), value)| MapUpdate::Policy {
-            key,
-            prefix_len,
-            value,
-        };
-        let v4 = |((addr, prefix_len), value)| MapUpdate::PeerV4 {
-            addr,
-            prefix_len,
-            value,
-        };
-        let v6 = |((addr, prefix_len), value)| MapUpdate::PeerV6 {
-            addr,
-            prefix_len,
-            value,
-        };
-        let ep = |(pod, value)| MapUpdate::Endpoint { pod, value };
-        let mut updates = Vec::new();
-        updates.extend(policy_up.into_iter().map(policy));
-        updates.extend(v4_up.into_iter().map(v4));
-        updates.extend(v6_up.into_iter().map(v6));
-        updates.extend(ep_up.into_iter().map(ep));
-        updates.extend(ep_del.into_iter().map(ep));
-        updates.extend(v4_del.into_iter().map(v4));
-        updates.extend(v6_del.into_iter().map(v6));
-        updates.extend(policy_del.into_iter().map(policy));
-        Diff { updates, revokes }
+        super::diff::ordered(
+            (policy_up, policy_del),
+            (v4_up, v4_del),
+            (v6_up, v6_del),
+            (ep_up, ep_del),
+            revokes,
+        )
     }
 }
-
-type Changes<K, V> = Vec<(K, Option<V>)>;
 
 /// (upserts, deletes) in key order for the journaled keys; sets `revokes`
 /// when an existing key changes or goes.
