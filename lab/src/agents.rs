@@ -20,8 +20,51 @@ pub struct AgentProc {
     pub flow_log: PathBuf,
     pub log: PathBuf,
     agent_bin: PathBuf,
-    manifests: PathBuf,
+    source: AgentSource,
     extra_args: Vec<String>,
+}
+
+/// Where agents read the cluster from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentSource {
+    /// `--source dir:<dir>`: the lab's manifests directory.
+    Dir(PathBuf),
+    /// `--source kube --kubeconfig <file>`: the lab's API server, with a token of the
+    /// ServiceAccount that `deploy/` creates.
+    Kube { kubeconfig: PathBuf },
+}
+
+impl AgentSource {
+    /// The lab's manifests directory.
+    pub fn dir(lab: &LabState) -> AgentSource {
+        AgentSource::Dir(lab.manifests_dir.clone())
+    }
+
+    /// The lab's API server, after installing netpol's `deploy/` into it (`kubectl apply -k`)
+    /// and minting a token of its ServiceAccount.
+    pub fn kube(lab: &LabState, deploy_dir: &Path) -> Result<AgentSource, String> {
+        let cp = lab.control_plane.as_ref().ok_or_else(|| {
+            format!(
+                "lab {} has no control plane: the kube source needs `netpol-lab up --control-plane`",
+                lab.name
+            )
+        })?;
+        let kubeconfig =
+            crate::controlplane::install_netpol(cp, deploy_dir).map_err(|e| e.to_string())?;
+        Ok(AgentSource::Kube { kubeconfig })
+    }
+
+    fn args(&self) -> Vec<String> {
+        match self {
+            AgentSource::Dir(dir) => vec!["--source".into(), format!("dir:{}", dir.display())],
+            AgentSource::Kube { kubeconfig } => vec![
+                "--source".into(),
+                "kube".into(),
+                "--kubeconfig".into(),
+                kubeconfig.display().to_string(),
+            ],
+        }
+    }
 }
 
 const BPFFS: &str = "/sys/fs/bpf";
@@ -74,6 +117,17 @@ impl AgentProc {
         agent_bin: &Path,
         extra_args: &[String],
     ) -> std::io::Result<AgentProc> {
+        Self::start_with(lab, node, agent_bin, &AgentSource::dir(lab), extra_args)
+    }
+
+    /// Start the agent for `node` reading `source`.
+    pub fn start_with(
+        lab: &LabState,
+        node: &NodeState,
+        agent_bin: &Path,
+        source: &AgentSource,
+        extra_args: &[String],
+    ) -> std::io::Result<AgentProc> {
         let (bpffs_root, state_dir) = agent_paths(lab, node);
         std::fs::create_dir_all(&state_dir)?;
         let mut a = AgentProc {
@@ -84,7 +138,7 @@ impl AgentProc {
             bpffs_root,
             state_dir,
             agent_bin: agent_bin.to_path_buf(),
-            manifests: lab.manifests_dir.clone(),
+            source: source.clone(),
             extra_args: extra_args.to_vec(),
         };
         a.spawn(&node.netns_path())?;
@@ -100,8 +154,7 @@ impl AgentProc {
             .arg("run")
             .arg("--node")
             .arg(&self.node)
-            .arg("--source")
-            .arg(format!("dir:{}", self.manifests.display()))
+            .args(self.source.args())
             .arg("--bpffs-root")
             .arg(&self.bpffs_root)
             .arg("--state-dir")
@@ -205,6 +258,16 @@ pub fn start_agents(
     agent_bin: &Path,
     extra_args: &[String],
 ) -> std::io::Result<Agents> {
+    start_agents_with(lab, agent_bin, &AgentSource::dir(lab), extra_args)
+}
+
+/// Start one agent per node, reading `source`.
+pub fn start_agents_with(
+    lab: &LabState,
+    agent_bin: &Path,
+    source: &AgentSource,
+    extra_args: &[String],
+) -> std::io::Result<Agents> {
     let mut agents = Vec::new();
     for node in &lab.nodes {
         // A previous run's pins under the same root would be adopted; a
@@ -216,7 +279,9 @@ pub fn start_agents(
             .arg(&bpffs)
             .stdout(Stdio::null())
             .status();
-        agents.push(AgentProc::start(lab, node, agent_bin, extra_args)?);
+        agents.push(AgentProc::start_with(
+            lab, node, agent_bin, source, extra_args,
+        )?);
     }
     Ok(Agents { agents })
 }

@@ -33,6 +33,7 @@ use std::{
 
 use crate::{
     Lab,
+    controlplane::{self, ControlPlaneSpec, ControlPlaneState},
     manifests::{pod_manifest_file, write_manifests, write_namespace_manifest, write_pod_manifest},
     netns::{is_alive, list_netns, processes_in, terminate, write_sysctls},
     server::{self, ServerError},
@@ -59,6 +60,8 @@ pub enum LabError {
     Server(#[from] ServerError),
     #[error(transparent)]
     Change(#[from] ChangeError),
+    #[error("control plane: {0}")]
+    ControlPlane(#[from] crate::controlplane::ControlPlaneError),
     #[error("lab {lab:?} is already up (state file {path}); run `netpol-lab down {lab}` first")]
     AlreadyUp { lab: String, path: PathBuf },
     #[error("`{command}` failed: {stderr}")]
@@ -78,6 +81,8 @@ pub struct UpOptions {
     pub manifests_dir: Option<PathBuf>,
     /// The `netpol-lab` binary that runs pod servers; default [`server::server_exe`].
     pub server_exe: Option<PathBuf>,
+    /// A Kubernetes control plane, overriding the cluster file's `controlPlane`.
+    pub control_plane: Option<ControlPlaneSpec>,
 }
 
 /// What [`down`] removed.
@@ -104,6 +109,11 @@ impl DownReport {
 /// Leftovers of an earlier lab of the same name without a state file are removed first; a lab
 /// that is up (has a state file) is an error. On failure everything created is removed again.
 pub fn up(spec: &ClusterSpec, options: &UpOptions) -> Result<LabState, LabError> {
+    let mut spec = spec.clone();
+    if let Some(cp) = &options.control_plane {
+        spec.control_plane = Some(cp.clone());
+    }
+    let spec = &spec;
     spec.validate()?;
     let lab = spec.name.as_str();
     let path = state_file(lab);
@@ -122,6 +132,9 @@ pub fn up(spec: &ClusterSpec, options: &UpOptions) -> Result<LabState, LabError>
     };
     let mut state = LabState::plan(spec, options.manifests_dir.clone());
     state.server_exe = Some(exe.clone());
+    if let Some(cp) = &spec.control_plane {
+        state.control_plane = Some(ControlPlaneState::plan(&state, cp));
+    }
     fs::create_dir_all(&state.state_dir).map_err(|source| LabError::Io {
         context: format!("create {}", state.state_dir.display()),
         source,
@@ -142,11 +155,17 @@ fn build(state: &mut LabState, exe: &Path) -> Result<(), LabError> {
     for node in &state.nodes {
         create_node(state, node)?;
     }
+    if state.control_plane.is_some() {
+        start_control_plane(state)?;
+    }
     for pod in &state.pods {
         create_pod(state.node_of(pod), pod)?;
     }
     start_servers(state, exe)?;
     state.save()?;
+    if state.control_plane.is_some() {
+        finish_control_plane(state)?;
+    }
     state.manifests = write_manifests(state)?;
     state.save()?;
     Ok(())
@@ -342,6 +361,9 @@ pub fn add_pod(lab: &str, pod: PodSpec, options: &AddPodOptions) -> Result<PodSt
             // Best effort: the error that matters is the one that stopped `add_pod`.
             let _ = delete_pod(&node, &pod);
             let _ = remove_pod_manifest(&state, &pod);
+            if let Some(cp) = &state.control_plane {
+                let _ = controlplane::finish_delete_pod(cp, &pod);
+            }
             Err(e)
         }
     }
@@ -354,15 +376,26 @@ fn start_pod(
     pod: &mut PodState,
     exe: &Path,
 ) -> Result<(), LabError> {
+    let cp = state.control_plane.clone();
+    if let Some(cp) = &cp {
+        // The Pod object exists (scheduled to its node) before its kubelet sets it up.
+        controlplane::create_pod(state, cp, pod)?;
+    }
     create_pod(node, pod)?;
     let starting = server::spawn(exe, pod, state.server_log(pod))?;
     pod.server_pid = Some(starting.wait_ready(SERVER_READY_TIMEOUT)?);
+    if let Some(cp) = &cp {
+        controlplane::report_running(state, cp, &[pod])?;
+        controlplane::write_resolv_conf(cp, pod)?;
+        pod.service_ips = controlplane::service_ips(cp, pod)?;
+    }
     if let Some(recorded) = state
         .pods
         .iter_mut()
         .find(|p| p.namespace == pod.namespace && p.name == pod.name)
     {
         recorded.server_pid = pod.server_pid;
+        recorded.service_ips = pod.service_ips.clone();
     }
     let path = write_pod_manifest(state, pod)?;
     if !state.manifests.contains(&path) {
@@ -383,7 +416,15 @@ pub fn remove_pod(lab: &str, namespace: &str, name: &str) -> Result<PodState, La
         .node(&pod.node)
         .expect("state invariant: every pod's node exists")
         .clone();
+    if let Some(cp) = &state.control_plane {
+        // The user's delete: the pod turns Terminating while its kubelet tears it down.
+        controlplane::begin_delete_pod(cp, &pod)?;
+    }
     delete_pod(&node, &pod)?;
+    if let Some(cp) = &state.control_plane {
+        controlplane::finish_delete_pod(cp, &pod)?;
+        let _ = fs::remove_dir_all(Path::new("/etc/netns").join(&pod.netns));
+    }
     let manifest = remove_pod_manifest(&state, &pod)?;
     state.manifests.retain(|path| path != &manifest);
     state.save()?;
@@ -400,7 +441,14 @@ pub fn set_pod_labels(
 ) -> Result<PodState, LabError> {
     let _lock = lock(lab)?;
     let mut state = LabState::load(lab)?;
+    let old = state
+        .pod(namespace, name)
+        .map(|p| p.labels.clone())
+        .unwrap_or_default();
     let pod = state.relabel_pod(namespace, name, labels)?;
+    if let Some(cp) = &state.control_plane {
+        controlplane::set_labels(cp, "pod", Some(namespace), name, &old, &pod.labels)?;
+    }
     write_pod_manifest(&state, &pod)?;
     state.save()?;
     Ok(pod)
@@ -415,7 +463,24 @@ pub fn set_namespace_labels(
 ) -> Result<(), LabError> {
     let _lock = lock(lab)?;
     let mut state = LabState::load(lab)?;
+    let old = state
+        .spec
+        .namespaces
+        .iter()
+        .find(|n| n.name == namespace)
+        .map(|n| n.labels.clone())
+        .unwrap_or_default();
     state.relabel_namespace(namespace, labels)?;
+    if let Some(cp) = &state.control_plane {
+        let new = state
+            .spec
+            .namespaces
+            .iter()
+            .find(|n| n.name == namespace)
+            .map(|n| n.labels.clone())
+            .unwrap_or_default();
+        controlplane::set_labels(cp, "namespace", None, namespace, &old, &new)?;
+    }
     write_namespace_manifest(&state, namespace)?;
     state.save()?;
     Ok(())
@@ -516,6 +581,71 @@ fn remove_pod_manifest(state: &LabState, pod: &PodState) -> Result<PathBuf, LabE
             source,
         }),
     }
+}
+
+/// The control plane's netns on the fabric (host 253), then etcd, kube-apiserver and
+/// kube-controller-manager in it; then the cluster's objects: Nodes, Namespaces, Pods (not yet
+/// running) and their Services, and the CoreDNS pod's.
+fn start_control_plane(state: &mut LabState) -> Result<(), LabError> {
+    let mut cp = state.control_plane.clone().expect("caller checked");
+    let f = &state.fabric;
+    let (ns, fabric, br, port) = (
+        cp.netns.as_str(),
+        f.netns.as_str(),
+        f.bridge.as_str(),
+        cp.fabric_port.as_str(),
+    );
+    add_netns(ns)?;
+    sysctls(ns, &[common_sysctls(), forwarding("0")].concat())?;
+    ip!("-n {ns} link add eth0 type veth peer name {port} netns {fabric}")?;
+    ip!("-n {fabric} link set {port} master {br} up")?;
+    let (ip4, len4, ip6, len6) = (
+        cp.ip_v4,
+        f.cidr_v4.prefix_len(),
+        cp.ip_v6,
+        f.cidr_v6.prefix_len(),
+    );
+    ip!("-n {ns} addr add {ip4}/{len4} dev eth0")?;
+    ip!("-n {ns} addr add {ip6}/{len6} dev eth0 nodad")?;
+    ip!("-n {ns} link set eth0 up")?;
+    // Pods talk to the API server (CoreDNS does): answers go back via their node.
+    for node in &state.nodes {
+        let (cidr4, via4, cidr6, via6) =
+            (node.pod_cidr_v4, node.ip_v4, node.pod_cidr_v6, node.ip_v6);
+        ip!("-n {ns} route add {cidr4} via {via4}")?;
+        ip!("-n {ns} -6 route add {cidr6} via {via6}")?;
+    }
+    controlplane::start(&mut cp)?;
+    if cp.spec.dns {
+        let dns = controlplane::dns_pod_spec(state);
+        state.plan_system_pod(&dns);
+    }
+    state.control_plane = Some(cp.clone());
+    state.save()?;
+    controlplane::register(state, &cp)?;
+    Ok(())
+}
+
+/// Once the pods run: CoreDNS, the pods' status (Running, podIPs), kube-proxy on every node,
+/// and waits until Services reach their pods from every node.
+fn finish_control_plane(state: &mut LabState) -> Result<(), LabError> {
+    let mut cp = state.control_plane.clone().expect("caller checked");
+    for pod in &state.system_pods {
+        create_pod(state.node_of(pod), pod)?;
+        controlplane::start_dns(&mut cp, pod)?;
+    }
+    let running: Vec<&PodState> = state.pods.iter().chain(&state.system_pods).collect();
+    controlplane::report_running(state, &cp, &running)?;
+    controlplane::start_proxies(state, &mut cp)?;
+    state.control_plane = Some(cp.clone());
+    state.save()?;
+    for pod in &state.pods {
+        controlplane::write_resolv_conf(&cp, pod)?;
+    }
+    controlplane::wait_endpoints(state, &cp)?;
+    controlplane::read_service_ips(state, &cp)?;
+    controlplane::wait_proxies(state, &cp)?;
+    Ok(())
 }
 
 /// Sysctls of every lab netns: `lo` up is done by `add_netns`; no IPv6 DAD (addresses would
@@ -623,6 +753,8 @@ pub fn down(lab: &str) -> Result<DownReport, LabError> {
     // Agents run in node namespaces and are gone now; their pinned maps and
     // links (whose veths are about to go) would outlive the lab.
     crate::agents::remove_agent_pins(lab);
+    // Pods' resolv.conf files (control-plane labs).
+    crate::controlplane::remove_netns_etc(&netns_prefix(lab));
 
     for name in netns {
         match ip!("netns delete {name}") {

@@ -13,26 +13,30 @@
 
 pub mod agents;
 pub mod cluster;
+pub mod controlplane;
+pub mod kube;
 pub mod manifests;
 pub mod netns;
+pub mod pki;
 pub mod probe;
 pub mod server;
 pub mod spec;
 pub mod state;
 pub mod stream;
 pub mod table;
+pub mod tools;
 
 use std::{io::Write, ops::Deref, path::Path};
 
-pub use agents::{AgentProc, Agents, start_agents};
+pub use agents::{AgentProc, AgentSource, Agents, start_agents, start_agents_with};
 pub use cluster::{
     AddPodOptions, DownReport, LabError, UpOptions, add_pod, down, down_all, remove_pod,
     set_namespace_labels, set_pod_labels, up,
 };
 pub use netns::{netns_command, run_in_netns};
 pub use probe::{
-    Attempt, ProbeError, ProbeResult, ProbeResults, ProbeSpec, TableKey, connect, connect_detailed,
-    probe,
+    Attempt, ProbeError, ProbeResult, ProbeResults, ProbeSpec, TableKey, Via, connect,
+    connect_detailed, probe,
 };
 pub use spec::{Attachment, ClusterSpec, PodSpec, PortSpec, Protocol, SpecError};
 pub use state::{ChangeError, Family, LabState, NodeState, PodState, StateError};

@@ -13,8 +13,10 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use netpol_lab::{
     AddPodOptions, ClusterSpec, Family, LabState, PodSpec, PodState, PortSpec, ProbeSpec, Protocol,
-    UpOptions, add_pod, down, down_all, netns_command, probe, remove_pod, server,
-    set_namespace_labels, set_pod_labels, up,
+    UpOptions, Via, add_pod,
+    controlplane::{ControlPlaneSpec, ProxyMode},
+    down, down_all, netns_command, probe, remove_pod, server, set_namespace_labels, set_pod_labels,
+    up,
 };
 
 #[derive(Parser)]
@@ -37,6 +39,20 @@ enum Cmd {
         /// Where to write manifests [default: /run/netpol-lab/<name>/manifests].
         #[arg(long)]
         manifests: Option<PathBuf>,
+        /// Run a real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager,
+        /// CoreDNS) with kube-proxy in this mode on every node (iptables, nftables or none);
+        /// overrides the cluster file's `controlPlane`.
+        #[arg(long, value_name = "PROXY_MODE", num_args = 0..=1, default_missing_value = "iptables")]
+        control_plane: Option<ProxyMode>,
+    },
+    /// Run the real kubectl against a lab's API server, as its admin, e.g.
+    /// `netpol-lab kubectl demo -- get pods -A`.
+    Kubectl {
+        /// Lab name.
+        lab: String,
+        /// kubectl's arguments.
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// Remove a lab (or every lab) with its processes, namespaces, manifests and state.
     Down {
@@ -75,6 +91,10 @@ enum Cmd {
         /// Print one JSON object per line instead of tables.
         #[arg(long)]
         json: bool,
+        /// Dial each server's pod IP (`pod`) or its Service ClusterIP (`service`, through
+        /// kube-proxy; needs a control plane).
+        #[arg(long, default_value = "pod")]
+        via: Via,
     },
     /// Add a pod to a running lab (netns, veth, addresses, server, then its Pod manifest).
     AddPod {
@@ -188,7 +208,21 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Cmd::Up { cluster, manifests } => cmd_up(cluster, manifests),
+        Cmd::Up {
+            cluster,
+            manifests,
+            control_plane,
+        } => cmd_up(cluster, manifests, control_plane),
+        Cmd::Kubectl { lab, args } => {
+            let state = LabState::load(&lab)?;
+            let Some(cp) = &state.control_plane else {
+                bail!(
+                    "lab {lab:?} has no control plane (start it with `netpol-lab up --control-plane`)"
+                );
+            };
+            let err = cp.kubectl()?.command().args(&args).exec();
+            Err(err).context("exec kubectl")
+        }
         Cmd::Down { name, all } => cmd_down(name, all),
         Cmd::Probe {
             lab,
@@ -200,6 +234,7 @@ fn run(cli: Cli) -> Result<()> {
             timeout_ms,
             attempts,
             json,
+            via,
         } => {
             let state = LabState::load(&pick_lab(lab)?)?;
             let spec = ProbeSpec {
@@ -214,6 +249,7 @@ fn run(cli: Cli) -> Result<()> {
                 to,
                 timeout: Duration::from_millis(timeout_ms),
                 attempts,
+                via,
             };
             let results = probe(&state, &spec)?;
             if json {
@@ -314,7 +350,11 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn cmd_up(cluster: PathBuf, manifests: Option<PathBuf>) -> Result<()> {
+fn cmd_up(
+    cluster: PathBuf,
+    manifests: Option<PathBuf>,
+    control_plane: Option<ProxyMode>,
+) -> Result<()> {
     let started = Instant::now();
     let spec = ClusterSpec::from_file(&cluster)?;
     let state = up(
@@ -322,6 +362,10 @@ fn cmd_up(cluster: PathBuf, manifests: Option<PathBuf>) -> Result<()> {
         &UpOptions {
             manifests_dir: manifests,
             server_exe: None,
+            control_plane: control_plane.map(|proxy_mode| ControlPlaneSpec {
+                proxy_mode,
+                ..ControlPlaneSpec::default()
+            }),
         },
     )?;
     print_status(&state);
@@ -381,6 +425,27 @@ fn print_status(state: &LabState) {
         );
     }
     print_pods(&state.pods);
+    if let Some(cp) = &state.control_plane {
+        println!(
+            "control plane: {} (kube-proxy {}), netns {}; `netpol-lab kubectl {} -- get pods -A`",
+            cp.server_url, cp.spec.proxy_mode, cp.netns, state.name
+        );
+        println!("  admin kubeconfig {}", cp.admin_kubeconfig().display());
+        if !cp.dns_service_ips.is_empty() {
+            println!("  kube-dns {:?}", cp.dns_service_ips);
+        }
+        println!("SERVICE	CLUSTER IPs");
+        for p in &state.pods {
+            let ips: Vec<String> = p.service_ips.iter().map(ToString::to_string).collect();
+            println!(
+                "{}/s-{}-{}	{}",
+                p.namespace,
+                p.namespace,
+                p.name,
+                ips.join(",")
+            );
+        }
+    }
 }
 
 fn print_pods(pods: &[PodState]) {

@@ -6,6 +6,7 @@
 //! file ([`write_pod_manifest`], [`write_namespace_manifest`]) or remove it.
 
 use std::{
+    collections::BTreeSet,
     fs,
     path::{Path, PathBuf},
 };
@@ -143,13 +144,39 @@ pub fn all_manifests(state: &LabState) -> Vec<(String, Value)> {
         .nodes
         .iter()
         .map(|n| (node_manifest_file(&n.name), node_manifest(state, n)));
-    let pods = state.pods.iter().map(|p| {
+    let pods = state.pods.iter().chain(&state.system_pods).map(|p| {
         (
             pod_manifest_file(&p.namespace, &p.name),
             pod_manifest(state, p),
         )
     });
-    namespaces.chain(nodes).chain(pods).collect()
+    // The system pods' namespace (kube-system), which the cluster file does not declare.
+    let system_namespaces: BTreeSet<&str> = state
+        .system_pods
+        .iter()
+        .map(|p| p.namespace.as_str())
+        .filter(|ns| !state.spec.namespaces.iter().any(|n| n.name == *ns))
+        .collect();
+    let system_namespaces = system_namespaces.into_iter().map(|ns| {
+        (
+            namespace_manifest_file(ns),
+            json!({
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {
+                    "name": ns,
+                    "labels": { NAMESPACE_NAME_LABEL: ns },
+                    "annotations": { LAB_ANNOTATION: state.name },
+                },
+                "status": { "phase": "Active" },
+            }),
+        )
+    });
+    namespaces
+        .chain(system_namespaces)
+        .chain(nodes)
+        .chain(pods)
+        .collect()
 }
 
 /// Writes every manifest into the manifests dir (created if missing), each atomically, and

@@ -47,6 +47,8 @@ pub enum ProbeError {
     Sctp,
     #[error("nothing to probe: no ports given and no pod has a TCP or UDP port")]
     NoPorts,
+    #[error("pod {pod} has no {family} Service ClusterIP (is the lab up with --control-plane?)")]
+    NoServiceIp { pod: String, family: Family },
     #[error("cannot enter the netns of pod {pod}: {source}")]
     Netns {
         pod: String,
@@ -72,6 +74,30 @@ pub struct ProbeSpec {
     pub timeout: Duration,
     /// Attempts per cell (2 = one retry after a failure).
     pub attempts: u32,
+    /// Dial each server's pod IP, or its Service's ClusterIP (as upstream's e2e suite does).
+    pub via: Via,
+}
+
+/// Which address of a server pod a probe dials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// The pod's own address.
+    #[default]
+    Pod,
+    /// The ClusterIP of the pod's Service (`s-<ns>-<pod>`): kube-proxy DNATs it to the pod.
+    Service,
+}
+
+impl std::str::FromStr for Via {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pod" => Ok(Via::Pod),
+            "service" => Ok(Via::Service),
+            _ => Err(format!("unknown address kind {s:?} (pod or service)")),
+        }
+    }
 }
 
 impl Default for ProbeSpec {
@@ -84,6 +110,7 @@ impl Default for ProbeSpec {
             to: None,
             timeout: Duration::from_secs(1),
             attempts: 2,
+            via: Via::Pod,
         }
     }
 }
@@ -229,10 +256,19 @@ pub fn probe(state: &LabState, spec: &ProbeSpec) -> Result<ProbeResults, ProbeEr
             for &family in &spec.families {
                 for client in 0..clients.len() {
                     for server in &servers {
+                        let to_ip = match spec.via {
+                            Via::Pod => server.ip(family),
+                            Via::Service => server.service_ip(family).ok_or_else(|| {
+                                ProbeError::NoServiceIp {
+                                    pod: server.key(),
+                                    family,
+                                }
+                            })?,
+                        };
                         jobs.push(Job {
                             client,
                             to: server.key(),
-                            to_ip: server.ip(family),
+                            to_ip,
                             port,
                             protocol,
                             family,
@@ -376,7 +412,10 @@ pub fn connect_detailed(
     protocol: Protocol,
     timeout: Duration,
 ) -> Attempt {
-    let expected = state.pod_by_ip(to_ip).map(PodState::key);
+    let expected = state
+        .pod_by_ip(to_ip)
+        .or_else(|| state.pod_by_service_ip(to_ip))
+        .map(PodState::key);
     let fd = match open_netns(&from.netns_path()) {
         Ok(fd) => fd,
         Err(e) => {

@@ -69,6 +69,10 @@ pub struct ClusterSpec {
     /// Pods, in order: pod addresses are given out per node in this order.
     #[serde(default)]
     pub pods: Vec<PodSpec>,
+    /// A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager,
+    /// kube-proxy on every node, CoreDNS); `netpol-lab up --control-plane` sets it too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane: Option<crate::controlplane::ControlPlaneSpec>,
 }
 
 /// The network between nodes (host-gw style: pod CIDRs are routed via node addresses).

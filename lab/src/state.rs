@@ -33,6 +33,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    controlplane::ControlPlaneState,
     manifests::pod_manifest_file,
     spec::{Attachment, ClusterSpec, PodSpec, PortSpec, Protocol, SpecError},
 };
@@ -164,6 +165,13 @@ pub struct LabState {
     /// deleted and created again gets a new uid, as in Kubernetes.
     #[serde(default)]
     pub pods_added: u64,
+    /// The Kubernetes control plane, when the lab has one (see [`crate::controlplane`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane: Option<ControlPlaneState>,
+    /// Pods the lab runs for the cluster itself (CoreDNS), not part of the model: probes and
+    /// truth tables leave them out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub system_pods: Vec<PodState>,
 }
 
 /// The netns that links the nodes: a bridge `br0` with one port per node.
@@ -228,6 +236,9 @@ pub struct PodState {
     pub ports: Vec<PortSpec>,
     /// Pid of the pod's `netpol-lab serve` process, once started.
     pub server_pid: Option<u32>,
+    /// The ClusterIPs of the pod's Service (`s-<ns>-<pod>`), in a lab with a control plane.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_ips: Vec<IpAddr>,
 }
 
 impl PodState {
@@ -247,6 +258,14 @@ impl PodState {
             Family::V4 => self.ip_v4.into(),
             Family::V6 => self.ip_v6.into(),
         }
+    }
+
+    /// The ClusterIP of a family of the pod's Service, if it has one.
+    pub fn service_ip(&self, family: Family) -> Option<IpAddr> {
+        self.service_ips
+            .iter()
+            .copied()
+            .find(|ip| Family::of(ip) == family)
     }
 
     /// Ports of a protocol, in file order, deduplicated.
@@ -333,6 +352,8 @@ impl LabState {
             server_exe: None,
             last_pod_host: BTreeMap::new(),
             pods_added: 0,
+            control_plane: None,
+            system_pods: Vec::new(),
         };
         for node in &state.nodes {
             state.last_pod_host.insert(node.name.clone(), 1);
@@ -384,7 +405,23 @@ impl LabState {
             labels: pod.labels.clone(),
             ports: pod.ports.clone(),
             server_pid: None,
+            service_ips: Vec::new(),
         }
+    }
+
+    /// Plans a system pod (CoreDNS) on its node at the node's highest pod address, which
+    /// [`LabState::plan_pod`] then never hands out, and records it in `system_pods`.
+    pub fn plan_system_pod(&mut self, pod: &PodSpec) -> PodState {
+        let node = self.node(&pod.node).expect("callers pick a declared node");
+        let host = u32::try_from(*pod_hosts(node).end()).expect("pod host indexes fit a u32");
+        let (ip_v4, ip_v6) = (
+            host4(&node.pod_cidr_v4, host),
+            host6(&node.pod_cidr_v6, host.into()),
+        );
+        let uid = uid(&[&self.name, "system-pod", &pod.namespace, &pod.name]);
+        let planned = self.pod_state(pod, ip_v4, ip_v6, uid);
+        self.system_pods.push(planned.clone());
+        planned
     }
 
     /// Plans a pod added to the running lab and records it in the state (and its `spec`); the
@@ -432,6 +469,7 @@ impl LabState {
         let used: BTreeMap<IpAddr, &PodState> = self
             .pods
             .iter()
+            .chain(&self.system_pods)
             .flat_map(|p| [(IpAddr::from(p.ip_v4), p), (IpAddr::from(p.ip_v6), p)])
             .collect();
         for ip in [ip_v4.map(IpAddr::from), ip_v6.map(IpAddr::from)]
@@ -630,6 +668,11 @@ impl LabState {
         self.pods
             .iter()
             .find(|p| IpAddr::from(p.ip_v4) == ip || IpAddr::from(p.ip_v6) == ip)
+    }
+
+    /// The pod whose Service has a ClusterIP.
+    pub fn pod_by_service_ip(&self, ip: IpAddr) -> Option<&PodState> {
+        self.pods.iter().find(|p| p.service_ips.contains(&ip))
     }
 
     /// The node a pod runs on.

@@ -63,6 +63,7 @@ fn options(manifests_dir: Option<PathBuf>) -> UpOptions {
     UpOptions {
         manifests_dir,
         server_exe: Some(PathBuf::from(env!("CARGO_BIN_EXE_netpol-lab"))),
+        ..UpOptions::default()
     }
 }
 
@@ -256,6 +257,7 @@ fn up_twice_is_refused_and_failed_up_leaves_nothing() {
     let broken = UpOptions {
         manifests_dir: None,
         server_exe: Some(PathBuf::from("/nonexistent/netpol-lab")),
+        ..UpOptions::default()
     };
     let err = netpol_lab::up(&spec, &broken).expect_err("up with a missing server binary");
     assert!(err.to_string().contains("server"), "{err}");

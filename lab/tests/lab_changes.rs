@@ -53,6 +53,7 @@ fn options(manifests_dir: Option<PathBuf>) -> UpOptions {
     UpOptions {
         manifests_dir,
         server_exe: Some(PathBuf::from(env!("CARGO_BIN_EXE_netpol-lab"))),
+        ..UpOptions::default()
     }
 }
 
