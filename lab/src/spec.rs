@@ -652,9 +652,14 @@ pods:
 
     #[test]
     fn shipped_examples_parse() {
-        for file in ["examples/two-node.yaml", "examples/demo.yaml"] {
+        for (file, mode) in [
+            ("examples/two-node.yaml", FabricMode::HostGw),
+            ("examples/demo.yaml", FabricMode::HostGw),
+            ("examples/two-node-vxlan.yaml", FabricMode::Vxlan),
+        ] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
-            ClusterSpec::from_file(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+            let spec = ClusterSpec::from_file(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert_eq!(spec.fabric.mode, mode, "{file}");
         }
     }
 
