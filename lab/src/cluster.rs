@@ -24,6 +24,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    fmt::Display,
     fs, io,
     net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
@@ -40,7 +41,7 @@ use crate::{
     spec::{Attachment, ClusterSpec, PodSpec, SpecError},
     state::{
         ChangeError, LabState, NETNS_DIR, NETNS_PREFIX, NodeState, PodState, STATE_ROOT,
-        StateError, lock, netns_prefix, state_dir, state_file,
+        StateError, Vtep, VxlanState, lock, mac, netns_prefix, state_dir, state_file,
     },
 };
 
@@ -179,6 +180,13 @@ macro_rules! ip {
     };
 }
 
+/// Runs `bridge` (iproute2, for FDB entries) as [`ip!`] runs `ip`.
+macro_rules! bridge {
+    ($($arg:tt)*) => {
+        bridge(&format!($($arg)*))
+    };
+}
+
 fn create_fabric(state: &LabState) -> Result<(), LabError> {
     let f = &state.fabric;
     let (ns, br) = (f.netns.as_str(), f.bridge.as_str());
@@ -227,19 +235,25 @@ fn create_node(state: &LabState, node: &NodeState) -> Result<(), LabError> {
     let (gw4, gw6) = (f.gateway_v4, f.gateway_v6);
     ip!("-n {ns} route add default via {gw4}")?;
     ip!("-n {ns} -6 route add default via {gw6}")?;
-    // host-gw: other nodes' pod CIDRs via their fabric address.
-    for other in state.nodes.iter().filter(|n| n.name != node.name) {
-        let (cidr4, via4, cidr6, via6) = (
-            other.pod_cidr_v4,
-            other.ip_v4,
-            other.pod_cidr_v6,
-            other.ip_v6,
-        );
-        ip!("-n {ns} route add {cidr4} via {via4}")?;
-        ip!("-n {ns} -6 route add {cidr6} via {via6}")?;
+    // Other nodes' pod CIDRs: the planned state has VXLAN endpoints in vxlan mode only.
+    match &node.vxlan {
+        None => {
+            // host-gw: via their fabric address.
+            for other in state.nodes.iter().filter(|n| n.name != node.name) {
+                let (cidr4, via4, cidr6, via6) = (
+                    other.pod_cidr_v4,
+                    other.ip_v4,
+                    other.pod_cidr_v6,
+                    other.ip_v6,
+                );
+                ip!("-n {ns} route add {cidr4} via {via4}")?;
+                ip!("-n {ns} -6 route add {cidr6} via {via6}")?;
+            }
+        }
+        Some(vxlan) => create_overlay(state, node, vxlan)?,
     }
 
-    let (cidr4, cidr6) = (node.pod_cidr_v4, node.pod_cidr_v6);
+    let (cidr4, cidr6, mtu) = (node.pod_cidr_v4, node.pod_cidr_v6, node.pod_mtu);
     match node.attachment {
         Attachment::Routed => {
             // Like Calico: unassigned pod addresses of this node go nowhere.
@@ -254,8 +268,9 @@ fn create_node(state: &LabState, node: &NodeState) -> Result<(), LabError> {
                 cidr6.prefix_len(),
             );
             // A fixed MAC: a bridge without one takes its lowest port's, changing as pods come.
+            // The pods' MTU, as the bridge CNI plugin sets it from flannel's subnet file.
             ip!(
-                "-n {ns} link add cni0 address {} type bridge",
+                "-n {ns} link add cni0 address {} mtu {mtu} type bridge",
                 mac(&state.name, ns)
             )?;
             ip!("-n {ns} addr add {gw4}/{len4} dev cni0")?;
@@ -265,6 +280,59 @@ fn create_node(state: &LabState, node: &NodeState) -> Result<(), LabError> {
     }
 }
 
+/// vxlan mode, as flannel's vxlan backend sets a node up (see [`VxlanState`]): a VXLAN device
+/// per family with the node's VTEP address, then for every other node a permanent neighbour
+/// entry for its VTEP, an FDB entry sending its VTEP MAC to its fabric address, and last (so
+/// the kernel never has to resolve the next hop itself) the route to its pod CIDR.
+fn create_overlay(state: &LabState, node: &NodeState, vxlan: &VxlanState) -> Result<(), LabError> {
+    let ns = node.netns.as_str();
+    let (vni, port) = (vxlan.vni, vxlan.port);
+    create_vtep(ns, &vxlan.v4, node.ip_v4, 32, vni, port)?;
+    create_vtep(ns, &vxlan.v6, node.ip_v6, 128, vni, port)?;
+    for other in state.nodes.iter().filter(|n| n.name != node.name) {
+        let Some(peer) = &other.vxlan else {
+            unreachable!("state invariant: in vxlan mode every node has VXLAN endpoints");
+        };
+        add_vxlan_peer(ns, &vxlan.v4, &peer.v4, other.pod_cidr_v4, other.ip_v4)?;
+        add_vxlan_peer(ns, &vxlan.v6, &peer.v6, other.pod_cidr_v6, other.ip_v6)?;
+    }
+    Ok(())
+}
+
+/// A VXLAN device over `eth0` with its VTEP address (`len` is 32 or 128), up.
+fn create_vtep<A: Display>(
+    ns: &str,
+    vtep: &Vtep<A>,
+    local: impl Display,
+    len: u8,
+    vni: u32,
+    port: u16,
+) -> Result<(), LabError> {
+    let (dev, ip, mac, mtu) = (vtep.device.as_str(), &vtep.ip, &vtep.mac, vtep.mtu);
+    ip!(
+        "-n {ns} link add {dev} address {mac} mtu {mtu} type vxlan id {vni} local {local} \
+         dev eth0 dstport {port} nolearning"
+    )?;
+    let nodad = if len == 128 { "nodad" } else { "" };
+    ip!("-n {ns} addr add {ip}/{len} dev {dev} {nodad}")?;
+    ip!("-n {ns} link set {dev} up")
+}
+
+/// What sends `cidr` (another node's pod CIDR of one family) through the local VTEP `local` to
+/// the peer VTEP `peer` at fabric address `remote`: neighbour, FDB entry, onlink route.
+fn add_vxlan_peer<A: Display>(
+    ns: &str,
+    local: &Vtep<A>,
+    peer: &Vtep<A>,
+    cidr: impl Display,
+    remote: impl Display,
+) -> Result<(), LabError> {
+    let (dev, via, mac) = (local.device.as_str(), &peer.ip, &peer.mac);
+    ip!("-n {ns} neigh add {via} lladdr {mac} dev {dev} nud permanent")?;
+    bridge!("-n {ns} fdb add {mac} dev {dev} dst {remote} self permanent")?;
+    ip!("-n {ns} route add {cidr} via {via} dev {dev} onlink")
+}
+
 fn create_pod(node: &NodeState, pod: &PodState) -> Result<(), LabError> {
     let (ns, node_ns, veth) = (
         pod.netns.as_str(),
@@ -272,9 +340,10 @@ fn create_pod(node: &NodeState, pod: &PodState) -> Result<(), LabError> {
         pod.host_veth.as_str(),
     );
     let (ip4, ip6, gw4, gw6) = (pod.ip_v4, pod.ip_v6, node.gateway_v4, node.gateway_v6);
+    let mtu = node.pod_mtu;
     add_netns(ns)?;
     sysctls(ns, &common_sysctls())?;
-    ip!("-n {node_ns} link add {veth} type veth peer name eth0 netns {ns}")?;
+    ip!("-n {node_ns} link add {veth} mtu {mtu} type veth peer name eth0 mtu {mtu} netns {ns}")?;
 
     match node.attachment {
         Attachment::Routed => {
@@ -682,19 +751,6 @@ fn add_netns(name: &str) -> Result<(), LabError> {
     ip!("-n {name} link set lo up")
 }
 
-/// A locally administered unicast MAC, stable per lab and namespace.
-fn mac(lab: &str, netns: &str) -> String {
-    let h = crate::state::uid(&[lab, "mac", netns]).replace('-', "");
-    format!(
-        "02:{}:{}:{}:{}:{}",
-        &h[0..2],
-        &h[2..4],
-        &h[4..6],
-        &h[6..8],
-        &h[8..10]
-    )
-}
-
 /// Runs `ip <args>` (split on whitespace) and tells whether it succeeded (for `show` queries).
 fn ip_succeeds(args: &str) -> bool {
     Command::new("ip")
@@ -706,8 +762,19 @@ fn ip_succeeds(args: &str) -> bool {
 /// Runs `ip <args>` (split on whitespace), turning a failure into an error that shows the
 /// command and its stderr.
 fn ip(args: &str) -> Result<(), LabError> {
-    let command = || format!("ip {args}");
-    let output = Command::new("ip")
+    run("ip", args)
+}
+
+/// Runs `bridge <args>` as [`ip`] runs `ip`.
+fn bridge(args: &str) -> Result<(), LabError> {
+    run("bridge", args)
+}
+
+/// Runs `<program> <args>` (split on whitespace), turning a failure into an error that shows the
+/// command and its stderr.
+fn run(program: &str, args: &str) -> Result<(), LabError> {
+    let command = || format!("{program} {args}");
+    let output = Command::new(program)
         .args(args.split_whitespace())
         .output()
         .map_err(|source| LabError::Io {

@@ -1,7 +1,7 @@
 //! netpol-lab: a Kubernetes-like cluster made of network namespaces on one machine, to test
 //! netpol without Docker or an API server.
 //!
-//! * [`ClusterSpec`]: the cluster file (nodes, namespaces, pods).
+//! * [`ClusterSpec`]: the cluster file (fabric mode, nodes, namespaces, pods).
 //! * [`up`] / [`down`]: build and remove a lab; [`LabState`] (saved as
 //!   `/run/netpol-lab/<lab>/state.json`, loaded with [`LabState::load`]) says where everything is.
 //! * [`probe`] / [`connect`]: real connections from inside pod namespaces, as [`TruthTable`]s.
@@ -38,8 +38,8 @@ pub use probe::{
     Attempt, ProbeError, ProbeResult, ProbeResults, ProbeSpec, TableKey, Via, connect,
     connect_detailed, probe,
 };
-pub use spec::{Attachment, ClusterSpec, PodSpec, PortSpec, Protocol, SpecError};
-pub use state::{ChangeError, Family, LabState, NodeState, PodState, StateError};
+pub use spec::{Attachment, ClusterSpec, FabricMode, PodSpec, PortSpec, Protocol, SpecError};
+pub use state::{ChangeError, Family, LabState, NodeState, PodState, StateError, Vtep, VxlanState};
 pub use stream::{StreamError, StreamHandle, StreamReport, start_stream};
 pub use table::{Comparison, Mismatch, TruthTable};
 

@@ -417,12 +417,40 @@ fn print_status(state: &LabState) {
         state.name,
         state.manifests_dir.display()
     );
-    println!("NODE\tATTACHMENT\tIPv4\tIPv6\tPOD CIDRs\tNETNS");
+    let f = &state.fabric;
+    println!(
+        "fabric {}: mode {}, {} {}, gateway {} {}",
+        f.netns, f.mode, f.cidr_v4, f.cidr_v6, f.gateway_v4, f.gateway_v6
+    );
+    println!("NODE\tATTACHMENT\tIPv4\tIPv6\tPOD CIDRs\tPOD MTU\tNETNS");
     for n in &state.nodes {
         println!(
-            "{}\t{}\t{}\t{}\t{},{}\t{}",
-            n.name, n.attachment, n.ip_v4, n.ip_v6, n.pod_cidr_v4, n.pod_cidr_v6, n.netns
+            "{}\t{}\t{}\t{}\t{},{}\t{}\t{}",
+            n.name,
+            n.attachment,
+            n.ip_v4,
+            n.ip_v6,
+            n.pod_cidr_v4,
+            n.pod_cidr_v6,
+            n.pod_mtu,
+            n.netns
         );
+    }
+    if state.nodes.iter().any(|n| n.vxlan.is_some()) {
+        println!("NODE\tVXLAN DEVICE\tVNI\tPORT\tVTEP\tMAC\tMTU");
+        for n in &state.nodes {
+            let Some(v) = &n.vxlan else { continue };
+            let rows = [
+                (&v.v4.device, v.v4.ip.to_string(), &v.v4.mac, v.v4.mtu),
+                (&v.v6.device, v.v6.ip.to_string(), &v.v6.mac, v.v6.mtu),
+            ];
+            for (device, ip, mac, mtu) in rows {
+                println!(
+                    "{}\t{device}\t{}\t{}\t{ip}\t{mac}\t{mtu}",
+                    n.name, v.vni, v.port
+                );
+            }
+        }
     }
     print_pods(&state.pods);
     if let Some(cp) = &state.control_plane {

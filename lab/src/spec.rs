@@ -75,7 +75,7 @@ pub struct ClusterSpec {
     pub control_plane: Option<crate::controlplane::ControlPlaneSpec>,
 }
 
-/// The network between nodes (host-gw style: pod CIDRs are routed via node addresses).
+/// The network between nodes, and how pod traffic crosses it ([`FabricMode`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FabricSpec {
@@ -85,6 +85,38 @@ pub struct FabricSpec {
     /// IPv6 subnet of the node addresses.
     #[serde(default = "default_fabric_v6", rename = "cidrV6")]
     pub cidr_v6: Ipv6Net,
+    /// How pod traffic goes from node to node; host-gw unless asked otherwise.
+    #[serde(default)]
+    pub mode: FabricMode,
+}
+
+/// How pod traffic goes from node to node, as flannel's backends do it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FabricMode {
+    /// flannel's host-gw: other nodes' pod CIDRs are routed via their fabric addresses, so pod
+    /// packets cross the fabric as they are.
+    #[default]
+    HostGw,
+    /// flannel's default, vxlan: pod packets cross the fabric inside VXLAN (UDP) between the
+    /// nodes' fabric addresses, through a VXLAN device per family on each node.
+    Vxlan,
+}
+
+impl FabricMode {
+    /// The cluster file's spelling: `host-gw`, `vxlan`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FabricMode::HostGw => "host-gw",
+            FabricMode::Vxlan => "vxlan",
+        }
+    }
+}
+
+impl fmt::Display for FabricMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 fn default_fabric_v4() -> Ipv4Net {
@@ -100,6 +132,7 @@ impl Default for FabricSpec {
         FabricSpec {
             cidr: default_fabric_v4(),
             cidr_v6: default_fabric_v6(),
+            mode: FabricMode::default(),
         }
     }
 }
@@ -247,7 +280,11 @@ impl ClusterSpec {
     }
 
     fn validate_fabric(&self) -> Result<(), SpecError> {
-        let FabricSpec { cidr, cidr_v6 } = &self.fabric;
+        let FabricSpec {
+            cidr,
+            cidr_v6,
+            mode: _,
+        } = &self.fabric;
         if cidr.network() != cidr.addr() {
             return Err(SpecError::invalid(
                 "fabric.cidr",
@@ -619,9 +656,14 @@ pods:
 
     #[test]
     fn shipped_examples_parse() {
-        for file in ["examples/two-node.yaml", "examples/demo.yaml"] {
+        for (file, mode) in [
+            ("examples/two-node.yaml", FabricMode::HostGw),
+            ("examples/demo.yaml", FabricMode::HostGw),
+            ("examples/two-node-vxlan.yaml", FabricMode::Vxlan),
+        ] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
-            ClusterSpec::from_file(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+            let spec = ClusterSpec::from_file(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert_eq!(spec.fabric.mode, mode, "{file}");
         }
     }
 
@@ -646,6 +688,50 @@ pods:
         assert!(
             msg.contains("nodes[1].attachment") && msg.contains("vxlan"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn fabric_mode_defaults_to_host_gw_and_parses_vxlan() {
+        let spec = ClusterSpec::from_yaml(DEMO).expect("demo parses");
+        assert_eq!(spec.fabric.mode, FabricMode::HostGw);
+        for (text, mode) in [
+            ("host-gw", FabricMode::HostGw),
+            ("vxlan", FabricMode::Vxlan),
+        ] {
+            let yaml = DEMO.replace(
+                "name: demo\n",
+                &format!("name: demo\nfabric: {{mode: {text}}}\n"),
+            );
+            let spec = ClusterSpec::from_yaml(&yaml).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(spec.fabric.mode, mode);
+            assert_eq!(
+                mode.to_string(),
+                text,
+                "Display is the cluster file's spelling"
+            );
+            // The other fabric fields keep their defaults.
+            assert_eq!(spec.fabric.cidr, FabricSpec::default().cidr);
+        }
+    }
+
+    #[test]
+    fn bad_fabric_mode_is_named() {
+        for bad in [
+            "geneve", "VXLAN", "hostgw", "host_gw", "\"\"", "1", "[vxlan]",
+        ] {
+            let yaml = DEMO.replace(
+                "name: demo\n",
+                &format!("name: demo\nfabric: {{mode: {bad}}}\n"),
+            );
+            let msg = yaml_message(&yaml);
+            assert!(msg.contains("fabric.mode"), "{bad}: {msg}");
+        }
+        let msg =
+            yaml_message(&DEMO.replace("name: demo\n", "name: demo\nfabric: {mode: geneve}\n"));
+        assert!(
+            msg.contains("geneve") && msg.contains("host-gw") && msg.contains("vxlan"),
+            "the error names the value and the choices: {msg}"
         );
     }
 

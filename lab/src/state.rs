@@ -17,7 +17,8 @@
 //!   the prefix `nplab_<lab>_` of one lab is never a prefix of another lab's netns.
 //! * Interfaces are created directly inside their namespaces (never in the root namespace), so
 //!   they only need to be unique per namespace and carry no lab prefix: `eth0` in pods and nodes,
-//!   `br0` and `n<i>` in the fabric, `cni0`, `cali<11 hex>` and `veth<8 hex>` in nodes.
+//!   `br0` and `n<i>` in the fabric, `cni0`, `cali<11 hex>` and `veth<8 hex>` in nodes, and in
+//!   vxlan mode `vxlan0` and `vxlan0-v6` in nodes.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -35,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     controlplane::ControlPlaneState,
     manifests::pod_manifest_file,
-    spec::{Attachment, ClusterSpec, PodSpec, PortSpec, Protocol, SpecError},
+    spec::{Attachment, ClusterSpec, FabricMode, PodSpec, PortSpec, Protocol, SpecError},
 };
 
 /// Where labs keep their state: `<STATE_ROOT>/<lab>/state.json`.
@@ -51,6 +52,24 @@ pub const ROUTED_GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 pub const ROUTED_GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 /// Host index of the fabric gateway (a sink in the fabric netns, see README).
 pub const FABRIC_GATEWAY_HOST: u32 = 254;
+/// MTU of the fabric: the nodes' `eth0` and their ports on `br0` (the kernel's default).
+pub const FABRIC_MTU: u32 = 1500;
+
+/// VXLAN network identifier of the overlay, flannel's default (its devices are `flannel.<VNI>`).
+pub const VXLAN_VNI: u32 = 1;
+/// UDP port of the overlay: 8472, the Linux kernel's default VXLAN port, which flannel uses
+/// unless configured otherwise (Calico and Cilium use IANA's 4789).
+pub const VXLAN_PORT: u16 = 8472;
+/// The VXLAN device for IPv4 pod traffic, over the IPv4 fabric (flannel's `flannel.1`).
+pub const VXLAN_DEVICE_V4: &str = "vxlan0";
+/// The VXLAN device for IPv6 pod traffic, over the IPv6 fabric (flannel's `flannel-v6.1`).
+pub const VXLAN_DEVICE_V6: &str = "vxlan0-v6";
+/// What VXLAN adds to an inner IPv4-fabric frame: outer IPv4 (20), UDP (8), VXLAN (8) and
+/// the inner Ethernet header (14). The kernel's default MTU for a VXLAN device over a lower
+/// device is the lower device's MTU minus this; flannel's `FLANNEL_MTU` is 1500 - 50.
+pub const VXLAN_OVERHEAD_V4: u32 = 50;
+/// The same over the IPv6 fabric: the outer IPv6 header is 20 bytes longer than IPv4's.
+pub const VXLAN_OVERHEAD_V6: u32 = 70;
 
 /// Errors loading or saving lab state.
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +203,9 @@ pub struct FabricState {
     /// Address of `br0`: the nodes' default gateway, a sink (forwarding is off in the fabric).
     pub gateway_v4: Ipv4Addr,
     pub gateway_v6: Ipv6Addr,
+    /// How pod traffic crosses from node to node (state files from before it existed: host-gw).
+    #[serde(default)]
+    pub mode: FabricMode,
 }
 
 /// One node.
@@ -203,6 +225,55 @@ pub struct NodeState {
     /// The pods' default gateways: link-local for routed nodes, `cni0`'s addresses for bridged.
     pub gateway_v4: Ipv4Addr,
     pub gateway_v6: Ipv6Addr,
+    /// MTU of the node's pod interfaces: both ends of every pod veth, and `cni0`. The fabric's
+    /// in host-gw mode; in vxlan mode the smaller of the two VXLAN devices' MTUs, since a pod's
+    /// `eth0` carries both families (see [`VxlanState`]).
+    #[serde(default = "default_pod_mtu")]
+    pub pod_mtu: u32,
+    /// The node's VXLAN tunnel endpoints, in vxlan mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vxlan: Option<VxlanState>,
+}
+
+fn default_pod_mtu() -> u32 {
+    FABRIC_MTU
+}
+
+/// A node's VXLAN tunnel endpoints in vxlan mode, as flannel's vxlan backend makes them: one
+/// device per family (`vxlan0` over the IPv4 fabric, `vxlan0-v6` over the IPv6 fabric), VNI
+/// [`VXLAN_VNI`], UDP port [`VXLAN_PORT`], no learning, the node's fabric address as local
+/// address and `eth0` as lower device.
+///
+/// Every other node gets, per family, a route `<its pod CIDR> via <its VTEP address> dev
+/// <device> onlink`, a permanent neighbour entry (its VTEP address -> its VTEP MAC) and an FDB
+/// entry (its VTEP MAC -> dst its fabric address), so nothing is learnt or flooded.
+///
+/// MTUs: the kernel's default for a VXLAN device over a 1500-byte `eth0` (1450 over IPv4, 1430
+/// over IPv6, whose outer header is 20 bytes longer). Pods get the smaller, 1430 (flannel gives
+/// them 1450 and leaves large IPv6 packets to Packet Too Big from the node): then no pod packet
+/// of either family is too big for its tunnel, and probes and streams never depend on PMTU
+/// discovery getting through a NetworkPolicy enforcer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VxlanState {
+    pub vni: u32,
+    /// UDP destination port of the encapsulated packets.
+    pub port: u16,
+    pub v4: Vtep<Ipv4Addr>,
+    pub v6: Vtep<Ipv6Addr>,
+}
+
+/// One VXLAN device of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vtep<A> {
+    /// Name of the device in the node netns.
+    pub device: String,
+    /// The device's address: the network address of the node's pod CIDR, as a /32 or /128
+    /// (flannel's `x.x.x.0/32`): the other nodes' next hop to this node's pods, and the node's
+    /// source address towards other nodes' pods.
+    pub ip: A,
+    /// The device's MAC, deterministic per lab, node and family.
+    pub mac: String,
+    pub mtu: u32,
 }
 
 impl NodeState {
@@ -313,6 +384,7 @@ impl LabState {
             cidr_v6: spec.fabric.cidr_v6,
             gateway_v4: host4(&spec.fabric.cidr, FABRIC_GATEWAY_HOST),
             gateway_v6: host6(&spec.fabric.cidr_v6, FABRIC_GATEWAY_HOST.into()),
+            mode: spec.fabric.mode,
         };
         let nodes: Vec<NodeState> = spec
             .nodes
@@ -324,9 +396,29 @@ impl LabState {
                     Attachment::Routed => (ROUTED_GATEWAY_V4, ROUTED_GATEWAY_V6),
                     Attachment::Bridged => (host4(&node.pod_cidr, 1), host6(&node.pod_cidr_v6, 1)),
                 };
+                let netns = format!("{prefix}node_{}", node.name);
+                let vxlan = (spec.fabric.mode == FabricMode::Vxlan).then(|| VxlanState {
+                    vni: VXLAN_VNI,
+                    port: VXLAN_PORT,
+                    v4: Vtep {
+                        device: VXLAN_DEVICE_V4.to_owned(),
+                        ip: node.pod_cidr.network(),
+                        mac: mac(lab, &format!("{netns}/{VXLAN_DEVICE_V4}")),
+                        mtu: FABRIC_MTU - VXLAN_OVERHEAD_V4,
+                    },
+                    v6: Vtep {
+                        device: VXLAN_DEVICE_V6.to_owned(),
+                        ip: node.pod_cidr_v6.network(),
+                        mac: mac(lab, &format!("{netns}/{VXLAN_DEVICE_V6}")),
+                        mtu: FABRIC_MTU - VXLAN_OVERHEAD_V6,
+                    },
+                });
+                let pod_mtu = vxlan
+                    .as_ref()
+                    .map_or(FABRIC_MTU, |v| v.v4.mtu.min(v.v6.mtu));
                 NodeState {
                     name: node.name.clone(),
-                    netns: format!("{prefix}node_{}", node.name),
+                    netns,
                     attachment: node.attachment,
                     uid: uid(&[lab, "node", &node.name]),
                     pod_cidr_v4: node.pod_cidr,
@@ -336,6 +428,8 @@ impl LabState {
                     fabric_port: format!("n{i}"),
                     gateway_v4,
                     gateway_v6,
+                    pod_mtu,
+                    vxlan,
                 }
             })
             .collect();
@@ -839,6 +933,20 @@ pub(crate) fn uid(parts: &[&str]) -> String {
     )
 }
 
+/// A locally administered unicast MAC, stable per lab and `key` (a netns name, or a netns and
+/// an interface in it).
+pub(crate) fn mac(lab: &str, key: &str) -> String {
+    let h = uid(&[lab, "mac", key]).replace('-', "");
+    format!(
+        "02:{}:{}:{}:{}:{}",
+        &h[0..2],
+        &h[2..4],
+        &h[4..6],
+        &h[6..8],
+        &h[8..10]
+    )
+}
+
 /// The host-side veth of a pod: `cali` + 11 hex digits (routed, as Calico names them) or
 /// `veth` + 8 hex digits (bridged), from a hash of `namespace/name`; rehashed with a salt in the
 /// unlikely case the name is already taken on the node. At most 15 characters (IFNAMSIZ).
@@ -898,6 +1006,73 @@ mod tests {
             a.manifests_dir,
             Path::new("/run/netpol-lab/two-node/manifests")
         );
+    }
+
+    #[test]
+    fn host_gw_plans_no_tunnel_and_full_size_pods() {
+        let state = LabState::plan(&demo(), None);
+        assert_eq!(state.fabric.mode, FabricMode::HostGw);
+        for node in &state.nodes {
+            assert_eq!(node.vxlan, None, "{}", node.name);
+            assert_eq!(node.pod_mtu, FABRIC_MTU, "{}", node.name);
+        }
+    }
+
+    #[test]
+    fn vxlan_plans_flannel_like_vteps_per_family() {
+        let mut spec = demo();
+        spec.fabric.mode = FabricMode::Vxlan;
+        let state = LabState::plan(&spec, None);
+        assert_eq!(state, LabState::plan(&spec, None), "deterministic");
+        assert_eq!(state.fabric.mode, FabricMode::Vxlan);
+        let mut macs = BTreeSet::new();
+        for node in &state.nodes {
+            let vxlan = node.vxlan.as_ref().expect("vxlan mode plans VTEPs");
+            assert_eq!((vxlan.vni, vxlan.port), (1, 8472));
+            assert_eq!(vxlan.v4.device, "vxlan0");
+            assert_eq!(vxlan.v6.device, "vxlan0-v6");
+            // flannel's VTEP address: the network address of the node's pod CIDR, which is
+            // never a pod's (pods start at host 2).
+            assert_eq!(vxlan.v4.ip, node.pod_cidr_v4.network());
+            assert_eq!(vxlan.v6.ip, node.pod_cidr_v6.network());
+            assert!(state.pod_by_ip(vxlan.v4.ip.into()).is_none());
+            assert_eq!((vxlan.v4.mtu, vxlan.v6.mtu), (1450, 1430));
+            assert_eq!(node.pod_mtu, 1430, "pods fit both tunnels");
+            for vtep in [&vxlan.v4.device, &vxlan.v6.device] {
+                assert!(vtep.len() <= 15, "{vtep} fits IFNAMSIZ");
+            }
+            for mac in [&vxlan.v4.mac, &vxlan.v6.mac] {
+                assert!(mac.starts_with("02:") && mac.len() == 17, "{mac}");
+                assert!(macs.insert(mac.clone()), "{mac} is unique");
+            }
+        }
+        // Another lab of the same shape gets other MACs (labs never share a fabric, but a MAC
+        // that says which lab it is from helps reading captures).
+        spec.name = "other".into();
+        let other = LabState::plan(&spec, None);
+        let vtep = |s: &LabState| s.nodes[0].vxlan.as_ref().expect("vtep").v4.mac.clone();
+        assert_ne!(vtep(&state), vtep(&other));
+    }
+
+    #[test]
+    fn state_files_from_before_fabric_modes_load_as_host_gw() {
+        let state = LabState::plan(&demo(), None);
+        let mut json: serde_json::Value = serde_json::to_value(&state).expect("serializes");
+        json["fabric"]
+            .as_object_mut()
+            .expect("fabric")
+            .remove("mode");
+        json["spec"]["fabric"]
+            .as_object_mut()
+            .expect("spec.fabric")
+            .remove("mode");
+        for node in json["nodes"].as_array_mut().expect("nodes") {
+            let node = node.as_object_mut().expect("node");
+            node.remove("pod_mtu");
+            assert!(node.get("vxlan").is_none(), "host-gw nodes write no vxlan");
+        }
+        let old: LabState = serde_json::from_value(json).expect("old state loads");
+        assert_eq!(old, state);
     }
 
     #[test]
