@@ -54,6 +54,7 @@ fn options() -> UpOptions {
     UpOptions {
         manifests_dir: None,
         server_exe: Some(PathBuf::from(env!("CARGO_BIN_EXE_netpol-lab"))),
+        ..UpOptions::default()
     }
 }
 
