@@ -259,6 +259,18 @@ pub fn spawn_daemon(
     log: &Path,
     component: &str,
 ) -> Result<u32, ControlPlaneError> {
+    let mut command = netns_command(netns, exe);
+    command.args(args);
+    spawn_command(command, log, component)
+}
+
+/// Starts `command` detached (own session, stdin closed, output appended to `log`); returns its
+/// pid.
+pub fn spawn_command(
+    mut command: std::process::Command,
+    log: &Path,
+    component: &str,
+) -> Result<u32, ControlPlaneError> {
     let err = |source| ControlPlaneError::Spawn {
         component: component.to_owned(),
         source,
@@ -271,9 +283,7 @@ pub fn spawn_daemon(
         .append(true)
         .open(log)
         .map_err(err)?;
-    let mut command = netns_command(netns, exe);
     command
-        .args(args)
         .stdin(Stdio::null())
         .stdout(out.try_clone().map_err(err)?)
         .stderr(out);

@@ -17,6 +17,7 @@ pub mod controlplane;
 pub mod kube;
 pub mod manifests;
 pub mod netns;
+pub mod peer;
 pub mod pki;
 pub mod probe;
 pub mod server;
