@@ -275,7 +275,17 @@ fn create_node(state: &LabState, node: &NodeState) -> Result<(), LabError> {
             )?;
             ip!("-n {ns} addr add {gw4}/{len4} dev cni0")?;
             ip!("-n {ns} addr add {gw6}/{len6} dev cni0 nodad")?;
-            ip!("-n {ns} link set cni0 up")
+            ip!("-n {ns} link set cni0 up")?;
+            // As kube-proxy requires of bridged pods (br_netfilter): frames between ports of
+            // cni0 go through the node's iptables/nftables too, so a Service's DNAT is undone
+            // on replies from a backend on the same bridge.
+            sysctls(
+                ns,
+                &[
+                    ("net/bridge/bridge-nf-call-iptables".to_owned(), "1"),
+                    ("net/bridge/bridge-nf-call-ip6tables".to_owned(), "1"),
+                ],
+            )
         }
     }
 }
@@ -370,6 +380,9 @@ fn create_pod(node: &NodeState, pod: &PodState) -> Result<(), LabError> {
         Attachment::Bridged => {
             let (len4, len6) = (node.pod_cidr_v4.prefix_len(), node.pod_cidr_v6.prefix_len());
             ip!("-n {node_ns} link set {veth} master cni0 up")?;
+            // Hairpin, as the bridge CNI plugin's hairpinMode (flannel's default): a pod that
+            // dials its own Service gets its packet back out of the port it came in on.
+            ip!("-n {node_ns} link set dev {veth} type bridge_slave hairpin on")?;
             ip!("-n {ns} addr add {ip4}/{len4} dev eth0")?;
             ip!("-n {ns} addr add {ip6}/{len6} dev eth0 nodad")?;
             ip!("-n {ns} link set eth0 up")?;

@@ -423,7 +423,7 @@ fn apiserver_args(cp: &ControlPlaneState, pki: &pki::Pki) -> Vec<String> {
         format!("--tls-private-key-file={}", p(&pki.server_key)),
         format!("--client-ca-file={}", p(&pki.ca_cert)),
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-        format!("--service-account-key-file={}", p(&pki.sa_key)),
+        format!("--service-account-key-file={}", p(&pki.sa_pub)),
         format!("--service-account-signing-key-file={}", p(&pki.sa_key)),
         format!(
             "--service-cluster-ip-range={},{}",
@@ -434,6 +434,7 @@ fn apiserver_args(cp: &ControlPlaneState, pki: &pki::Pki) -> Vec<String> {
         "--profiling=false".into(),
         // Tokens for the agents are minted with `kubectl create token --duration`.
         "--service-account-max-token-expiration=48h".into(),
+        "--service-account-extend-token-expiration=false".into(),
         "--v=1".into(),
     ]
 }

@@ -46,8 +46,10 @@ pub struct Pki {
     pub ca_cert: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
-    /// ServiceAccount token signing key (its public half verifies tokens).
+    /// ServiceAccount token signing key.
     pub sa_key: PathBuf,
+    /// Its public half, which verifies tokens.
+    pub sa_pub: PathBuf,
 }
 
 impl Pki {
@@ -112,6 +114,7 @@ pub fn generate(
         server_cert: dir.join("apiserver.crt"),
         server_key: dir.join("apiserver.key"),
         sa_key: dir.join("sa.key"),
+        sa_pub: dir.join("sa.pub"),
     };
     write(&pki.ca_cert, &ca_cert.pem())?;
 
@@ -132,6 +135,7 @@ pub fn generate(
 
     let sa = KeyPair::generate().map_err(generate_err("the ServiceAccount signing key"))?;
     write(&pki.sa_key, &sa.serialize_pem())?;
+    write(&pki.sa_pub, &sa.public_key_pem())?;
 
     for client in clients {
         let key = KeyPair::generate().map_err(generate_err(client.name))?;
