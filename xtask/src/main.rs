@@ -5,6 +5,7 @@
 mod bench;
 mod demo;
 mod ebpf;
+mod gotools;
 mod setup;
 mod test;
 
@@ -25,7 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what this machine lacks (apt packages, rust-src, bpf-linker).
+    /// Install what this machine lacks (apt packages, rust-src, bpf-linker)
+    /// and build the lab's Go test tools into $NETPOL_TOOLS_DIR/bin.
     Setup,
     /// Build the eBPF object and describe its programs and maps.
     BuildEbpf {
@@ -56,7 +58,7 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Setup => setup::ensure(true),
+        Cmd::Setup => setup::setup(),
         Cmd::BuildEbpf { verify } => {
             setup::ensure(false)?;
             let obj = ebpf::build()?;

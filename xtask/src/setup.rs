@@ -1,6 +1,8 @@
 //! `cargo xtask setup`: install what a fresh Debian machine lacks to build
 //! and test netpol, idempotently, and quickly when nothing is missing.
-//! Every other command that needs the toolchain calls [`ensure`] first.
+//! Every other command that needs the toolchain calls [`ensure`] first;
+//! only `cargo xtask setup` ([`setup`]) also builds the lab's Go test tools
+//! ([`crate::gotools`]), which take long the first time.
 
 use std::process::Command;
 
@@ -30,6 +32,19 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("iptables", "the iptables baseline of the benchmarks"),
     ("ipset", "the iptables baseline of the benchmarks"),
     ("nginx-light", "the HTTP server of the benchmarks"),
+    ("nftables", "kube-proxy in the lab runs in nftables mode"),
+    (
+        "conntrack",
+        "kube-proxy clears stale UDP conntrack entries with it",
+    ),
+    (
+        "openssl",
+        "TLS material for the lab's control plane (CA, serving certificates, service-account keys)",
+    ),
+    (
+        "curl",
+        "checking the lab's control plane by hand (kube-apiserver's /readyz, metrics endpoints)",
+    ),
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -111,15 +126,22 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask setup`: the toolchain ([`ensure`]), then the lab's Go test
+/// tools, printing what is present.
+pub fn setup() -> Result<()> {
+    ensure(true)?;
+    crate::gotools::ensure(true)
+}
+
 /// Check the toolchain and install what is missing. `verbose` prints what
 /// is already there too (for `cargo xtask setup`).
 pub fn ensure(verbose: bool) -> Result<()> {
     let missing = find_missing()?;
     if missing.is_empty() {
         if verbose {
-            eprintln!(
-                "setup: everything is installed (apt packages, rust-src, bpf-linker {BPF_LINKER_VERSION})"
-            );
+            let apt: Vec<&str> = APT_PACKAGES.iter().map(|(p, _)| *p).collect();
+            eprintln!("setup: apt packages installed: {}", apt.join(", "));
+            eprintln!("setup: rust-src installed; bpf-linker {BPF_LINKER_VERSION} installed");
         }
         return Ok(());
     }
