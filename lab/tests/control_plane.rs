@@ -40,11 +40,11 @@ pods:
     ClusterSpec::from_yaml(&yaml).expect("test cluster is valid")
 }
 
-fn up(test: &str, mode: ProxyMode) -> Option<Lab> {
+fn up(test: &str, tag: &str, mode: ProxyMode) -> Option<Lab> {
     if !require_privileges(test) || !require_tools(test, CONTROL_PLANE_TOOLS) {
         return None;
     }
-    let name = format!("cp-{}-{}", &test[..test.len().min(8)], std::process::id());
+    let name = format!("cp-{tag}-{}", std::process::id());
     let started = Instant::now();
     let lab = Lab::up(
         &cluster(&name),
@@ -88,7 +88,11 @@ fn all_connected(lab: &Lab, via: Via) {
 
 #[test]
 fn control_plane_lab_is_a_real_cluster() {
-    let Some(mut lab) = up("control_plane_lab_is_a_real_cluster", ProxyMode::Iptables) else {
+    let Some(mut lab) = up(
+        "control_plane_lab_is_a_real_cluster",
+        "ipt",
+        ProxyMode::Iptables,
+    ) else {
         return;
     };
 
@@ -248,6 +252,7 @@ fn control_plane_lab_is_a_real_cluster() {
 fn kube_proxy_nftables_mode_serves_cluster_ips() {
     let Some(lab) = up(
         "kube_proxy_nftables_mode_serves_cluster_ips",
+        "nft",
         ProxyMode::Nftables,
     ) else {
         return;

@@ -1,8 +1,9 @@
 //! `cargo xtask setup`: install what a fresh Debian machine lacks to build
 //! and test netpol, idempotently, and quickly when nothing is missing.
 //! Every other command that needs the toolchain calls [`ensure`] first;
-//! only `cargo xtask setup` ([`setup`]) also builds the lab's Go test tools
-//! ([`crate::gotools`]), which take long the first time.
+//! `cargo xtask setup` ([`setup`]), `test` and `conformance` ([`setup_quiet`])
+//! also build the lab's Go test tools ([`crate::gotools`]), which take long the
+//! first time (about 20 minutes on 2 cores) and seconds afterwards.
 
 use std::process::Command;
 
@@ -131,6 +132,13 @@ fn run(cmd: &mut Command) -> Result<()> {
 pub fn setup() -> Result<()> {
     ensure(true)?;
     crate::gotools::ensure(true)
+}
+
+/// What `cargo xtask test` and `conformance` need: the toolchain and the
+/// lab's Go tools (built once; quiet when everything is there).
+pub fn setup_quiet() -> Result<()> {
+    ensure(false)?;
+    crate::gotools::ensure(false)
 }
 
 /// Check the toolchain and install what is missing. `verbose` prints what
