@@ -92,15 +92,15 @@ fn peer_objects() -> Vec<serde_json::Value> {
 /// Whether a log line says the kernel lacks what the peer needs: its nftables rules use the
 /// `queue` expression (CONFIG_NFT_QUEUE).
 fn unsupported_reason(log: &str) -> Option<String> {
-    let queue_missing = log.lines().any(|l| {
+    let line = log.lines().find(|l| {
         (l.contains("queue") || l.contains("nftables") || l.contains("netlink"))
             && (l.contains("no such file or directory") || l.contains("not supported"))
-    });
-    queue_missing.then(|| {
+    })?;
+    Some(format!(
         "this kernel has no nftables `queue` expression (CONFIG_NFT_QUEUE is not set), which \
-         its rules need to send first packets to user space"
-            .to_owned()
-    })
+         its rules need to send first packets to user space; it logged: {}",
+        line.trim()
+    ))
 }
 
 /// Starts kube-network-policies on every node and waits until each has installed its rules
@@ -117,7 +117,13 @@ pub fn start_peer(lab: &LabState) -> Result<Peer, PeerError> {
     let (ns, sa) = PEER_SA;
     let token = kubectl
         .run(
-            &["create", "token", sa, &format!("--namespace={ns}"), "--duration=24h"],
+            &[
+                "create",
+                "token",
+                sa,
+                &format!("--namespace={ns}"),
+                "--duration=24h",
+            ],
             None,
         )
         .map_err(ControlPlaneError::from)?;
@@ -140,9 +146,7 @@ fn start_one(
 ) -> Result<PeerProc, PeerError> {
     let dir = lab.state_dir.join("peer").join(&node.name);
     let creds = dir.join("serviceaccount");
-    let io = |context: String| {
-        move |source| ControlPlaneError::Io { context, source }
-    };
+    let io = |context: String| move |source| ControlPlaneError::Io { context, source };
     fs::create_dir_all(&creds).map_err(io(format!("create {}", creds.display())))?;
     fs::write(creds.join("token"), token).map_err(io("write the peer's token".into()))?;
     fs::copy(cp.dir.join("pki").join("ca.crt"), creds.join("ca.crt"))

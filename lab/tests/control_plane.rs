@@ -273,3 +273,81 @@ fn kube_proxy_nftables_mode_serves_cluster_ips() {
     }
     lab.down().expect("down");
 }
+
+/// Whether this kernel has the nftables `queue` expression kube-network-policies needs: a rule
+/// with it in a scratch netns.
+fn kernel_has_nft_queue() -> bool {
+    let ns = format!("npq-{}", std::process::id());
+    let ok = Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .is_ok_and(|s| s.success())
+        && [
+            "add table inet t",
+            "add chain inet t c { type filter hook forward priority 0; }",
+            "add rule inet t c queue num 100",
+        ]
+        .iter()
+        .all(|rule| {
+            Command::new("ip")
+                .args(["netns", "exec", &ns, "nft", rule])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    ok
+}
+
+#[test]
+fn the_reference_peer_enforces_or_says_why_not() {
+    let test = "the_reference_peer_enforces_or_says_why_not";
+    if !require_privileges(test) || !require_tools(test, &["kube-network-policies"]) {
+        return;
+    }
+    let Some(lab) = up(test, "peer", ProxyMode::Iptables) else {
+        return;
+    };
+    let supported = kernel_has_nft_queue();
+    match netpol_lab::peer::start_peer(&lab) {
+        Ok(_peer) => {
+            assert!(supported, "the peer started although nft queue is missing");
+            // A default-deny ingress policy in x: x/a becomes unreachable.
+            let cp = lab.control_plane.as_ref().unwrap();
+            cp.kubectl()
+                .unwrap()
+                .apply(&[serde_json::json!({
+                    "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                    "metadata": { "name": "deny", "namespace": "x" },
+                    "spec": { "podSelector": {}, "policyTypes": ["Ingress"] },
+                })])
+                .expect("apply");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let r = probe(
+                    &lab,
+                    &ProbeSpec {
+                        from: Some(vec!["y/a".into()]),
+                        to: Some(vec!["x/a".into()]),
+                        protocols: vec![Protocol::Tcp],
+                        ..ProbeSpec::default()
+                    },
+                )
+                .unwrap();
+                if r.results.iter().all(|c| !c.connected) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "peer never denied:\n{}",
+                    r.render()
+                );
+            }
+        }
+        Err(netpol_lab::peer::PeerError::Unsupported { reason, .. }) => {
+            assert!(!supported, "nft queue works here, yet: {reason}");
+            eprintln!("{test}: the peer cannot enforce on this kernel: {reason}");
+        }
+        Err(e) => panic!("{test}: {e}"),
+    }
+    lab.down().expect("down");
+}
