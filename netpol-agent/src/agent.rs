@@ -138,6 +138,11 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
             } else {
                 0
             },
+        // The datapath's defaults, written out so `bpftool map dump` shows them.
+        timeout_tcp_s: netpol_common::DEFAULT_TIMEOUT_TCP_S,
+        timeout_tcp_closing_s: netpol_common::DEFAULT_TIMEOUT_TCP_CLOSING_S,
+        timeout_udp_s: netpol_common::DEFAULT_TIMEOUT_UDP_S,
+        timeout_icmp_s: netpol_common::DEFAULT_TIMEOUT_ICMP_S,
         _pad: 0,
     })?;
     let applied = dp.read_maps().context("reading pinned maps")?;

@@ -32,12 +32,13 @@ use netpol_common::{
     EP_F_INGRESS_ISOLATED, EndpointValue, FlowKey, FlowValue, FragKey, FragValue, IDENTITY_ANY,
     PEER_F_HOST, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROTO_SCTP,
     PROTO_TCP, PROTO_UDP, PeerValue, PolicyKey, PolicyValue, REASON_AUDIT, REASON_ESTABLISHED,
-    REASON_FRAGMENT_FOLLOWS, REASON_FRAGMENT_UNKNOWN, REASON_HOST, REASON_ICMP_ERROR_RELATED,
-    REASON_ICMP_ERROR_UNRELATED, REASON_IPV6_EXT_TOO_DEEP, REASON_MALFORMED,
-    REASON_NEIGHBOR_DISCOVERY, REASON_NO_ENDPOINT, REASON_NOT_IP, REASON_NOT_ISOLATED,
-    REASON_POLICY_ALLOW, REASON_POLICY_DENY, REASON_RECHECK_ALLOW, REASON_REPLY, REASON_REVOKED,
-    REASON_SLOTS, REASON_UNSUPPORTED_ETHERTYPE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
-    VerdictEvent, direction_name, ip_bytes, map_names, prog_names, reason_name, verdict_name,
+    REASON_EXPIRED, REASON_FRAGMENT_FOLLOWS, REASON_FRAGMENT_STALE, REASON_FRAGMENT_UNKNOWN,
+    REASON_HOST, REASON_ICMP_ERROR_RELATED, REASON_ICMP_ERROR_UNRELATED, REASON_IPV6_EXT_TOO_DEEP,
+    REASON_MALFORMED, REASON_NEIGHBOR_DISCOVERY, REASON_NO_ENDPOINT, REASON_NOT_IP,
+    REASON_NOT_ISOLATED, REASON_POLICY_ALLOW, REASON_POLICY_DENY, REASON_RECHECK_ALLOW,
+    REASON_REPLY, REASON_REVOKED, REASON_SLOTS, REASON_TCP_NO_FLOW, REASON_UNSUPPORTED_ETHERTYPE,
+    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VerdictEvent, direction_name, ip_bytes, map_names,
+    prog_names, reason_name, verdict_name,
 };
 
 // ---------------------------------------------------------------------------
@@ -352,7 +353,7 @@ impl Dp {
                 events_per_sec: 1_000_000,
                 // Events for allowed flows too, so tests can check them.
                 flags: netpol_common::CFG_F_LOG_ALLOWED,
-                _pad: 0,
+                ..ConfigValue::default()
             },
         };
         dp.write_config();
@@ -647,6 +648,25 @@ impl Outcome {
         self
     }
 
+    /// Like [`Outcome::expect`] for a packet counted under several reasons
+    /// (an event such as `expired` or `tcp_no_flow` besides its verdict).
+    #[track_caller]
+    fn expect_all(&self, action: u32, direction: u8, reasons: &[u8]) -> &Self {
+        assert_eq!(self.action, action, "got {}", self.describe());
+        let moved: BTreeMap<u32, u64> = self
+            .moved
+            .iter()
+            .filter(|(slot, _)| **slot < COUNTER_EVENTS_SENT)
+            .map(|(s, n)| (*s, *n))
+            .collect();
+        let expected: BTreeMap<u32, u64> = reasons
+            .iter()
+            .map(|r| (netpol_common::counter_index(direction, *r), 1))
+            .collect();
+        assert_eq!(moved, expected, "got {}", self.describe());
+        self
+    }
+
     #[track_caller]
     fn passed(&self, direction: u8, reason: u8) -> &Self {
         self.expect(TC_ACT_OK, direction, reason, 1)
@@ -804,7 +824,8 @@ fn not_isolated_endpoint_passes_and_opens_a_flow_in_both_directions() {
     assert_eq!(fwd.verdict, VERDICT_ALLOW);
     assert_eq!(fwd.reason, REASON_NOT_ISOLATED);
     assert_eq!(fwd.generation, 1);
-    assert_eq!(fwd._pad, [0; 5]);
+    assert_eq!(fwd.state, netpol_common::FLOW_S_OPEN);
+    assert_eq!(fwd._pad, [0; 4]);
     assert!(fwd.created_ns > 0);
     let rev = dp
         .flow(&syn.reversed(), DIR_EGRESS)
@@ -931,7 +952,7 @@ fn allow_by_identity_ipv6() {
     out.event().peer_identity(PEER_ID);
     // Ingress is not isolated, but the answer is known as the flow's reply.
     dp.to_pod(&syn.reversed()).passed(DIR_INGRESS, REASON_REPLY);
-    dp.to_pod(&tcp(&at(PEER6, 443), &at(POD6, 40001)))
+    dp.to_pod(&tcp(&at(PEER6, 443), &at(POD6, 40001)).syn())
         .passed(DIR_INGRESS, REASON_NOT_ISOLATED);
 
     let other = tcp(&at(POD6, 40000), &at("fd00::3", 443)).syn();
@@ -1795,7 +1816,9 @@ fn fragments_follow_their_first_fragment(test: &str, pod: &str, peer: &str, id: 
 
     // A first fragment too short for the TCP header is malformed.
     dp.allow(ingress(POLICY).from_anyone().tcp(80).rule(82));
-    let tcp_first = tcp(&at(peer, 40000), &at(pod, 80)).first_fragment(id + 3);
+    let tcp_first = tcp(&at(peer, 40000), &at(pod, 80))
+        .syn()
+        .first_fragment(id + 3);
     let l3 = tcp_first.frame().len() - 20;
     dp.to_pod(&tcp_first.frame_truncated(l3 + 8))
         .dropped(DIR_INGRESS, REASON_MALFORMED);
@@ -2398,4 +2421,201 @@ fn ipv6_later_fragment_follows_when_the_fragmentable_part_starts_with_dest_opts(
     );
     dp.to_pod(&later)
         .passed(DIR_INGRESS, REASON_FRAGMENT_FOLLOWS);
+}
+
+// ---------------------------------------------------------------------------
+// Hostile pods and peers: forged replies, immortal flows, stale fragments,
+// lengths that lie. Each test is the attack, then what the victim sees.
+// ---------------------------------------------------------------------------
+
+/// The forged-reply attack: egress-isolated P may not reach X:443. A peer (or
+/// anyone spoofing X) sends P a SYN-ACK "from X:443" to P:40000; P's ingress
+/// is not isolated, so it passes, but it must not open a flow: P's
+/// "answer" to X:443 is new egress and is denied. Lone ACKs and RSTs alike.
+#[test]
+fn a_forged_reply_opens_no_reply_path() {
+    let mut dp = load_or_skip!("a_forged_reply_opens_no_reply_path");
+    dp.peer(PEER, PEER_ID);
+    dp.endpoint(LO, endpoint(POLICY).isolated_egress());
+
+    for forged in [
+        tcp(&at(PEER, 443), &at(POD, 40000)).syn_ack(),
+        tcp(&at(PEER, 443), &at(POD, 40001)).ack(),
+        tcp(&at(PEER, 443), &at(POD, 40002)).rst(),
+    ] {
+        // What the attacker sends reaches the pod (ingress is open)...
+        dp.to_pod(&forged).expect_all(
+            TC_ACT_OK,
+            DIR_INGRESS,
+            &[REASON_NOT_ISOLATED, REASON_TCP_NO_FLOW],
+        );
+        // ...but leaves no entry behind,
+        assert!(
+            dp.flow(&forged, DIR_INGRESS).is_none(),
+            "a non-SYN opened a flow: {:?}",
+            dp.flows()
+        );
+        // so the pod's "reply" is its own egress, and denied.
+        let answer = forged.reversed().ack();
+        let out = dp.from_pod(&answer);
+        out.dropped(DIR_EGRESS, REASON_POLICY_DENY);
+        out.event().reason(REASON_POLICY_DENY).direction(DIR_EGRESS);
+    }
+    // The counter of non-SYN packets that opened nothing moved once each.
+    let counters = dp.read_counters();
+    assert_eq!(
+        counters[netpol_common::counter_index(DIR_INGRESS, REASON_TCP_NO_FLOW) as usize],
+        3
+    );
+    // A real SYN from the peer does open a flow (ingress is open), and then
+    // the pod's answers are replies: that is NetworkPolicy's statefulness.
+    let syn = tcp(&at(PEER, 443), &at(POD, 40003)).syn();
+    dp.to_pod(&syn).passed(DIR_INGRESS, REASON_NOT_ISOLATED);
+    dp.from_pod(&syn.reversed().syn_ack())
+        .passed(DIR_EGRESS, REASON_REPLY);
+}
+
+/// FIN or RST moves a flow to the short closing timeout; once idle past it the
+/// entry is forgotten, so the next packet is judged as new (and, not being a
+/// SYN, opens nothing). A new SYN on a closed flow's 5-tuple is a new flow.
+#[test]
+fn fin_and_rst_close_a_flow_and_a_closed_flow_expires() {
+    let mut dp = load_or_skip!("fin_and_rst_close_a_flow_and_a_closed_flow_expires");
+    dp.peer(PEER, PEER_ID);
+    dp.endpoint(LO, endpoint(POLICY).isolated());
+    dp.allow(egress(POLICY).to(PEER_ID).tcp(80).rule(90));
+    dp.config.timeout_tcp_closing_s = 1;
+    dp.write_config();
+
+    let syn = tcp(&at(POD, 40000), &at(PEER, 80)).syn();
+    dp.from_pod(&syn).passed(DIR_EGRESS, REASON_POLICY_ALLOW);
+    dp.to_pod(&syn.reversed().syn_ack())
+        .passed(DIR_INGRESS, REASON_REPLY);
+    assert_eq!(
+        dp.flow(&syn, DIR_EGRESS).unwrap().state,
+        netpol_common::FLOW_S_OPEN
+    );
+    dp.to_pod(&syn.reversed().fin())
+        .passed(DIR_INGRESS, REASON_REPLY);
+    assert_eq!(
+        dp.flow(&syn, DIR_EGRESS).unwrap().state,
+        netpol_common::FLOW_S_CLOSING,
+        "a FIN closes the flow"
+    );
+    // Still inside the closing timeout: the pod's last ACK is established.
+    dp.from_pod(&syn.clone().ack())
+        .passed(DIR_EGRESS, REASON_ESTABLISHED);
+    std::thread::sleep(Duration::from_millis(1300));
+    // Idle past it: the peer's late segment is judged as new ingress, denied.
+    let late = dp.to_pod(&syn.reversed().ack());
+    late.expect_all(
+        TC_ACT_SHOT,
+        DIR_INGRESS,
+        &[REASON_EXPIRED, REASON_POLICY_DENY],
+    );
+    let counters = dp.read_counters();
+    assert_eq!(
+        counters[netpol_common::counter_index(DIR_INGRESS, REASON_EXPIRED) as usize],
+        1,
+        "the entry was forgotten"
+    );
+    assert!(dp.flow(&syn, DIR_EGRESS).is_none());
+
+    // A RST closes too; a new SYN on the closed 5-tuple is a new decision.
+    let syn2 = tcp(&at(POD, 40001), &at(PEER, 80)).syn();
+    dp.from_pod(&syn2).passed(DIR_EGRESS, REASON_POLICY_ALLOW);
+    dp.to_pod(&syn2.reversed().rst())
+        .passed(DIR_INGRESS, REASON_REPLY);
+    assert_eq!(
+        dp.flow(&syn2, DIR_EGRESS).unwrap().state,
+        netpol_common::FLOW_S_CLOSING
+    );
+    let again = dp.from_pod(&syn2);
+    again.expect_all(
+        TC_ACT_OK,
+        DIR_EGRESS,
+        &[REASON_EXPIRED, REASON_POLICY_ALLOW],
+    );
+    again.event().reason(REASON_POLICY_ALLOW).rule(90);
+    assert_eq!(
+        dp.flow(&syn2, DIR_EGRESS).unwrap().state,
+        netpol_common::FLOW_S_OPEN
+    );
+}
+
+/// UDP and ICMP flows do not live forever: idle past their timeout, the
+/// remote side's next datagram is judged as new.
+#[test]
+fn idle_udp_flows_expire() {
+    let mut dp = load_or_skip!("idle_udp_flows_expire");
+    dp.peer(PEER, PEER_ID);
+    dp.endpoint(LO, endpoint(POLICY).isolated());
+    dp.allow(egress(POLICY).to(PEER_ID).udp(53).rule(91));
+    dp.config.timeout_udp_s = 1;
+    dp.write_config();
+    let q = udp(&at(POD, 5000), &at(PEER, 53));
+    dp.from_pod(&q).passed(DIR_EGRESS, REASON_POLICY_ALLOW);
+    dp.to_pod(&q.reversed()).passed(DIR_INGRESS, REASON_REPLY);
+    std::thread::sleep(Duration::from_millis(1300));
+    dp.to_pod(&q.reversed()).expect_all(
+        TC_ACT_SHOT,
+        DIR_INGRESS,
+        &[REASON_EXPIRED, REASON_POLICY_DENY],
+    );
+    // The pod asking again opens it again.
+    dp.from_pod(&q).passed(DIR_EGRESS, REASON_POLICY_ALLOW);
+    dp.to_pod(&q.reversed()).passed(DIR_INGRESS, REASON_REPLY);
+}
+
+/// A fragment after a revocation: the first fragment was allowed, then the
+/// rule went (generation bump). Later fragments of that datagram must not
+/// follow the old verdict.
+#[test]
+fn later_fragments_do_not_outlive_a_revocation() {
+    let mut dp = load_or_skip!("later_fragments_do_not_outlive_a_revocation");
+    dp.endpoint(LO, endpoint(POLICY).isolated_ingress());
+    let rule = ingress(POLICY).from_anyone().udp(53).rule(92);
+    dp.allow(rule.clone());
+    let q = udp(&at(PEER, 5000), &at(POD, 53));
+    dp.to_pod(&q.clone().first_fragment(21))
+        .passed(DIR_INGRESS, REASON_POLICY_ALLOW);
+    dp.to_pod(&q.clone().later_fragment(21, 100))
+        .passed(DIR_INGRESS, REASON_FRAGMENT_FOLLOWS);
+    dp.remove(rule);
+    dp.bump_generation();
+    // The attack: the rest of the datagram, after the revocation.
+    dp.to_pod(&q.clone().later_fragment(21, 185))
+        .dropped(DIR_INGRESS, REASON_REVOKED);
+    // And a datagram whose flow is gone entirely.
+    dp.to_pod(&q.clone().later_fragment(21, 200))
+        .dropped(DIR_INGRESS, REASON_FRAGMENT_STALE);
+}
+
+/// The IP length decides where headers end: a TCP header that only link
+/// padding completes is truncated, not a packet to judge.
+#[test]
+fn headers_completed_only_by_padding_are_malformed() {
+    let mut dp = load_or_skip!("headers_completed_only_by_padding_are_malformed");
+    dp.endpoint(LO, endpoint(POLICY).isolated_ingress());
+    dp.allow(ingress(POLICY).from_anyone().tcp(80).rule(93));
+    let syn = tcp(&at(PEER, 40000), &at(POD, 80)).syn();
+    let mut frame = syn.frame();
+    // IPv4 total length: the IP header and 8 bytes of TCP; the other 12
+    // bytes of the TCP header are now "padding".
+    frame[16..18].copy_from_slice(&28u16.to_be_bytes());
+    dp.to_pod(&frame).dropped(DIR_INGRESS, REASON_MALFORMED);
+    // A total length longer than the frame is malformed too.
+    let mut frame = syn.frame();
+    let long = (frame.len() - 14 + 1) as u16;
+    frame[16..18].copy_from_slice(&long.to_be_bytes());
+    dp.to_pod(&frame).dropped(DIR_INGRESS, REASON_MALFORMED);
+    // IPv6: payload length 8 cuts the TCP header the same way.
+    let syn6 = tcp(&at(PEER6, 40000), &at(POD6, 80)).syn();
+    let mut frame = syn6.frame();
+    frame[18..20].copy_from_slice(&8u16.to_be_bytes());
+    dp.to_pod(&frame).dropped(DIR_INGRESS, REASON_MALFORMED);
+    // Honest padding after a whole packet is fine.
+    let mut frame = syn.frame();
+    frame.extend_from_slice(&[0; 6]);
+    dp.to_pod(&frame).passed(DIR_INGRESS, REASON_POLICY_ALLOW);
 }

@@ -286,11 +286,27 @@ pub struct FlowValue {
     /// `REASON_*` of the original decision.
     pub reason: u8,
     /// `DIR_*` of the packet that opened the flow: packets the other way
-    /// are replies.
+    /// are replies. Set once, when the entry is created (with `BPF_NOEXIST`,
+    /// so a racing packet of the other direction never flips it).
     pub origin: u8,
-    pub _pad: [u8; 5],
+    /// `FLOW_S_*`: which idle timeout applies.
+    pub state: u8,
+    pub _pad: [u8; 4],
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 64);
+
+/// The flow is open: its protocol's idle timeout applies.
+pub const FLOW_S_OPEN: u8 = 0;
+/// A FIN or RST was seen (TCP): the short closing timeout applies.
+pub const FLOW_S_CLOSING: u8 = 1;
+
+/// Idle timeouts when `ConfigValue` leaves them 0, in seconds (Cilium's
+/// defaults for TCP and closing; UDP and ICMP are datagram "flows" that an
+/// application keeps alive or reopens).
+pub const DEFAULT_TIMEOUT_TCP_S: u32 = 21_600;
+pub const DEFAULT_TIMEOUT_TCP_CLOSING_S: u32 = 10;
+pub const DEFAULT_TIMEOUT_UDP_S: u32 = 60;
+pub const DEFAULT_TIMEOUT_ICMP_S: u32 = 30;
 
 pub const VERDICT_ALLOW: u8 = 1;
 pub const VERDICT_DENY: u8 = 2;
@@ -326,11 +342,16 @@ const _: () = assert!(core::mem::size_of::<FragKey>() == 44);
 pub struct FragValue {
     pub sport: u16,
     pub dport: u16,
+    /// Policy generation of the first fragment's verdict: under a newer one,
+    /// later fragments follow only a flow that is still allowed.
+    pub generation: u32,
     /// `VERDICT_*` of the first fragment.
     pub verdict: u8,
-    pub _pad: [u8; 3],
+    /// The datagram's upper protocol (an IPv6 later fragment does not name it).
+    pub protocol: u8,
+    pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<FragValue>() == 8);
+const _: () = assert!(core::mem::size_of::<FragValue>() == 12);
 
 // ---------------------------------------------------------------------------
 // Config: NETPOL_CONFIG, array of one `ConfigValue`.
@@ -353,9 +374,17 @@ pub struct ConfigValue {
     pub events_per_sec: u32,
     /// `CFG_F_*`.
     pub flags: u32,
+    /// Idle timeout of an open TCP flow, seconds (0: `DEFAULT_TIMEOUT_TCP_S`).
+    pub timeout_tcp_s: u32,
+    /// Idle timeout of a TCP flow after FIN or RST (0: the default).
+    pub timeout_tcp_closing_s: u32,
+    /// Idle timeout of UDP, SCTP and other non-TCP, non-ICMP flows (0: the default).
+    pub timeout_udp_s: u32,
+    /// Idle timeout of ICMP echo flows (0: the default).
+    pub timeout_icmp_s: u32,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<ConfigValue>() == 16);
+const _: () = assert!(core::mem::size_of::<ConfigValue>() == 32);
 
 /// Per-CPU token state of the event rate limiter (NETPOL_EVENT_RATE).
 #[repr(C)]

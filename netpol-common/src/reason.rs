@@ -43,8 +43,21 @@ pub const REASON_RECHECK_ALLOW: u8 = 17;
 /// PPPoE, ...): it could carry IP past the policy check.
 pub const REASON_UNSUPPORTED_ETHERTYPE: u8 = 18;
 
+/// A flow entry idle past its protocol's timeout (or closed by FIN/RST and
+/// idle past the closing timeout) was forgotten when its next packet came;
+/// that packet was then judged as new. Counted in addition to the packet's
+/// own reason: it is an event, not a verdict.
+pub const REASON_EXPIRED: u8 = 19;
+/// A TCP packet other than a SYN, with no flow entry, that policy allows in
+/// its own direction: passed, but it opens no flow (only a SYN does), so it
+/// gives the other side no reply path.
+pub const REASON_TCP_NO_FLOW: u8 = 20;
+/// A later fragment of a datagram whose first fragment was decided under an
+/// older policy generation, and whose flow is not (or no longer) allowed.
+pub const REASON_FRAGMENT_STALE: u8 = 21;
+
 /// Number of reasons defined so far.
-pub const REASON_COUNT: u8 = 19;
+pub const REASON_COUNT: u8 = 22;
 
 /// Stable, metric-friendly name of a reason.
 pub const fn reason_name(reason: u8) -> &'static str {
@@ -68,6 +81,9 @@ pub const fn reason_name(reason: u8) -> &'static str {
         REASON_ICMP_ERROR_UNRELATED => "icmp_error_unrelated",
         REASON_RECHECK_ALLOW => "recheck_allow",
         REASON_UNSUPPORTED_ETHERTYPE => "unsupported_ethertype",
+        REASON_EXPIRED => "expired",
+        REASON_TCP_NO_FLOW => "tcp_no_flow",
+        REASON_FRAGMENT_STALE => "fragment_stale",
         _ => "unknown",
     }
 }
@@ -87,5 +103,6 @@ pub const fn reason_passes(reason: u8) -> bool {
             | REASON_FRAGMENT_FOLLOWS
             | REASON_AUDIT
             | REASON_RECHECK_ALLOW
+            | REASON_TCP_NO_FLOW
     )
 }

@@ -3,20 +3,23 @@
 
 use aya_ebpf::programs::TcContext;
 use netpol_common::{
-    CFG_F_AUDIT_ALL, CFG_F_LOG_ALLOWED, ConfigValue, DIR_EGRESS, DIR_INGRESS, EP_F_AUDIT,
-    EndpointValue, FAMILY_V6, FlowKey, FlowValue, FragKey, FragValue, REASON_AUDIT,
-    REASON_ESTABLISHED, REASON_FRAGMENT_FOLLOWS, REASON_FRAGMENT_UNKNOWN,
-    REASON_ICMP_ERROR_RELATED, REASON_ICMP_ERROR_UNRELATED, REASON_MALFORMED,
-    REASON_NEIGHBOR_DISCOVERY, REASON_NO_ENDPOINT, REASON_NOT_IP, REASON_RECHECK_ALLOW,
-    REASON_REPLY, REASON_REVOKED, REASON_UNSUPPORTED_ETHERTYPE, VERDICT_ALLOW, VERDICT_AUDIT,
-    VERDICT_DENY, VerdictEvent,
+    CFG_F_AUDIT_ALL, CFG_F_LOG_ALLOWED, ConfigValue, DEFAULT_TIMEOUT_ICMP_S,
+    DEFAULT_TIMEOUT_TCP_CLOSING_S, DEFAULT_TIMEOUT_TCP_S, DEFAULT_TIMEOUT_UDP_S, DIR_EGRESS,
+    DIR_INGRESS, EP_F_AUDIT, EndpointValue, FAMILY_V6, FLOW_S_CLOSING, FLOW_S_OPEN, FlowKey,
+    FlowValue, FragKey, FragValue, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, REASON_AUDIT,
+    REASON_ESTABLISHED, REASON_EXPIRED, REASON_FRAGMENT_FOLLOWS, REASON_FRAGMENT_STALE,
+    REASON_FRAGMENT_UNKNOWN, REASON_ICMP_ERROR_RELATED, REASON_ICMP_ERROR_UNRELATED,
+    REASON_MALFORMED, REASON_NEIGHBOR_DISCOVERY, REASON_NO_ENDPOINT, REASON_NOT_IP,
+    REASON_RECHECK_ALLOW, REASON_REPLY, REASON_REVOKED, REASON_TCP_NO_FLOW,
+    REASON_UNSUPPORTED_ETHERTYPE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VerdictEvent,
 };
 
 use crate::{
     events::{coarse_now_ns, count, emit, now_ns},
     maps::{NETPOL_CONFIG, NETPOL_ENDPOINTS, NETPOL_FLOWS, NETPOL_FRAGS, NETPOL_SCRATCH},
     parse::{
-        ETH_HLEN, ETH_P_ARP, Frag, IcmpKind, Packet, ParseError, ethertype, family_of, parse_ip,
+        ETH_HLEN, ETH_P_ARP, Frag, IcmpKind, Packet, ParseError, TCP_ACK, TCP_FIN, TCP_RST,
+        TCP_SYN, ethertype, family_of, parse_ip,
     },
     policy::decide,
 };
@@ -26,6 +29,9 @@ pub enum Verdict {
     Pass,
     Drop,
 }
+
+/// `bpf_map_update_elem` flag: only create, never replace.
+const BPF_NOEXIST: u64 = 1;
 
 /// Per-CPU working memory: the parsed packets, flow keys, values and the
 /// event do not fit the 512-byte BPF stack together.
@@ -230,17 +236,7 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
     let len = ctx.len();
 
     if s.pkt.frag == Frag::Later {
-        // No L4 header: follow the verdict of the datagram's first fragment;
-        // a later fragment whose first was never seen (or was denied) is
-        // dropped, so no fragment ordering lets a denied datagram through.
-        fill_frag_key(&mut s.frag, ifindex, &s.pkt, direction);
-        return match unsafe { NETPOL_FRAGS.get(&s.frag) } {
-            Some(v) if v.verdict == VERDICT_ALLOW || v.verdict == VERDICT_AUDIT => {
-                count(direction, REASON_FRAGMENT_FOLLOWS);
-                Ok(Verdict::Pass)
-            }
-            _ => Err(ParseError(REASON_FRAGMENT_UNKNOWN)),
-        };
+        return later_fragment(s, ifindex, direction, &cfg, len);
     }
 
     fill_flow_key(&mut s.key, ifindex, &s.pkt, direction);
@@ -248,9 +244,29 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
         // SAFETY: the entry stays valid for this program run; the fields
         // written below are counters and idempotent stores.
         let f = unsafe { &mut *f };
+        // Idle time only needs coarse precision: the cheaper clock.
+        let now = coarse_now_ns();
+        // The coarse clock can lag the precise one the entry was created with
+        // by a tick: a "negative" idle time is no idle time.
+        if now.saturating_sub(f.last_seen_ns) > idle_timeout_ns(f, s.key.protocol, &cfg) {
+            // Idle past its timeout (or closed and idle past the closing
+            // timeout): forget it, and judge this packet as new.
+            let _ = NETPOL_FLOWS.remove(&s.key);
+            count(direction, REASON_EXPIRED);
+            return new_flow(ctx, s, ifindex, direction, family, &cfg, len);
+        }
+        if f.state == FLOW_S_CLOSING && s.pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            // A new connection on the 5-tuple of a closed one: a new flow,
+            // decided (and logged) as such.
+            let _ = NETPOL_FLOWS.remove(&s.key);
+            count(direction, REASON_EXPIRED);
+            return new_flow(ctx, s, ifindex, direction, family, &cfg, len);
+        }
+        if s.pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            f.state = FLOW_S_CLOSING;
+        }
         if f.generation == cfg.generation {
-            // Idle time only needs coarse precision: the cheaper clock.
-            f.last_seen_ns = coarse_now_ns();
+            f.last_seen_ns = now;
             bump_flow(f, direction, len);
             let verdict = f.verdict;
             let reply = f.origin != direction;
@@ -278,7 +294,85 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
         }
         return Ok(v);
     }
+    new_flow(ctx, s, ifindex, direction, family, &cfg, len)
+}
 
+/// The idle timeout of a flow entry: by protocol, and short once closing.
+#[inline(always)]
+fn idle_timeout_ns(f: &FlowValue, protocol: u8, cfg: &ConfigValue) -> u64 {
+    let or = |v: u32, default: u32| if v == 0 { default } else { v };
+    let secs = if protocol == PROTO_TCP {
+        if f.state == FLOW_S_CLOSING {
+            or(cfg.timeout_tcp_closing_s, DEFAULT_TIMEOUT_TCP_CLOSING_S)
+        } else {
+            or(cfg.timeout_tcp_s, DEFAULT_TIMEOUT_TCP_S)
+        }
+    } else if protocol == PROTO_ICMP || protocol == PROTO_ICMPV6 {
+        or(cfg.timeout_icmp_s, DEFAULT_TIMEOUT_ICMP_S)
+    } else {
+        or(cfg.timeout_udp_s, DEFAULT_TIMEOUT_UDP_S)
+    };
+    secs as u64 * 1_000_000_000
+}
+
+/// A later fragment has no L4 header: it follows the verdict of its
+/// datagram's first fragment. One whose first was never seen (or was denied)
+/// is dropped, so no fragment ordering lets a denied datagram through; one
+/// whose first was decided under an older policy generation follows only a
+/// flow that is still allowed now.
+#[inline(always)]
+fn later_fragment(
+    s: &mut Scratch,
+    ifindex: u32,
+    direction: u8,
+    cfg: &ConfigValue,
+    len: u32,
+) -> Result<Verdict, ParseError> {
+    fill_frag_key(&mut s.frag, ifindex, &s.pkt, direction);
+    let Some(fv) = NETPOL_FRAGS.get_ptr_mut(&s.frag) else {
+        return Err(ParseError(REASON_FRAGMENT_UNKNOWN));
+    };
+    // SAFETY: valid for this program run.
+    let fv = unsafe { &mut *fv };
+    if fv.verdict != VERDICT_ALLOW && fv.verdict != VERDICT_AUDIT {
+        return Err(ParseError(REASON_FRAGMENT_UNKNOWN));
+    }
+    if fv.generation != cfg.generation {
+        // The datagram's flow, as its first fragment's ports name it: it
+        // decides, re-checked under the current policy if need be.
+        s.pkt.protocol = fv.protocol;
+        s.pkt.sport = fv.sport;
+        s.pkt.dport = fv.dport;
+        fill_flow_key(&mut s.key, ifindex, &s.pkt, direction);
+        let Some(f) = NETPOL_FLOWS.get_ptr_mut(&s.key) else {
+            return Err(ParseError(REASON_FRAGMENT_STALE));
+        };
+        // SAFETY: valid for this program run.
+        let f = unsafe { &mut *f };
+        if f.generation != cfg.generation
+            && recheck(s, ifindex, direction, f, cfg, len) != Verdict::Pass
+        {
+            return Ok(Verdict::Drop);
+        }
+        fv.generation = cfg.generation;
+    }
+    count(direction, REASON_FRAGMENT_FOLLOWS);
+    Ok(Verdict::Pass)
+}
+
+/// A packet with no (live) flow entry: endpoint, policy, and for an allowed
+/// flow-opening packet a new entry.
+#[inline(always)]
+fn new_flow(
+    ctx: &TcContext,
+    s: &mut Scratch,
+    ifindex: u32,
+    direction: u8,
+    family: u8,
+    cfg: &ConfigValue,
+    len: u32,
+) -> Result<Verdict, ParseError> {
+    let cfg = *cfg;
     let now = now_ns();
     let Some(ep) = (unsafe { NETPOL_ENDPOINTS.get(&ifindex) }).copied() else {
         // Programs are attached but the agent has not (or no longer) told
@@ -354,6 +448,14 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
         }
         return Ok(Verdict::Drop);
     }
+    if s.pkt.protocol == PROTO_TCP && s.pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        // Only a SYN opens a TCP flow. Anything else without an entry (an
+        // ACK, a RST, a forged SYN-ACK "reply") was judged in its own
+        // direction just above and passes on its own merits, but opens no
+        // entry: it must never give the other side a reply path.
+        count(direction, REASON_TCP_NO_FLOW);
+        return Ok(Verdict::Pass);
+    }
     if s.pkt.icmp != IcmpKind::Error {
         // One entry serves both directions of travel. If the table is full
         // the LRU evicts the least recently used flow as a whole; its next
@@ -371,9 +473,12 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
         v.verdict = verdict;
         v.reason = reason;
         v.origin = direction;
-        v._pad = [0; 5];
+        v.state = FLOW_S_OPEN;
+        v._pad = [0; 4];
         bump_flow(v, direction, len);
-        let _ = NETPOL_FLOWS.insert(&s.key, &s.value, 0);
+        // BPF_NOEXIST: a packet of the other direction that created the
+        // entry a moment earlier on another CPU keeps its origin.
+        let _ = NETPOL_FLOWS.insert(&s.key, &s.value, BPF_NOEXIST);
     }
     if s.pkt.frag == Frag::First {
         record_first_fragment(s, ifindex, direction, verdict);
@@ -402,8 +507,10 @@ fn record_first_fragment(s: &mut Scratch, ifindex: u32, direction: u8, verdict: 
     let fv = FragValue {
         sport: s.pkt.sport,
         dport: s.pkt.dport,
+        generation: config().generation,
         verdict,
-        _pad: [0; 3],
+        protocol: s.pkt.protocol,
+        _pad: [0; 2],
     };
     let _ = NETPOL_FRAGS.insert(&s.frag, &fv, 0);
 }

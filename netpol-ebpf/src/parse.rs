@@ -73,7 +73,17 @@ pub struct Packet {
     pub icmp: IcmpKind,
     /// Offset of the L4 header.
     pub l4_off: usize,
+    /// Where the IP datagram ends by its own length field (total length,
+    /// payload length): bytes past it are link padding, not headers.
+    pub l3_end: usize,
+    /// TCP flags (`TCP_SYN`, ...), 0 for other protocols.
+    pub tcp_flags: u8,
 }
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// A parse failure, with the reason the datapath counts it under.
 pub struct ParseError(pub u8);
@@ -147,10 +157,12 @@ pub fn parse_ip(
     p.frag_id = 0;
     p.icmp = IcmpKind::None;
     p.l4_off = 0;
+    p.l3_end = 0;
+    p.tcp_flags = 0;
     if family == FAMILY_V4 {
-        parse_v4(ctx, l3, p)?;
+        parse_v4(ctx, l3, quoted, p)?;
     } else {
-        parse_v6(ctx, l3, p)?;
+        parse_v6(ctx, l3, quoted, p)?;
     }
     if p.frag == Frag::Later {
         return Ok(());
@@ -159,7 +171,7 @@ pub fn parse_ip(
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &TcContext, l3: usize, p: &mut Packet) -> Result<()> {
+fn parse_v4(ctx: &TcContext, l3: usize, quoted: bool, p: &mut Packet) -> Result<()> {
     let vihl: u8 = load(ctx, l3)?;
     if vihl >> 4 != 4 {
         return Err(ParseError(REASON_MALFORMED));
@@ -168,6 +180,9 @@ fn parse_v4(ctx: &TcContext, l3: usize, p: &mut Packet) -> Result<()> {
     if ihl < 20 {
         return Err(ParseError(REASON_MALFORMED));
     }
+    let tot_len: [u8; 2] = load(ctx, l3 + 2)?;
+    let tot_len = u16::from_be_bytes(tot_len) as usize;
+    p.l3_end = datagram_end(ctx, l3, tot_len, ihl, quoted)?;
     let id: [u8; 2] = load(ctx, l3 + 4)?;
     let frag_field: [u8; 2] = load(ctx, l3 + 6)?;
     let frag_field = u16::from_be_bytes(frag_field);
@@ -203,11 +218,22 @@ fn parse_v4(ctx: &TcContext, l3: usize, p: &mut Packet) -> Result<()> {
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &TcContext, l3: usize, p: &mut Packet) -> Result<()> {
+fn parse_v6(ctx: &TcContext, l3: usize, quoted: bool, p: &mut Packet) -> Result<()> {
     let v: u8 = load(ctx, l3)?;
     if v >> 4 != 6 {
         return Err(ParseError(REASON_MALFORMED));
     }
+    let payload_len: [u8; 2] = load(ctx, l3 + 4)?;
+    // At least one byte of payload: a jumbogram (payload length 0 and a
+    // hop-by-hop jumbo option, BIG TCP) is refused like any length that does
+    // not fit, and an empty datagram carries nothing to judge.
+    p.l3_end = datagram_end(
+        ctx,
+        l3,
+        40 + u16::from_be_bytes(payload_len) as usize,
+        41,
+        quoted,
+    )?;
     let mut nh: u8 = load(ctx, l3 + 6)?;
     load_into(ctx, l3 + 8, &mut p.saddr)?;
     load_into(ctx, l3 + 24, &mut p.daddr)?;
@@ -268,9 +294,23 @@ fn parse_v6(ctx: &TcContext, l3: usize, p: &mut Packet) -> Result<()> {
     Err(ParseError(REASON_IPV6_EXT_TOO_DEEP))
 }
 
+/// The end of a datagram of `len` bytes (its length field) starting at `l3`:
+/// it must hold at least `min` bytes and, outside an ICMP quote (which is
+/// cut short on purpose), fit in the packet. Padding after it is ignored.
+#[inline(always)]
+fn datagram_end(ctx: &TcContext, l3: usize, len: usize, min: usize, quoted: bool) -> Result<usize> {
+    if len < min || (!quoted && l3 + len > ctx.len() as usize) {
+        return Err(ParseError(REASON_MALFORMED));
+    }
+    Ok(l3 + len)
+}
+
 #[inline(always)]
 fn parse_l4(ctx: &TcContext, p: &mut Packet, quoted: bool) -> Result<()> {
     let off = p.l4_off;
+    // Headers are judged only from bytes inside the datagram: link padding
+    // after it must not complete a truncated L4 header.
+    let end = if quoted { usize::MAX } else { p.l3_end };
     match p.protocol {
         PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
             // The whole minimal header must be there (a TCP header cut by a
@@ -285,12 +325,21 @@ fn parse_l4(ctx: &TcContext, p: &mut Packet, quoted: bool) -> Result<()> {
                     _ => 12,
                 }
             };
+            if off + min > end {
+                return Err(ParseError(REASON_MALFORMED));
+            }
             let _: u8 = load(ctx, off + min - 1)?;
             let ports: [u8; 4] = load(ctx, off)?;
             p.sport = u16::from_be_bytes([ports[0], ports[1]]);
             p.dport = u16::from_be_bytes([ports[2], ports[3]]);
+            if p.protocol == PROTO_TCP && !quoted {
+                p.tcp_flags = load(ctx, off + 13)?;
+            }
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
+            if off + 8 > end {
+                return Err(ParseError(REASON_MALFORMED));
+            }
             let hdr: [u8; 8] = load(ctx, off)?;
             let ty = hdr[0];
             let id = u16::from_be_bytes([hdr[4], hdr[5]]);

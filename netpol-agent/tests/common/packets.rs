@@ -296,6 +296,18 @@ impl Packet {
         self
     }
 
+    /// FIN|ACK: the sender is done.
+    pub fn fin(mut self) -> Self {
+        self.set_tcp_flags(TCP_FIN | TCP_ACK);
+        self
+    }
+
+    /// RST: the connection is gone.
+    pub fn rst(mut self) -> Self {
+        self.set_tcp_flags(TCP_RST);
+        self
+    }
+
     fn set_tcp_flags(&mut self, f: u8) {
         match &mut self.l4 {
             L4::Tcp { flags, .. } => *flags = f,
