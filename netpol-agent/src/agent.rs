@@ -348,7 +348,12 @@ impl Agent {
             if let Some(pod) = pod
                 && let Some(ep) = compiled.maps.endpoints.get(pod)
             {
-                desired.insert(*ifindex, *ep);
+                let mut ep = *ep;
+                if let Some(mac) = view.peer_macs.get(ifindex) {
+                    ep.mac = *mac;
+                    ep.flags |= netpol_common::EP_F_HAS_MAC;
+                }
+                desired.insert(*ifindex, ep);
                 endpoint_pods.insert(*ifindex, pod.clone());
             }
         }
@@ -378,11 +383,19 @@ impl Agent {
                 ));
                 self.map_error_named(map);
                 for ep in desired.values_mut() {
-                    *ep = EndpointValue::new(
-                        LOCKDOWN_POLICY_ID,
-                        ep.endpoint_id,
-                        netpol_common::EP_F_INGRESS_ISOLATED | netpol_common::EP_F_EGRESS_ISOLATED,
-                    );
+                    // Nothing allowed; the addresses stay (a locked-down pod
+                    // still may not spoof).
+                    let flags = netpol_common::EP_F_INGRESS_ISOLATED
+                        | netpol_common::EP_F_EGRESS_ISOLATED
+                        | (ep.flags
+                            & (netpol_common::EP_F_HAS_V4
+                                | netpol_common::EP_F_HAS_V6
+                                | netpol_common::EP_F_HAS_MAC));
+                    *ep = EndpointValue {
+                        policy_id: LOCKDOWN_POLICY_ID,
+                        flags,
+                        ..*ep
+                    };
                 }
             }
         }

@@ -71,6 +71,9 @@ pub struct NodeView {
     pub node_addresses: BTreeSet<IpAddr>,
     /// Veths that carry one of the node's own addresses (uplinks, not pods).
     pub node_veths: BTreeSet<u32>,
+    /// The pod-side MAC behind a veth, where the agent read it (bridged pods:
+    /// a forged MAC there poisons the bridge).
+    pub peer_macs: BTreeMap<u32, [u8; 6]>,
 }
 
 impl NodeView {
@@ -390,7 +393,9 @@ pub fn discover() -> Result<NodeView> {
             let found = in_netns(path.clone(), move || {
                 let mut rtnl = Rtnl::new()?;
                 let addrs = rtnl.addresses()?;
+                let links = rtnl.links()?;
                 let mut out: Vec<(u32, IpAddr)> = Vec::new();
+                let mut macs: Vec<(u32, [u8; 6])> = Vec::new();
                 for (host_if, peer_if) in pairs {
                     for a in &addrs {
                         if a.header.index == peer_if
@@ -400,14 +405,24 @@ pub fn discover() -> Result<NodeView> {
                             out.push((host_if, ip));
                         }
                     }
+                    for l in links.iter().filter(|l| l.header.index == peer_if) {
+                        for attr in &l.attributes {
+                            if let LinkAttribute::Address(mac) = attr
+                                && let Ok(mac) = <[u8; 6]>::try_from(mac.as_slice())
+                            {
+                                macs.push((host_if, mac));
+                            }
+                        }
+                    }
                 }
-                Ok(out)
+                Ok((out, macs))
             });
             match found {
-                Ok(found) => {
+                Ok((found, macs)) => {
                     for (host_if, ip) in found {
                         view.addresses.entry(host_if).or_default().insert(ip);
                     }
+                    view.peer_macs.extend(macs);
                 }
                 Err(e) => tracing::debug!(netns = %path.display(), "reading peer addresses: {e}"),
             }

@@ -118,7 +118,12 @@ fn default_deny_ingress_isolates_only_the_selected_pods_ingress() {
 
     let n1 = n1(&c);
     let a = ObjectRef::new("x", "a");
-    assert_eq!(n1.maps.endpoints[&a].flags, EP_F_INGRESS_ISOLATED);
+    assert_eq!(policy_flags(&n1.maps.endpoints[&a]), EP_F_INGRESS_ISOLATED);
+    // The endpoint carries the pod's own address: what the datapath lets it
+    // send from (anti-spoofing).
+    let ep = n1.maps.endpoints[&a];
+    assert_ne!(ep.flags & netpol_common::EP_F_HAS_V4, 0);
+    assert_eq!(std::net::Ipv4Addr::from(ep.addr_v4).to_string(), A);
     assert_eq!(
         n1.isolating_policies(&a, DIR_INGRESS),
         &[ObjectRef::new("x", "deny-all")]
@@ -345,7 +350,10 @@ fn egress_only_policy_with_rules() {
     assert!(!tcp_ok(&c, A, B, 5432));
     assert!(tcp_ok(&c, B, A, 80), "ingress untouched");
     let a = ObjectRef::new("x", "a");
-    assert_eq!(n1(&c).maps.endpoints[&a].flags, EP_F_EGRESS_ISOLATED);
+    assert_eq!(
+        policy_flags(&n1(&c).maps.endpoints[&a]),
+        EP_F_EGRESS_ISOLATED
+    );
 }
 
 #[test]
@@ -1090,10 +1098,13 @@ fn audit_annotation_sets_the_endpoint_flag() {
         .policy(policy("x", "deny").select(all()).deny_ingress());
     let n1 = n1(&c);
     assert_eq!(
-        n1.maps.endpoints[&ObjectRef::new("x", "a")].flags,
+        policy_flags(&n1.maps.endpoints[&ObjectRef::new("x", "a")]),
         EP_F_INGRESS_ISOLATED | EP_F_AUDIT
     );
-    assert_eq!(n1.maps.endpoints[&ObjectRef::new("y", "c")].flags, 0);
+    assert_eq!(
+        policy_flags(&n1.maps.endpoints[&ObjectRef::new("y", "c")]),
+        0
+    );
 }
 
 #[test]
@@ -1450,7 +1461,7 @@ fn apply_change_returns_the_updates_of_one_change() {
     assert!(d.revokes);
     assert!(compiler.compiled().maps.policy.is_empty());
     assert_eq!(
-        compiler.compiled().maps.endpoints[&ObjectRef::new("x", "a")].flags,
+        policy_flags(&compiler.compiled().maps.endpoints[&ObjectRef::new("x", "a")]),
         0
     );
     assert_eq!(
@@ -1539,4 +1550,10 @@ fn setting_the_node_recompiles_for_it() {
     };
     assert_eq!(flags(now), flags(&fresh), "n2's endpoints (with new ids)");
     assert_eq!(compiler.compiled().node, "n2");
+}
+
+/// The policy part of an endpoint's flags (isolation and audit), without the
+/// address flags.
+fn policy_flags(ep: &netpol_common::EndpointValue) -> u32 {
+    ep.flags & (EP_F_INGRESS_ISOLATED | EP_F_EGRESS_ISOLATED | EP_F_AUDIT)
 }

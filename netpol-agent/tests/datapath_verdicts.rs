@@ -22,8 +22,9 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use common::packets::{
-    ETH_P_IP, Ext, L4, Packet, arp_request, echo_reply, echo_request, ethernet_header, icmp_error,
-    ip, neighbor_solicitation, port_range_prefixes, sctp, tcp, udp,
+    ETH_P_IP, Ext, L4, Packet, SRC_MAC, arp_request, echo_reply, echo_request, ethernet_header,
+    gratuitous_arp, icmp_error, ip, neighbor_advertisement, neighbor_solicitation,
+    port_range_prefixes, router_advertisement, sctp, tcp, udp,
 };
 use netpol_agent::datapath::EBPF_OBJECT;
 use netpol_common::{
@@ -34,11 +35,12 @@ use netpol_common::{
     PROTO_TCP, PROTO_UDP, PeerValue, PolicyKey, PolicyValue, REASON_AUDIT, REASON_ESTABLISHED,
     REASON_EXPIRED, REASON_FRAGMENT_FOLLOWS, REASON_FRAGMENT_STALE, REASON_FRAGMENT_UNKNOWN,
     REASON_HOST, REASON_ICMP_ERROR_RELATED, REASON_ICMP_ERROR_UNRELATED, REASON_IPV6_EXT_TOO_DEEP,
-    REASON_MALFORMED, REASON_NEIGHBOR_DISCOVERY, REASON_NO_ENDPOINT, REASON_NOT_IP,
-    REASON_NOT_ISOLATED, REASON_POLICY_ALLOW, REASON_POLICY_DENY, REASON_RECHECK_ALLOW,
-    REASON_REPLY, REASON_REVOKED, REASON_SLOTS, REASON_TCP_NO_FLOW, REASON_UNSUPPORTED_ETHERTYPE,
-    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VerdictEvent, direction_name, ip_bytes, map_names,
-    prog_names, reason_name, verdict_name,
+    REASON_MALFORMED, REASON_ND_INVALID, REASON_NEIGHBOR_DISCOVERY, REASON_NO_ENDPOINT,
+    REASON_NOT_IP, REASON_NOT_ISOLATED, REASON_NOT_POD_ADDRESS, REASON_POLICY_ALLOW,
+    REASON_POLICY_DENY, REASON_RECHECK_ALLOW, REASON_REPLY, REASON_REVOKED, REASON_ROGUE_ROUTER,
+    REASON_SLOTS, REASON_SPOOFED, REASON_TCP_NO_FLOW, REASON_UNSUPPORTED_ETHERTYPE, VERDICT_ALLOW,
+    VERDICT_AUDIT, VERDICT_DENY, VerdictEvent, direction_name, ip_bytes, map_names, prog_names,
+    reason_name, verdict_name,
 };
 
 // ---------------------------------------------------------------------------
@@ -123,7 +125,10 @@ fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {
 struct Endpoint(EndpointValue);
 
 fn endpoint(policy_id: u32) -> Endpoint {
-    Endpoint(EndpointValue::new(policy_id, ENDPOINT_ID, 0))
+    Endpoint(
+        EndpointValue::new(policy_id, ENDPOINT_ID, 0)
+            .with_addresses([POD.parse().unwrap(), POD6.parse().unwrap()], None),
+    )
 }
 
 impl Endpoint {
@@ -2618,4 +2623,170 @@ fn headers_completed_only_by_padding_are_malformed() {
     let mut frame = syn.frame();
     frame.extend_from_slice(&[0; 6]);
     dp.to_pod(&frame).passed(DIR_INGRESS, REASON_POLICY_ALLOW);
+}
+
+/// Source spoofing: a pod sends as another pod (C) to a pod that allows only
+/// C, or as the node itself (which every pod allows). Nothing of it passes,
+/// whatever policy says, and no flow is recorded for an address that is not
+/// the pod's.
+#[test]
+fn a_pod_cannot_send_from_an_address_that_is_not_its_own() {
+    let mut dp = load_or_skip!("a_pod_cannot_send_from_an_address_that_is_not_its_own");
+    // Not isolated: policy would let anything out.
+    dp.endpoint(LO, endpoint(POLICY));
+    for (src, dst) in [
+        (at(OTHER, 40000), at(PEER, 5432)), // as pod C
+        (at(HOST, 40000), at(PEER, 5432)),  // as the node
+        (at("fd00::3", 40000), at(PEER6, 5432)),
+        (at("fe80::5", 40000), at(PEER6, 5432)), // link-local, not ND
+    ] {
+        let syn = tcp(&src, &dst).syn();
+        let out = dp.from_pod(&syn);
+        out.dropped(DIR_EGRESS, REASON_SPOOFED);
+        out.event().reason(REASON_SPOOFED).direction(DIR_EGRESS);
+    }
+    // UDP and ICMP alike.
+    dp.from_pod(&udp(&at(OTHER, 53), &at(PEER, 53)))
+        .dropped(DIR_EGRESS, REASON_SPOOFED);
+    dp.from_pod(&echo_request(OTHER, PEER, 1))
+        .dropped(DIR_EGRESS, REASON_SPOOFED);
+    assert!(dp.flows().is_empty(), "{:?}", dp.flows());
+    // Its own address works.
+    dp.from_pod(&tcp(&at(POD, 40000), &at(PEER, 5432)).syn())
+        .passed(DIR_EGRESS, REASON_NOT_ISOLATED);
+    dp.from_pod(&tcp(&at(POD6, 40000), &at(PEER6, 5432)).syn())
+        .passed(DIR_EGRESS, REASON_NOT_ISOLATED);
+    // A single-stack pod has no IPv6 source at all.
+    dp.endpoint(
+        LO,
+        Endpoint(
+            EndpointValue::new(POLICY, ENDPOINT_ID, 0).with_addresses([POD.parse().unwrap()], None),
+        ),
+    );
+    dp.from_pod(&tcp(&at(POD6, 40001), &at(PEER6, 5432)).syn())
+        .dropped(DIR_EGRESS, REASON_SPOOFED);
+}
+
+/// The other half of an ARP takeover: frames for pod C reach the attacker's
+/// veth (its forged ARP poisoned a neighbour cache). Unicast for an address
+/// that is not the pod's is dropped; multicast and broadcast are not unicast.
+#[test]
+fn a_pod_receives_only_what_is_addressed_to_it() {
+    let mut dp = load_or_skip!("a_pod_receives_only_what_is_addressed_to_it");
+    dp.endpoint(LO, endpoint(POLICY));
+    let out = dp.to_pod(&tcp(&at(PEER, 40000), &at(OTHER, 5432)).syn());
+    out.dropped(DIR_INGRESS, REASON_NOT_POD_ADDRESS);
+    out.event().reason(REASON_NOT_POD_ADDRESS);
+    dp.to_pod(&tcp(&at(PEER6, 40000), &at("fd00::3", 5432)).syn())
+        .dropped(DIR_INGRESS, REASON_NOT_POD_ADDRESS);
+    assert!(dp.flows().is_empty());
+    dp.to_pod(&udp(&at(PEER, 5353), &at("224.0.0.251", 5353)))
+        .passed(DIR_INGRESS, REASON_NOT_ISOLATED);
+    dp.to_pod(&udp(&at(PEER, 68), &at("255.255.255.255", 67)))
+        .passed(DIR_INGRESS, REASON_NOT_ISOLATED);
+    dp.to_pod(&tcp(&at(PEER, 40000), &at(POD, 5432)).syn())
+        .passed(DIR_INGRESS, REASON_NOT_ISOLATED);
+}
+
+/// ARP and neighbour discovery from a pod speak only for the pod: a
+/// gratuitous ARP or neighbour advertisement claiming another pod's (or the
+/// gateway's) address, a forged MAC, a rogue router advertisement, and ND
+/// that did not come from the link (hop limit) are dropped and counted.
+#[test]
+fn arp_and_neighbour_discovery_from_a_pod_speak_only_for_it() {
+    let mut dp = load_or_skip!("arp_and_neighbour_discovery_from_a_pod_speak_only_for_it");
+    let ep = EndpointValue::new(POLICY, ENDPOINT_ID, 0)
+        .with_addresses([POD.parse().unwrap(), POD6.parse().unwrap()], Some(SRC_MAC));
+    dp.endpoint(LO, Endpoint(ep));
+
+    // ARP: "C is at my MAC" (the takeover), "the gateway is at my MAC".
+    for claim in [OTHER, HOST] {
+        let out = dp.from_pod(&gratuitous_arp(claim, SRC_MAC));
+        out.dropped(DIR_EGRESS, REASON_SPOOFED);
+        out.event().reason(REASON_SPOOFED);
+    }
+    // Its own address from another MAC: a bridge-poisoning MAC forgery.
+    dp.from_pod(&gratuitous_arp(POD, [0x02, 0, 0, 0, 0, 0x66]))
+        .dropped(DIR_EGRESS, REASON_SPOOFED);
+    // What a pod legitimately says passes.
+    dp.from_pod(&gratuitous_arp(POD, SRC_MAC))
+        .passed(DIR_EGRESS, REASON_NOT_IP);
+    dp.from_pod(&arp_request(POD, PEER))
+        .passed(DIR_EGRESS, REASON_NOT_IP);
+    dp.from_pod(&arp_request("0.0.0.0", POD))
+        .passed(DIR_EGRESS, REASON_NOT_IP);
+
+    // IPv6: an advertisement for another address, a router advertisement.
+    dp.from_pod(&neighbor_advertisement("fe80::9", "ff02::1", PEER6))
+        .dropped(DIR_EGRESS, REASON_SPOOFED);
+    dp.from_pod(&neighbor_advertisement("fe80::9", "ff02::1", POD6))
+        .passed(DIR_EGRESS, REASON_NEIGHBOR_DISCOVERY);
+    let out = dp.from_pod(&router_advertisement("fe80::9"));
+    out.dropped(DIR_EGRESS, REASON_ROGUE_ROUTER);
+    out.event().reason(REASON_ROGUE_ROUTER);
+    // ND from another global source.
+    dp.from_pod(&neighbor_solicitation("fd00::3", PEER6))
+        .dropped(DIR_EGRESS, REASON_SPOOFED);
+    // Hop limit: ND that was routed (or meant to be) is not ND.
+    dp.from_pod(&neighbor_solicitation("fe80::9", PEER6).hop_limit(64))
+        .dropped(DIR_EGRESS, REASON_ND_INVALID);
+    dp.to_pod(&neighbor_solicitation("fe80::2", POD6).hop_limit(254))
+        .dropped(DIR_INGRESS, REASON_ND_INVALID);
+    dp.to_pod(&neighbor_solicitation("fe80::2", POD6))
+        .passed(DIR_INGRESS, REASON_NEIGHBOR_DISCOVERY);
+    // Router advertisements *to* the pod (from the node's link) are ND.
+    dp.to_pod(&router_advertisement("fe80::1"))
+        .passed(DIR_INGRESS, REASON_NEIGHBOR_DISCOVERY);
+}
+
+/// ICMP errors as a tunnel and as a weapon. The pod has a DNS flow to PEER.
+/// It may not use "an error about that flow" to carry data to a third pod,
+/// nor a big one to the peer; a denied pod may not inject "fragmentation
+/// needed" into it; and once the flow is revoked it has no related errors.
+/// The peer itself and routers (not pods) still report (PMTU discovery).
+#[test]
+fn icmp_errors_are_no_tunnel_and_no_weapon() {
+    let mut dp = load_or_skip!("icmp_errors_are_no_tunnel_and_no_weapon");
+    dp.peer(PEER, PEER_ID);
+    dp.peer_entry(OTHER, PeerValue::new(OTHER_ID, netpol_common::PEER_F_POD));
+    dp.endpoint(LO, endpoint(POLICY).isolated());
+    let rule = egress(POLICY).to(PEER_ID).udp(53).rule(95);
+    dp.allow(rule);
+    let q = udp(&at(POD, 5000), &at(PEER, 53));
+    dp.from_pod(&q).passed(DIR_EGRESS, REASON_POLICY_ALLOW);
+    let answer = q.reversed();
+    dp.to_pod(&answer).passed(DIR_INGRESS, REASON_REPLY);
+
+    // Exfiltration to a third pod, quoting the DNS answer.
+    let exfil = icmp_error(POD, OTHER, &answer).payload(&[0x41; 200]);
+    let out = dp.from_pod(&exfil);
+    out.dropped(DIR_EGRESS, REASON_ICMP_ERROR_UNRELATED);
+    out.event()
+        .reason(REASON_ICMP_ERROR_UNRELATED)
+        .direction(DIR_EGRESS);
+    // To the peer, but carrying 1400 bytes: not an error, a data channel.
+    dp.from_pod(&icmp_error(POD, PEER, &answer).payload(&[0x41; 1400]))
+        .dropped(DIR_EGRESS, REASON_ICMP_ERROR_UNRELATED);
+    // A real, bounded error to the peer is related.
+    dp.from_pod(&icmp_error(POD, PEER, &answer))
+        .passed(DIR_EGRESS, REASON_ICMP_ERROR_RELATED);
+
+    // Injection by a denied pod: "fragmentation needed" about the flow.
+    let inject = icmp_error(OTHER, POD, &q);
+    let out = dp.to_pod(&inject);
+    out.dropped(DIR_INGRESS, REASON_ICMP_ERROR_UNRELATED);
+    out.event()
+        .reason(REASON_ICMP_ERROR_UNRELATED)
+        .direction(DIR_INGRESS);
+    // The flow's peer and a router on the path may report.
+    dp.to_pod(&icmp_error(PEER, POD, &q))
+        .passed(DIR_INGRESS, REASON_ICMP_ERROR_RELATED);
+    dp.to_pod(&icmp_error(ROUTER, POD, &q))
+        .passed(DIR_INGRESS, REASON_ICMP_ERROR_RELATED);
+
+    // Revoked: the rule goes; errors about the flow are no longer related.
+    dp.remove(rule);
+    dp.bump_generation();
+    dp.to_pod(&icmp_error(PEER, POD, &q))
+        .dropped(DIR_INGRESS, REASON_ICMP_ERROR_UNRELATED);
 }

@@ -77,8 +77,22 @@ pub const EP_F_INGRESS_ISOLATED: u32 = 1 << 0;
 pub const EP_F_EGRESS_ISOLATED: u32 = 1 << 1;
 /// Audit mode: what policy would deny passes and is reported as `audit`.
 pub const EP_F_AUDIT: u32 = 1 << 2;
+/// `addr_v4` is the pod's IPv4 address. Without it no IPv4 source is the
+/// pod's: a single-stack IPv6 pod sends no IPv4.
+pub const EP_F_HAS_V4: u32 = 1 << 3;
+/// `addr_v6` is the pod's IPv6 address (link-local sources are allowed for
+/// neighbour discovery only).
+pub const EP_F_HAS_V6: u32 = 1 << 4;
+/// `mac` is the pod's MAC: frames and ARP from the pod must carry it (it
+/// matters on bridged nodes, where a forged MAC poisons the bridge).
+pub const EP_F_HAS_MAC: u32 = 1 << 5;
 
 /// Value of the endpoints map. Written by the agent, read by the datapath.
+///
+/// The addresses are what the pod may send from (anti-spoofing) and be sent
+/// to: a packet from the pod with another source, or a unicast packet for
+/// it with another destination, is dropped before any flow is created, so
+/// the flow table (keyed on the pod's address) only ever holds the pod's own.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EndpointValue {
@@ -90,17 +104,28 @@ pub struct EndpointValue {
     pub endpoint_id: u32,
     /// `EP_F_*` flags.
     pub flags: u32,
-    pub _pad: u32,
+    /// The pod's IPv4 address, network order (`EP_F_HAS_V4`).
+    pub addr_v4: [u8; 4],
+    /// The pod's MAC (`EP_F_HAS_MAC`).
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The pod's IPv6 address (`EP_F_HAS_V6`).
+    pub addr_v6: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<EndpointValue>() == 16);
+const _: () = assert!(core::mem::size_of::<EndpointValue>() == 40);
 
 impl EndpointValue {
+    /// An endpoint with no addresses (every source it sends from is spoofed:
+    /// set them with [`EndpointValue::with_addresses`]).
     pub const fn new(policy_id: u32, endpoint_id: u32, flags: u32) -> Self {
         Self {
             policy_id,
             endpoint_id,
             flags,
-            _pad: 0,
+            addr_v4: [0; 4],
+            mac: [0; 6],
+            _pad: [0; 2],
+            addr_v6: [0; 16],
         }
     }
 }
@@ -115,6 +140,9 @@ impl EndpointValue {
 /// The address is one of this node's own addresses: traffic from it to a
 /// local pod is allowed (kubelet probes), as Kubernetes documents.
 pub const PEER_F_HOST: u32 = 1 << 0;
+/// The address is a pod's. Pods are never routers: an ICMP error from a pod
+/// about a flow it is not the far end of is no error "from the path".
+pub const PEER_F_POD: u32 = 1 << 1;
 
 /// Identity 0 is never given to an address: in the policy map it is the
 /// wildcard "any peer" (a rule with no `from`/`to`).
@@ -456,6 +484,38 @@ mod user {
     unsafe impl aya::Pod for ConfigValue {}
     unsafe impl aya::Pod for RateState {}
     unsafe impl aya::Pod for VerdictEvent {}
+
+    impl EndpointValue {
+        /// The pod's addresses (the first of each family counts) and MAC.
+        pub fn with_addresses(
+            mut self,
+            ips: impl IntoIterator<Item = std::net::IpAddr>,
+            mac: Option<[u8; 6]>,
+        ) -> Self {
+            self.flags &= !(EP_F_HAS_V4 | EP_F_HAS_V6 | EP_F_HAS_MAC);
+            self.addr_v4 = [0; 4];
+            self.addr_v6 = [0; 16];
+            self.mac = [0; 6];
+            for ip in ips {
+                match ip {
+                    std::net::IpAddr::V4(v4) if self.flags & EP_F_HAS_V4 == 0 => {
+                        self.addr_v4 = v4.octets();
+                        self.flags |= EP_F_HAS_V4;
+                    }
+                    std::net::IpAddr::V6(v6) if self.flags & EP_F_HAS_V6 == 0 => {
+                        self.addr_v6 = v6.octets();
+                        self.flags |= EP_F_HAS_V6;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(mac) = mac {
+                self.mac = mac;
+                self.flags |= EP_F_HAS_MAC;
+            }
+            self
+        }
+    }
 
     impl FlowKey {
         pub fn pod_ip(&self) -> std::net::IpAddr {

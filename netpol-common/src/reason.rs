@@ -56,8 +56,22 @@ pub const REASON_TCP_NO_FLOW: u8 = 20;
 /// older policy generation, and whose flow is not (or no longer) allowed.
 pub const REASON_FRAGMENT_STALE: u8 = 21;
 
+/// A packet from the pod whose source is not the pod's address (or an ARP
+/// or neighbour advertisement claiming another address, or a frame with
+/// another MAC): spoofing.
+pub const REASON_SPOOFED: u8 = 22;
+/// A unicast packet for the pod's veth whose destination is not the pod's
+/// address (delivered there by a poisoned neighbour cache or bridge).
+pub const REASON_NOT_POD_ADDRESS: u8 = 23;
+/// A router advertisement or redirect sent by a pod.
+pub const REASON_ROGUE_ROUTER: u8 = 24;
+/// Neighbour discovery that RFC 4861 says to ignore (hop limit not 255, or
+/// an MLD message whose hop limit is not 1): it came from off-link or is
+/// a tunnel through the link's control plane.
+pub const REASON_ND_INVALID: u8 = 25;
+
 /// Number of reasons defined so far.
-pub const REASON_COUNT: u8 = 22;
+pub const REASON_COUNT: u8 = 26;
 
 /// Stable, metric-friendly name of a reason.
 pub const fn reason_name(reason: u8) -> &'static str {
@@ -84,6 +98,10 @@ pub const fn reason_name(reason: u8) -> &'static str {
         REASON_EXPIRED => "expired",
         REASON_TCP_NO_FLOW => "tcp_no_flow",
         REASON_FRAGMENT_STALE => "fragment_stale",
+        REASON_SPOOFED => "spoofed",
+        REASON_NOT_POD_ADDRESS => "not_pod_address",
+        REASON_ROGUE_ROUTER => "rogue_router",
+        REASON_ND_INVALID => "nd_invalid",
         _ => "unknown",
     }
 }

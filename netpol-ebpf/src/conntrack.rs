@@ -5,13 +5,15 @@ use aya_ebpf::programs::TcContext;
 use netpol_common::{
     CFG_F_AUDIT_ALL, CFG_F_LOG_ALLOWED, ConfigValue, DEFAULT_TIMEOUT_ICMP_S,
     DEFAULT_TIMEOUT_TCP_CLOSING_S, DEFAULT_TIMEOUT_TCP_S, DEFAULT_TIMEOUT_UDP_S, DIR_EGRESS,
-    DIR_INGRESS, EP_F_AUDIT, EndpointValue, FAMILY_V6, FLOW_S_CLOSING, FLOW_S_OPEN, FlowKey,
-    FlowValue, FragKey, FragValue, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, REASON_AUDIT,
-    REASON_ESTABLISHED, REASON_EXPIRED, REASON_FRAGMENT_FOLLOWS, REASON_FRAGMENT_STALE,
-    REASON_FRAGMENT_UNKNOWN, REASON_ICMP_ERROR_RELATED, REASON_ICMP_ERROR_UNRELATED,
-    REASON_MALFORMED, REASON_NEIGHBOR_DISCOVERY, REASON_NO_ENDPOINT, REASON_NOT_IP,
-    REASON_RECHECK_ALLOW, REASON_REPLY, REASON_REVOKED, REASON_TCP_NO_FLOW,
-    REASON_UNSUPPORTED_ETHERTYPE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VerdictEvent,
+    DIR_INGRESS, EP_F_AUDIT, EP_F_HAS_MAC, EP_F_HAS_V4, EP_F_HAS_V6, EndpointValue, FAMILY_V6,
+    FLOW_S_CLOSING, FLOW_S_OPEN, FlowKey, FlowValue, FragKey, FragValue, PEER_F_POD, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_TCP, REASON_AUDIT, REASON_ESTABLISHED, REASON_EXPIRED,
+    REASON_FRAGMENT_FOLLOWS, REASON_FRAGMENT_STALE, REASON_FRAGMENT_UNKNOWN,
+    REASON_ICMP_ERROR_RELATED, REASON_ICMP_ERROR_UNRELATED, REASON_MALFORMED, REASON_ND_INVALID,
+    REASON_NEIGHBOR_DISCOVERY, REASON_NO_ENDPOINT, REASON_NOT_IP, REASON_NOT_POD_ADDRESS,
+    REASON_RECHECK_ALLOW, REASON_REPLY, REASON_REVOKED, REASON_ROGUE_ROUTER, REASON_SPOOFED,
+    REASON_TCP_NO_FLOW, REASON_UNSUPPORTED_ETHERTYPE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+    VerdictEvent,
 };
 
 use crate::{
@@ -19,9 +21,9 @@ use crate::{
     maps::{NETPOL_CONFIG, NETPOL_ENDPOINTS, NETPOL_FLOWS, NETPOL_FRAGS, NETPOL_SCRATCH},
     parse::{
         ETH_HLEN, ETH_P_ARP, Frag, IcmpKind, Packet, ParseError, TCP_ACK, TCP_FIN, TCP_RST,
-        TCP_SYN, ethertype, family_of, parse_ip,
+        TCP_SYN, ethertype, family_of, load, load_into, parse_ip,
     },
-    policy::decide,
+    policy::{decide, peer_flags},
 };
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -29,6 +31,10 @@ pub enum Verdict {
     Pass,
     Drop,
 }
+
+const ICMP6_ROUTER_ADVERT: u8 = 134;
+const ICMP6_NEIGHBOR_ADVERT: u8 = 136;
+const ICMP6_REDIRECT: u8 = 137;
 
 /// `bpf_map_update_elem` flag: only create, never replace.
 const BPF_NOEXIST: u64 = 1;
@@ -209,10 +215,15 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
     s.pkt.daddr = [0; 16];
 
     let ethertype = ethertype(ctx)?;
+    let ifindex = ifindex(ctx);
     let Some(family) = family_of(ethertype) else {
         if ethertype == ETH_P_ARP {
+            if direction == DIR_EGRESS {
+                arp_from_pod(ctx, ifindex)?;
+            }
             // ARP is not IP: NetworkPolicy does not apply to it, and without
-            // it no IPv4 traffic (allowed or not) could flow at all.
+            // it no IPv4 traffic (allowed or not) could flow at all. What a
+            // pod says in it is its own address and MAC (checked above).
             count(direction, REASON_NOT_IP);
             return Ok(Verdict::Pass);
         }
@@ -221,13 +232,14 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
         return Err(ParseError(REASON_UNSUPPORTED_ETHERTYPE));
     };
 
-    let ifindex = ifindex(ctx);
     parse_ip(ctx, family, ETH_HLEN, false, &mut s.pkt)?;
 
     if s.pkt.icmp == IcmpKind::NeighborDiscovery {
         // IPv6 neighbour discovery and MLD are the link's own control plane
-        // (the IPv6 equivalent of ARP): they carry no application data, and
-        // without them no IPv6 traffic could flow at all.
+        // (the IPv6 equivalent of ARP): without them no IPv6 traffic could
+        // flow at all. Only what RFC 4861/2710 lets a link carry passes, and
+        // a pod speaks only for itself and is no router.
+        neighbor_discovery(ctx, &s.pkt, ifindex, direction)?;
         count(direction, REASON_NEIGHBOR_DISCOVERY);
         return Ok(Verdict::Pass);
     }
@@ -295,6 +307,187 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
         return Ok(v);
     }
     new_flow(ctx, s, ifindex, direction, family, &cfg, len)
+}
+
+/// 16 bytes equal, as two 64-bit words (no `memcmp` in BPF).
+#[inline(always)]
+fn eq16(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    // SAFETY: both are 16 readable bytes.
+    let (a, b) = unsafe {
+        (
+            core::ptr::read_unaligned(a.as_ptr().cast::<[u64; 2]>()),
+            core::ptr::read_unaligned(b.as_ptr().cast::<[u64; 2]>()),
+        )
+    };
+    a[0] == b[0] && a[1] == b[1]
+}
+
+/// The first four bytes of `a` (an IPv4 address in a 16-byte slot) are `b`.
+#[inline(always)]
+fn eq4(a: &[u8; 16], b: &[u8; 4]) -> bool {
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
+}
+
+#[inline(always)]
+fn eq6(a: &[u8; 6], b: &[u8; 6]) -> bool {
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] && a[5] == b[5]
+}
+
+#[inline(always)]
+fn link_local6(a: &[u8; 16]) -> bool {
+    a[0] == 0xfe && a[1] & 0xc0 == 0x80
+}
+
+/// The frame's source MAC is the pod's, when the agent knows it.
+#[inline(always)]
+fn mac_is_pods(ctx: &TcContext, ep: &EndpointValue) -> Result<bool, ParseError> {
+    if ep.flags & EP_F_HAS_MAC == 0 {
+        return Ok(true);
+    }
+    let src: [u8; 6] = load(ctx, 6)?;
+    Ok(eq6(&src, &ep.mac))
+}
+
+/// An IP packet from the pod carries the pod's source address.
+#[inline(always)]
+fn sent_by_pod(p: &Packet, ep: &EndpointValue) -> bool {
+    if p.family == FAMILY_V6 {
+        ep.flags & EP_F_HAS_V6 != 0 && eq16(&p.saddr, &ep.addr_v6)
+    } else {
+        ep.flags & EP_F_HAS_V4 != 0 && eq4(&p.saddr, &ep.addr_v4)
+    }
+}
+
+/// A packet for the pod is addressed to it, or to a group it may be in
+/// (multicast, IPv4 limited broadcast). A unicast packet for another address
+/// reached this veth through a poisoned neighbour cache: not the pod's.
+#[inline(always)]
+fn for_pod(p: &Packet, ep: &EndpointValue) -> bool {
+    let d = &p.daddr;
+    if p.family == FAMILY_V6 {
+        d[0] == 0xff || (ep.flags & EP_F_HAS_V6 != 0 && eq16(d, &ep.addr_v6))
+    } else {
+        d[0] & 0xf0 == 0xe0
+            || (d[0] == 255 && d[1] == 255 && d[2] == 255 && d[3] == 255)
+            || (ep.flags & EP_F_HAS_V4 != 0 && eq4(d, &ep.addr_v4))
+    }
+}
+
+/// ARP from the pod: Ethernet/IPv4 ARP whose sender is the pod (its IPv4
+/// address, or 0.0.0.0 in a probe) with the pod's MAC. A gratuitous ARP
+/// claiming another pod's or the gateway's address is spoofing.
+#[inline(always)]
+fn arp_from_pod(ctx: &TcContext, ifindex: u32) -> Result<(), ParseError> {
+    let Some(ep) = (unsafe { NETPOL_ENDPOINTS.get(&ifindex) }) else {
+        return Err(ParseError(REASON_NO_ENDPOINT));
+    };
+    // htype 1 (Ethernet), ptype 0x0800 (IPv4), hlen 6, plen 4.
+    let hdr: [u8; 6] = load(ctx, ETH_HLEN)?;
+    if hdr[0] != 0 || hdr[1] != 1 || hdr[2] != 0x08 || hdr[3] != 0 || hdr[4] != 6 || hdr[5] != 4 {
+        return Err(ParseError(REASON_MALFORMED));
+    }
+    let sha: [u8; 6] = load(ctx, ETH_HLEN + 8)?;
+    let spa: [u8; 4] = load(ctx, ETH_HLEN + 14)?;
+    let probe = spa[0] == 0 && spa[1] == 0 && spa[2] == 0 && spa[3] == 0;
+    let own = ep.flags & EP_F_HAS_V4 != 0
+        && spa[0] == ep.addr_v4[0]
+        && spa[1] == ep.addr_v4[1]
+        && spa[2] == ep.addr_v4[2]
+        && spa[3] == ep.addr_v4[3];
+    let mac_ok = ep.flags & EP_F_HAS_MAC == 0 || eq6(&sha, &ep.mac);
+    if !(probe || own) || !mac_ok || !mac_is_pods(ctx, ep)? {
+        return Err(ParseError(REASON_SPOOFED));
+    }
+    Ok(())
+}
+
+/// Neighbour discovery and MLD: hop limit 255 for ND (RFC 4861: anything
+/// else came from off-link or is meant to leave it), 1 for MLD (RFC 2710).
+/// From a pod: no router advertisements or redirects, a source that is the
+/// pod's (link-local, unspecified for DAD, or its address), a neighbour
+/// advertisement only for its own address, and its own MAC.
+#[inline(always)]
+fn neighbor_discovery(
+    ctx: &TcContext,
+    p: &Packet,
+    ifindex: u32,
+    direction: u8,
+) -> Result<(), ParseError> {
+    let ty = p.icmp_type;
+    let mld = matches!(ty, 130..=132 | 143);
+    if (mld && p.hop_limit != 1) || (!mld && p.hop_limit != 255) {
+        return Err(ParseError(REASON_ND_INVALID));
+    }
+    if direction != DIR_EGRESS {
+        return Ok(());
+    }
+    if ty == ICMP6_ROUTER_ADVERT || ty == ICMP6_REDIRECT {
+        return Err(ParseError(REASON_ROGUE_ROUTER));
+    }
+    let Some(ep) = (unsafe { NETPOL_ENDPOINTS.get(&ifindex) }) else {
+        return Err(ParseError(REASON_NO_ENDPOINT));
+    };
+    let unspecified = p.saddr[0] == 0 && eq16(&p.saddr, &[0; 16]);
+    let own_source = link_local6(&p.saddr)
+        || unspecified
+        || (ep.flags & EP_F_HAS_V6 != 0 && eq16(&p.saddr, &ep.addr_v6));
+    if !own_source || !mac_is_pods(ctx, ep)? {
+        return Err(ParseError(REASON_SPOOFED));
+    }
+    if ty == ICMP6_NEIGHBOR_ADVERT {
+        let mut target = [0u8; 16];
+        load_into(ctx, p.l4_off + 8, &mut target)?;
+        let own_target =
+            link_local6(&target) || (ep.flags & EP_F_HAS_V6 != 0 && eq16(&target, &ep.addr_v6));
+        if !own_target {
+            return Err(ParseError(REASON_SPOOFED));
+        }
+    }
+    Ok(())
+}
+
+/// An ICMP error is related to a flow (and passes without a policy decision,
+/// so path MTU discovery works) only if it is what such an error looks like:
+/// no longer than an error may be (576 bytes IPv4, 1280 IPv6: a bounded
+/// quote, not a data channel), addressed to the quoted packet's sender and
+/// sent by its destination (or by a router on the path, see below), about a
+/// flow this endpoint has under the current policy (a revoked flow has no
+/// related errors). Anything else is judged by policy as traffic of its own.
+#[inline(always)]
+fn related_error(
+    ctx: &TcContext,
+    s: &mut Scratch,
+    ifindex: u32,
+    direction: u8,
+    family: u8,
+    cfg: &ConfigValue,
+) -> bool {
+    let max = if family == FAMILY_V6 { 1280 } else { 576 };
+    if s.pkt.l3_end - ETH_HLEN > max {
+        return false;
+    }
+    if parse_ip(ctx, family, s.pkt.l4_off + 8, true, &mut s.inner).is_err() {
+        return false;
+    }
+    // The error goes to the quoted packet's sender...
+    if !eq16(&s.inner.saddr, &s.pkt.daddr) {
+        return false;
+    }
+    // ...from its destination, or, for an error reaching the pod, from a
+    // router on the path (packet too big, time exceeded): a node or any
+    // address that is not a pod. A pod is no router: another pod "reporting"
+    // on this pod's flow is a forgery. A pod sends errors only to the flow's
+    // far end: never "about its DNS flow" to a third host.
+    if !eq16(&s.inner.daddr, &s.pkt.saddr)
+        && (direction == DIR_EGRESS || peer_flags(family, &s.pkt.saddr) & PEER_F_POD != 0)
+    {
+        return false;
+    }
+    // The quoted packet travelled the other way through this endpoint.
+    fill_flow_key(&mut s.rkey, ifindex, &s.inner, flip(direction));
+    unsafe { NETPOL_FLOWS.get(&s.rkey) }.is_some_and(|f| {
+        f.generation == cfg.generation && (f.verdict == VERDICT_ALLOW || f.verdict == VERDICT_AUDIT)
+    })
 }
 
 /// The idle timeout of a flow entry: by protocol, and short once closing.
@@ -374,7 +567,21 @@ fn new_flow(
 ) -> Result<Verdict, ParseError> {
     let cfg = *cfg;
     let now = now_ns();
-    let Some(ep) = (unsafe { NETPOL_ENDPOINTS.get(&ifindex) }).copied() else {
+    let ep_ptr = unsafe { NETPOL_ENDPOINTS.get(&ifindex) };
+    if let Some(ep) = ep_ptr {
+        // Before anything is decided or recorded: the pod speaks only from
+        // its own address and MAC, and hears only what is addressed to it.
+        // The flow table, keyed on the pod's address, then never holds an
+        // entry for an address that is not the pod's.
+        if direction == DIR_EGRESS {
+            if !sent_by_pod(&s.pkt, ep) || !mac_is_pods(ctx, ep)? {
+                return Err(ParseError(REASON_SPOOFED));
+            }
+        } else if !for_pod(&s.pkt, ep) {
+            return Err(ParseError(REASON_NOT_POD_ADDRESS));
+        }
+    }
+    let Some(ep) = ep_ptr.copied() else {
         // Programs are attached but the agent has not (or no longer) told
         // the datapath which pod this is: fail closed.
         send_event(
@@ -394,17 +601,9 @@ fn new_flow(
         return Ok(Verdict::Drop);
     };
 
-    if s.pkt.icmp == IcmpKind::Error {
-        // The quoted packet travelled the other way through this endpoint:
-        // an error about an allowed flow passes (path MTU discovery).
-        if parse_ip(ctx, family, s.pkt.l4_off + 8, true, &mut s.inner).is_ok() {
-            // The quoted packet travelled the other way.
-            fill_flow_key(&mut s.rkey, ifindex, &s.inner, flip(direction));
-            if unsafe { NETPOL_FLOWS.get(&s.rkey) }.is_some() {
-                count(direction, REASON_ICMP_ERROR_RELATED);
-                return Ok(Verdict::Pass);
-            }
-        }
+    if s.pkt.icmp == IcmpKind::Error && related_error(ctx, s, ifindex, direction, family, &cfg) {
+        count(direction, REASON_ICMP_ERROR_RELATED);
+        return Ok(Verdict::Pass);
     }
 
     let d = decide(

@@ -78,6 +78,10 @@ pub struct Packet {
     pub l3_end: usize,
     /// TCP flags (`TCP_SYN`, ...), 0 for other protocols.
     pub tcp_flags: u8,
+    /// IPv4 TTL or IPv6 hop limit.
+    pub hop_limit: u8,
+    /// ICMP/ICMPv6 type (0 for other protocols).
+    pub icmp_type: u8,
 }
 
 pub const TCP_FIN: u8 = 0x01;
@@ -95,7 +99,7 @@ type Result<T> = core::result::Result<T, ParseError>;
 /// `bpf_skb_load_bytes` (headers in a non-linear part). Beyond the packet
 /// it is an error.
 #[inline(always)]
-fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T> {
+pub fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T> {
     let start = ctx.data();
     let end = ctx.data_end();
     // The bound on `off` lets the verifier accept the pointer arithmetic
@@ -118,7 +122,7 @@ fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T> {
 /// Load an IPv6 address straight into `dst` (no stack temporary); fails
 /// unless all 16 bytes are in the packet.
 #[inline(always)]
-fn load_into(ctx: &TcContext, off: usize, dst: &mut [u8; 16]) -> Result<()> {
+pub fn load_into(ctx: &TcContext, off: usize, dst: &mut [u8; 16]) -> Result<()> {
     let start = ctx.data();
     let end = ctx.data_end();
     if off < MAX_DIRECT_OFF && start + off + 16 <= end {
@@ -159,6 +163,8 @@ pub fn parse_ip(
     p.l4_off = 0;
     p.l3_end = 0;
     p.tcp_flags = 0;
+    p.hop_limit = 0;
+    p.icmp_type = 0;
     if family == FAMILY_V4 {
         parse_v4(ctx, l3, quoted, p)?;
     } else {
@@ -188,6 +194,7 @@ fn parse_v4(ctx: &TcContext, l3: usize, quoted: bool, p: &mut Packet) -> Result<
     let frag_field = u16::from_be_bytes(frag_field);
     let more = frag_field & 0x2000 != 0;
     let offset = frag_field & 0x1fff;
+    p.hop_limit = load(ctx, l3 + 8)?;
     p.protocol = load(ctx, l3 + 9)?;
     let s: [u8; 4] = load(ctx, l3 + 12)?;
     let d: [u8; 4] = load(ctx, l3 + 16)?;
@@ -234,7 +241,9 @@ fn parse_v6(ctx: &TcContext, l3: usize, quoted: bool, p: &mut Packet) -> Result<
         41,
         quoted,
     )?;
-    let mut nh: u8 = load(ctx, l3 + 6)?;
+    let nh_hl: [u8; 2] = load(ctx, l3 + 6)?;
+    let mut nh = nh_hl[0];
+    p.hop_limit = nh_hl[1];
     load_into(ctx, l3 + 8, &mut p.saddr)?;
     load_into(ctx, l3 + 24, &mut p.daddr)?;
     let mut off = l3 + 40;
@@ -342,6 +351,7 @@ fn parse_l4(ctx: &TcContext, p: &mut Packet, quoted: bool) -> Result<()> {
             }
             let hdr: [u8; 8] = load(ctx, off)?;
             let ty = hdr[0];
+            p.icmp_type = ty;
             let id = u16::from_be_bytes([hdr[4], hdr[5]]);
             let v6 = p.protocol == PROTO_ICMPV6;
             let (request, reply, kind) = if v6 {

@@ -25,6 +25,19 @@ pub struct Decision {
     pub peer_identity: u32,
 }
 
+/// The `PEER_F_*` flags of an address (0 when it has no entry).
+#[inline(always)]
+pub fn peer_flags(family: u8, addr: &[u8; 16]) -> u32 {
+    let v = if family == FAMILY_V4 {
+        let key = Key::new(32, [addr[0], addr[1], addr[2], addr[3]]);
+        NETPOL_PEERS_V4.get(&key).copied()
+    } else {
+        let key = Key::new(128, *addr);
+        NETPOL_PEERS_V6.get(&key).copied()
+    };
+    v.map_or(0, |v| v.flags)
+}
+
 /// Decide traffic of `ep` in `direction` (the pod's point of view) with the
 /// peer at `peer` (the remote address), on `protocol`/`port`.
 #[inline(always)]

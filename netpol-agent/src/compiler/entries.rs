@@ -296,7 +296,10 @@ impl Compiler {
             {
                 flags |= EP_F_AUDIT;
             }
-            let value = EndpointValue::new(local.set.unwrap_or(0), local.endpoint_id, flags);
+            // The pod's addresses: the datapath drops what the pod sends
+            // from any other (and unicast for any other): anti-spoofing.
+            let value = EndpointValue::new(local.set.unwrap_or(0), local.endpoint_id, flags)
+                .with_addresses(pod.ips.iter().copied(), None);
             self.journal
                 .set_endpoint(&mut self.out.maps, pod.pod_ref(), Some(value));
         }

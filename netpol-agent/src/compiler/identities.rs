@@ -6,7 +6,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use netpol_common::{PEER_F_HOST, PeerValue};
+use netpol_common::{PEER_F_HOST, PEER_F_POD, PeerValue};
 
 use super::{
     Atom, Batch, Compiler, IdentityKey, Resolutions,
@@ -442,8 +442,8 @@ impl Compiler {
     /// identity is `address`.
     fn pod_entry(&self, owner: u32, address: u32) -> PeerValue {
         match self.pods.slot(owner).identity {
-            0 => PeerValue::new(address, 0),
-            pod => PeerValue::new(pod, 0).with_cidr_identity(address),
+            0 => PeerValue::new(address, PEER_F_POD),
+            pod => PeerValue::new(pod, PEER_F_POD).with_cidr_identity(address),
         }
     }
 

@@ -23,7 +23,8 @@ pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_8021Q: u16 = 0x8100;
 
 const DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
-const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+/// The source MAC of every frame the kit builds.
+pub const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -111,6 +112,8 @@ pub struct Packet {
     /// header). A later fragment does not carry them, but its fragment
     /// header's next header names the first of them.
     pub ext_after_fragment: Vec<Ext>,
+    /// IPv4 TTL or IPv6 hop limit.
+    pub hop_limit: u8,
 }
 
 fn sock(s: &str) -> SocketAddr {
@@ -140,6 +143,7 @@ fn packet(src: IpAddr, dst: IpAddr, l4: L4) -> Packet {
         ihl_override: None,
         ext: Vec::new(),
         ext_after_fragment: Vec::new(),
+        hop_limit: 64,
     }
 }
 
@@ -268,6 +272,7 @@ pub fn neighbor_solicitation(src: &str, target: &str) -> Packet {
         0xff00 | u16::from(o[13]),
         u16::from_be_bytes([o[14], o[15]]),
     );
+    // RFC 4861: neighbour discovery is sent, and accepted, with hop limit 255.
     packet(
         s,
         IpAddr::V6(solicited),
@@ -278,6 +283,7 @@ pub fn neighbor_solicitation(src: &str, target: &str) -> Packet {
             body: o.to_vec(),
         },
     )
+    .hop_limit(255)
 }
 
 impl Packet {
@@ -293,6 +299,12 @@ impl Packet {
 
     pub fn ack(mut self) -> Self {
         self.set_tcp_flags(TCP_ACK);
+        self
+    }
+
+    /// The IPv4 TTL or IPv6 hop limit (64 unless set).
+    pub fn hop_limit(mut self, hops: u8) -> Self {
+        self.hop_limit = hops;
         self
     }
 
@@ -536,7 +548,7 @@ impl Packet {
         };
         b.extend(id.to_be_bytes());
         b.extend(frag_field.to_be_bytes());
-        b.push(64); // TTL
+        b.push(self.hop_limit); // TTL
         b.push(self.protocol());
         b.extend([0, 0]); // checksum
         b.extend(s.octets());
@@ -596,7 +608,7 @@ impl Packet {
         b.extend([0x60, 0, 0, 0]);
         b.extend(((hdrs.len() + l4.len()) as u16).to_be_bytes());
         b.push(chain[0]);
-        b.push(64); // hop limit
+        b.push(self.hop_limit); // hop limit
         b.extend(s.octets());
         b.extend(d.octets());
         b.extend(hdrs);
@@ -712,4 +724,55 @@ mod tests {
         assert_eq!(p[14 + 56], 17); // then UDP
         assert_eq!(u16::from_be_bytes([p[18], p[19]]) as usize, p.len() - 54);
     }
+}
+
+/// A neighbour advertisement from `src` to `dst` saying "`target` is at my MAC"
+/// (hop limit 255, as RFC 4861 requires).
+pub fn neighbor_advertisement(src: &str, dst: &str, target: &str) -> Packet {
+    let IpAddr::V6(t) = ip(target) else {
+        panic!("neighbour advertisement target must be IPv6")
+    };
+    packet(
+        ip(src),
+        ip(dst),
+        L4::Icmp {
+            ty: 136,
+            code: 0,
+            rest: [0x60, 0, 0, 0], // solicited, override
+            body: t.octets().to_vec(),
+        },
+    )
+    .hop_limit(255)
+}
+
+/// A router advertisement from `src` to all nodes (hop limit 255).
+pub fn router_advertisement(src: &str) -> Packet {
+    packet(
+        ip(src),
+        ip("ff02::1"),
+        L4::Icmp {
+            ty: 134,
+            code: 0,
+            rest: [64, 0, 0x07, 0x08], // hop limit 64, lifetime 1800 s
+            body: vec![0; 8],
+        },
+    )
+    .hop_limit(255)
+}
+
+/// A gratuitous ARP: "`sender` is at `mac`", from `mac`.
+pub fn gratuitous_arp(sender: &str, mac: [u8; 6]) -> Vec<u8> {
+    let IpAddr::V4(s) = ip(sender) else {
+        panic!("ARP is IPv4")
+    };
+    let mut b = Vec::with_capacity(64);
+    b.extend([0xff; 6]);
+    b.extend(mac);
+    b.extend(ETH_P_ARP.to_be_bytes());
+    b.extend([0, 1, 0x08, 0x00, 6, 4, 0, 2]); // Ethernet/IPv4, reply
+    b.extend(mac);
+    b.extend(s.octets());
+    b.extend([0xff; 6]);
+    b.extend(s.octets());
+    b
 }
