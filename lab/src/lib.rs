@@ -14,6 +14,7 @@
 pub mod agents;
 pub mod cluster;
 pub mod controlplane;
+pub mod cp_ops;
 pub mod kube;
 pub mod manifests;
 pub mod netns;
