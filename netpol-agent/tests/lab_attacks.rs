@@ -1,0 +1,481 @@
+//! Hostile pods in the lab, with the real agents: each test is an attack made
+//! of packets the attacker pod crafts itself (raw sockets, as CAP_NET_RAW, a
+//! default capability, allows), then what the victim sees, then the flow-log
+//! line that names the reason. Needs root; skips loudly without it.
+//!
+//! The cluster (tests/common/lab.rs): node-a routed with x/a and y/b, node-b
+//! bridged with x/b and y/a; every pod serves TCP and UDP port 80. An attacker
+//! pod y/c is added on node-b (bridged), where forged ARP matters.
+
+mod common {
+    pub mod lab;
+    pub mod packets;
+}
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::{
+    lab::{AGENT, write_policy},
+    packets::{gratuitous_arp, tcp},
+};
+use netpol_lab::{
+    AddPodOptions, Agents, Family, Lab, PodSpec, PodState, PortSpec, Protocol, connect,
+    require_privileges, run_in_netns, start_agents,
+};
+
+const PORTS: &str = "[{port: 80, protocol: TCP}, {port: 80, protocol: UDP}]";
+
+/// The lab, agents that log every flow, and the attacker pod y/c on the
+/// bridged node.
+fn setup(prefix: char) -> (Lab, Agents, PodState) {
+    let mut lab = common::lab::up(prefix, PORTS);
+    let attacker = lab
+        .add_pod(
+            PodSpec {
+                namespace: "y".into(),
+                name: "c".into(),
+                node: "node-b".into(),
+                labels: BTreeMap::from([("pod".into(), "c".into())]),
+                ports: vec![PortSpec {
+                    name: None,
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                }],
+            },
+            &AddPodOptions::default(),
+        )
+        .expect("add the attacker pod");
+    let mut agents =
+        start_agents(&lab, Path::new(AGENT), &["--log-allowed".to_string()]).expect("agents");
+    agents
+        .wait_synced(&[], Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    (lab, agents, attacker)
+}
+
+fn pod<'a>(lab: &'a Lab, key: &str) -> &'a PodState {
+    lab.pod_by_key(key)
+        .unwrap_or_else(|| panic!("no pod {key}"))
+}
+
+fn v4(pod: &PodState) -> Ipv4Addr {
+    pod.ip_v4
+}
+
+/// Sends an IPv4 packet (header included) from inside a pod's netns through
+/// a raw socket: the kernel routes it, the pod's source address is whatever
+/// the packet says.
+fn raw_send_v4(from: &PodState, packet: Vec<u8>) {
+    let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+    run_in_netns(&from.netns_path(), move || {
+        // SAFETY: plain socket(2); the descriptor is owned right away.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(dst.octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: the buffer and the address outlive the call.
+        let n = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                std::ptr::from_ref(&addr).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("raw send from {}: {e}", from.key()));
+}
+
+/// Sends a whole Ethernet frame out of a pod's `eth0` (AF_PACKET).
+fn frame_send(from: &PodState, frame: Vec<u8>) {
+    run_in_netns(&from.netns_path(), move || {
+        // SAFETY: plain socket(2) and if_nametoindex(3) calls.
+        let (fd, ifindex) = unsafe {
+            (
+                libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0),
+                libc::if_nametoindex(c"eth0".as_ptr()),
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: all-zero is a valid sockaddr_ll.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = ifindex as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: the buffer and the address outlive the call.
+        let n = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                std::ptr::from_ref(&addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("frame send from {}: {e}", from.key()));
+}
+
+/// The MAC of a pod's `eth0`.
+fn pod_mac(pod: &PodState) -> [u8; 6] {
+    let out = Command::new("ip")
+        .args(["-n", &pod.netns, "-o", "link", "show", "eth0"])
+        .output()
+        .expect("ip link");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mac = text
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC in {text}"));
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).expect("hex"))
+        .collect();
+    bytes.try_into().expect("six bytes")
+}
+
+/// Waits until an agent's flow log has a line for which `pred` holds.
+fn wait_flow_log(
+    agents: &Agents,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some((_, v)) = agents.flow_logs().into_iter().find(|(_, v)| pred(v)) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no flow log line for {what}; lines:\n{}",
+            agents
+                .flow_logs()
+                .iter()
+                .map(|(l, _)| l.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Spoofing: the attacker y/c sends SYNs to y/a:80, which only x/b may
+/// reach, once as x/b and once as the node (bridge gateway). Neither gets
+/// past the attacker's own veth: y/a's side logs no flow, the attacker's
+/// side logs `spoofed` naming the real sender.
+#[test]
+fn spoofed_sources_get_nowhere() {
+    if !require_privileges("spoofed_sources_get_nowhere") {
+        return;
+    }
+    let (lab, mut agents, attacker) = setup('s');
+    agents
+        .change(
+            || {
+                write_policy(
+                    &lab,
+                    "only-xb.yaml",
+                    "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+                     metadata: {name: only-xb, namespace: y}\n\
+                     spec:\n  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Ingress]\n  \
+                     ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {ns: x}}\n      \
+                     podSelector: {matchLabels: {pod: b}}\n",
+                )
+            },
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let victim = pod(&lab, "y/a").clone();
+    let trusted = pod(&lab, "x/b").clone();
+    let gateway = lab.node("node-b").unwrap().gateway_v4;
+
+    let attempts = [
+        ("as x/b", v4(&trusted), 41000u16),
+        ("as the node", gateway, 41001),
+    ];
+    for (_, src, sport) in attempts {
+        let syn = tcp(&format!("{src}:{sport}"), &format!("{}:80", v4(&victim))).syn();
+        raw_send_v4(&attacker, syn.ip_bytes());
+    }
+    // Nothing reached the victim: no flow of those ports was decided there.
+    std::thread::sleep(Duration::from_millis(500));
+    let reached: Vec<_> = agents
+        .flow_logs()
+        .into_iter()
+        .filter(|(_, v)| {
+            v["direction"] == "ingress" && (v["sport"] == 41000 || v["sport"] == 41001)
+        })
+        .collect();
+    assert!(reached.is_empty(), "spoofed SYNs reached y/a: {reached:?}");
+    for (name, _, sport) in attempts {
+        let line = wait_flow_log(&agents, name, |v| {
+            v["reason"] == "spoofed" && v["sport"] == sport
+        });
+        assert_eq!(line["verdict"], "deny", "{line}");
+        assert_eq!(
+            line["endpoint"], "y/c",
+            "the log names the real sender: {line}"
+        );
+        assert_eq!(line["direction"], "egress");
+    }
+    // The trusted pod itself still gets in.
+    assert!(connect(
+        &lab,
+        &trusted,
+        victim.ip(Family::V4),
+        80,
+        Protocol::Tcp,
+        Duration::from_secs(2)
+    ));
+    lab.down().expect("down");
+}
+
+/// ARP takeover on the bridged node: y/c tells the bridge "x/b is at my MAC".
+/// y/a, which talked to x/b a moment ago, must keep reaching the real x/b.
+#[test]
+fn gratuitous_arp_cannot_take_over_a_bridged_pod() {
+    if !require_privileges("gratuitous_arp_cannot_take_over_a_bridged_pod") {
+        return;
+    }
+    let (lab, agents, attacker) = setup('g');
+    let victim = pod(&lab, "x/b").clone();
+    let client = pod(&lab, "y/a").clone();
+    let ok = |lab: &Lab| {
+        netpol_lab::connect_detailed(
+            lab,
+            &client,
+            victim.ip(Family::V4),
+            80,
+            Protocol::Tcp,
+            Duration::from_secs(1),
+        )
+    };
+    assert!(ok(&lab).connected, "baseline");
+    // Past the neighbour entry's lock time, so an ARP would update it.
+    std::thread::sleep(Duration::from_millis(1200));
+    let mac = pod_mac(&attacker);
+    for _ in 0..3 {
+        frame_send(&attacker, gratuitous_arp(&victim.ip_v4.to_string(), mac));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let after = ok(&lab);
+    assert!(
+        after.connected && after.detail.contains("x/b"),
+        "y/a no longer reaches x/b: {}",
+        after.detail
+    );
+    let line = wait_flow_log(&agents, "the forged ARP", |v| v["reason"] == "spoofed");
+    assert_eq!(line["endpoint"], "y/c", "{line}");
+    lab.down().expect("down");
+}
+
+/// A rogue IPv6 router: y/c advertises itself as the default router. The
+/// other pods on its bridge must not learn a route through it.
+#[test]
+fn rogue_router_advertisements_are_dropped() {
+    if !require_privileges("rogue_router_advertisements_are_dropped") {
+        return;
+    }
+    let (lab, agents, attacker) = setup('r');
+    let victim = pod(&lab, "y/a").clone();
+    run_in_netns(&attacker.netns_path(), || {
+        // SAFETY: plain socket/setsockopt/sendto calls on a descriptor we own.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let fd = OwnedFd::from_raw_fd(fd);
+            let hops: libc::c_int = 255;
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MULTICAST_HOPS,
+                std::ptr::from_ref(&hops).cast(),
+                4,
+            );
+            // Type 134, code 0, checksum (the kernel fills it), hop limit 64,
+            // flags 0, router lifetime 1800 s, reachable and retrans timers 0.
+            let ra: [u8; 16] = [134, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0];
+            let mut dst: libc::sockaddr_in6 = std::mem::zeroed();
+            dst.sin6_family = libc::AF_INET6 as u16;
+            dst.sin6_addr.s6_addr = "ff02::1".parse::<std::net::Ipv6Addr>().unwrap().octets();
+            dst.sin6_scope_id = libc::if_nametoindex(c"eth0".as_ptr());
+            for _ in 0..3 {
+                if libc::sendto(
+                    fd.as_raw_fd(),
+                    ra.as_ptr().cast(),
+                    ra.len(),
+                    0,
+                    std::ptr::from_ref(&dst).cast(),
+                    std::mem::size_of::<libc::sockaddr_in6>() as u32,
+                ) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+        }
+        Ok(())
+    })
+    .expect("send RA");
+    std::thread::sleep(Duration::from_millis(500));
+    let routes = Command::new("ip")
+        .args(["-n", &victim.netns, "-6", "route", "show"])
+        .output()
+        .expect("ip route");
+    let routes = String::from_utf8_lossy(&routes.stdout);
+    assert!(
+        !routes.contains("proto ra"),
+        "y/a learned a route from the rogue router:\n{routes}"
+    );
+    let line = wait_flow_log(&agents, "the router advertisement", |v| {
+        v["reason"] == "rogue_router"
+    });
+    assert_eq!(line["endpoint"], "y/c", "{line}");
+    lab.down().expect("down");
+}
+
+/// The forged reply: x/a may send nothing (egress default-deny), y/b is its
+/// accomplice outside that policy. y/b sends x/a a SYN-ACK "from y/b:80 to
+/// x/a:40000"; x/a then connects from port 40000 to y/b:80, hoping its SYN
+/// passes as the "reply" of that flow. It must not.
+#[test]
+fn a_forged_reply_does_not_open_egress() {
+    if !require_privileges("a_forged_reply_does_not_open_egress") {
+        return;
+    }
+    let (lab, mut agents, _) = setup('f');
+    agents
+        .change(
+            || {
+                write_policy(
+                    &lab,
+                    "deny-egress.yaml",
+                    "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+                     metadata: {name: deny-egress, namespace: x}\n\
+                     spec:\n  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n",
+                )
+            },
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let prisoner = pod(&lab, "x/a").clone();
+    let accomplice = pod(&lab, "y/b").clone();
+    for _ in 0..3 {
+        let forged = tcp(
+            &format!("{}:80", v4(&accomplice)),
+            &format!("{}:40000", v4(&prisoner)),
+        )
+        .syn_ack();
+        raw_send_v4(&accomplice, forged.ip_bytes());
+    }
+    wait_flow_log(&agents, "the forged SYN-ACK reaching x/a", |v| {
+        v["direction"] == "ingress" && v["sport"] == 80 && v["dport"] == 40000
+    });
+    // The prisoner's "reply" from the pinned port.
+    let target = SocketAddr::new(IpAddr::V4(v4(&accomplice)), 80);
+    let escaped = run_in_netns(&prisoner.netns_path(), move || {
+        connect_from_port(40000, target, Duration::from_secs(2))
+    })
+    .expect("connect");
+    assert!(
+        !escaped,
+        "x/a escaped its egress policy through a forged reply"
+    );
+    let line = wait_flow_log(&agents, "x/a's denied SYN", |v| {
+        v["direction"] == "egress" && v["sport"] == 40000 && v["verdict"] == "deny"
+    });
+    assert_eq!(line["reason"], "policy_deny", "{line}");
+    lab.down().expect("down");
+}
+
+/// A TCP connect from a fixed local port (std cannot bind before connecting),
+/// in the calling thread's netns: true if the handshake completed in time.
+fn connect_from_port(port: u16, target: SocketAddr, timeout: Duration) -> std::io::Result<bool> {
+    let IpAddr::V4(ip) = target.ip() else {
+        unreachable!("IPv4 target")
+    };
+    // SAFETY: plain socket calls on a descriptor we own; the structs outlive them.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = OwnedFd::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            std::ptr::from_ref(&one).cast(),
+            4,
+        );
+        let sin = |port: u16, ip: Ipv4Addr| libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(ip.octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let local = sin(port, Ipv4Addr::UNSPECIFIED);
+        let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+        if libc::bind(fd.as_raw_fd(), std::ptr::from_ref(&local).cast(), len) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let remote = sin(target.port(), ip);
+        libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&remote).cast(), len);
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        if libc::poll(&mut pfd, 1, timeout.as_millis() as i32) <= 0 {
+            return Ok(false);
+        }
+        let mut err: libc::c_int = 0;
+        let mut err_len = 4u32;
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            std::ptr::from_mut(&mut err).cast(),
+            &mut err_len,
+        );
+        Ok(err == 0)
+    }
+}
