@@ -479,3 +479,258 @@ fn connect_from_port(port: u16, target: SocketAddr, timeout: Duration) -> std::i
         Ok(err == 0)
     }
 }
+
+/// x/a: ingress only from y/b; egress only UDP 80 to y/b (a "DNS" flow).
+const XA_TALKS_ONLY_TO_YB: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+metadata: {name: only-yb, namespace: x}\n\
+spec:\n  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Ingress, Egress]\n  \
+ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {ns: y}}\n      \
+podSelector: {matchLabels: {pod: b}}\n  \
+egress:\n  - to:\n    - namespaceSelector: {matchLabels: {ns: y}}\n      \
+podSelector: {matchLabels: {pod: b}}\n    ports: [{protocol: UDP, port: 80}]\n";
+
+/// Opens a UDP flow from `from`'s `port` to `to`:80 and waits for the answer
+/// (a lab server names itself); returns the socket, still bound.
+fn udp_exchange(from: &PodState, port: u16, to: Ipv4Addr) -> std::net::UdpSocket {
+    run_in_netns(&from.netns_path(), move || {
+        let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.send_to(b"hello", (to, 80))?;
+        let mut buf = [0u8; 128];
+        s.recv_from(&mut buf)?;
+        Ok(s)
+    })
+    .unwrap_or_else(|e| panic!("UDP exchange from {}: {e}", from.key()))
+}
+
+/// Listens for ICMP in a pod's netns for `wait`; returns how many messages of
+/// `icmp_type` arrived from `from`.
+fn icmp_arrivals(pod: &PodState, from: Ipv4Addr, icmp_type: u8, wait: Duration) -> usize {
+    run_in_netns(&pod.netns_path(), move || {
+        // SAFETY: socket(2) on a descriptor we own right away.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fresh descriptor.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let deadline = Instant::now() + wait;
+        let mut n = 0;
+        let mut buf = [0u8; 2048];
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd we own.
+            if unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) } <= 0 {
+                break;
+            }
+            // SAFETY: the buffer outlives the call.
+            let got = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if got >= 21 {
+                let src = Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]);
+                let ihl = usize::from(buf[0] & 0x0f) * 4;
+                if src == from && buf.get(ihl) == Some(&icmp_type) {
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    })
+    .expect("listen for ICMP")
+}
+
+/// ICMP as a tunnel and as a weapon. x/a may only talk UDP 80 with y/b.
+/// (1) It sends 1000 bytes to x/b dressed as "port unreachable about y/b's
+/// answer": x/b must receive nothing. (2) y/a, which x/a does not admit,
+/// injects "fragmentation needed" about x/a's flow to y/b: x/a must receive
+/// nothing. The flow's peer y/b may still send x/a a real error.
+#[test]
+fn icmp_errors_are_no_tunnel_and_no_weapon_in_the_lab() {
+    if !require_privileges("icmp_errors_are_no_tunnel_and_no_weapon_in_the_lab") {
+        return;
+    }
+    let (lab, mut agents, _) = setup('i');
+    agents
+        .change(
+            || write_policy(&lab, "only-yb.yaml", XA_TALKS_ONLY_TO_YB),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let prisoner = pod(&lab, "x/a").clone();
+    let peer = pod(&lab, "y/b").clone();
+    let third = pod(&lab, "x/b").clone();
+    let denied = pod(&lab, "y/a").clone();
+    let _flow = udp_exchange(&prisoner, 5353, v4(&peer));
+    let answer = common::packets::udp(
+        &format!("{}:80", v4(&peer)),
+        &format!("{}:5353", v4(&prisoner)),
+    );
+    let request = common::packets::udp(
+        &format!("{}:5353", v4(&prisoner)),
+        &format!("{}:80", v4(&peer)),
+    );
+
+    // (1) Exfiltration to a third pod.
+    let exfil =
+        common::packets::icmp_error(&v4(&prisoner).to_string(), &v4(&third).to_string(), &answer)
+            .payload(&[0x41; 1000]);
+    let listener = {
+        let third = third.clone();
+        let from = v4(&prisoner);
+        std::thread::spawn(move || icmp_arrivals(&third, from, 3, Duration::from_millis(1500)))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    raw_send_v4(&prisoner, exfil.ip_bytes());
+    assert_eq!(
+        listener.join().unwrap(),
+        0,
+        "x/b received x/a's ICMP tunnel"
+    );
+    let line = wait_flow_log(&agents, "the exfiltration", |v| {
+        v["reason"] == "icmp_error_unrelated" && v["direction"] == "egress"
+    });
+    assert_eq!(line["endpoint"], "x/a", "{line}");
+
+    // (2) Injection by a pod x/a does not admit.
+    let inject = common::packets::icmp_error(
+        &v4(&denied).to_string(),
+        &v4(&prisoner).to_string(),
+        &request,
+    );
+    let listener = {
+        let prisoner = prisoner.clone();
+        let from = v4(&denied);
+        std::thread::spawn(move || icmp_arrivals(&prisoner, from, 3, Duration::from_millis(1500)))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    raw_send_v4(&denied, inject.ip_bytes());
+    assert_eq!(
+        listener.join().unwrap(),
+        0,
+        "y/a injected an ICMP error into x/a's flow"
+    );
+    let line = wait_flow_log(&agents, "the injection", |v| {
+        v["reason"] == "icmp_error_unrelated" && v["direction"] == "ingress"
+    });
+    assert_eq!(line["endpoint"], "x/a", "{line}");
+
+    // The flow's peer may report on it (path MTU discovery keeps working).
+    let real =
+        common::packets::icmp_error(&v4(&peer).to_string(), &v4(&prisoner).to_string(), &request);
+    let listener = {
+        let prisoner = prisoner.clone();
+        let from = v4(&peer);
+        std::thread::spawn(move || icmp_arrivals(&prisoner, from, 3, Duration::from_millis(1500)))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    raw_send_v4(&peer, real.ip_bytes());
+    assert_eq!(
+        listener.join().unwrap(),
+        1,
+        "y/b's real error did not reach x/a"
+    );
+    lab.down().expect("down");
+}
+
+/// An IPv4 fragment with the header the kernel completes (raw(7): checksum
+/// and total length are filled in).
+fn ipv4_fragment(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    id: u16,
+    offset: u16,
+    more: bool,
+    data: &[u8],
+) -> Vec<u8> {
+    let mut b = vec![0x45, 0, 0, 0];
+    b.extend(id.to_be_bytes());
+    b.extend((offset / 8 | if more { 0x2000 } else { 0 }).to_be_bytes());
+    b.extend([64, 17, 0, 0]);
+    b.extend(src.octets());
+    b.extend(dst.octets());
+    b.extend(data);
+    let len = b.len() as u16;
+    b[2..4].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// `Ip: ReasmOKs` of a pod's netns: datagrams it put back together.
+fn reassembled(pod: &PodState) -> u64 {
+    run_in_netns(&pod.netns_path(), || {
+        let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
+        let mut lines = snmp.lines().filter(|l| l.starts_with("Ip:"));
+        let (names, values) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+        Ok(names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == "ReasmOKs")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0))
+    })
+    .expect("read snmp")
+}
+
+/// A fragment after a revocation: x/a sends the first half of a datagram to
+/// y/b while allowed; the allow goes; the second half must not follow the old
+/// verdict (y/b never puts the datagram together).
+#[test]
+fn a_fragment_after_revocation_is_dropped() {
+    if !require_privileges("a_fragment_after_revocation_is_dropped") {
+        return;
+    }
+    let (lab, mut agents, _) = setup('x');
+    agents
+        .change(
+            || write_policy(&lab, "only-yb.yaml", XA_TALKS_ONLY_TO_YB),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let sender = pod(&lab, "x/a").clone();
+    let receiver = pod(&lab, "y/b").clone();
+    let (src, dst) = (v4(&sender), v4(&receiver));
+    // UDP 7777 -> 80, 72 bytes: header and 32 bytes, then 32 more at offset 40.
+    let mut first = Vec::new();
+    first.extend(7777u16.to_be_bytes());
+    first.extend(80u16.to_be_bytes());
+    first.extend(72u16.to_be_bytes());
+    first.extend([0, 0]); // no checksum
+    first.extend([b'1'; 32]);
+    let before = reassembled(&receiver);
+    raw_send_v4(&sender, ipv4_fragment(src, dst, 0x4242, 0, true, &first));
+    wait_flow_log(&agents, "the first fragment", |v| {
+        v["direction"] == "egress" && v["sport"] == 7777 && v["verdict"] == "allow"
+    });
+    // The policy that allowed it goes: x/a stays isolated (a default deny).
+    agents
+        .change(
+            || {
+                write_policy(
+                    &lab,
+                    "only-yb.yaml",
+                    "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+                     metadata: {name: only-yb, namespace: x}\n\
+                     spec:\n  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Ingress, Egress]\n",
+                )
+            },
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    raw_send_v4(
+        &sender,
+        ipv4_fragment(src, dst, 0x4242, 40, false, &[b'2'; 32]),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        reassembled(&receiver),
+        before,
+        "y/b put together a datagram whose second half came after the revocation"
+    );
+    let line = wait_flow_log(&agents, "the late fragment", |v| {
+        v["reason"] == "revoked" && v["direction"] == "egress"
+    });
+    assert_eq!(line["endpoint"], "x/a", "{line}");
+    lab.down().expect("down");
+}
