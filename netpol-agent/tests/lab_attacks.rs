@@ -734,3 +734,28 @@ fn a_fragment_after_revocation_is_dropped() {
     assert_eq!(line["endpoint"], "x/a", "{line}");
     lab.down().expect("down");
 }
+
+/// A VLAN-tagged frame from a pod: the receiving veth moves the tag out of
+/// the frame's data before TC runs (the frame looks untagged), while a bridge
+/// forwards it tagged. Tagged traffic is refused however it is carried.
+#[test]
+fn vlan_tagged_traffic_from_a_pod_is_refused() {
+    if !require_privileges("vlan_tagged_traffic_from_a_pod_is_refused") {
+        return;
+    }
+    let (lab, agents, attacker) = setup('v');
+    let target = pod(&lab, "y/a").clone();
+    let mut frame = common::packets::udp(
+        &format!("{}:5555", v4(&attacker)),
+        &format!("{}:80", v4(&target)),
+    )
+    .vlan_tagged(10);
+    frame[6..12].copy_from_slice(&pod_mac(&attacker));
+    frame_send(&attacker, frame);
+    let line = wait_flow_log(&agents, "the tagged frame", |v| {
+        v["reason"] == "unsupported_ethertype"
+    });
+    assert_eq!(line["endpoint"], "y/c", "{line}");
+    assert_eq!(line["verdict"], "deny");
+    lab.down().expect("down");
+}
