@@ -63,6 +63,11 @@ pub struct FlowLog {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub isolated_by: Vec<String>,
     pub ifindex: u32,
+    /// `namespace/name` of the local pod behind the veth: who really sent (or
+    /// was sent) the packet, whatever addresses it carries (a spoofed source
+    /// names the victim in `src`, the attacker here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }
 
 fn side(names: &Names, ip: IpAddr) -> Side {
@@ -139,6 +144,7 @@ pub fn describe(ev: &VerdictEvent, names: &Names, time: SystemTime) -> FlowLog {
         rule,
         isolated_by,
         ifindex: ev.ifindex,
+        endpoint: names.endpoints.get(&ev.ifindex).map(ToString::to_string),
     }
 }
 

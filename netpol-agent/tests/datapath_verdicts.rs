@@ -1529,6 +1529,14 @@ fn malformed_and_truncated_packets_are_dropped() {
     wrong_version[14] = 0x65;
     let mut v6_says_v4 = v6.frame();
     v6_says_v4[14] = 0x40 | (v6_says_v4[14] & 0x0f);
+    // Headers cut by their own length fields in frames the kernel accepts
+    // (it refuses to run frames physically shorter than the fixed IP header,
+    // so those cases below only run on kernels that take them).
+    let with_len = |frame: Vec<u8>, at: usize, len: u16| {
+        let mut f = frame;
+        f[at..at + 2].copy_from_slice(&len.to_be_bytes());
+        f
+    };
 
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("Ethernet header only", ethernet_header(ETH_P_IP)),
@@ -1561,6 +1569,26 @@ fn malformed_and_truncated_packets_are_dropped() {
             echo_request(PEER, POD, 1).frame_truncated(14 + 20 + 6),
         ),
         ("IPv6 header cut", v6.frame_truncated(14 + 30)),
+        (
+            "IPv4 total length shorter than its header",
+            with_len(v4.frame(), 16, 12),
+        ),
+        (
+            "IPv4 total length cuts the TCP header",
+            with_len(v4.frame(), 16, 20 + 12),
+        ),
+        (
+            "IPv4 total length past the frame",
+            with_len(v4.frame(), 16, 1000),
+        ),
+        (
+            "IPv6 payload length cuts the TCP header",
+            with_len(v6.frame(), 18, 10),
+        ),
+        (
+            "IPv6 payload length past the frame",
+            with_len(v6.frame(), 18, 1000),
+        ),
         ("IPv6 TCP header cut", v6.frame_truncated(14 + 40 + 10)),
         (
             "IPv6 extension header cut",
@@ -1577,6 +1605,10 @@ fn malformed_and_truncated_packets_are_dropped() {
             let out = match dp.try_run(prog, &frame, 1) {
                 Ok(out) => out,
                 Err(e) if kernel_refuses(&frame, &e) => {
+                    assert!(
+                        frame.len() < 14 + 40,
+                        "{what}: the kernel refused a frame of full length"
+                    );
                     // Recent kernels (6.18 here) refuse to build an skb whose
                     // IPv4/IPv6 header is shorter than the fixed header, so
                     // such a frame never reaches the program in a test run.

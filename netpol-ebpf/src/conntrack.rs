@@ -214,6 +214,13 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
     s.pkt.saddr = [0; 16];
     s.pkt.daddr = [0; 16];
 
+    // SAFETY: the context pointer is valid for the whole program run.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        // A VLAN tag the device carries out of band (veths offload it): the
+        // frame's data looks untagged, but a bridge forwards it tagged. Fail
+        // closed, as for an in-band tag.
+        return Err(ParseError(REASON_UNSUPPORTED_ETHERTYPE));
+    }
     let ethertype = ethertype(ctx)?;
     let ifindex = ifindex(ctx);
     let Some(family) = family_of(ethertype) else {
