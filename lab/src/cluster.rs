@@ -207,29 +207,32 @@ fn create_fabric(state: &LabState) -> Result<(), LabError> {
     ip!("-n {ns} link set {br} up")
 }
 
-fn create_node(state: &LabState, node: &NodeState) -> Result<(), LabError> {
+/// A new netns `ns` with `eth0` plugged into the fabric bridge (its link there is `port`),
+/// holding fabric addresses `ip4` and `ip6`; `forward` turns IP forwarding on.
+fn plug_into_fabric(
+    state: &LabState,
+    ns: &str,
+    port: &str,
+    (ip4, ip6): (Ipv4Addr, Ipv6Addr),
+    forward: bool,
+) -> Result<(), LabError> {
     let f = &state.fabric;
-    let (ns, fabric, br, port) = (
-        node.netns.as_str(),
-        f.netns.as_str(),
-        f.bridge.as_str(),
-        node.fabric_port.as_str(),
-    );
+    let (fabric, br) = (f.netns.as_str(), f.bridge.as_str());
+    let (len4, len6) = (f.cidr_v4.prefix_len(), f.cidr_v6.prefix_len());
     add_netns(ns)?;
-    sysctls(ns, &[common_sysctls(), forwarding("1")].concat())?;
-
-    // eth0 into the fabric bridge.
-    let (ip4, len4, ip6, len6) = (
-        node.ip_v4,
-        f.cidr_v4.prefix_len(),
-        node.ip_v6,
-        f.cidr_v6.prefix_len(),
-    );
+    let forwarding = forwarding(if forward { "1" } else { "0" });
+    sysctls(ns, &[common_sysctls(), forwarding].concat())?;
     ip!("-n {ns} link add eth0 type veth peer name {port} netns {fabric}")?;
     ip!("-n {fabric} link set {port} master {br} up")?;
     ip!("-n {ns} addr add {ip4}/{len4} dev eth0")?;
     ip!("-n {ns} addr add {ip6}/{len6} dev eth0 nodad")?;
-    ip!("-n {ns} link set eth0 up")?;
+    ip!("-n {ns} link set eth0 up")
+}
+
+fn create_node(state: &LabState, node: &NodeState) -> Result<(), LabError> {
+    let f = &state.fabric;
+    let ns = node.netns.as_str();
+    plug_into_fabric(state, ns, &node.fabric_port, (node.ip_v4, node.ip_v6), true)?;
     // The default route leads to the fabric's sink gateway. Routed nodes need one: proxy ARP
     // only answers for addresses (the pods' 169.254.1.1 gateway) that route via another device.
     let (gw4, gw6) = (f.gateway_v4, f.gateway_v6);
@@ -670,26 +673,8 @@ fn remove_pod_manifest(state: &LabState, pod: &PodState) -> Result<PathBuf, LabE
 /// running) and their Services, and the CoreDNS pod's.
 fn start_control_plane(state: &mut LabState) -> Result<(), LabError> {
     let mut cp = state.control_plane.clone().expect("caller checked");
-    let f = &state.fabric;
-    let (ns, fabric, br, port) = (
-        cp.netns.as_str(),
-        f.netns.as_str(),
-        f.bridge.as_str(),
-        cp.fabric_port.as_str(),
-    );
-    add_netns(ns)?;
-    sysctls(ns, &[common_sysctls(), forwarding("0")].concat())?;
-    ip!("-n {ns} link add eth0 type veth peer name {port} netns {fabric}")?;
-    ip!("-n {fabric} link set {port} master {br} up")?;
-    let (ip4, len4, ip6, len6) = (
-        cp.ip_v4,
-        f.cidr_v4.prefix_len(),
-        cp.ip_v6,
-        f.cidr_v6.prefix_len(),
-    );
-    ip!("-n {ns} addr add {ip4}/{len4} dev eth0")?;
-    ip!("-n {ns} addr add {ip6}/{len6} dev eth0 nodad")?;
-    ip!("-n {ns} link set eth0 up")?;
+    let ns = cp.netns.as_str();
+    plug_into_fabric(state, ns, &cp.fabric_port, (cp.ip_v4, cp.ip_v6), false)?;
     // Pods talk to the API server (CoreDNS does): answers go back via their node.
     for node in &state.nodes {
         let (cidr4, via4, cidr6, via6) =
