@@ -243,7 +243,9 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
                 // where no event reaches us: look again every second.
                 if !agent.source.ready() {
                     // Keep enforcing what the maps hold until the source has
-                    // a complete picture (never compile a half-listed cluster).
+                    // a complete picture (never compile a half-listed cluster),
+                    // and put the programs on any new pod veth at once.
+                    agent.attach_only();
                     agent.write_status();
                     continue;
                 }
@@ -269,6 +271,8 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
                         agent.errors = vec![format!("{e:#}")];
                     }
                     agent.write_status();
+                } else {
+                    agent.attach_only();
                 }
             }
             guard = ring.readable_mut() => {
@@ -303,6 +307,63 @@ impl Agent {
         }
     }
 
+    /// A pod's veth: its peer lives in another network namespace and it
+    /// carries none of the node's own addresses (that would be an uplink).
+    /// It is attached from the moment it appears, before the CNI gives the
+    /// pod an address: until the agent knows the pod, its traffic is denied
+    /// (no endpoint entry), so there is no window without policy.
+    fn pod_like(&self, view: &netlink::NodeView) -> BTreeSet<u32> {
+        view.veths
+            .values()
+            .filter(|v| v.peer_netnsid.is_some() && !view.node_veths.contains(&v.ifindex))
+            .filter(|v| {
+                self.cfg.veth_prefixes.is_empty()
+                    || self.cfg.veth_prefixes.iter().any(|p| v.name.starts_with(p))
+            })
+            .map(|v| v.ifindex)
+            .collect()
+    }
+
+    /// Attaches the programs to every pod-like veth not attached in this run
+    /// yet; returns the errors. Programs are attached once per agent run even
+    /// where pins exist, so a restarted (or upgraded) agent swaps its programs
+    /// into the links it adopts.
+    fn attach_pod_veths(
+        &mut self,
+        view: &netlink::NodeView,
+        pod_like: &BTreeSet<u32>,
+    ) -> Vec<String> {
+        let mut errors = Vec::new();
+        for ifindex in pod_like {
+            if !self.attached_this_run.contains(ifindex) {
+                let name = &view.veths[ifindex].name;
+                match self.dp.attach(*ifindex, name) {
+                    Ok(()) => {
+                        self.attached_this_run.insert(*ifindex);
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+        }
+        errors
+    }
+
+    /// While the source is not ready (listing, disconnected, refused) there is
+    /// nothing to compile, but a veth that appears meanwhile must not run
+    /// unenforced: it gets the programs now, with no endpoint entry, so its
+    /// pod is denied until the agent knows it.
+    fn attach_only(&mut self) {
+        match netlink::discover() {
+            Ok(view) => {
+                let pod_like = self.pod_like(&view);
+                for e in self.attach_pod_veths(&view, &pod_like) {
+                    tracing::error!("attaching while the source is not ready: {e}");
+                }
+            }
+            Err(e) => tracing::error!("reading the node through netlink: {e:#}"),
+        }
+    }
+
     /// One reconciliation: read the node, compile, write maps, attach.
     fn sync(&mut self) -> Result<()> {
         let view = netlink::discover().context("reading the node through netlink")?;
@@ -328,21 +389,7 @@ impl Agent {
         // Pod veths and their endpoints.
         let mut desired: BTreeMap<u32, EndpointValue> = BTreeMap::new();
         let mut endpoint_pods: BTreeMap<u32, crate::model::PodRef> = BTreeMap::new();
-        // A pod's veth: its peer lives in another network namespace and it
-        // carries none of the node's own addresses (that would be an uplink).
-        // It is attached from the moment it appears, before the CNI gives
-        // the pod an address: until the agent knows the pod, its traffic is
-        // denied (no endpoint entry), so there is no window without policy.
-        let pod_like: BTreeSet<u32> = view
-            .veths
-            .values()
-            .filter(|v| v.peer_netnsid.is_some() && !view.node_veths.contains(&v.ifindex))
-            .filter(|v| {
-                self.cfg.veth_prefixes.is_empty()
-                    || self.cfg.veth_prefixes.iter().any(|p| v.name.starts_with(p))
-            })
-            .map(|v| v.ifindex)
-            .collect();
+        let pod_like = self.pod_like(&view);
         for (ifindex, ips) in &view.addresses {
             let pod = ips.iter().find_map(|ip| compiled.local_ips.get(ip));
             if let Some(pod) = pod
@@ -434,20 +481,7 @@ impl Agent {
             }
         }
         // Attach to every pod-like veth (endpoint written first).
-        // Programs are attached once per agent run even where pins exist,
-        // so a restarted (or upgraded) agent swaps its programs into the
-        // links it adopts.
-        for ifindex in &pod_like {
-            if !self.attached_this_run.contains(ifindex) {
-                let name = &view.veths[ifindex].name;
-                match self.dp.attach(*ifindex, name) {
-                    Ok(()) => {
-                        self.attached_this_run.insert(*ifindex);
-                    }
-                    Err(e) => errors.push(e.to_string()),
-                }
-            }
-        }
+        errors.extend(self.attach_pod_veths(&view, &pod_like));
         // Endpoints no longer wanted; veths gone or no longer a pod's.
         let stale: Vec<u32> = self
             .endpoints

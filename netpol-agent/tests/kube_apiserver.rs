@@ -1251,9 +1251,6 @@ fn refused_lists_back_off() {
 /// without rights) is in a default-deny namespace: it must be denied, as the agent does for
 /// any veth whose pod it does not know ("pending = deny"), not left without programs.
 #[test]
-#[ignore = "agent bug: while the source is not ready the run loop skips sync entirely, so the \
-            veth of a pod created meanwhile gets no programs and the pod is reachable from \
-            everywhere despite a default-deny policy (pending = deny does not hold), issue 13/14"]
 fn new_pod_is_denied_while_the_source_cannot_list() {
     const TEST: &str = "new_pod_is_denied_while_the_source_cannot_list";
     let Some(mut lab) = lab_up(TEST, 'n') else {
