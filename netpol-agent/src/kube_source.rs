@@ -203,6 +203,37 @@ impl Backoff for RetryBackoff {
     }
 }
 
+/// A backoff that only progress resets. kube-runtime's `StreamBackoff` resets
+/// its backoff on every successful item, and the watcher yields `Init` right
+/// before each list attempt, so a list that keeps failing (403, refused, a
+/// relist after 410) was retried at the first step forever: about once a
+/// second per kind and node. Here `StreamBackoff`'s resets do nothing; the
+/// watch loop resets the shared backoff itself when a list completes or an
+/// object arrives.
+#[derive(Clone)]
+struct ProgressBackoff(Arc<Mutex<Box<dyn Backoff>>>);
+
+impl ProgressBackoff {
+    /// Real progress was made: the next failure starts from the first delay.
+    fn progressed(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).reset();
+    }
+}
+
+impl Iterator for ProgressBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).next()
+    }
+}
+
+impl Backoff for ProgressBackoff {
+    /// `StreamBackoff` calls this on every successful item, `Init` included:
+    /// ignored (see [`ProgressBackoff::progressed`]).
+    fn reset(&mut self) {}
+}
+
 /// Cluster state watched from the Kubernetes API (see the module docs).
 ///
 /// The watchers start on [`KubeSource::start`] or on the first
@@ -586,13 +617,19 @@ async fn watch<K: Watched>(client: Client, options: Options, store: Arc<Mutex<St
             next: retry.first,
         }),
     };
-    let mut events = std::pin::pin!(watcher(Api::<K>::all(client), config).backoff(backoff));
+    let backoff = ProgressBackoff(Arc::new(Mutex::new(backoff)));
+    let mut events =
+        std::pin::pin!(watcher(Api::<K>::all(client), config).backoff(backoff.clone()));
     let mut relist: Option<Relist<K>> = None;
     let mut failing = false;
     while let Some(event) = events.next().await {
         match event {
             Ok(event) => {
-                if std::mem::take(&mut failing) {
+                // `Init` comes before every list attempt: only what the API
+                // server actually delivered counts as recovery.
+                if !matches!(event, Event::Init | Event::InitApply(_))
+                    && std::mem::take(&mut failing)
+                {
                     tracing::info!(%kind, "watch recovered");
                 }
                 match event {
@@ -602,6 +639,7 @@ async fn watch<K: Watched>(client: Client, options: Options, store: Arc<Mutex<St
                     }
                     Event::InitApply(obj) => relist.get_or_insert_with(Relist::default).add(&obj),
                     Event::InitDone => {
+                        backoff.progressed();
                         let listed = relist.take().unwrap_or_default();
                         let count = listed.objects.len();
                         let (changed, old) = lock(&store).replace(listed);
@@ -609,6 +647,7 @@ async fn watch<K: Watched>(client: Client, options: Options, store: Arc<Mutex<St
                         tracing::info!(%kind, objects = count, changed, "list complete");
                     }
                     Event::Apply(obj) => {
+                        backoff.progressed();
                         let id = object_ref(&obj);
                         let entry = obj.light();
                         drop(obj);
@@ -617,6 +656,7 @@ async fn watch<K: Watched>(client: Client, options: Options, store: Arc<Mutex<St
                         }
                     }
                     Event::Delete(obj) => {
+                        backoff.progressed();
                         let id = object_ref(&obj);
                         if lock(&store).delete::<K>(&id) {
                             tracing::debug!(%kind, object = %id, "deleted");

@@ -1214,9 +1214,6 @@ fn failed_watches(log: &str) -> BTreeMap<&'static str, usize> {
 /// attempt, so the delay never leaves its first step and each agent sends each kind's LIST
 /// about once a second for as long as its token lacks the rights.
 #[test]
-#[ignore = "agent bug: the watcher's backoff resets on every Event::Init, so a LIST refused \
-            with 403 (or any failing initial list) is retried about every second forever \
-            instead of backing off to 30 s, issue 13/14"]
 fn refused_lists_back_off() {
     const TEST: &str = "refused_lists_back_off";
     /// How long the refusals are counted.
