@@ -462,10 +462,15 @@ impl Agent {
         let diff = diff_maps(&self.applied, &new_maps);
         let (adds, deletes): (Vec<&MapUpdate>, Vec<&MapUpdate>) =
             diff.updates.iter().partition(|u| !u.is_delete());
+        // A write counts only when it succeeded: `applied` mirrors the kernel,
+        // so a failed write stays in the next sync's diff and is retried.
         for u in adds {
-            if let Err(e) = self.apply(u) {
-                self.map_error(&e);
-                errors.push(e.to_string());
+            match self.apply(u) {
+                Ok(()) => self.applied.apply(std::slice::from_ref(u)),
+                Err(e) => {
+                    self.map_error(&e);
+                    errors.push(e.to_string());
+                }
             }
         }
         let mut revokes = diff.revokes;
@@ -504,9 +509,12 @@ impl Agent {
             }
         }
         for u in deletes {
-            if let Err(e) = self.apply(u) {
-                self.map_error(&e);
-                errors.push(e.to_string());
+            match self.apply(u) {
+                Ok(()) => self.applied.apply(std::slice::from_ref(u)),
+                Err(e) => {
+                    self.map_error(&e);
+                    errors.push(e.to_string());
+                }
             }
         }
         if revokes {
@@ -515,7 +523,6 @@ impl Agent {
             c.generation = self.generation;
             self.dp.set_config(c)?;
         }
-        self.applied = new_maps;
         for e in &errors {
             if !self.errors.contains(e) {
                 tracing::warn!("{e}");
