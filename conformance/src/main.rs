@@ -1,18 +1,27 @@
 //! `cargo xtask conformance`: the upstream Kubernetes NetworkPolicy e2e model
-//! (`test/e2e/network/netpol` in kubernetes/kubernetes) run in the lab with the real agents.
+//! (`test/e2e/network/netpol` in kubernetes/kubernetes) run in the lab with real enforcers.
 //!
 //! The cluster is `conformance/cluster.yaml` (namespaces x, y, z with pods a, b, c on a routed
 //! and a bridged node); the cases are data, `conformance/cases/*.yaml` (format and list in
-//! `conformance/README.md`). For every case the runner puts the cluster back the way the
-//! cluster file says, then for every step: changes labels and policies (waiting after each
-//! change until every agent has synced it), checks long-lived connections, probes the cells of
-//! the expected tables (1 s timeout, probed once more after a mismatch), runs SCTP cells
-//! through the TC programs with `BPF_PROG_TEST_RUN` (no SCTP sockets here), and compares.
+//! `conformance/README.md`). The run is a table: a row per case, a column per enforcer
+//! (`--enforcer`: netpol with the manifests directory, netpol with the API server, the
+//! reference peer kube-network-policies, nothing) and per address the probes dial (`--via`:
+//! pod IPs, or the ClusterIPs of the pods' Services as upstream's e2e does). One lab serves
+//! every column; it has a real control plane (API server, controller-manager, kube-proxy,
+//! CoreDNS) when a column needs one.
+//!
+//! For every case the runner puts the cluster back the way the cluster file says, then for
+//! every step: changes pods, labels and policies (waiting after each change until the enforcer
+//! has it), checks long-lived connections, probes the cells of the expected tables (1 s
+//! timeout, probed once more after a mismatch), runs SCTP cells through netpol's TC programs
+//! with `BPF_PROG_TEST_RUN` (no SCTP sockets here), and compares. Known failures are listed in
+//! `conformance/expected-failures.yaml`; a listed case that passes fails the run, as does any
+//! other failure.
 //!
 //! Every expectation is also checked against the compiler's reference evaluator
-//! (`compiler::reference::allowed`) on the cluster the agents read (the manifests directory):
-//! the case files and the evaluator check each other, and a disagreement fails the case and is
-//! reported on its own.
+//! (`compiler::reference::allowed`) on the cluster in the manifests directory: the case files
+//! and the evaluator check each other, and a disagreement fails the case and is reported on its
+//! own.
 //!
 //! `--reference-only` does that last part alone, on a planned lab (no namespaces, no agents,
 //! no root).
@@ -20,10 +29,12 @@
 mod backend;
 mod case;
 mod check;
+mod enforcer;
+mod report;
 mod sctp;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
@@ -31,8 +42,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use backend::Backend;
+use backend::{Backend, Policies, Started};
 use case::{AddPod, Case, ConnState, Labels, Step};
+use enforcer::{Column, Enforcer, ViaArg, via_name};
 use netpol_agent::{
     compiler::NodeInfo,
     model::Cluster,
@@ -40,8 +52,11 @@ use netpol_agent::{
 };
 use netpol_lab::{
     ClusterSpec, Comparison, Family, Lab, PodSpec, PodState, PortSpec, ProbeResults, ProbeSpec,
-    Protocol, StreamHandle, TableKey, TruthTable, UpOptions, start_stream,
+    Protocol, StreamHandle, TableKey, TruthTable, UpOptions, Via,
+    controlplane::{ControlPlaneSpec, ProxyMode},
+    start_stream,
 };
+use report::{Cell, ColumnResult, ExpectedFailures, Report, Verdict};
 
 /// The workspace root (case and cluster paths are relative to it).
 fn workspace_root() -> PathBuf {
@@ -90,10 +105,26 @@ const STREAM_INTERVAL: Duration = Duration::from_millis(100);
 /// Per probe attempt.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// kube-proxy's mode in the lab (`--proxy-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyModeArg(ProxyMode);
+
+impl std::str::FromStr for ProxyModeArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.parse::<ProxyMode>()? {
+            ProxyMode::None => Err(
+                "--proxy-mode none leaves ClusterIPs leading nowhere; use --via pod instead".into(),
+            ),
+            mode => Ok(ProxyModeArg(mode)),
+        }
+    }
+}
+
 #[derive(clap::Parser)]
 #[command(
     name = "netpol-conformance",
-    about = "The upstream NetworkPolicy e2e model in the lab, with the real agents"
+    about = "The upstream NetworkPolicy e2e model in the lab, with real enforcers"
 )]
 pub struct ConformanceArgs {
     /// Only the cases whose name contains this.
@@ -105,19 +136,40 @@ pub struct ConformanceArgs {
     /// The directory of case files.
     #[arg(long, default_value = DEFAULT_CASES)]
     pub cases: PathBuf,
+    /// What enforces, one column (or two, see --via) each: netpol (agents reading the lab's
+    /// manifests directory), netpol-kube (agents reading the lab's API server),
+    /// kube-network-policies (the reference peer), none (nothing: a baseline). Repeatable or
+    /// comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "netpol-kube")]
+    pub enforcer: Vec<Enforcer>,
+    /// What the probes dial: pod (pod IPs), service (the ClusterIP of each pod's Service, as
+    /// upstream's e2e does) or both. Default: both when the lab has a control plane (an
+    /// enforcer reads the API server), else pod.
+    #[arg(long)]
+    pub via: Option<ViaArg>,
+    /// kube-proxy's mode in the lab: iptables or nftables.
+    #[arg(long, default_value = "iptables")]
+    pub proxy_mode: ProxyModeArg,
+    /// Cases expected to fail, per enforcer and via, with the reason.
+    #[arg(long, default_value = DEFAULT_EXPECTED_FAILURES)]
+    pub expected_failures: PathBuf,
+    /// Where the results go as JSON (default: target/conformance/results.json).
+    #[arg(long)]
+    pub results: Option<PathBuf>,
     /// Only check the case files against the reference evaluator (no lab, no root).
     #[arg(long)]
     pub reference_only: bool,
     /// List the cases and the upstream tests they mirror, and exit.
     #[arg(long)]
     pub list: bool,
-    /// Leave the lab and its agents running afterwards (`cargo xtask lab down <name>`).
+    /// Leave the lab and the last enforcer running afterwards (`cargo xtask lab down <name>`).
     #[arg(long)]
     pub keep: bool,
 }
 
 const DEFAULT_CLUSTER: &str = "conformance/cluster.yaml";
 const DEFAULT_CASES: &str = "conformance/cases";
+const DEFAULT_EXPECTED_FAILURES: &str = "conformance/expected-failures.yaml";
 
 impl Default for ConformanceArgs {
     /// Every case, as `cargo xtask conformance` without options runs them.
@@ -126,6 +178,11 @@ impl Default for ConformanceArgs {
             filter: None,
             cluster: DEFAULT_CLUSTER.into(),
             cases: DEFAULT_CASES.into(),
+            enforcer: vec![Enforcer::NetpolKube],
+            via: None,
+            proxy_mode: ProxyModeArg(ProxyMode::Iptables),
+            expected_failures: DEFAULT_EXPECTED_FAILURES.into(),
+            results: None,
             reference_only: false,
             list: false,
             keep: false,
@@ -142,6 +199,8 @@ pub fn run(args: ConformanceArgs) -> Result<()> {
     let mut spec = ClusterSpec::from_file(&resolve(&args.cluster))
         .with_context(|| format!("reading {}", args.cluster.display()))?;
     let mut cases = case::load_all(&resolve(&args.cases), &spec)?;
+    let names: BTreeSet<String> = cases.iter().map(|c| c.name.clone()).collect();
+    let expected = ExpectedFailures::load(&resolve(&args.expected_failures), &names)?;
     if let Some(filter) = &args.filter {
         cases.retain(|c| c.name.contains(filter.as_str()));
     }
@@ -158,128 +217,263 @@ pub fn run(args: ConformanceArgs) -> Result<()> {
         }
         return Ok(());
     }
+    if args.reference_only {
+        return run_reference_only(&spec, &cases, started);
+    }
 
-    let original = Applied::from_spec(&spec);
-    let backend = if args.reference_only {
-        Backend::plan(&spec)?
+    let mut enforcers: Vec<Enforcer> = Vec::new();
+    for e in &args.enforcer {
+        if !enforcers.contains(e) {
+            enforcers.push(*e);
+        }
+    }
+    if enforcers.is_empty() {
+        bail!("--enforcer: name at least one");
+    }
+    let wants_control_plane = enforcers.iter().any(|e| e.needs_control_plane());
+    let via = args.via.unwrap_or(if wants_control_plane {
+        ViaArg::Both
     } else {
-        if !is_root() {
+        ViaArg::Pod
+    });
+    let vias = via.vias();
+    let control_plane = wants_control_plane || vias.contains(&Via::Service);
+    if !is_root() {
+        bail!(
+            "the conformance run creates network namespaces and loads eBPF programs: run it \
+             as root (or use --reference-only)"
+        );
+    }
+    if control_plane {
+        let missing: Vec<String> = netpol_lab::tools::CONTROL_PLANE_TOOLS
+            .iter()
+            .filter_map(|t| netpol_lab::tools::tool(t).err())
+            .map(|e| e.to_string())
+            .collect();
+        if !missing.is_empty() {
             bail!(
-                "the conformance run creates network namespaces and loads eBPF programs: run it \
-                 as root (or use --reference-only)"
+                "{} and --via {} need the lab's control plane, whose tools are missing:\n{}\n\
+                 (`--enforcer netpol --via pod` runs without them)",
+                enforcers
+                    .iter()
+                    .map(|e| e.name())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                vias.iter()
+                    .map(|v| via_name(*v))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                missing.join("\n")
             );
         }
-        let (agent_bin, lab_bin) = bins()?;
-        let bins = [agent_bin, lab_bin];
-        spec.name = format!("conf{}", std::process::id() % 100_000);
-        let lab = Lab::up(
-            &spec,
-            &UpOptions {
-                server_exe: Some(bins[1].clone()),
-                ..UpOptions::default()
-            },
-        )
-        .map_err(|e| anyhow!("lab up: {e}"))?;
-        let mut agents =
-            netpol_lab::start_agents(&lab, &bins[0], &[]).context("starting the agents")?;
-        agents
-            .wait_synced(&[], Duration::from_secs(30))
-            .map_err(|e| anyhow!("{e}"))?;
-        Backend::Lab { agents, lab }
+    }
+    let (agent_bin, lab_bin) = bins()?;
+    spec.name = format!("conf{}", std::process::id() % 100_000);
+    let lab_started = Instant::now();
+    let lab = Lab::up(
+        &spec,
+        &UpOptions {
+            server_exe: Some(lab_bin),
+            control_plane: control_plane.then(|| ControlPlaneSpec {
+                proxy_mode: args.proxy_mode.0,
+                ..ControlPlaneSpec::default()
+            }),
+            ..UpOptions::default()
+        },
+    )
+    .map_err(|e| anyhow!("lab up: {e}"))?;
+    let backend = Backend::Lab {
+        running: backend::Running::Nothing,
+        lab,
     };
     println!(
-        "== conformance: {} cases, lab {} ({} nodes, {} pods){}",
+        "== conformance: {} cases, lab {} ({} nodes, {} pods{}; up in {:.0} s); columns: {}",
         cases.len(),
         backend.state().name,
         backend.state().nodes.len(),
         backend.state().pods.len(),
-        if backend.is_live() {
-            ""
+        if control_plane {
+            format!(", control plane, kube-proxy {}", args.proxy_mode.0)
         } else {
-            ", reference evaluator only"
-        }
+            String::new()
+        },
+        lab_started.elapsed().as_secs_f64(),
+        enforcers
+            .iter()
+            .flat_map(|e| vias.iter().map(move |v| format!("{e}/{}", via_name(*v))))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
 
-    let model_ports = spec
-        .pods
-        .iter()
-        .find(|p| p.namespace == "x" && p.name == "a")
-        .or(spec.pods.first())
-        .map(|p| p.ports.clone())
-        .unwrap_or_default();
+    let original = Applied::from_spec(&spec);
     let mut runner = Runner {
         nodes: backend.nodes(),
         backend,
         applied: original.clone(),
         original,
-        model_ports,
+        model_ports: model_ports(&spec),
         released: BTreeMap::new(),
+        column: None,
     };
-    let mut outcomes = Vec::new();
-    let width = cases.len().to_string().len();
-    for (i, case) in cases.iter().enumerate() {
-        let outcome = runner.run_case(case);
+    let deploy_dir = workspace_root().join("deploy");
+    let mut columns = Vec::new();
+    let mut disagreements = BTreeSet::new();
+    for (i, &enforcer) in enforcers.iter().enumerate() {
+        let start = Instant::now();
+        let started = runner.backend.start(enforcer, &agent_bin, &deploy_dir);
         println!(
-            "[{:>width$}/{}] {} {} ({:.1} s)",
-            i + 1,
-            cases.len(),
-            if outcome.passed() { "PASS" } else { "FAIL" },
-            case.name,
-            outcome.elapsed.as_secs_f64()
+            "\n== {enforcer}: {} ({:.0} s)",
+            match &started {
+                Ok(Started::Running) => "started".to_owned(),
+                Ok(Started::Unsupported(reason)) => reason.clone(),
+                Err(e) => format!("could not start: {e:#}"),
+            },
+            start.elapsed().as_secs_f64()
         );
-        if !outcome.passed() {
-            println!(
-                "        {}{}",
-                case.file
-                    .strip_prefix(workspace_root())
-                    .unwrap_or(&case.file)
-                    .display(),
-                case.upstream
-                    .as_deref()
-                    .map(|u| format!(", upstream: {u}"))
-                    .unwrap_or_default()
-            );
-            print!("{}", check::indent(&outcome.report(), 8));
+        let mut broken: Option<String> = None;
+        for &via in &vias {
+            let column = Column { enforcer, via };
+            let result = match (&started, &broken) {
+                (Ok(Started::Running), None) => {
+                    let result = runner.run_column(column, &cases, &expected, &mut disagreements);
+                    broken = result.error.clone();
+                    result
+                }
+                (Ok(Started::Running), Some(e)) => ColumnResult {
+                    column,
+                    unsupported: None,
+                    error: Some(format!("not run: {e}")),
+                    cells: vec![Cell::new(Verdict::NotRun, None); cases.len()],
+                    seconds: 0.0,
+                },
+                (Ok(Started::Unsupported(reason)), _) => ColumnResult {
+                    column,
+                    unsupported: Some(reason.clone()),
+                    error: None,
+                    cells: vec![Cell::new(Verdict::Unsupported, Some(reason.clone())); cases.len()],
+                    seconds: 0.0,
+                },
+                (Err(e), _) => {
+                    let why = format!("{enforcer} could not start: {e:#}");
+                    ColumnResult {
+                        column,
+                        unsupported: None,
+                        error: Some(why.clone()),
+                        cells: vec![Cell::new(Verdict::Fail, Some(why)); cases.len()],
+                        seconds: 0.0,
+                    }
+                }
+            };
+            columns.push(result);
         }
-        outcomes.push((case, outcome));
-        if let Err(e) = runner.backend.check_agents() {
-            println!("== stopping: {e:#}");
-            break;
+        let last = i + 1 == enforcers.len();
+        if !(last && args.keep) {
+            runner.backend.stop();
         }
     }
 
-    let disagreements: Vec<_> = outcomes
-        .iter()
-        .flat_map(|(case, o)| o.reference.iter().map(move |f| (case, f)))
-        .collect();
+    let report = Report {
+        cases: cases
+            .iter()
+            .map(|c| (c.name.as_str(), c.upstream.as_deref()))
+            .collect(),
+        columns,
+        disagreements: disagreements.into_iter().collect(),
+        lab: runner.backend.state().name.clone(),
+        proxy_mode: control_plane.then(|| args.proxy_mode.0.to_string()),
+        seconds: started.elapsed().as_secs_f64(),
+    };
     println!(
         "\n== reference evaluator vs the case files: {} disagreement(s)",
-        disagreements.len()
+        report.disagreements.len()
     );
-    for (case, f) in &disagreements {
-        println!("   {}: {}", case.name, f.summary);
+    for (case, summary) in &report.disagreements {
+        println!("   {case}: {summary}");
     }
-    // Cases that did not run (the run stopped early) count as failed.
-    let failed = cases.len() - outcomes.iter().filter(|(_, o)| o.passed()).count();
-    println!("== {:.0} s in all", started.elapsed().as_secs_f64());
-    println!("{} passed, {failed} failed", cases.len() - failed);
+    println!("\n== results\n{}", report.table());
+    print!("{}", report.notes());
+    let results = args.results.clone().unwrap_or_else(default_results);
+    let results = resolve(&results);
+    if let Some(dir) = results.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&results, serde_json::to_string_pretty(&report.json())?)
+        .with_context(|| format!("writing {}", results.display()))?;
+    println!("results: {}", results.display());
+    println!("== {:.0} s in all", report.seconds);
+    let bad = report.bad();
+    let disagreed = report.disagreements.len();
 
     if args.keep
-        && let Backend::Lab { agents, lab } = runner.backend
+        && let Some(state) = runner.backend.keep()
     {
-        let state = lab.keep();
-        // Dropping `Agents` would stop the agents and remove their pins; `netpol-lab down`
-        // stops them with the lab instead.
-        std::mem::forget(agents);
         println!(
             "lab {} left running; remove it with `cargo xtask lab down {}`",
             state.name, state.name
         );
     }
-    if failed > 0 {
-        bail!("{failed} conformance case(s) failed");
+    if bad > 0 || disagreed > 0 {
+        bail!(
+            "{bad} cell(s) failed (FAIL, XPASS or not run), {disagreed} disagreement(s) with the \
+             reference evaluator"
+        );
     }
     Ok(())
+}
+
+/// `--reference-only`: every case against the reference evaluator on a planned lab.
+fn run_reference_only(spec: &ClusterSpec, cases: &[Case], started: Instant) -> Result<()> {
+    let backend = Backend::plan(spec)?;
+    println!(
+        "== conformance: {} cases, lab {} ({} nodes, {} pods), reference evaluator only",
+        cases.len(),
+        backend.state().name,
+        backend.state().nodes.len(),
+        backend.state().pods.len(),
+    );
+    let original = Applied::from_spec(spec);
+    let mut runner = Runner {
+        nodes: backend.nodes(),
+        backend,
+        applied: original.clone(),
+        original,
+        model_ports: model_ports(spec),
+        released: BTreeMap::new(),
+        column: None,
+    };
+    let mut failed = 0;
+    for case in cases {
+        let outcome = runner.run_case(case);
+        if !outcome.passed() {
+            failed += 1;
+            println!("FAIL {}", case.name);
+            print!("{}", check::indent(&outcome.report(), 8));
+        }
+    }
+    println!("== {:.1} s in all", started.elapsed().as_secs_f64());
+    println!("{} passed, {failed} failed", cases.len() - failed);
+    if failed > 0 {
+        bail!("{failed} case file(s) disagree with the reference evaluator");
+    }
+    Ok(())
+}
+
+fn default_results() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("conformance")
+        .join("results.json")
+}
+
+/// Container ports of pods a case adds without a list of their own: the model's (x/a's).
+fn model_ports(spec: &ClusterSpec) -> Vec<PortSpec> {
+    spec.pods
+        .iter()
+        .find(|p| p.namespace == "x" && p.name == "a")
+        .or(spec.pods.first())
+        .map(|p| p.ports.clone())
+        .unwrap_or_default()
 }
 
 fn resolve(p: &Path) -> PathBuf {
@@ -298,8 +492,7 @@ struct Applied {
     pod_labels: BTreeMap<String, Labels>,
     /// Pods a case added, by `namespace/name`.
     added: BTreeMap<String, AddPod>,
-    /// The policies file's text; `None` when there is none.
-    policies: Option<String>,
+    policies: Policies,
 }
 
 impl Applied {
@@ -316,7 +509,7 @@ impl Applied {
                 .map(|p| (format!("{}/{}", p.namespace, p.name), p.labels.clone()))
                 .collect(),
             added: BTreeMap::new(),
-            policies: None,
+            policies: Policies::new(),
         }
     }
 }
@@ -331,6 +524,16 @@ struct Runner {
     model_ports: Vec<PortSpec>,
     /// Addresses of the pods the current case removed, for `addresses-of`.
     released: BTreeMap<String, (Ipv4Addr, Ipv6Addr)>,
+    /// The column being run (`None`: reference evaluator only).
+    column: Option<Column>,
+}
+
+/// What kind of check failed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    /// Only what should have been denied got through (all that a missing enforcer does).
+    NotDenied,
+    Other,
 }
 
 /// Something that did not go as expected, with the details to print.
@@ -339,6 +542,7 @@ struct Failure {
     summary: String,
     /// Tables and the like.
     details: String,
+    kind: Kind,
 }
 
 #[derive(Default)]
@@ -348,12 +552,32 @@ struct Outcome {
     failures: Vec<Failure>,
     /// The reference evaluator differed from the case file.
     reference: Vec<Failure>,
+    /// Checks of this column not made, and why (the cell is `pass*` at best).
+    skipped: Vec<String>,
+    /// Checks that do not apply to this column, and why.
+    notes: Vec<String>,
+    /// Tables (per port, protocol and family) and connections checked.
+    checked: usize,
+    /// Whether a checked table or connection expects something to be denied.
+    expects_denial: bool,
     elapsed: Duration,
 }
 
 impl Outcome {
     fn passed(&self) -> bool {
         self.failures.is_empty() && self.reference.is_empty()
+    }
+
+    fn skip(&mut self, why: String) {
+        if !self.skipped.contains(&why) {
+            self.skipped.push(why);
+        }
+    }
+
+    fn note(&mut self, why: String) {
+        if !self.notes.contains(&why) {
+            self.notes.push(why);
+        }
     }
 
     fn report(&self) -> String {
@@ -370,7 +594,147 @@ impl Outcome {
     }
 }
 
+/// A case's cell in a column: its outcome against the expected failures.
+fn classify(column: Column, case: &Case, outcome: &Outcome, expected: &ExpectedFailures) -> Cell {
+    let failed = !outcome.passed();
+    let mut cell = Cell::new(Verdict::Pass, None);
+    cell.failures = outcome
+        .failures
+        .iter()
+        .map(|f| f.summary.clone())
+        .chain(
+            outcome
+                .reference
+                .iter()
+                .map(|f| format!("reference evaluator: {}", f.summary)),
+        )
+        .collect();
+    cell.skipped = outcome.skipped.clone();
+    cell.notes = outcome.notes.clone();
+    cell.seconds = outcome.elapsed.as_secs_f64();
+    // A disagreement with the reference evaluator is a case-file bug: never expected.
+    let datapath_only = outcome.reference.is_empty();
+    let (verdict, reason) = if !failed && outcome.checked == 0 {
+        let why: Vec<&str> = outcome
+            .skipped
+            .iter()
+            .chain(&outcome.notes)
+            .map(String::as_str)
+            .collect();
+        (Verdict::Unsupported, Some(why.join("; ")))
+    } else if let Some(reason) = expected.reason(column, &case.name) {
+        match (failed, datapath_only) {
+            (true, true) => (Verdict::Xfail, Some(reason.to_owned())),
+            (true, false) => (Verdict::Fail, None),
+            (false, _) => (Verdict::Xpass, Some(reason.to_owned())),
+        }
+    } else if column.enforcer == Enforcer::None && outcome.expects_denial {
+        let only_not_denied = outcome.failures.iter().all(|f| f.kind == Kind::NotDenied);
+        match (failed, datapath_only && only_not_denied) {
+            (true, true) => (
+                Verdict::Xfail,
+                Some("nothing enforces, and the case expects denials".to_owned()),
+            ),
+            (true, false) => (Verdict::Fail, None),
+            (false, _) => (
+                Verdict::Xpass,
+                Some(
+                    "nothing enforces, yet every denial the case expects held: the case cannot \
+                     tell a missing enforcer"
+                        .to_owned(),
+                ),
+            ),
+        }
+    } else if failed {
+        (Verdict::Fail, None)
+    } else {
+        (Verdict::Pass, None)
+    };
+    cell.verdict = verdict;
+    cell.reason = reason;
+    cell
+}
+
 impl Runner {
+    /// Every case in one column; the enforcer is running.
+    fn run_column(
+        &mut self,
+        column: Column,
+        cases: &[Case],
+        expected: &ExpectedFailures,
+        disagreements: &mut BTreeSet<(String, String)>,
+    ) -> ColumnResult {
+        self.column = Some(column);
+        let start = Instant::now();
+        println!("== {column}");
+        let mut cells = Vec::new();
+        let mut error = None;
+        let width = cases.len().to_string().len();
+        for (i, case) in cases.iter().enumerate() {
+            if error.is_some() {
+                cells.push(Cell::new(Verdict::NotRun, None));
+                continue;
+            }
+            let outcome = self.run_case(case);
+            for f in &outcome.reference {
+                disagreements.insert((case.name.clone(), f.summary.clone()));
+            }
+            let cell = classify(column, case, &outcome, expected);
+            println!(
+                "[{:>width$}/{}] {column} {} {} ({:.1} s){}",
+                i + 1,
+                cases.len(),
+                cell.label(),
+                case.name,
+                outcome.elapsed.as_secs_f64(),
+                // The first sentence; the whole reason is in the notes and results.json.
+                cell.reason
+                    .as_deref()
+                    .map(|r| format!(": {}", r.split(". ").next().unwrap_or(r)))
+                    .unwrap_or_default()
+            );
+            match cell.verdict {
+                Verdict::Fail | Verdict::Xpass => {
+                    println!(
+                        "        {}{}",
+                        case.file
+                            .strip_prefix(workspace_root())
+                            .unwrap_or(&case.file)
+                            .display(),
+                        case.upstream
+                            .as_deref()
+                            .map(|u| format!(", upstream: {u}"))
+                            .unwrap_or_default()
+                    );
+                    print!("{}", check::indent(&outcome.report(), 8));
+                }
+                Verdict::Xfail => {
+                    for f in &cell.failures {
+                        println!("        {f}");
+                    }
+                }
+                _ => {}
+            }
+            for s in &cell.skipped {
+                if cell.verdict != Verdict::Unsupported {
+                    println!("        not checked here: {s}");
+                }
+            }
+            cells.push(cell);
+            if let Err(e) = self.backend.check_running() {
+                println!("== stopping {column}: {e:#}");
+                error = Some(format!("{e:#}"));
+            }
+        }
+        ColumnResult {
+            column,
+            unsupported: None,
+            error,
+            cells,
+            seconds: start.elapsed().as_secs_f64(),
+        }
+    }
+
     fn run_case(&mut self, case: &Case) -> Outcome {
         let started = Instant::now();
         let mut outcome = Outcome::default();
@@ -378,6 +742,7 @@ impl Runner {
             outcome.failures.push(Failure {
                 summary: format!("the case could not run: {e:#}"),
                 details: String::new(),
+                kind: Kind::Other,
             });
         }
         outcome.elapsed = started.elapsed();
@@ -386,7 +751,7 @@ impl Runner {
 
     fn try_run_case(&mut self, case: &Case, outcome: &mut Outcome) -> Result<()> {
         let mut desired = self.original.clone();
-        let mut policies: BTreeMap<(String, String), serde_yaml::Value> = BTreeMap::new();
+        let mut policies = Policies::new();
         let mut connections = Connections::default();
         self.released.clear();
         for (i, step) in case.steps.iter().enumerate() {
@@ -414,7 +779,7 @@ impl Runner {
                 .namespace_labels
                 .extend(step.namespace_labels.clone());
             desired.pod_labels.extend(step.pod_labels.clone());
-            desired.policies = render_policies(&policies)?;
+            desired.policies = policies.clone();
             self.converge(&desired)
                 .with_context(|| format!("step {n}: changing the cluster"))?;
 
@@ -430,6 +795,7 @@ impl Runner {
         for o in &step.open {
             let handle = if self.backend.is_live() {
                 let (from, to) = (self.pod(&o.from)?, self.pod(&o.to)?);
+                // Always to the pod's address: the stream's port is not one of its Service's.
                 let to_ip = to.ip(o.family.into());
                 let stream = start_stream(
                     self.backend.state(),
@@ -490,9 +856,12 @@ impl Runner {
                         if allowed { "allowed" } else { "denied" }
                     ),
                     details: String::new(),
+                    kind: Kind::Other,
                 });
             }
             let Some(handle) = handle else { continue };
+            outcome.checked += 1;
+            outcome.expects_denial |= *want == ConnState::Cut;
             let deadline = start
                 + match want {
                     ConnState::Alive => ALIVE_WINDOW,
@@ -516,6 +885,7 @@ impl Runner {
                 outcome.failures.push(Failure {
                     summary: format!("{what}: expected {want}, observed: {seen}"),
                     details: String::new(),
+                    kind: if echoes { Kind::NotDenied } else { Kind::Other },
                 });
             }
         }
@@ -523,7 +893,7 @@ impl Runner {
     }
 
     /// Makes the lab hold `desired`: pods removed, then added, then labels one object at a
-    /// time, then the policies file.
+    /// time, then the policies.
     fn converge(&mut self, desired: &Applied) -> Result<()> {
         let gone: Vec<String> = self
             .applied
@@ -579,13 +949,18 @@ impl Runner {
             }
         }
         if self.applied.policies != desired.policies {
-            self.backend.write_policies(desired.policies.as_deref())?;
+            let result = self
+                .backend
+                .apply_policies(&self.applied.policies, &desired.policies);
+            // Whatever happened, the next change starts from what was asked for: deletions
+            // of policies that never made it are ignored (`--ignore-not-found`).
             self.applied.policies = desired.policies.clone();
+            result?;
         }
         Ok(())
     }
 
-    /// The cluster the agents read now, from the manifests directory.
+    /// The cluster the reference evaluator judges, from the manifests directory.
     fn cluster(&self) -> Result<Cluster> {
         let mut source = DirSource::new(self.backend.manifests_dir());
         source.poll().context("reading the manifests directory")?;
@@ -605,6 +980,49 @@ impl Runner {
             .pod_by_key(key)
             .cloned()
             .ok_or_else(|| anyhow!("no pod {key} in the lab"))
+    }
+
+    /// Servers whose Service does not lead to them alone, and why. A pod's Service selects
+    /// `pod: <name>`, or the pod's labels at its creation when it has no such label (see
+    /// `netpol_lab::controlplane::service_object`); a case that gives another pod the same
+    /// labels makes the ClusterIP lead to either.
+    fn ambiguous_services(&self, servers: &[String]) -> Vec<String> {
+        let lab = self.backend.state();
+        servers
+            .iter()
+            .filter_map(|key| {
+                let pod = lab.pod_by_key(key)?;
+                let mut as_created = pod.clone();
+                as_created.labels = self
+                    .applied
+                    .added
+                    .get(key)
+                    .map(|a| a.labels.clone())
+                    .or_else(|| self.original.pod_labels.get(key).cloned())?;
+                let service = netpol_lab::controlplane::service_object(&as_created)?;
+                let selector: Labels =
+                    serde_json::from_value(service["spec"]["selector"].clone()).ok()?;
+                let selected: Vec<String> = lab
+                    .pods
+                    .iter()
+                    .filter(|p| {
+                        p.namespace == pod.namespace
+                            && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+                    })
+                    .map(PodState::key)
+                    .collect();
+                (selected != [key.clone()]).then(|| {
+                    format!(
+                        "the Service of {key} selects {}",
+                        if selected.is_empty() {
+                            "no pod".to_owned()
+                        } else {
+                            selected.join(" and ")
+                        }
+                    )
+                })
+            })
+            .collect()
     }
 
     /// Checks every expectation of a step: against the reference evaluator, and (with a lab)
@@ -629,46 +1047,28 @@ impl Runner {
                             cmp.mismatches.len()
                         ),
                         details: cmp.render(),
+                        kind: Kind::Other,
                     });
                 }
             }
         }
-        if !self.backend.is_live() {
+        let Some(column) = self.column.filter(|_| self.backend.is_live()) else {
             return Ok(());
-        }
+        };
 
-        let probed = probe_spec(step);
-        if let Some(spec) = &probed {
-            let mut results = netpol_lab::probe(lab, spec).context("probing")?;
-            let mut retried = false;
-            if !mismatches(step, &results).is_empty() {
-                results = netpol_lab::probe(lab, spec).context("probing again")?;
-                retried = true;
-            }
-            for (key, expected, cmp) in mismatches(step, &results) {
-                let probes: String = cmp
-                    .mismatches
-                    .iter()
-                    .filter_map(|m| {
-                        results.results.iter().find(|r| {
-                            r.from == m.from
-                                && r.to == m.to
-                                && r.port == key.port
-                                && r.protocol == key.protocol
-                                && r.family == key.family
-                        })
-                    })
-                    .map(|r| format!("  {} -> {} ({}): {}\n", r.from, r.to, r.to_ip, r.detail))
-                    .collect();
-                outcome.failures.push(Failure {
-                    summary: format!(
-                        "step {n}, {key}: {} of {} judged cell(s) differ from the case file{}",
-                        cmp.mismatches.len(),
-                        check::judged_cells(expected),
-                        if retried { " (probed twice)" } else { "" }
-                    ),
-                    details: format!("{}what the probes saw:\n{probes}", cmp.render()),
-                });
+        if let Some(spec) = probe_spec(step, column.via) {
+            let ambiguous = if column.via == Via::Service {
+                self.ambiguous_services(spec.to.as_deref().unwrap_or_default())
+            } else {
+                Vec::new()
+            };
+            if ambiguous.is_empty() {
+                self.probe_step(n, step, &spec, outcome)?;
+            } else {
+                outcome.skip(format!(
+                    "step {n} through ClusterIPs: {}",
+                    ambiguous.join("; ")
+                ));
             }
         }
 
@@ -682,30 +1082,128 @@ impl Runner {
                     .map(move |k| (e, k))
             })
             .collect();
-        if !sctp.is_empty() {
-            let mut datapaths = sctp::Datapaths::load(cluster, &self.nodes)?;
-            for (e, key) in sctp {
-                let observed = check::try_shaped(&e.table, |from, to| {
-                    let (from, to) = (self.pod(from)?, self.pod(to)?);
-                    datapaths
-                        .allowed(&from, &to, key.port, key.family)
-                        .map(Some)
-                })
-                .with_context(|| format!("step {n}, {key}: test runs"))?;
-                let cmp = check::compare(&e.table, &observed);
-                if !cmp.is_match() {
-                    outcome.failures.push(Failure {
-                        summary: format!(
-                            "step {n}, {key} (BPF_PROG_TEST_RUN): {} cell(s) differ from the \
-                             case file",
-                            cmp.mismatches.len()
-                        ),
-                        details: cmp.render(),
-                    });
-                }
+        if sctp.is_empty() {
+            return Ok(());
+        }
+        if !column.enforcer.is_netpol() {
+            outcome.skip(format!(
+                "SCTP tables: no SCTP sockets on this kernel, and the test runs that decide \
+                 them run netpol's programs, which say nothing of {}",
+                column.enforcer
+            ));
+            return Ok(());
+        }
+        if column.via != Via::Pod {
+            outcome.note(
+                "SCTP tables: no SCTP sockets on this kernel; their test runs of netpol's \
+                 programs are made in the pod column"
+                    .to_owned(),
+            );
+            return Ok(());
+        }
+        let mut datapaths = sctp::Datapaths::load(cluster, &self.nodes)?;
+        for (e, key) in sctp {
+            let observed = check::try_shaped(&e.table, |from, to| {
+                let (from, to) = (self.pod(from)?, self.pod(to)?);
+                datapaths
+                    .allowed(&from, &to, key.port, key.family)
+                    .map(Some)
+            })
+            .with_context(|| format!("step {n}, {key}: test runs"))?;
+            outcome.checked += 1;
+            outcome.expects_denial |= has_denial(&e.table);
+            let cmp = check::compare(&e.table, &observed);
+            if !cmp.is_match() {
+                outcome.failures.push(Failure {
+                    summary: format!(
+                        "step {n}, {key} (BPF_PROG_TEST_RUN): {} cell(s) differ from the \
+                         case file",
+                        cmp.mismatches.len()
+                    ),
+                    kind: kind_of(&cmp),
+                    details: cmp.render(),
+                });
             }
         }
         Ok(())
+    }
+
+    /// Probes every TCP and UDP cell of a step at once (again once after a mismatch) and
+    /// compares.
+    fn probe_step(
+        &self,
+        n: usize,
+        step: &Step,
+        spec: &ProbeSpec,
+        outcome: &mut Outcome,
+    ) -> Result<()> {
+        let lab = self.backend.state();
+        let mut results = netpol_lab::probe(lab, spec).context("probing")?;
+        let mut retried = false;
+        if !mismatches(step, &results).is_empty() {
+            results = netpol_lab::probe(lab, spec).context("probing again")?;
+            retried = true;
+        }
+        for e in &step.expect {
+            let tables = e
+                .keys
+                .iter()
+                .filter(|k| k.protocol != Protocol::Sctp)
+                .count();
+            outcome.checked += tables;
+            outcome.expects_denial |= tables > 0 && has_denial(&e.table);
+        }
+        for (key, expected, cmp) in mismatches(step, &results) {
+            let probes: String = cmp
+                .mismatches
+                .iter()
+                .filter_map(|m| {
+                    results.results.iter().find(|r| {
+                        r.from == m.from
+                            && r.to == m.to
+                            && r.port == key.port
+                            && r.protocol == key.protocol
+                            && r.family == key.family
+                    })
+                })
+                .map(|r| format!("  {} -> {} ({}): {}\n", r.from, r.to, r.to_ip, r.detail))
+                .collect();
+            outcome.failures.push(Failure {
+                summary: format!(
+                    "step {n}, {key}: {} of {} judged cell(s) differ from the case file{}",
+                    cmp.mismatches.len(),
+                    check::judged_cells(expected),
+                    if retried { " (probed twice)" } else { "" }
+                ),
+                kind: kind_of(&cmp),
+                details: format!("{}what the probes saw:\n{probes}", cmp.render()),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Whether a table expects some judged cell to be blocked.
+fn has_denial(expected: &TruthTable) -> bool {
+    let judged = check::judged(expected);
+    judged.clients().iter().any(|c| {
+        judged
+            .servers()
+            .iter()
+            .any(|s| judged.get(c, s) == Some(false))
+    })
+}
+
+/// [`Kind::NotDenied`] when every differing cell was expected blocked and was connected.
+fn kind_of(cmp: &Comparison) -> Kind {
+    if cmp
+        .mismatches
+        .iter()
+        .all(|m| m.expected == Some(false) && m.actual == Some(true))
+    {
+        Kind::NotDenied
+    } else {
+        Kind::Other
     }
 }
 
@@ -728,24 +1226,9 @@ impl Drop for Connections {
     }
 }
 
-/// The policies file: one YAML document per policy, in namespace/name order.
-fn render_policies(
-    policies: &BTreeMap<(String, String), serde_yaml::Value>,
-) -> Result<Option<String>> {
-    if policies.is_empty() {
-        return Ok(None);
-    }
-    let mut text = String::new();
-    for manifest in policies.values() {
-        text.push_str("---\n");
-        text.push_str(&serde_yaml::to_string(manifest)?);
-    }
-    Ok(Some(text))
-}
-
 /// One probe run for every TCP and UDP table of a step: the union of their pods, ports,
 /// protocols and families (all cells are probed at once, so the union costs no more time).
-fn probe_spec(step: &Step) -> Option<ProbeSpec> {
+fn probe_spec(step: &Step, via: Via) -> Option<ProbeSpec> {
     let keys: Vec<_> = step
         .expect
         .iter()
@@ -761,6 +1244,7 @@ fn probe_spec(step: &Step) -> Option<ProbeSpec> {
         families: Vec::new(),
         timeout: PROBE_TIMEOUT,
         attempts: 1,
+        via,
         ..ProbeSpec::default()
     };
     for k in keys {
@@ -803,7 +1287,8 @@ fn mismatches<'a>(
 mod tests {
     use super::*;
 
-    /// The shipped case files and the reference evaluator agree (no lab, no root).
+    /// The shipped case files and the reference evaluator agree (no lab, no root), and the
+    /// expected-failures file names real cases.
     #[test]
     fn shipped_cases_agree_with_the_reference_evaluator() {
         let args = ConformanceArgs {
@@ -811,5 +1296,38 @@ mod tests {
             ..ConformanceArgs::default()
         };
         run(args).unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
+    #[test]
+    fn the_command_line_takes_lists_of_enforcers() {
+        let args = <ConformanceArgs as clap::Parser>::try_parse_from([
+            "netpol-conformance",
+            "--enforcer",
+            "netpol,netpol-kube",
+            "--enforcer",
+            "none",
+            "--via",
+            "service",
+            "--proxy-mode",
+            "nftables",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            args.enforcer,
+            [Enforcer::Netpol, Enforcer::NetpolKube, Enforcer::None]
+        );
+        assert_eq!(args.via, Some(ViaArg::Service));
+        assert_eq!(args.proxy_mode, ProxyModeArg(ProxyMode::Nftables));
+        let default = <ConformanceArgs as clap::Parser>::try_parse_from(["netpol-conformance"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(default.enforcer, [Enforcer::NetpolKube]);
+        assert!(
+            <ConformanceArgs as clap::Parser>::try_parse_from([
+                "netpol-conformance",
+                "--proxy-mode",
+                "none"
+            ])
+            .is_err()
+        );
     }
 }

@@ -55,7 +55,9 @@ pub fn run(args: TestArgs) -> Result<()> {
 
     println!("\n== Conformance: the upstream NetworkPolicy e2e model in the lab");
     if is_root() {
-        crate::conformance(&[])
+        // Both agent sources, each through pod IPs and through ClusterIPs (a control-plane
+        // lab), with conformance/expected-failures.yaml.
+        crate::conformance(&["--enforcer".to_string(), "netpol-kube,netpol".to_string()])
     } else {
         // Without root only the case files against the reference evaluator.
         crate::conformance(&["--reference-only".to_string()])
