@@ -128,11 +128,12 @@ pub fn start_peer(lab: &LabState) -> Result<Peer, PeerError> {
         )
         .map_err(ControlPlaneError::from)?;
     let exe = tool("kube-network-policies").map_err(ControlPlaneError::from)?;
-    let mut procs = Vec::new();
+    // Dropping `peer` on an error stops the processes already started.
+    let mut peer = Peer { procs: Vec::new() };
     for node in &lab.nodes {
-        procs.push(start_one(lab, cp, node, &exe, token.trim())?);
+        peer.procs
+            .push(start_one(lab, cp, node, &exe, token.trim())?);
     }
-    let peer = Peer { procs };
     peer.wait_ready(lab, Duration::from_secs(30))?;
     Ok(peer)
 }

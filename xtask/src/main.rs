@@ -47,8 +47,10 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Unit tests, then the privileged lab tests (conformance included).
     Test(test::TestArgs),
-    /// The upstream NetworkPolicy e2e model in the lab, with the real agents
-    /// (`--filter <name>`, `--list`, `--reference-only`, `--keep`).
+    /// The upstream NetworkPolicy e2e model in the lab, with the real agents or
+    /// another enforcer, through pod IPs and ClusterIPs (`--enforcer
+    /// netpol|netpol-kube|kube-network-policies|none`, `--via pod|service|both`,
+    /// `--proxy-mode`, `--filter <name>`, `--list`, `--reference-only`, `--keep`).
     Conformance {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
