@@ -33,15 +33,28 @@ pub enum Bench {
     Loadgen,
     /// Policy file written -> enforced, with 10k simulated pods.
     E2e,
+    /// The agent with 10k and 100k Pod objects in a real API server
+    /// (memory, initial sync, CPU and latency per change). 15 to 30
+    /// minutes on 2 CPUs, so only with `--only agent-scale`.
+    AgentScale,
 }
 
 impl Bench {
-    const ALL: [Bench; 5] = [
+    /// What runs without `--only` (agent-scale takes too long for that).
+    const DEFAULT: [Bench; 5] = [
         Bench::Datapath,
         Bench::ControlPlane,
         Bench::Latency,
         Bench::Loadgen,
         Bench::E2e,
+    ];
+    const ALL: [Bench; 6] = [
+        Bench::Datapath,
+        Bench::ControlPlane,
+        Bench::Latency,
+        Bench::Loadgen,
+        Bench::E2e,
+        Bench::AgentScale,
     ];
 
     fn name(self) -> &'static str {
@@ -51,6 +64,7 @@ impl Bench {
             Bench::Latency => "latency",
             Bench::Loadgen => "loadgen",
             Bench::E2e => "e2e",
+            Bench::AgentScale => "agent-scale",
         }
     }
 
@@ -61,6 +75,7 @@ impl Bench {
             Bench::Latency => "latency",
             Bench::Loadgen => "loadgen",
             Bench::E2e => "e2e",
+            Bench::AgentScale => "agent_scale",
         }
     }
 }
@@ -71,7 +86,7 @@ pub struct BenchArgs {
     /// (a few minutes on 2 cores).
     #[arg(long)]
     pub quick: bool,
-    /// Run only these (comma-separated).
+    /// Run only these (comma-separated); agent-scale runs only when named here.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub only: Vec<Bench>,
     /// Where results.json and the plots go [default: <target dir>/bench].
@@ -147,10 +162,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     crate::setup::ensure(false)?;
-    let selected: Vec<Bench> = Bench::ALL
-        .into_iter()
-        .filter(|b| args.only.is_empty() || args.only.contains(b))
-        .collect();
+    let selected: Vec<Bench> = if args.only.is_empty() {
+        Bench::DEFAULT.to_vec()
+    } else {
+        Bench::ALL
+            .into_iter()
+            .filter(|b| args.only.contains(b))
+            .collect()
+    };
     let root = workspace_root();
     let started = Instant::now();
 
@@ -256,7 +275,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 cmd.args(["--iptables-backend", &args.iptables_backend]);
                 cmd.arg("--json").arg(&json_path);
             }
-            Bench::E2e => {
+            Bench::E2e | Bench::AgentScale => {
                 lab_args(&mut cmd);
                 cmd.arg("--json").arg(&json_path);
             }
