@@ -10,6 +10,7 @@
 //! netpol        bench/cli-netpol       on netpol-cli       bench/srv-netpol       on netpol-srv
 //! netpol-nolog  bench/cli-netpol-nolog on netpol-nolog-cli bench/srv-netpol-nolog on netpol-nolog-srv
 //! iptables      bench/cli-iptables     on iptables-cli     bench/srv-iptables     on iptables-srv
+//! kube-network-policies  bench/cli-kube-network-policies on kube-network-policies-cli, ...-srv
 //! ```
 //!
 //! Traffic crosses nodes the way it does in a cluster: from the client's
@@ -18,6 +19,14 @@
 //! of the netpol modes (`netpol-nolog`: with the flow log off); the iptables
 //! rules live only in the iptables server's node (conntrack is never turned
 //! on in the other nodes' namespaces).
+//!
+//! `kube-network-policies` (sig-network's reference enforcer, see
+//! `netpol_lab::peer`) reads the API server: with that mode the lab gets a
+//! control plane (no kube-proxy, no DNS), the peer runs on that mode's two
+//! nodes only ([`BenchLab::start_peer`]) and the same policies are applied
+//! through kubectl, as JSON objects. Where the kernel cannot run it (no
+//! nftables `queue` expression) the mode is dropped from the lab's modes and
+//! recorded in [`BenchLab::unsupported`]; the other modes run as before.
 //!
 //! Policies: `n` policies select the netpol servers (label `netpol:
 //! server`) and the iptables server; policy `i < n-1` allows TCP port
@@ -39,7 +48,12 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use netpol_lab::{
     AgentProc, Agents, ClusterSpec, Lab, LabState, NodeState, PodState, Protocol, UpOptions,
-    agents::agent_paths, run_in_netns, state::write_atomic,
+    agents::agent_paths,
+    controlplane::{ControlPlaneSpec, ProxyMode},
+    kube::Kubectl,
+    peer::PeerError,
+    run_in_netns,
+    state::write_atomic,
 };
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -73,6 +87,11 @@ pub enum Mode {
     NetpolNolog,
     /// The iptables chain of [`crate::iptables`] in the server's node.
     Iptables,
+    /// sig-network's kube-network-policies on both nodes, the policies
+    /// applied through the lab's API server (see the module docs).
+    #[serde(rename = "kube-network-policies")]
+    #[value(name = "kube-network-policies")]
+    Peer,
 }
 
 impl Mode {
@@ -84,12 +103,18 @@ impl Mode {
             Mode::Netpol => "netpol",
             Mode::NetpolNolog => "netpol-nolog",
             Mode::Iptables => "iptables",
+            Mode::Peer => "kube-network-policies",
         }
     }
 
     /// Runs netpol-agent.
     pub fn is_netpol(self) -> bool {
         matches!(self, Mode::Netpol | Mode::NetpolNolog)
+    }
+
+    /// Its pods carry the `netpol` labels the policies select.
+    fn labelled(self) -> bool {
+        self.is_netpol() || self == Mode::Peer
     }
 
     /// Something enforces the policies.
@@ -103,6 +128,7 @@ impl Mode {
             Mode::Netpol => 1,
             Mode::Iptables => 2,
             Mode::NetpolNolog => 3,
+            Mode::Peer => 4,
         }
     }
 }
@@ -138,6 +164,10 @@ pub struct PolicyTimes {
     pub netpol_secs: Option<f64>,
     /// `ipset restore` + `iptables-restore`.
     pub iptables_secs: Option<f64>,
+    /// kube-network-policies: `kubectl apply` (and delete) until a probe saw
+    /// the policies enforced (the peer reports no sync of its own, so from
+    /// the second policy count on this is mostly the apply).
+    pub peer_secs: Option<f64>,
 }
 
 /// The lab, its agents and nginx servers; everything goes when dropped.
@@ -146,11 +176,14 @@ pub struct BenchLab {
     // Dropped in this order: servers, agents, then the lab (namespaces).
     nginx: Vec<Nginx>,
     agents: Vec<(Mode, Agents)>,
+    peer: Option<netpol_lab::peer::Peer>,
     lab: Lab,
     pub modes: Vec<Mode>,
     pub backend: iptables::Backend,
     fake_ips: Vec<Ipv4Addr>,
     policies: usize,
+    /// Modes that could not run here, with the reason (removed from `modes`).
+    pub unsupported: Vec<(Mode, String)>,
 }
 
 fn node_name(mode: Mode, server: bool) -> String {
@@ -179,7 +212,7 @@ fn spec(name: &str, modes: &[Mode]) -> Result<ClusterSpec> {
         for server in [true, false] {
             // The policies select every netpol mode's server and allow every
             // netpol mode's client through the `netpol` label.
-            let extra = if m.is_netpol() {
+            let extra = if m.labelled() {
                 format!(", netpol: {}", if server { "server" } else { "client" })
             } else {
                 String::new()
@@ -268,6 +301,11 @@ impl BenchLab {
             &spec,
             &UpOptions {
                 server_exe: Some(lab_bin.to_path_buf()),
+                control_plane: modes.contains(&Mode::Peer).then(|| ControlPlaneSpec {
+                    proxy_mode: ProxyMode::None,
+                    dns: false,
+                    ..ControlPlaneSpec::default()
+                }),
                 ..UpOptions::default()
             },
         )
@@ -275,11 +313,13 @@ impl BenchLab {
         let lab = BenchLab {
             nginx: Vec::new(),
             agents: Vec::new(),
+            peer: None,
             lab,
             modes: modes.to_vec(),
             backend,
             fake_ips: Vec::new(),
             policies: 0,
+            unsupported: Vec::new(),
         };
         if modes.contains(&Mode::Iptables) {
             if !iptables::available(backend) {
@@ -381,6 +421,49 @@ impl BenchLab {
             .iter_mut()
             .find(|(m, _)| *m == mode)
             .map(|(_, a)| a)
+    }
+
+    /// Starts kube-network-policies on the nodes of its pair (only there) if
+    /// the lab has that mode. Where this kernel cannot run it, drops the mode
+    /// from [`BenchLab::modes`], records it in [`BenchLab::unsupported`] and
+    /// returns the reason; the other modes are unaffected.
+    pub fn start_peer(&mut self) -> Result<Option<String>> {
+        if !self.modes.contains(&Mode::Peer) {
+            return Ok(None);
+        }
+        let pair = self.pair(Mode::Peer);
+        let mut state: LabState = (*self.lab).clone();
+        state
+            .nodes
+            .retain(|n| n.name == pair.server_node.name || n.name == pair.client_node.name);
+        match netpol_lab::peer::start_peer(&state) {
+            Ok(peer) => {
+                self.peer = Some(peer);
+                Ok(None)
+            }
+            Err(PeerError::Unsupported { node, reason, .. }) => {
+                let reason = format!("{reason} (node {node})");
+                self.modes.retain(|&m| m != Mode::Peer);
+                self.unsupported.push((Mode::Peer, reason.clone()));
+                Ok(Some(reason))
+            }
+            Err(e) => Err(anyhow!("starting kube-network-policies: {e}")),
+        }
+    }
+
+    /// kubectl for the lab's API server (labs with the peer mode).
+    pub fn kubectl(&self) -> Result<Kubectl> {
+        let cp = self
+            .lab
+            .control_plane
+            .as_ref()
+            .ok_or_else(|| anyhow!("this lab has no control plane"))?;
+        cp.kubectl().map_err(|e| anyhow!("{e}"))
+    }
+
+    /// Whether the peer mode is running (started and supported).
+    pub fn peer_running(&self) -> bool {
+        self.peer.is_some()
     }
 
     /// CPU time (user + system) every agent has used so far, in seconds.
@@ -498,8 +581,68 @@ impl BenchLab {
             }
             times.iptables_secs = Some(applied.secs);
         }
+        if self.peer.is_some() {
+            let started = Instant::now();
+            let kubectl = self.kubectl()?;
+            if n < self.policies {
+                // kubectl deletes by name one object at a time (about 0.2 s
+                // each); deleting all and applying the `n` again is faster.
+                kubectl
+                    .run(
+                        &[
+                            "delete",
+                            "networkpolicies",
+                            "--all",
+                            "--wait=false",
+                            "-n",
+                            NAMESPACE,
+                        ],
+                        None,
+                    )
+                    .map_err(|e| anyhow!("{e}"))?;
+            }
+            let objects: Vec<Value> = (0..n).map(|i| policy(i, n)).collect();
+            // One apply per 500 objects (a smaller request body, progress
+            // the API server can take).
+            for chunk in objects.chunks(500) {
+                kubectl.apply(chunk).map_err(|e| anyhow!("{e}"))?;
+            }
+            let deadline = Instant::now() + timeout;
+            while !self.enforced(Mode::Peer, n)? {
+                if Instant::now() > deadline {
+                    bail!("kube-network-policies: {n} policies not enforced after {timeout:?}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            times.peer_secs = Some(started.elapsed().as_secs_f64());
+        }
         self.policies = n;
         Ok(times)
+    }
+
+    /// Whether `mode` enforces `n` policies as it should: HTTP to nginx
+    /// answers, the lab server's port is blocked (open when `n` is 0).
+    fn enforced(&self, mode: Mode, n: usize) -> Result<bool> {
+        let pair = self.pair(mode);
+        let addr = pair.http_addr();
+        let http_ok = run_in_netns(&pair.client.netns_path(), || {
+            let mut buf = Vec::new();
+            Ok(
+                match http::get_close(addr, "/", Duration::from_millis(500), &mut buf) {
+                    Ok(_) => true,
+                    Err(e) => e.to_string().starts_with("HTTP status"),
+                },
+            )
+        })?;
+        let open = netpol_lab::connect(
+            &self.lab,
+            &pair.client,
+            IpAddr::V4(pair.server.ip_v4),
+            SERVE_PORT,
+            Protocol::Tcp,
+            Duration::from_millis(300),
+        );
+        Ok(http_ok && open == (n == 0))
     }
 
     /// Checks that every mode does what it should with the current policies:

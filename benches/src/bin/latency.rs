@@ -14,7 +14,12 @@
 //! - `netpol-nolog`: the same with `--events-per-sec 0` (the datapath alone);
 //! - `iptables`: a per-pod chain in the server's node, conntrack first, one
 //!   `-p tcp --dport X -m set --match-set <peers> src -j ACCEPT` per policy,
-//!   then DROP (see `netpol_benches::iptables`).
+//!   then DROP (see `netpol_benches::iptables`);
+//! - `kube-network-policies` (not in the default set: it brings up a control
+//!   plane): sig-network's reference enforcer on the client's and the
+//!   server's node, the same policies applied through the lab's API server.
+//!   Where this kernel cannot run it, one line says why, the JSON lists it
+//!   under `unsupported`, and the other modes run as before.
 //!
 //! A request is timed from before `connect` to the last byte of the body.
 //! Prints mean, p50 and p99 per mode, size and policy count and the
@@ -128,6 +133,8 @@ struct Output {
     gap_us: u64,
     iptables_backend: Backend,
     modes: Vec<Mode>,
+    /// Modes asked for that could not run here, with the reason.
+    unsupported: BTreeMap<Mode, String>,
     setup: BTreeMap<String, f64>,
     policy_times: Vec<netpol_benches::benchlab::PolicyTimes>,
     cells: Vec<Point>,
@@ -253,6 +260,22 @@ fn main() -> Result<()> {
 
     let mut lab = BenchLab::up(&args.lab, &modes, &lab_bin, args.iptables_backend)?;
     setup.insert("lab_up_secs".to_string(), started.elapsed().as_secs_f64());
+    let mut unsupported = BTreeMap::new();
+    if modes.contains(&Mode::Peer) {
+        let t = Instant::now();
+        match lab.start_peer()? {
+            Some(reason) => {
+                println!("kube-network-policies: not measured: {reason}");
+                modes.retain(|&m| m != Mode::Peer);
+                unsupported.insert(Mode::Peer, reason);
+            }
+            None => {
+                let secs = t.elapsed().as_secs_f64();
+                println!("  kube-network-policies started in {secs:.1} s");
+                setup.insert("peer_start_secs".to_string(), secs);
+            }
+        }
+    }
     lab.start_nginx(&sizes, args.nginx_workers)?;
     if modes.iter().any(|m| m.is_netpol()) {
         let secs = lab.start_agents(&agent, &args.bins.agent_args, Duration::from_secs(300))?;
@@ -281,13 +304,16 @@ fn main() -> Result<()> {
     for &n in &policies {
         let times = lab.set_policies(n, Duration::from_secs(600))?;
         println!(
-            "== {n} policies: agents synced in {}, iptables loaded in {}",
+            "== {n} policies: agents synced in {}, iptables loaded in {}{}",
             times
                 .netpol_secs
                 .map_or("-".into(), |s| format!("{s:.2} s")),
             times
                 .iptables_secs
-                .map_or("-".into(), |s| format!("{s:.2} s"))
+                .map_or("-".into(), |s| format!("{s:.2} s")),
+            times.peer_secs.map_or(String::new(), |s| format!(
+                ", kube-network-policies applied and enforced in {s:.2} s"
+            ))
         );
         policy_times.push(times);
         lab.check_enforcement()?;
@@ -427,6 +453,7 @@ fn main() -> Result<()> {
         gap_us: args.gap_us,
         iptables_backend: args.iptables_backend,
         modes: modes.clone(),
+        unsupported,
         setup,
         policy_times,
         cells,
