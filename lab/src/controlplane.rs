@@ -655,8 +655,11 @@ pub fn register(state: &LabState, cp: &ControlPlaneState) -> Result<(), ControlP
         objects.push(namespace_object(state, &ns.name, &ns.labels));
         objects.push(default_service_account(&ns.name));
     }
-    let mut system_namespaces: Vec<&str> =
-        state.system_pods.iter().map(|p| p.namespace.as_str()).collect();
+    let mut system_namespaces: Vec<&str> = state
+        .system_pods
+        .iter()
+        .map(|p| p.namespace.as_str())
+        .collect();
     system_namespaces.dedup();
     // kube-system exists from the start; its default ServiceAccount may not yet.
     objects.extend(system_namespaces.into_iter().map(default_service_account));
