@@ -960,13 +960,13 @@ pub fn cluster_cidrs(state: &LabState) -> (Ipv4Net, Ipv6Net) {
         .nodes
         .iter()
         .map(|n| n.pod_cidr_v4)
-        .reduce(|a, b| cover4(a, b))
+        .reduce(cover4)
         .expect("validated: at least one node");
     let v6 = state
         .nodes
         .iter()
         .map(|n| n.pod_cidr_v6)
-        .reduce(|a, b| cover6(a, b))
+        .reduce(cover6)
         .expect("validated: at least one node");
     (v4, v6)
 }

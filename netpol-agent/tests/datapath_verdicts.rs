@@ -2612,7 +2612,7 @@ fn later_fragments_do_not_outlive_a_revocation() {
     let mut dp = load_or_skip!("later_fragments_do_not_outlive_a_revocation");
     dp.endpoint(LO, endpoint(POLICY).isolated_ingress());
     let rule = ingress(POLICY).from_anyone().udp(53).rule(92);
-    dp.allow(rule.clone());
+    dp.allow(rule);
     let q = udp(&at(PEER, 5000), &at(POD, 53));
     dp.to_pod(&q.clone().first_fragment(21))
         .passed(DIR_INGRESS, REASON_POLICY_ALLOW);

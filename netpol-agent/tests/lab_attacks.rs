@@ -647,7 +647,7 @@ fn ipv4_fragment(
 ) -> Vec<u8> {
     let mut b = vec![0x45, 0, 0, 0];
     b.extend(id.to_be_bytes());
-    b.extend((offset / 8 | if more { 0x2000 } else { 0 }).to_be_bytes());
+    b.extend(((offset / 8) | if more { 0x2000 } else { 0 }).to_be_bytes());
     b.extend([64, 17, 0, 0]);
     b.extend(src.octets());
     b.extend(dst.octets());

@@ -693,39 +693,6 @@ pub fn port_range_prefixes(first: u16, last: u16) -> Vec<(u16, u32)> {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn port_ranges_are_exact_prefix_covers() {
-        assert_eq!(port_range_prefixes(8000, 8015), vec![(8000, 12)]);
-        assert_eq!(port_range_prefixes(80, 80), vec![(80, 16)]);
-        assert_eq!(port_range_prefixes(0, 65535), vec![(0, 0)]);
-        assert_eq!(
-            port_range_prefixes(7999, 8016),
-            vec![(7999, 16), (8000, 12), (8016, 16)]
-        );
-    }
-
-    #[test]
-    fn lengths_are_consistent() {
-        let p = tcp("10.0.0.1:1", "10.0.0.2:2").ip_options(2).frame();
-        assert_eq!(p.len(), 14 + 28 + 20);
-        assert_eq!(p[14], 0x47);
-        assert_eq!(u16::from_be_bytes([p[16], p[17]]), 48);
-        let p = udp("[fd00::1]:1", "[fd00::2]:2")
-            .ext_headers(&[Ext::HopByHop, Ext::DestOpts])
-            .first_fragment(9)
-            .frame();
-        assert_eq!(p[14 + 6], 0); // hop-by-hop first
-        assert_eq!(p[14 + 40], 60); // then destination options
-        assert_eq!(p[14 + 48], 44); // then the fragment header
-        assert_eq!(p[14 + 56], 17); // then UDP
-        assert_eq!(u16::from_be_bytes([p[18], p[19]]) as usize, p.len() - 54);
-    }
-}
-
 /// A neighbour advertisement from `src` to `dst` saying "`target` is at my MAC"
 /// (hop limit 255, as RFC 4861 requires).
 pub fn neighbor_advertisement(src: &str, dst: &str, target: &str) -> Packet {
@@ -775,4 +742,37 @@ pub fn gratuitous_arp(sender: &str, mac: [u8; 6]) -> Vec<u8> {
     b.extend([0xff; 6]);
     b.extend(s.octets());
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_are_exact_prefix_covers() {
+        assert_eq!(port_range_prefixes(8000, 8015), vec![(8000, 12)]);
+        assert_eq!(port_range_prefixes(80, 80), vec![(80, 16)]);
+        assert_eq!(port_range_prefixes(0, 65535), vec![(0, 0)]);
+        assert_eq!(
+            port_range_prefixes(7999, 8016),
+            vec![(7999, 16), (8000, 12), (8016, 16)]
+        );
+    }
+
+    #[test]
+    fn lengths_are_consistent() {
+        let p = tcp("10.0.0.1:1", "10.0.0.2:2").ip_options(2).frame();
+        assert_eq!(p.len(), 14 + 28 + 20);
+        assert_eq!(p[14], 0x47);
+        assert_eq!(u16::from_be_bytes([p[16], p[17]]), 48);
+        let p = udp("[fd00::1]:1", "[fd00::2]:2")
+            .ext_headers(&[Ext::HopByHop, Ext::DestOpts])
+            .first_fragment(9)
+            .frame();
+        assert_eq!(p[14 + 6], 0); // hop-by-hop first
+        assert_eq!(p[14 + 40], 60); // then destination options
+        assert_eq!(p[14 + 48], 44); // then the fragment header
+        assert_eq!(p[14 + 56], 17); // then UDP
+        assert_eq!(u16::from_be_bytes([p[18], p[19]]) as usize, p.len() - 54);
+    }
 }
