@@ -367,25 +367,6 @@ fn node_ip(k: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 20, 0, 0)) + 1 + k)
 }
 
-fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(mo <= 2);
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
-}
-
 impl Shape {
     fn new(pods: u32, policies: u32, per_namespace: u32, per_node: u32) -> Shape {
         Shape {
@@ -509,7 +490,7 @@ impl Shape {
     /// The status a kubelet writes once pod `i` runs.
     fn pod_status(&self, i: u32) -> Value {
         let n = self.namespace_of(i);
-        let now = now_rfc3339();
+        let now = netpol_lab::controlplane::now_rfc3339();
         let mut ips = vec![json!({ "ip": pod_ip_v4(i).to_string() })];
         if n.is_multiple_of(5) {
             ips.push(json!({ "ip": pod_ip_v6(i).to_string() }));
