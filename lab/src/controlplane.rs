@@ -1203,25 +1203,48 @@ pub fn install_netpol(
 
 /// A kubeconfig with a fresh token of the agents' ServiceAccount (`kubectl create token`).
 pub fn agent_kubeconfig(cp: &ControlPlaneState) -> Result<PathBuf, ControlPlaneError> {
-    let kubectl = cp.kubectl()?;
     let (ns, sa) = AGENT_SERVICE_ACCOUNT;
-    let token = kubectl.run(
+    token_kubeconfig(cp, ns, sa, "24h")
+}
+
+/// A fresh token of a ServiceAccount (`kubectl create token --duration`).
+pub fn service_account_token(
+    cp: &ControlPlaneState,
+    namespace: &str,
+    name: &str,
+    duration: &str,
+) -> Result<String, ControlPlaneError> {
+    let token = cp.kubectl()?.run(
         &[
             "create",
             "token",
-            sa,
-            &format!("--namespace={ns}"),
-            "--duration=24h",
+            name,
+            &format!("--namespace={namespace}"),
+            &format!("--duration={duration}"),
         ],
         None,
     )?;
-    let path = cp.pki_dir().join("netpol-agent.kubeconfig");
+    Ok(token.trim().to_owned())
+}
+
+/// A kubeconfig (`<pki>/sa-<namespace>-<name>.kubeconfig`) that authenticates with a fresh
+/// token of a ServiceAccount.
+pub fn token_kubeconfig(
+    cp: &ControlPlaneState,
+    namespace: &str,
+    name: &str,
+    duration: &str,
+) -> Result<PathBuf, ControlPlaneError> {
+    let token = service_account_token(cp, namespace, name, duration)?;
+    let path = cp
+        .pki_dir()
+        .join(format!("sa-{namespace}-{name}.kubeconfig"));
     pki::write_token_kubeconfig(
         &path,
         &cp.server_url,
         &cp.pki_dir().join("ca.crt"),
-        &format!("system:serviceaccount:{ns}:{sa}"),
-        token.trim(),
+        &format!("system:serviceaccount:{namespace}:{name}"),
+        &token,
     )?;
     Ok(path)
 }

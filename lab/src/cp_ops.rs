@@ -20,7 +20,7 @@ use crate::{
     controlplane::{self, ControlPlaneError, ControlPlaneState},
     kube::KubeError,
     netns::{is_alive, run_in_netns},
-    pki::{self, PkiError},
+    pki::PkiError,
     state::{LabState, StateError, lock},
 };
 
@@ -248,26 +248,7 @@ pub fn service_account_kubeconfig(
         "apiVersion": "v1", "kind": "ServiceAccount",
         "metadata": { "name": name, "namespace": namespace },
     })])?;
-    let token = kubectl.run(
-        &[
-            "create",
-            "token",
-            name,
-            &format!("--namespace={namespace}"),
-            "--duration=1h",
-        ],
-        None,
-    )?;
-    let dir = cp.dir.join("pki");
-    let path = dir.join(format!("sa-{namespace}-{name}.kubeconfig"));
-    pki::write_token_kubeconfig(
-        &path,
-        &cp.server_url,
-        &dir.join("ca.crt"),
-        &format!("system:serviceaccount:{namespace}:{name}"),
-        token.trim(),
-    )?;
-    Ok(path)
+    Ok(controlplane::token_kubeconfig(cp, namespace, name, "1h")?)
 }
 
 /// `kubectl apply -f -` of YAML or JSON manifests, as a user applies them.

@@ -115,24 +115,13 @@ pub fn start_peer(lab: &LabState) -> Result<Peer, PeerError> {
         .apply(&peer_objects())
         .map_err(ControlPlaneError::from)?;
     let (ns, sa) = PEER_SA;
-    let token = kubectl
-        .run(
-            &[
-                "create",
-                "token",
-                sa,
-                &format!("--namespace={ns}"),
-                "--duration=24h",
-            ],
-            None,
-        )
-        .map_err(ControlPlaneError::from)?;
+    let token = controlplane::service_account_token(cp, ns, sa, "24h")?;
     let exe = tool("kube-network-policies").map_err(ControlPlaneError::from)?;
     // Dropping `peer` on an error stops the processes already started.
     let mut peer = Peer { procs: Vec::new() };
     for node in &lab.nodes {
         peer.procs
-            .push(start_one(lab, cp, node, &exe, token.trim())?);
+            .push(start_one(lab, cp, node, &exe, &token)?);
     }
     peer.wait_ready(lab, Duration::from_secs(30))?;
     Ok(peer)
