@@ -120,8 +120,7 @@ pub fn start_peer(lab: &LabState) -> Result<Peer, PeerError> {
     // Dropping `peer` on an error stops the processes already started.
     let mut peer = Peer { procs: Vec::new() };
     for node in &lab.nodes {
-        peer.procs
-            .push(start_one(lab, cp, node, &exe, &token)?);
+        peer.procs.push(start_one(lab, cp, node, &exe, &token)?);
     }
     peer.wait_ready(lab, Duration::from_secs(30))?;
     Ok(peer)
