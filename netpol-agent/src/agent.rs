@@ -66,6 +66,11 @@ pub struct Config {
     pub veth_prefixes: Vec<String>,
     /// Where `/healthz`, `/readyz` and `/metrics` are served over TCP.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Address ranges kube-proxy translates (the cluster's service CIDRs), in
+    /// addition to what the source says (ServiceCIDR objects, Services'
+    /// external and load-balancer IPs): a pod's egress to them is judged
+    /// after the DNAT.
+    pub service_cidrs: Vec<ipnet::IpNet>,
 }
 
 /// What `netpol-agent status` reads (written atomically after each sync).
@@ -103,8 +108,14 @@ struct Agent {
     /// kept by ifindex in `endpoints`).
     applied: Maps,
     endpoints: BTreeMap<u32, EndpointValue>,
+    /// `NETPOL_LOCAL_ADDRS` as last written: local pod address -> veth.
+    local_addrs: BTreeMap<IpAddr, u32>,
+    /// `NETPOL_DEFER_V4`/`V6` as last written.
+    deferred: BTreeSet<ipnet::IpNet>,
     /// Veths this process attached its programs to.
     attached_this_run: BTreeSet<u32>,
+    /// Node devices this process attached `netpol_post_nat` to.
+    post_nat_this_run: BTreeSet<u32>,
     names: Arc<Names>,
     shared: SharedRef,
     generation: u32,
@@ -147,6 +158,17 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
     })?;
     let applied = dp.read_maps().context("reading pinned maps")?;
     let endpoints = dp.read_endpoints().context("reading pinned endpoints")?;
+    let local_addrs = dp
+        .read_local_addrs()
+        .context("reading pinned local addresses")?;
+    let deferred = dp
+        .read_deferred()
+        .context("reading pinned deferred ranges")?;
+    // Pods' connections to sockets on the node are judged after the DNAT,
+    // in sk_lookup, from the start (before any endpoint is known a pod's
+    // traffic is denied on its veth anyway).
+    dp.attach_local_in()
+        .context("attaching netpol_local_in to the node's sk_lookup")?;
     tracing::info!(
         generation,
         endpoints = endpoints.len(),
@@ -211,7 +233,10 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         compiler: Compiler::default(),
         applied,
         endpoints,
+        local_addrs,
+        deferred,
         attached_this_run: BTreeSet::new(),
+        post_nat_this_run: BTreeSet::new(),
         names: Arc::new(Names::default()),
         shared,
         generation,
@@ -299,6 +324,13 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
     }
 }
 
+/// The addresses an endpoint entry says the pod has.
+fn endpoint_ips(ep: &EndpointValue) -> impl Iterator<Item = IpAddr> {
+    let v4 = (ep.flags & netpol_common::EP_F_HAS_V4 != 0).then(|| IpAddr::from(ep.addr_v4));
+    let v6 = (ep.flags & netpol_common::EP_F_HAS_V6 != 0).then(|| IpAddr::from(ep.addr_v6));
+    v4.into_iter().chain(v6)
+}
+
 impl Agent {
     fn log_event(&mut self, ev: &VerdictEvent) {
         let line = flowlog::describe(ev, &self.names, flowlog::wall_time(ev.timestamp_ns));
@@ -348,6 +380,31 @@ impl Agent {
         errors
     }
 
+    /// Puts `netpol_post_nat` on every device where pods' packets may leave
+    /// the node, once per run (swapping this agent's program into pinned
+    /// links), and takes it off devices that are gone or became pods'.
+    fn attach_post_nat(&mut self, view: &netlink::NodeView) -> Vec<String> {
+        let mut errors = Vec::new();
+        let devices = view.post_nat_devices();
+        for (ifindex, name) in &devices {
+            if !self.post_nat_this_run.contains(ifindex) {
+                match self.dp.attach_post_nat(*ifindex, name) {
+                    Ok(()) => {
+                        self.post_nat_this_run.insert(*ifindex);
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+        }
+        for ifindex in self.dp.attached_post_nat() {
+            if !devices.contains_key(&ifindex) {
+                self.dp.detach_post_nat(ifindex);
+                self.post_nat_this_run.remove(&ifindex);
+            }
+        }
+        errors
+    }
+
     /// While the source is not ready (listing, disconnected, refused) there is
     /// nothing to compile, but a veth that appears meanwhile must not run
     /// unenforced: it gets the programs now, with no endpoint entry, so its
@@ -356,7 +413,9 @@ impl Agent {
         match netlink::discover() {
             Ok(view) => {
                 let pod_like = self.pod_like(&view);
-                for e in self.attach_pod_veths(&view, &pod_like) {
+                let mut errors = self.attach_pod_veths(&view, &pod_like);
+                errors.extend(self.attach_post_nat(&view));
+                for e in errors {
                     tracing::error!("attaching while the source is not ready: {e}");
                 }
             }
@@ -474,6 +533,50 @@ impl Agent {
             }
         }
         let mut revokes = diff.revokes;
+        // Where a pod's egress is judged after the DNAT: new ranges now (the
+        // post-DNAT hooks are attached before any endpoint exists), old ones
+        // at the end. Either way verdicts of existing flows may move: they
+        // are re-checked (the generation).
+        let want_deferred: BTreeSet<ipnet::IpNet> = self
+            .cfg
+            .service_cidrs
+            .iter()
+            .copied()
+            .chain(snap.cluster.service_frontends())
+            .map(|n| n.trunc())
+            .collect();
+        for net in want_deferred.difference(&self.deferred.clone()) {
+            match self.dp.set_deferred(*net) {
+                Ok(()) => {
+                    self.deferred.insert(*net);
+                    revokes = true;
+                }
+                Err(e) => {
+                    self.map_error(&e);
+                    errors.push(e.to_string());
+                }
+            }
+        }
+        // Local addresses before endpoints: a post-DNAT hook that finds the
+        // address but no endpoint denies; one that found no address would
+        // take the pod's packet for the node's own.
+        let want_local: BTreeMap<IpAddr, u32> = desired
+            .iter()
+            .flat_map(|(ifindex, ep)| endpoint_ips(ep).map(move |ip| (ip, *ifindex)))
+            .collect();
+        for (ip, ifindex) in &want_local {
+            if self.local_addrs.get(ip) != Some(ifindex) {
+                match self.dp.set_local_addr(*ip, *ifindex) {
+                    Ok(()) => {
+                        self.local_addrs.insert(*ip, *ifindex);
+                    }
+                    Err(e) => {
+                        self.map_error(&e);
+                        errors.push(e.to_string());
+                    }
+                }
+            }
+        }
         for (ifindex, ep) in &desired {
             if self.endpoints.get(ifindex) != Some(ep) {
                 revokes |= self.endpoints.contains_key(ifindex);
@@ -487,6 +590,7 @@ impl Agent {
         }
         // Attach to every pod-like veth (endpoint written first).
         errors.extend(self.attach_pod_veths(&view, &pod_like));
+        errors.extend(self.attach_post_nat(&view));
         // Endpoints no longer wanted; veths gone or no longer a pod's.
         let stale: Vec<u32> = self
             .endpoints
@@ -506,6 +610,31 @@ impl Agent {
             if !pod_like.contains(&ifindex) {
                 self.dp.detach(ifindex);
                 self.attached_this_run.remove(&ifindex);
+            }
+        }
+        let gone: Vec<IpAddr> = self
+            .local_addrs
+            .keys()
+            .filter(|ip| !want_local.contains_key(ip))
+            .copied()
+            .collect();
+        for ip in gone {
+            match self.dp.remove_local_addr(ip) {
+                Ok(()) => {
+                    self.local_addrs.remove(&ip);
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        let stale_deferred: Vec<ipnet::IpNet> =
+            self.deferred.difference(&want_deferred).copied().collect();
+        for net in stale_deferred {
+            revokes = true;
+            match self.dp.remove_deferred(net) {
+                Ok(()) => {
+                    self.deferred.remove(&net);
+                }
+                Err(e) => errors.push(e.to_string()),
             }
         }
         for u in deletes {

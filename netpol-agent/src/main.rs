@@ -107,6 +107,13 @@ struct RunArgs {
     /// Serve /healthz, /readyz and /metrics here (e.g. 0.0.0.0:9964).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// The cluster's service CIDRs (kube-apiserver's
+    /// --service-cluster-ip-range), comma-separated. A pod's egress to them is
+    /// judged after kube-proxy's DNAT, against the backend. With the kube
+    /// source the ServiceCIDR objects and the Services' external IPs are
+    /// added; with a manifest directory this flag is the only source.
+    #[arg(long, value_delimiter = ',')]
+    service_cidr: Vec<ipnet::IpNet>,
     /// Poll interval of the source and the node, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
@@ -170,6 +177,7 @@ fn main() -> Result<()> {
                 },
                 poll: std::time::Duration::from_millis(a.poll_ms),
                 metrics_addr: a.metrics_addr,
+                service_cidrs: a.service_cidr.clone(),
                 veth_prefixes: a.veth_prefixes,
             };
             tokio::runtime::Builder::new_current_thread()

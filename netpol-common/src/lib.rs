@@ -43,8 +43,23 @@ pub mod map_names {
     pub const EVENTS: &str = "NETPOL_EVENTS";
     pub const EVENT_RATE: &str = "NETPOL_EVENT_RATE";
     pub const CONFIG: &str = "NETPOL_CONFIG";
-    pub const ALL: [&str; 10] = [
-        ENDPOINTS, PEERS_V4, PEERS_V6, POLICY, FLOWS, FRAGS, COUNTERS, EVENTS, EVENT_RATE, CONFIG,
+    pub const LOCAL_ADDRS: &str = "NETPOL_LOCAL_ADDRS";
+    pub const DEFER_V4: &str = "NETPOL_DEFER_V4";
+    pub const DEFER_V6: &str = "NETPOL_DEFER_V6";
+    pub const ALL: [&str; 13] = [
+        ENDPOINTS,
+        PEERS_V4,
+        PEERS_V6,
+        POLICY,
+        FLOWS,
+        FRAGS,
+        COUNTERS,
+        EVENTS,
+        EVENT_RATE,
+        CONFIG,
+        LOCAL_ADDRS,
+        DEFER_V4,
+        DEFER_V6,
     ];
 }
 
@@ -54,6 +69,14 @@ pub mod prog_names {
     pub const FROM_POD: &str = "netpol_from_pod";
     /// Attached to the TC egress hook of the host-side veth: packets the pod receives.
     pub const TO_POD: &str = "netpol_to_pod";
+    /// Attached to the TC egress hook of the node's own devices (uplinks,
+    /// tunnels): a local pod's packets leaving the node, after kube-proxy's
+    /// DNAT, judged by the pod's egress policy against the real destination.
+    pub const POST_NAT: &str = "netpol_post_nat";
+    /// sk_lookup in the node's network namespace: a local pod's new
+    /// connection to a socket on the node (after any DNAT), judged by the
+    /// pod's egress policy.
+    pub const LOCAL_IN: &str = "netpol_local_in";
 }
 
 /// Default map sizes (the agent overrides them at load time from its flags).
@@ -65,6 +88,10 @@ pub mod sizes {
     pub const FLOWS: u32 = 262_144;
     pub const FRAGS: u32 = 8192;
     pub const EVENTS_BYTES: u32 = 1 << 20;
+    /// Two addresses (IPv4, IPv6) per endpoint.
+    pub const LOCAL_ADDRS: u32 = 2 * ENDPOINTS;
+    pub const DEFER_V4: u32 = 4096;
+    pub const DEFER_V6: u32 = 4096;
 }
 
 // ---------------------------------------------------------------------------
@@ -129,6 +156,43 @@ impl EndpointValue {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Local addresses: NETPOL_LOCAL_ADDRS, hash, `LocalKey` -> the host-side veth
+// ifindex of the local pod that owns the address (the key of its endpoint).
+// Written by the agent from the endpoints' addresses. The datapath's
+// anti-spoofing makes it trustworthy: a packet with a local pod's source
+// address was sent by that pod (or by the node itself).
+// ---------------------------------------------------------------------------
+
+/// Key of the local-address map: an address (IPv4 in the first four bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LocalKey {
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<LocalKey>() == 20);
+
+impl LocalKey {
+    pub const fn new(family: u8, addr: [u8; 16]) -> Self {
+        Self {
+            family,
+            _pad: [0; 3],
+            addr,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Deferred destinations: NETPOL_DEFER_V4 / NETPOL_DEFER_V6, LPM tries of the
+// addresses kube-proxy may translate (Service CIDRs, external and load
+// balancer IPs). A pod's new TCP/UDP/SCTP flow to one of them (or to one of
+// this node's own addresses, for NodePorts) is not judged on the pod's veth:
+// its egress verdict is taken after the DNAT. Value: `DEFER_F_*` (unused: 0).
+// ---------------------------------------------------------------------------
 
 // ---------------------------------------------------------------------------
 // Peers: NETPOL_PEERS_V4 / NETPOL_PEERS_V6, LPM tries keyed by address
@@ -484,6 +548,7 @@ mod user {
     unsafe impl aya::Pod for ConfigValue {}
     unsafe impl aya::Pod for RateState {}
     unsafe impl aya::Pod for VerdictEvent {}
+    unsafe impl aya::Pod for LocalKey {}
 
     impl EndpointValue {
         /// The pod's addresses (the first of each family counts) and MAC.
