@@ -266,7 +266,8 @@ impl Datapath {
         let id = prog.attach(&netns).map_err(|e| attach_err(Box::new(e)))?;
         let link = prog.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
         let fd: FdLink = link.into();
-        let tmp = path.with_extension("new");
+        // bpffs refuses names with a dot.
+        let tmp = path.with_file_name("netns-local_in-new");
         let _ = std::fs::remove_file(&tmp);
         fd.pin(&tmp).map_err(|e| attach_err(Box::new(e)))?;
         std::fs::rename(&tmp, &path).map_err(|e| attach_err(Box::new(e)))?;
