@@ -121,11 +121,15 @@ pub fn decide(
         };
     }
 
+    // A node address is deferred for TCP and UDP only: after the DNAT it may
+    // be a socket on the node, which `netpol_local_in` (sk_lookup, TCP and
+    // UDP only) judges. SCTP to the node stays judged here, against the node.
     if direction == DIR_EGRESS
         && stage == Stage::Veth
         && peer_flags & PEER_F_POD == 0
-        && matches!(protocol, PROTO_TCP | PROTO_UDP | PROTO_SCTP)
-        && (peer_flags & PEER_F_HOST != 0 || service_frontend(family, peer))
+        && ((peer_flags & PEER_F_HOST != 0 && matches!(protocol, PROTO_TCP | PROTO_UDP))
+            || (matches!(protocol, PROTO_TCP | PROTO_UDP | PROTO_SCTP)
+                && service_frontend(family, peer)))
     {
         return Decision {
             allow: true,
