@@ -3264,3 +3264,47 @@ fn sockets_on_the_node_are_judged_in_sk_lookup() {
     dp.local_in(PROTO_TCP, &at(CLIENT, 40000), &at(HOST, 22))
         .expect(TC_ACT_SHOT, DIR_EGRESS, REASON_NO_ENDPOINT, 1);
 }
+
+/// The flow table's key, written out field by field for one IPv4 and one
+/// IPv6 flow (the other tests find entries through `flow_key`, which
+/// follows the datapath's own rule and so cannot catch a change of it).
+#[test]
+fn flow_keys_are_the_pods_side_of_the_flow_byte_for_byte() {
+    let mut dp = load_or_skip!("flow_keys_are_the_pods_side_of_the_flow_byte_for_byte");
+    dp.endpoint(LO, endpoint(POLICY));
+    dp.to_pod(&tcp(&at(PEER, 40000), &at(POD, 80)).syn())
+        .passed(DIR_INGRESS, REASON_NOT_ISOLATED);
+    dp.from_pod(&udp(&at(POD6, 5353), &at(PEER6, 53)))
+        .passed(DIR_EGRESS, REASON_NOT_ISOLATED);
+    let mut keys: Vec<FlowKey> = dp.flows().into_iter().map(|(k, _)| k).collect();
+    keys.sort();
+    let v4 = |a: [u8; 4]| {
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&a);
+        b
+    };
+    let mut want = vec![
+        FlowKey {
+            ifindex: 1,
+            pod_port: 80,
+            remote_port: 40000,
+            protocol: 6,
+            family: 4,
+            _pad: [0; 2],
+            pod_addr: v4([10, 0, 0, 1]),
+            remote_addr: v4([10, 0, 0, 2]),
+        },
+        FlowKey {
+            ifindex: 1,
+            pod_port: 5353,
+            remote_port: 53,
+            protocol: 17,
+            family: 6,
+            _pad: [0; 2],
+            pod_addr: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            remote_addr: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+        },
+    ];
+    want.sort();
+    assert_eq!(keys, want);
+}
