@@ -2953,6 +2953,20 @@ fn arp_and_neighbour_discovery_from_a_pod_speak_only_for_it() {
     // Router advertisements *to* the pod (from the node's link) are ND.
     dp.to_pod(&router_advertisement("fe80::1"))
         .passed(DIR_INGRESS, REASON_NEIGHBOR_DISCOVERY);
+    // ND addressed off the link: routed, it would be a data channel to any
+    // host. On the link (the node, a pod of this node), it is ND.
+    dp.from_pod(&neighbor_advertisement(POD6, "2001:db8::99", POD6))
+        .dropped(DIR_EGRESS, REASON_ND_INVALID);
+    dp.from_pod(&neighbor_advertisement(POD6, PEER6, POD6))
+        .dropped(DIR_EGRESS, REASON_ND_INVALID);
+    dp.host("fd00::fe", HOST_ID);
+    dp.from_pod(&neighbor_advertisement(POD6, "fd00::fe", POD6))
+        .passed(DIR_EGRESS, REASON_NEIGHBOR_DISCOVERY);
+    dp.local_addr(PEER6, 9);
+    dp.from_pod(&neighbor_advertisement(POD6, PEER6, POD6))
+        .passed(DIR_EGRESS, REASON_NEIGHBOR_DISCOVERY);
+    dp.from_pod(&neighbor_advertisement("fe80::9", "fe80::1", POD6))
+        .passed(DIR_EGRESS, REASON_NEIGHBOR_DISCOVERY);
 }
 
 /// ICMP errors as a tunnel and as a weapon. The pod has a DNS flow to PEER.

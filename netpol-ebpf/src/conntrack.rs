@@ -15,7 +15,7 @@ use netpol_common::{
     REASON_TCP_NO_FLOW, REASON_UNSUPPORTED_ETHERTYPE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
     VerdictEvent,
 };
-use netpol_common::{FAMILY_V4, REASON_DEFERRED, REASON_NODE_TRAFFIC};
+use netpol_common::{FAMILY_V4, PEER_F_HOST, REASON_DEFERRED, REASON_NODE_TRAFFIC};
 
 use crate::{
     events::{coarse_now_ns, count, emit, now_ns},
@@ -532,6 +532,19 @@ fn neighbor_discovery(
     }
     if ty == ICMP6_ROUTER_ADVERT || ty == ICMP6_REDIRECT {
         return Err(ParseError(REASON_ROGUE_ROUTER));
+    }
+    // On the link: a link-local or multicast destination, the node (the
+    // pod's gateway, unicast neighbour unreachability detection) or another
+    // pod of this node (a bridged neighbour). A "neighbour solicitation" to
+    // any other address would be routed off the link: a data channel, not
+    // neighbour discovery.
+    let d = &p.daddr;
+    if !(link_local6(d)
+        || d[0] == 0xff
+        || peer_flags(FAMILY_V6, d) & PEER_F_HOST != 0
+        || local_sender(FAMILY_V6, d).is_some())
+    {
+        return Err(ParseError(REASON_ND_INVALID));
     }
     let Some(ep) = (unsafe { NETPOL_ENDPOINTS.get(&ifindex) }) else {
         return Err(ParseError(REASON_NO_ENDPOINT));
