@@ -324,6 +324,47 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
     }
 }
 
+/// Endpoints the last sync had, whose veth is still there and whose pod is
+/// still a local endpoint, but that this sync did not find (its addresses
+/// were not read): kept, with the pod's current policy and the addresses
+/// they had. Returns how many.
+fn keep_endpoints_on_transient_miss(
+    previous_pods: &BTreeMap<u32, crate::model::PodRef>,
+    previous: &BTreeMap<u32, EndpointValue>,
+    pod_like: &BTreeSet<u32>,
+    compiled: &BTreeMap<crate::model::PodRef, EndpointValue>,
+    desired: &mut BTreeMap<u32, EndpointValue>,
+    endpoint_pods: &mut BTreeMap<u32, crate::model::PodRef>,
+) -> usize {
+    let mut kept = 0;
+    for (ifindex, pod) in previous_pods {
+        if desired.contains_key(ifindex)
+            || !pod_like.contains(ifindex)
+            || endpoint_pods.values().any(|p| p == pod)
+        {
+            continue;
+        }
+        let (Some(old), Some(now)) = (previous.get(ifindex), compiled.get(pod)) else {
+            continue;
+        };
+        let addresses =
+            netpol_common::EP_F_HAS_V4 | netpol_common::EP_F_HAS_V6 | netpol_common::EP_F_HAS_MAC;
+        desired.insert(
+            *ifindex,
+            EndpointValue {
+                flags: (now.flags & !addresses) | (old.flags & addresses),
+                addr_v4: old.addr_v4,
+                addr_v6: old.addr_v6,
+                mac: old.mac,
+                ..*now
+            },
+        );
+        endpoint_pods.insert(*ifindex, pod.clone());
+        kept += 1;
+    }
+    kept
+}
+
 /// The addresses an endpoint entry says the pod has.
 fn endpoint_ips(ep: &EndpointValue) -> impl Iterator<Item = IpAddr> {
     let v4 = (ep.flags & netpol_common::EP_F_HAS_V4 != 0).then(|| IpAddr::from(ep.addr_v4));
@@ -462,6 +503,24 @@ impl Agent {
                 desired.insert(*ifindex, ep);
                 endpoint_pods.insert(*ifindex, pod.clone());
             }
+        }
+        // A transient miss (one failed read of a bridged pod's netns, an
+        // address not seen this time) must not remove an endpoint: that
+        // drops and forgets all its flows. An endpoint goes when its veth
+        // goes or its pod is deleted.
+        let kept = keep_endpoints_on_transient_miss(
+            &self.names.endpoints,
+            &self.endpoints,
+            &pod_like,
+            &compiled.maps.endpoints,
+            &mut desired,
+            &mut endpoint_pods,
+        );
+        if kept > 0 {
+            tracing::debug!(
+                kept,
+                "endpoints kept: veth present, pod live, addresses not read this time"
+            );
         }
         // A peer map that cannot hold every address would let some address
         // fall back to a shorter prefix's identity, possibly a more
@@ -813,5 +872,54 @@ impl Agent {
         {
             let _ = std::fs::rename(&tmp, &path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::PodRef;
+
+    #[test]
+    fn a_transient_miss_keeps_the_endpoint_until_its_veth_or_pod_goes() {
+        let pod = PodRef::new("x", "a");
+        let old = EndpointValue::new(1, 7, netpol_common::EP_F_INGRESS_ISOLATED)
+            .with_addresses(["10.0.0.5".parse().unwrap()], Some([2, 0, 0, 0, 0, 1]));
+        let now = EndpointValue::new(2, 7, netpol_common::EP_F_EGRESS_ISOLATED);
+        let previous_pods = BTreeMap::from([(10, pod.clone())]);
+        let previous = BTreeMap::from([(10, old)]);
+        let compiled = BTreeMap::from([(pod.clone(), now)]);
+        let run = |pod_like: &[u32], compiled: &BTreeMap<PodRef, EndpointValue>| {
+            let mut desired = BTreeMap::new();
+            let mut pods = BTreeMap::new();
+            let n = keep_endpoints_on_transient_miss(
+                &previous_pods,
+                &previous,
+                &pod_like.iter().copied().collect(),
+                compiled,
+                &mut desired,
+                &mut pods,
+            );
+            (n, desired, pods)
+        };
+        // Veth there, pod live, addresses not read: kept, with the new
+        // policy and the old addresses.
+        let (n, desired, pods) = run(&[10], &compiled);
+        assert_eq!(n, 1);
+        let ep = desired[&10];
+        assert_eq!(ep.policy_id, 2);
+        assert_eq!(ep.addr_v4, [10, 0, 0, 5]);
+        assert_eq!(ep.mac, [2, 0, 0, 0, 0, 1]);
+        assert_eq!(
+            ep.flags,
+            netpol_common::EP_F_EGRESS_ISOLATED
+                | netpol_common::EP_F_HAS_V4
+                | netpol_common::EP_F_HAS_MAC
+        );
+        assert_eq!(pods[&10], pod);
+        // The veth is gone: removed.
+        assert_eq!(run(&[], &compiled).0, 0);
+        // The pod is deleted: removed.
+        assert_eq!(run(&[10], &BTreeMap::new()).0, 0);
     }
 }
