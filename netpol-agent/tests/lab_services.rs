@@ -356,14 +356,21 @@ spec:
 "#;
 
 /// `getent hosts <name>` inside the pod's netns (`ip netns exec` binds the pod's resolv.conf:
-/// nameserver kube-dns, search path, ndots:5), with the resolver's timeout cut to 1 s per query
-/// so a denied lookup fails in seconds. Returns whether it resolved, and its output.
-fn getent(pod: &PodState, name: &str) -> (bool, String) {
+/// nameserver kube-dns, search path, ndots:5). `expect_denied` cuts the resolver's timeout to
+/// 1 s per query and one attempt, so a denied lookup fails in seconds (about 8 s: the search
+/// path's four names for two families); otherwise it gets 2 s and two attempts, so a busy
+/// machine does not fail a lookup that is allowed. Returns whether it resolved, and the output.
+fn getent(pod: &PodState, name: &str, expect_denied: bool) -> (bool, String) {
+    let options = if expect_denied {
+        "timeout:1 attempts:1"
+    } else {
+        "timeout:2 attempts:2"
+    };
     let out = Command::new("timeout")
         .args([
-            "30", "ip", "netns", "exec", &pod.netns, "getent", "hosts", name,
+            "40", "ip", "netns", "exec", &pod.netns, "getent", "hosts", name,
         ])
-        .env("RES_OPTIONS", "timeout:1 attempts:1")
+        .env("RES_OPTIONS", options)
         .output()
         .expect("run getent");
     let text = format!(
@@ -433,11 +440,11 @@ fn dns_tcp_a(pod: &PodState, server: IpAddr, name: &str) -> Result<Vec<IpAddr>, 
 }
 
 /// Runs `getent` from several pods at once.
-fn getent_all(pods: &[&PodState], name: &str) -> Vec<(String, bool, String)> {
+fn getent_all(pods: &[&PodState], name: &str, expect_denied: bool) -> Vec<(String, bool, String)> {
     thread::scope(|s| {
         let handles: Vec<_> = pods
             .iter()
-            .map(|p| s.spawn(move || (p.key(), getent(p, name))))
+            .map(|p| s.spawn(move || (p.key(), getent(p, name, expect_denied))))
             .collect();
         handles
             .into_iter()
@@ -474,7 +481,7 @@ fn dns_under_default_deny_egress(test: &str, tag: &str, mode: ProxyMode) {
     };
 
     // The lab's DNS works before any policy (else nothing below means anything).
-    for (client, ok, out) in getent_all(&clients, name) {
+    for (client, ok, out) in getent_all(&clients, name, false) {
         assert!(
             ok && resolves(&out),
             "{test}: no policy yet, yet {client} cannot resolve {name}: {out}"
@@ -493,7 +500,7 @@ fn dns_under_default_deny_egress(test: &str, tag: &str, mode: ProxyMode) {
 
     // Default-deny egress: DNS fails, and the flow log says which policy isolates the pod.
     apply(&lab, &mut agents, DEFAULT_DENY_EGRESS_X);
-    for (client, ok, out) in getent_all(&clients, name) {
+    for (client, ok, out) in getent_all(&clients, name, true) {
         assert!(
             !ok,
             "{test}: default-deny egress, yet {client} resolved {name}: {out}"
@@ -537,7 +544,7 @@ fn dns_under_default_deny_egress(test: &str, tag: &str, mode: ProxyMode) {
     // Plus the DNS allow: resolves again from both nodes, over UDP and TCP.
     apply(&lab, &mut agents, ALLOW_DNS_X);
     let mut wrong = Vec::new();
-    for (client, ok, out) in getent_all(&clients, name) {
+    for (client, ok, out) in getent_all(&clients, name, false) {
         if !(ok && resolves(&out)) {
             wrong.push(format!("  getent (UDP) from {client}: {out}"));
         }
