@@ -289,35 +289,31 @@ pub fn start_stream_via(
     let shared = Arc::new(Shared::default());
 
     let (ready_tx, ready_rx) = mpsc::channel();
-    let server = spawn_in_netns(
-        &to.netns_path(),
-        &to.key(),
-        format!("echo-{listen_port}"),
-        {
-            let shared = shared.clone();
-            let pod = to.key();
-            move || {
-                let bound = match protocol {
-                    Protocol::Tcp => tcp_listener(listen).map(Echo::Tcp),
-                    _ => udp_bound(listen).map(Echo::Udp),
-                };
-                match bound {
-                    Ok(echo) => {
-                        let _ = ready_tx.send(Ok(()));
-                        echo.run(&shared);
-                    }
-                    Err(source) => {
-                        let _ = ready_tx.send(Err(StreamError::Listen {
-                            pod,
-                            protocol,
-                            addr: listen,
-                            source,
-                        }));
-                    }
+    let echo = format!("echo-{listen_port}");
+    let server = spawn_in_netns(&to.netns_path(), &to.key(), echo, {
+        let shared = shared.clone();
+        let pod = to.key();
+        move || {
+            let bound = match protocol {
+                Protocol::Tcp => tcp_listener(listen).map(Echo::Tcp),
+                _ => udp_bound(listen).map(Echo::Udp),
+            };
+            match bound {
+                Ok(echo) => {
+                    let _ = ready_tx.send(Ok(()));
+                    echo.run(&shared);
+                }
+                Err(source) => {
+                    let _ = ready_tx.send(Err(StreamError::Listen {
+                        pod,
+                        protocol,
+                        addr: listen,
+                        source,
+                    }));
                 }
             }
-        },
-    )?;
+        }
+    })?;
     let stop_server = |server: JoinHandle<Option<()>>| {
         shared.stop_server.store(true, Ordering::Relaxed);
         let _ = server.join();
