@@ -20,11 +20,11 @@
 //! The cluster: node-a (routed) with x/a and y/b (and CoreDNS), node-b (bridged) with x/b and
 //! y/a; every pod serves TCP and UDP port 80 behind its Service `s-<ns>-<pod>` (dual-stack).
 //!
-//! Every test fails on the tree before issue 11's fix (egress judged on the ClusterIP or node
-//! address dialled), so each is `#[ignore]`d with that reason until the fix lands:
-//! `cargo test -p netpol-agent --test lab_services -- --include-ignored --test-threads=1` runs
-//! them. Where a test has checks that hold already (DNS denied and logged, the same verdicts
-//! through pod IPs), they run before the ones that show the defect.
+//! Every test failed on the tree before issue 11's fix (egress judged on the ClusterIP or node
+//! address dialled). With the fix (a578947) six pass; the NodePort test is `#[ignore]`d with the
+//! reason it still fails: `cargo test -p netpol-agent --test lab_services -- --include-ignored
+//! --test-threads=1` runs it too. Where a test has checks that hold without the fix (DNS denied
+//! and logged, the same verdicts through pod IPs), they run before the ones that need it.
 //!
 //! Each test brings up its own lab and prints `[measure]` lines; a timing never decides a test.
 //! Needs root and the control-plane tools (`cargo xtask setup`); skips loudly without them and
@@ -94,9 +94,26 @@ fn setup(test: &str, tag: &str, mode: ProxyMode) -> Option<(Lab, Agents)> {
         .unwrap_or_else(|e| panic!("{test}: install deploy/: {e}"));
     let mut agents = start_agents_with(&lab, Path::new(AGENT), &source, &[])
         .unwrap_or_else(|e| panic!("{test}: start agents: {e}"));
-    agents
-        .wait_synced(&[], Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("{test}: {e}"));
+    if let Err(e) = agents.wait_synced(&[], Duration::from_secs(60)) {
+        // The log's tail is a backtrace when an agent exits: show its error and causes.
+        let errors: Vec<String> = agents
+            .agents
+            .iter()
+            .flat_map(|a| {
+                std::fs::read_to_string(&a.log)
+                    .unwrap_or_default()
+                    .lines()
+                    .skip_while(|l| !(l.contains("ERROR") || l.contains("Error")))
+                    .take_while(|l| !l.contains("backtrace"))
+                    .map(|l| format!("  {}: {l}", a.node))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        panic!(
+            "{test}: {e}\nerrors in the agents' logs:\n{}",
+            errors.join("\n")
+        );
+    }
     eprintln!(
         "[measure] {test}: lab {name} (kube-proxy {mode}) up in {lab_up:.1?}, agents synced after {:.1?}",
         started.elapsed()
@@ -579,7 +596,6 @@ fn dns_under_default_deny_egress(test: &str, tag: &str, mode: ProxyMode) {
 }
 
 #[test]
-#[ignore = "issue 11: fails until egress is judged after kube-proxy's DNAT; un-ignore with the fix"]
 fn dns_under_default_deny_egress_kube_proxy_iptables() {
     dns_under_default_deny_egress(
         "dns_under_default_deny_egress_kube_proxy_iptables",
@@ -589,7 +605,6 @@ fn dns_under_default_deny_egress_kube_proxy_iptables() {
 }
 
 #[test]
-#[ignore = "issue 11: fails until egress is judged after kube-proxy's DNAT; un-ignore with the fix"]
 fn dns_under_default_deny_egress_kube_proxy_nftables() {
     dns_under_default_deny_egress(
         "dns_under_default_deny_egress_kube_proxy_nftables",
@@ -634,7 +649,6 @@ spec:
 /// just as none does through its pod IP. The ClusterIP lies in the ipBlock; the pod it leads to
 /// does not. A pod to itself (hairpin) is not judged here (see the hairpin test).
 #[test]
-#[ignore = "issue 11: fails until egress is judged after kube-proxy's DNAT; un-ignore with the fix"]
 fn ipblock_except_pod_cidrs_is_not_bypassed_through_cluster_ips() {
     const TEST: &str = "ipblock_except_pod_cidrs_is_not_bypassed_through_cluster_ips";
     let Some((lab, mut agents)) = setup(TEST, "by", ProxyMode::Iptables) else {
@@ -688,7 +702,6 @@ spec:
 /// each reaches x/b and y/b, one of them on its own node and the other on the other node, and
 /// neither reaches the other pod=a. Through pod IPs the verdicts are the same.
 #[test]
-#[ignore = "issue 11: fails until egress is judged after kube-proxy's DNAT; un-ignore with the fix"]
 fn egress_pod_selector_follows_same_node_and_cross_node_backends() {
     const TEST: &str = "egress_pod_selector_follows_same_node_and_cross_node_backends";
     let Some((lab, mut agents)) = setup(TEST, "nd", ProxyMode::Iptables) else {
@@ -753,7 +766,6 @@ spec:
 /// bridged node) are isolated both ways and each admits only itself: each reaches itself
 /// through its Service, and not the other, over TCP and UDP, IPv4 and IPv6.
 #[test]
-#[ignore = "issue 11: fails until egress is judged after kube-proxy's DNAT; un-ignore with the fix"]
 fn hairpin_to_own_service_is_allowed_when_the_pod_admits_itself() {
     const TEST: &str = "hairpin_to_own_service_is_allowed_when_the_pod_admits_itself";
     let Some((lab, mut agents)) = setup(TEST, "hp", ProxyMode::Iptables) else {
@@ -817,7 +829,9 @@ fn y_egress(lab: &LabState, nodes: bool) -> String {
 ///   the nodes' addresses added, the other node's NodePorts are reached, both of them, while on
 ///   the client's own node np-xa stays denied: its backend x/a is neither pod=b nor a node.
 #[test]
-#[ignore = "issue 11: fails until egress is judged after kube-proxy's DNAT; un-ignore with the fix"]
+#[ignore = "issue 11: kube-proxy masquerades NodePort traffic (externalTrafficPolicy Cluster), \
+            so the backend's veth and the node's uplink see the node, not the client pod, and \
+            the client's egress is never judged: np-xa on the client's own node is reached"]
 fn node_port_from_a_pod_follows_the_backend_on_its_own_node() {
     const TEST: &str = "node_port_from_a_pod_follows_the_backend_on_its_own_node";
     let Some((lab, mut agents)) = setup(TEST, "np", ProxyMode::Iptables) else {
@@ -975,7 +989,6 @@ fn assert_cut(stream: StreamHandle, what: &str) {
 /// 4. A stream to x/b2 flows; x/b2 is relabelled role=other: the stream is cut and new
 ///    connections are denied.
 #[test]
-#[ignore = "issue 11: fails until egress is judged after kube-proxy's DNAT; un-ignore with the fix"]
 fn backend_changes_under_an_open_connection_are_enforced() {
     const TEST: &str = "backend_changes_under_an_open_connection_are_enforced";
     let Some((mut lab, mut agents)) = setup(TEST, "bc", ProxyMode::Iptables) else {
