@@ -21,10 +21,10 @@
 //! y/a; every pod serves TCP and UDP port 80 behind its Service `s-<ns>-<pod>` (dual-stack).
 //!
 //! Every test failed on the tree before issue 11's fix (egress judged on the ClusterIP or node
-//! address dialled). With the fix (a578947) six pass; the NodePort test is `#[ignore]`d with the
-//! reason it still fails: `cargo test -p netpol-agent --test lab_services -- --include-ignored
-//! --test-threads=1` runs it too. Where a test has checks that hold without the fix (DNS denied
-//! and logged, the same verdicts through pod IPs), they run before the ones that need it.
+//! address dialled). With the fix (a578947, bb9d424) six pass; the NodePort test is ignored
+//! with the reason it still fails (`-- --include-ignored` runs it). Where a test has checks
+//! that hold without the fix (DNS denied and logged, the same verdicts through pod IPs), they
+//! run before the ones that need it.
 //!
 //! Each test brings up its own lab and prints `[measure]` lines; a timing never decides a test.
 //! Needs root and the control-plane tools (`cargo xtask setup`); skips loudly without them and
