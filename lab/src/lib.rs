@@ -22,6 +22,7 @@ pub mod peer;
 pub mod pki;
 pub mod probe;
 pub mod server;
+pub mod services;
 pub mod spec;
 pub mod state;
 pub mod stream;
@@ -42,7 +43,7 @@ pub use probe::{
 };
 pub use spec::{Attachment, ClusterSpec, FabricMode, PodSpec, PortSpec, Protocol, SpecError};
 pub use state::{ChangeError, Family, LabState, NodeState, PodState, StateError, Vtep, VxlanState};
-pub use stream::{StreamError, StreamHandle, StreamReport, start_stream};
+pub use stream::{StreamError, StreamHandle, StreamReport, start_stream, start_stream_via};
 pub use table::{Comparison, Mismatch, TruthTable};
 
 /// A running lab that is torn down when dropped (for tests and tools).
