@@ -33,6 +33,9 @@ fn write(level: &str, msg: Arguments<'_>) {
     let now = humantime::format_rfc3339_millis(std::time::SystemTime::now());
     let line = format!("{now} {level} netpol-cni {context}: {msg}\n");
     if let Some(path) = file {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
         let opened = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
