@@ -398,6 +398,12 @@ fn pod_added_through_cni_while_agent_is_down_is_denied_until_it_returns() {
     }
     netpol_lab::cni::invoke(pod.cni.as_ref().unwrap(), &node, &pod, "DEL", None)
         .expect("a second CNI DEL succeeds");
+    let add_line = plugin_log(&lab, "node-a")
+        .lines()
+        .find(|l| l.contains("carries netpol's programs"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    eprintln!("[measure] netpol-cni ADD: {add_line}");
     eprintln!(
         "[measure] x/new denied from its first packet with the agent down: {tries} probes, \
          {drops} no_endpoint drops; allowed by policy {allowed_after:?} after the agents synced"
@@ -437,11 +443,13 @@ fn cni_loads_the_programs_where_no_link_is_pinned() {
     for hook in ["from_pod", "to_pod"] {
         assert!(root.join("links").join(format!("{veth}-{hook}")).exists());
     }
-    assert!(
-        plugin_log(&lab, "node-a").contains("loaded"),
-        "{}",
-        plugin_log(&lab, "node-a")
-    );
+    let log = plugin_log(&lab, "node-a");
+    let add_line = log
+        .lines()
+        .find(|l| l.contains("carries netpol's programs"))
+        .unwrap_or_else(|| panic!("no ADD line in the plugin's log:\n{log}"));
+    assert!(add_line.contains("loaded"), "{add_line}");
+    eprintln!("[measure] netpol-cni ADD with no link pinned: {add_line}");
     assert!(!connects(&lab, ("y", "a"), ("x", "new")));
     assert!(no_endpoint_drops(&root) > drops_before);
 
@@ -496,4 +504,70 @@ fn cni_passes_through_where_netpol_is_not_installed() {
             .expect("remove (CNI DEL) without netpol");
     }
     assert!(!root.exists(), "the plugin created {}", root.display());
+}
+
+/// Programs attached on `dev`'s TCX hook in `node`'s netns.
+fn tcx_programs(lab: &LabState, node: &str, dev: &str, ingress: bool) -> Vec<u32> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let path = lab.node(node).expect("node").netns_path();
+    let attach = if ingress {
+        TcAttachType::Ingress
+    } else {
+        TcAttachType::Egress
+    };
+    netpol_lab::run_in_netns(&path, || {
+        SchedClassifier::query_tcx(dev, attach)
+            .map(|(_, progs)| progs.iter().map(|p| p.id()).collect())
+            .map_err(std::io::Error::other)
+    })
+    .expect("query tcx")
+}
+
+/// With the agents running, the plugin and the agent both attach to a new
+/// veth: whoever pins first wins and the other's link goes, so each hook
+/// carries exactly one program, and the policy applies.
+#[test]
+fn cni_and_a_running_agent_leave_one_program_per_hook() {
+    let test = "cni_and_a_running_agent_leave_one_program_per_hook";
+    if !require_privileges(test) {
+        return;
+    }
+    let plugin = plugin();
+    let mut lab = common::lab::up('o', PORTS);
+    let mut agents = start_agents(&lab, Path::new(AGENT), &[]).expect("start agents");
+    apply_policies(&lab, &mut agents);
+    for (node, name) in [("node-a", "new-a"), ("node-b", "new-b")] {
+        let before = agents.revisions();
+        let pod = lab
+            .add_pod(
+                x_pod(name, node, "a"),
+                &AddPodOptions {
+                    cni: Some(plugin.clone()),
+                    ..AddPodOptions::default()
+                },
+            )
+            .expect("add through netpol-cni with the agent running");
+        agents
+            .wait_synced(&before, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{e}"));
+        for ingress in [true, false] {
+            let progs = tcx_programs(&lab, node, &pod.host_veth, ingress);
+            assert_eq!(
+                progs.len(),
+                1,
+                "{node} {} ingress={ingress}: programs {progs:?}",
+                pod.host_veth
+            );
+        }
+        assert!(
+            eventually(Duration::from_secs(5), || connects(
+                &lab,
+                ("y", "a"),
+                ("x", name)
+            ))
+            .is_some(),
+            "y/a may reach x/{name}"
+        );
+        assert!(!connects(&lab, ("y", "b"), ("x", name)), "y/b may not");
+    }
 }

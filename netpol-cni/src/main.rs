@@ -233,3 +233,41 @@ fn gc(conf: &NetConf, pins: &Pins) {
         ));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// GC forgets the attachments the runtime no longer lists and keeps the
+    /// others (no netpol here, so no pins to look at).
+    #[test]
+    fn gc_forgets_attachments_the_runtime_no_longer_has() {
+        let dir = std::env::temp_dir().join(format!("netpol-cni-gc-{}", std::process::id()));
+        for id in ["keep", "gone"] {
+            state::save(
+                &dir,
+                &state::Record {
+                    container_id: id.into(),
+                    ifname: "eth0".into(),
+                    host_ifindex: 1_000_000,
+                    host_veth: format!("veth{id}"),
+                },
+            )
+            .unwrap();
+        }
+        let conf = NetConf::parse(&format!(
+            r#"{{"cniVersion": "1.1.0", "name": "n", "bpffsRoot": "/nonexistent/netpol",
+                "stateDir": {:?},
+                "cni.dev/valid-attachments": [{{"containerID": "keep", "ifname": "eth0"}}]}}"#,
+            dir.display().to_string()
+        ))
+        .unwrap();
+        gc(&conf, &Pins::new(&conf.bpffs_root));
+        let left: Vec<String> = state::all(&dir)
+            .into_iter()
+            .map(|r| r.container_id)
+            .collect();
+        assert_eq!(left, ["keep"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
