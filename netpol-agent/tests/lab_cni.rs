@@ -464,6 +464,14 @@ fn cni_loads_the_programs_where_no_link_is_pinned() {
         "allowed once the agent knows x/new"
     );
     assert!(!connects(&lab, ("y", "b"), ("x", "new")));
+
+    // CHECK fails once a link is gone (code 102: not attached).
+    std::fs::remove_file(root.join("links").join(format!("{veth}-to_pod"))).unwrap();
+    let node = lab.node("node-a").unwrap();
+    let prev = netpol_lab::cni::prev_result(node, &pod).unwrap();
+    let err = netpol_lab::cni::invoke(pod.cni.as_ref().unwrap(), node, &pod, "CHECK", Some(&prev))
+        .expect_err("CHECK with a link missing");
+    assert!(err.to_string().contains(r#""code":102"#), "{err}");
 }
 
 /// Without netpol on the node (no pinned maps), ADD answers with the
