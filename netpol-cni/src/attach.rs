@@ -187,9 +187,10 @@ fn attach_one(
     hook: Hook,
     mut prog: SchedClassifier,
 ) -> Result<(), CniError> {
-    let attach_type = match hook {
-        Hook::FromPod => TcAttachType::Ingress,
-        Hook::ToPod => TcAttachType::Egress,
+    let attach_type = if hook == Hook::FromPod {
+        TcAttachType::Ingress
+    } else {
+        TcAttachType::Egress
     };
     let id = prog
         .attach_with_options(

@@ -22,11 +22,13 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_TCX_INGRESS: u32 = 46;
 const BPF_TCX_EGRESS: u32 = 47;
 
-/// The TCX attach type of a hook, as the kernel reports it.
+/// The TCX attach type of a hook, as the kernel reports it: only `from_pod`
+/// sits on a TC ingress.
 pub fn tcx_attach_type(hook: Hook) -> u32 {
-    match hook {
-        Hook::FromPod => BPF_TCX_INGRESS,
-        Hook::ToPod => BPF_TCX_EGRESS,
+    if hook == Hook::FromPod {
+        BPF_TCX_INGRESS
+    } else {
+        BPF_TCX_EGRESS
     }
 }
 
