@@ -6,6 +6,7 @@
 //!   `/run/netpol-lab/<lab>/state.json`, loaded with [`LabState::load`]) says where everything is.
 //! * [`probe`] / [`connect`]: real connections from inside pod namespaces, as [`TruthTable`]s.
 //! * [`netns_command`]: run a command in a node's (or pod's) netns, keeping bpffs visible.
+//! * [`cni`]: pods set up through the chained CNI plugin `netpol-cni`, as a runtime would.
 //! * [`Lab`]: a lab that goes down when dropped, for tests; [`require_privileges`] skips them
 //!   loudly without root.
 //!
@@ -13,6 +14,7 @@
 
 pub mod agents;
 pub mod cluster;
+pub mod cni;
 pub mod controlplane;
 pub mod cp_ops;
 pub mod kube;
