@@ -143,6 +143,21 @@ impl DeniedProber {
     }
 }
 
+/// Pinned links of pod veths (`<ifindex>-from_pod`, `<ifindex>-to_pod`): not
+/// the node devices' `post_nat` links nor the netns's sk_lookup link.
+fn pod_links(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.ends_with("-from_pod") || name.ends_with("-to_pod")
+                })
+                .count()
+        })
+        .unwrap_or_default()
+}
+
 /// Program ids attached in the pinned links of an agent.
 fn attached_programs(bpffs_root: &Path) -> BTreeMap<String, u32> {
     let mut out = BTreeMap::new();
@@ -349,9 +364,7 @@ fn pods_added_and_removed_while_agents_run() {
         let attach_seen = (|| {
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
-                let n = std::fs::read_dir(&links)
-                    .map(|d| d.count())
-                    .unwrap_or_default();
+                let n = pod_links(&links);
                 // two links per pod veth
                 if n >= 2 * lab.pods.iter().filter(|p| p.node == node).count() {
                     return Some(t0.elapsed());
@@ -397,9 +410,7 @@ fn pods_added_and_removed_while_agents_run() {
     loop {
         let a = agents.node("node-a");
         let st = a.status().unwrap();
-        let links = std::fs::read_dir(a.bpffs_root.join("links"))
-            .map(|d| d.count())
-            .unwrap_or_default();
+        let links = pod_links(&a.bpffs_root.join("links"));
         if st["endpoints"].as_u64() == Some(endpoints_before - 1) && links == 2 * 2 {
             break;
         }
