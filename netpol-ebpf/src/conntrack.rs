@@ -306,10 +306,9 @@ fn try_post_nat(ctx: &TcContext, s: &mut Scratch) -> Result<Verdict, ParseError>
     s.pkt.saddr = [0; 16];
     s.pkt.daddr = [0; 16];
     // What is not a local pod's IP packet passes: the node's own traffic,
-    // traffic routed through the node, tunnels' outer packets. Every packet
-    // a pod sent was parsed (and anything unparsable dropped) on its veth,
-    // and NAT rewrites addresses and ports only, so a packet that does not
-    // parse here is not a pod's.
+    // traffic routed through the node, tunnels' outer packets. NetworkPolicy
+    // does not apply to them, and the node's connectivity must not depend
+    // on this parser.
     let Ok(ethertype) = ethertype(ctx) else {
         count(DIR_EGRESS, REASON_NODE_TRAFFIC);
         return Ok(Verdict::Pass);
@@ -318,14 +317,29 @@ fn try_post_nat(ctx: &TcContext, s: &mut Scratch) -> Result<Verdict, ParseError>
         count(DIR_EGRESS, REASON_NODE_TRAFFIC);
         return Ok(Verdict::Pass);
     };
-    if parse_ip(ctx, family, ETH_HLEN, false, &mut s.pkt).is_err() {
-        count(DIR_EGRESS, REASON_NODE_TRAFFIC);
-        return Ok(Verdict::Pass);
-    }
-    let Some(ifindex) = local_sender(family, &s.pkt.saddr) else {
+    // The source address first: most packets on a node's device are not a
+    // local pod's, and need no more than this one lookup.
+    let mut saddr = [0u8; 16];
+    let read = if family == FAMILY_V4 {
+        load::<[u8; 4]>(ctx, ETH_HLEN + 12).map(|a| {
+            saddr[0] = a[0];
+            saddr[1] = a[1];
+            saddr[2] = a[2];
+            saddr[3] = a[3];
+        })
+    } else {
+        load_into(ctx, ETH_HLEN + 8, &mut saddr)
+    };
+    let sender = match read {
+        Ok(()) => local_sender(family, &saddr),
+        Err(_) => None,
+    };
+    let Some(ifindex) = sender else {
         count(DIR_EGRESS, REASON_NODE_TRAFFIC);
         return Ok(Verdict::Pass);
     };
+    // A local pod's packet: from here on, what does not parse is dropped.
+    parse_ip(ctx, family, ETH_HLEN, false, &mut s.pkt)?;
     if s.pkt.icmp == IcmpKind::NeighborDiscovery {
         // Checked on the pod's veth; never routed.
         count(DIR_EGRESS, REASON_NEIGHBOR_DISCOVERY);
