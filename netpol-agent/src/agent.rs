@@ -112,6 +112,8 @@ struct Agent {
     local_addrs: BTreeMap<IpAddr, u32>,
     /// `NETPOL_DEFER_V4`/`V6` as last written.
     deferred: BTreeSet<ipnet::IpNet>,
+    /// Endpoint slots (the sender tag) by veth, as written to `NETPOL_SLOTS`.
+    slots: BTreeMap<u32, u16>,
     /// Veths this process attached its programs to.
     attached_this_run: BTreeSet<u32>,
     /// Node devices this process attached `netpol_post_nat` to.
@@ -235,6 +237,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         endpoints,
         local_addrs,
         deferred,
+        slots: BTreeMap::new(),
         attached_this_run: BTreeSet::new(),
         post_nat_this_run: BTreeSet::new(),
         names: Arc::new(Names::default()),
@@ -363,6 +366,12 @@ fn keep_endpoints_on_transient_miss(
         kept += 1;
     }
     kept
+}
+
+/// The lowest slot no veth holds.
+fn free_slot(slots: &BTreeMap<u32, u16>) -> Option<u16> {
+    let used: BTreeSet<u16> = slots.values().copied().collect();
+    (0..netpol_common::SLOTS as u16).find(|s| !used.contains(s))
 }
 
 /// The addresses an endpoint entry says the pod has.
@@ -636,6 +645,42 @@ impl Agent {
                 }
             }
         }
+        // Slots: stable per veth (adopted from the pinned endpoints), the
+        // slot's veth written before the endpoint that carries it.
+        for (ifindex, ep) in desired.iter_mut() {
+            let slot = match self.slots.get(ifindex) {
+                Some(s) => Some(*s),
+                None => {
+                    let adopted = self
+                        .endpoints
+                        .get(ifindex)
+                        .map(|e| e.slot)
+                        .filter(|s| !self.slots.values().any(|u| u == s));
+                    let slot = adopted.or_else(|| free_slot(&self.slots));
+                    if let Some(slot) = slot {
+                        match self.dp.set_slot(slot, *ifindex) {
+                            Ok(()) => {
+                                self.slots.insert(*ifindex, slot);
+                            }
+                            Err(e) => {
+                                errors.push(e.to_string());
+                                continue;
+                            }
+                        }
+                    }
+                    slot
+                }
+            };
+            match slot {
+                Some(slot) => ep.slot = slot,
+                None => errors.push(format!(
+                    "no free endpoint slot (of {}) for veth {ifindex}: its pod's traffic \
+                     through a masquerading Service is judged by address only",
+                    netpol_common::SLOTS
+                )),
+            }
+        }
+        self.slots.retain(|i, _| desired.contains_key(i));
         for (ifindex, ep) in &desired {
             if self.endpoints.get(ifindex) != Some(ep) {
                 revokes |= self.endpoints.contains_key(ifindex);

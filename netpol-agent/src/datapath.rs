@@ -143,6 +143,7 @@ fn expected_layout(map: &str) -> Option<(u32, u32)> {
         map_names::LOCAL_ADDRS => sz(size_of::<LocalKey>(), 4),
         map_names::DEFER_V4 => sz(4 + 4, 4),
         map_names::DEFER_V6 => sz(4 + 16, 4),
+        map_names::SLOTS => sz(4, 4),
         _ => None, // the ring buffer has no key or value
     }
 }
@@ -370,6 +371,15 @@ impl Datapath {
                 .expect("map in object"),
         )
         .map_err(map_err(map_names::LOCAL_ADDRS))
+    }
+
+    /// Endpoint slot -> its veth (the sender tag's meaning).
+    pub fn set_slot(&mut self, slot: u16, ifindex: u32) -> Result<()> {
+        let mut m: Array<_, u32> =
+            Array::try_from(self.ebpf.map_mut(map_names::SLOTS).expect("map"))
+                .map_err(map_err(map_names::SLOTS))?;
+        m.set(u32::from(slot), ifindex, 0)
+            .map_err(map_err(map_names::SLOTS))
     }
 
     /// A local pod's address -> its veth.

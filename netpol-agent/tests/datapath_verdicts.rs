@@ -986,7 +986,10 @@ fn not_isolated_endpoint_passes_and_opens_a_flow_in_both_directions() {
     assert_eq!(fwd.reason, REASON_NOT_ISOLATED);
     assert_eq!(fwd.generation, 1);
     assert_eq!(fwd.state, netpol_common::FLOW_S_OPEN);
-    assert_eq!(fwd._pad, [0; 4]);
+    assert_eq!(fwd._pad, [0; 2]);
+    // The endpoint fixture has slot 0: the pod's packets on this flow carry
+    // tag 0x8000.
+    assert_eq!(fwd.sender_tag, netpol_common::SENDER_TAG);
     assert!(fwd.created_ns > 0);
     let rev = dp
         .flow(&syn.reversed(), DIR_EGRESS)

@@ -21,8 +21,9 @@
 //! y/a; every pod serves TCP and UDP port 80 behind its Service `s-<ns>-<pod>` (dual-stack).
 //!
 //! Every test failed on the tree before issue 11's fix (egress judged on the ClusterIP or node
-//! address dialled). With the fix (a578947, bb9d424) six pass; the NodePort test is ignored
-//! with the reason it still fails (`-- --include-ignored` runs it). Where a test has checks
+//! address dialled). All pass with the fix (a578947, bb9d424), the NodePort test since the
+//! sender tag: kube-proxy masquerades NodePort traffic, and the backend's veth and the node's
+//! devices then know the client by the tag its veth wrote, not by its address. Where a test has checks
 //! that hold without the fix (DNS denied and logged, the same verdicts through pod IPs), they
 //! run before the ones that need it.
 //!
@@ -761,8 +762,9 @@ spec:
 /// Upstream NetworkPolicy leaves this implementation-defined (kubernetes-sigs/network-policy-api
 /// issue 343); Cilium skips policy for service loopback, Antrea always allows hairpin Service
 /// traffic, OVN-Kubernetes admits it through a dedicated masquerade address. netpol's rule, as
-/// documented for issue 11: the connection is judged as one from the pod to itself, so it is
-/// allowed when the pod's own policies admit itself. Here x/a and x/b (on the routed and the
+/// documented for issue 11: the connection is judged as one from the pod to itself (its egress
+/// by the sender tag, its ingress as from the node, which kube-proxy's masquerade makes it), so
+/// it is allowed when the pod's own egress admits itself. Here x/a and x/b (on the routed and the
 /// bridged node) are isolated both ways and each admits only itself: each reaches itself
 /// through its Service, and not the other, over TCP and UDP, IPv4 and IPv6.
 #[test]
@@ -829,9 +831,6 @@ fn y_egress(lab: &LabState, nodes: bool) -> String {
 ///   the nodes' addresses added, the other node's NodePorts are reached, both of them, while on
 ///   the client's own node np-xa stays denied: its backend x/a is neither pod=b nor a node.
 #[test]
-#[ignore = "issue 11: kube-proxy masquerades NodePort traffic (externalTrafficPolicy Cluster), \
-            so the backend's veth and the node's uplink see the node, not the client pod, and \
-            the client's egress is never judged: np-xa on the client's own node is reached"]
 fn node_port_from_a_pod_follows_the_backend_on_its_own_node() {
     const TEST: &str = "node_port_from_a_pod_follows_the_backend_on_its_own_node";
     let Some((lab, mut agents)) = setup(TEST, "np", ProxyMode::Iptables) else {

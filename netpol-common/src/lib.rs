@@ -46,7 +46,8 @@ pub mod map_names {
     pub const LOCAL_ADDRS: &str = "NETPOL_LOCAL_ADDRS";
     pub const DEFER_V4: &str = "NETPOL_DEFER_V4";
     pub const DEFER_V6: &str = "NETPOL_DEFER_V6";
-    pub const ALL: [&str; 13] = [
+    pub const SLOTS: &str = "NETPOL_SLOTS";
+    pub const ALL: [&str; 14] = [
         ENDPOINTS,
         PEERS_V4,
         PEERS_V6,
@@ -60,6 +61,7 @@ pub mod map_names {
         LOCAL_ADDRS,
         DEFER_V4,
         DEFER_V6,
+        SLOTS,
     ];
 }
 
@@ -135,7 +137,11 @@ pub struct EndpointValue {
     pub addr_v4: [u8; 4],
     /// The pod's MAC (`EP_F_HAS_MAC`).
     pub mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// The endpoint's slot (< `SLOTS`): `NETPOL_SLOTS[slot]` is its veth.
+    /// The pod's veth tags each packet the pod sends with it (`SENDER_TAG |
+    /// slot` in the skb's `tc_index`), so the post-DNAT hooks know the
+    /// sender even after kube-proxy masqueraded the source address.
+    pub slot: u16,
     /// The pod's IPv6 address (`EP_F_HAS_V6`).
     pub addr_v6: [u8; 16],
 }
@@ -151,7 +157,7 @@ impl EndpointValue {
             flags,
             addr_v4: [0; 4],
             mac: [0; 6],
-            _pad: [0; 2],
+            slot: 0,
             addr_v6: [0; 16],
         }
     }
@@ -185,6 +191,18 @@ impl LocalKey {
         }
     }
 }
+
+/// Endpoint slots: `NETPOL_SLOTS` is an array of this many veth ifindexes.
+pub const SLOTS: u32 = 1 << 15;
+/// Set in a packet's `tc_index` by the sending pod's veth (through
+/// `tc_classid`, which the kernel copies into `tc_index` when the program
+/// passes the packet): the low 15 bits are the pod's endpoint slot. The kernel keeps `tc_index` through
+/// netfilter (NAT, masquerade) and fragmentation within the node; the
+/// post-DNAT hooks believe it only when the packet's source is the slot's pod
+/// or one of this node's own addresses (a masquerade), because a packet that
+/// crossed from another node's namespace over veths may still carry that
+/// node's tag.
+pub const SENDER_TAG: u16 = 1 << 15;
 
 // ---------------------------------------------------------------------------
 // Deferred destinations: NETPOL_DEFER_V4 / NETPOL_DEFER_V6, LPM tries of the
@@ -383,7 +401,11 @@ pub struct FlowValue {
     pub origin: u8,
     /// `FLOW_S_*`: which idle timeout applies.
     pub state: u8,
-    pub _pad: [u8; 4],
+    /// `SENDER_TAG | slot` of the pod, written to the `tc_index` of each
+    /// packet the pod sends on this flow (0 in flows the veth did not see
+    /// leave the pod).
+    pub sender_tag: u16,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 64);
 

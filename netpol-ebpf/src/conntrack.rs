@@ -15,13 +15,13 @@ use netpol_common::{
     REASON_TCP_NO_FLOW, REASON_UNSUPPORTED_ETHERTYPE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
     VerdictEvent,
 };
-use netpol_common::{FAMILY_V4, PEER_F_HOST, REASON_DEFERRED, REASON_NODE_TRAFFIC};
+use netpol_common::{FAMILY_V4, PEER_F_HOST, REASON_DEFERRED, REASON_NODE_TRAFFIC, SENDER_TAG};
 
 use crate::{
     events::{coarse_now_ns, count, emit, now_ns},
     maps::{
         NETPOL_CONFIG, NETPOL_ENDPOINTS, NETPOL_FLOWS, NETPOL_FRAGS, NETPOL_LOCAL_ADDRS,
-        NETPOL_SCRATCH,
+        NETPOL_SCRATCH, NETPOL_SLOTS,
     },
     parse::{
         ETH_HLEN, ETH_P_ARP, Frag, IcmpKind, Packet, ParseError, TCP_ACK, TCP_FIN, TCP_RST,
@@ -131,6 +131,24 @@ fn finish(
 fn ifindex(ctx: &TcContext) -> u32 {
     // SAFETY: the context pointer is valid for the whole program run.
     unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// The packet's `tc_index` (where a pod's veth puts the sender tag).
+#[inline(always)]
+fn tag_of(ctx: &TcContext) -> u16 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    unsafe { (*ctx.skb.skb).tc_index as u16 }
+}
+
+/// Tag a packet the pod sends with its sender tag (or clear what the pod's
+/// own namespace may have put there). Written to `tc_classid`: when a TC
+/// program passes a packet the kernel sets `tc_index` from it (TCX's
+/// `tcx_action_code`, the classic TC path alike), overwriting whatever a
+/// program wrote to `tc_index` itself.
+#[inline(always)]
+fn set_tag(ctx: &TcContext, tag: u16) {
+    // SAFETY: as above; `tc_classid` is writable from TC programs.
+    unsafe { (*ctx.skb.skb).tc_classid = u32::from(tag) };
 }
 
 #[inline(always)]
@@ -255,6 +273,11 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
         // closed, as for an in-band tag.
         return Err(ParseError(REASON_UNSUPPORTED_ETHERTYPE));
     }
+    if direction == DIR_EGRESS {
+        // Only this program says who sent a packet: nothing the pod's own
+        // namespace set survives its veth.
+        set_tag(ctx, 0);
+    }
     let ethertype = ethertype(ctx)?;
     let ifindex = ifindex(ctx);
     let Some(family) = family_of(ethertype) else {
@@ -297,6 +320,29 @@ fn local_sender(family: u8, saddr: &[u8; 16]) -> Option<u32> {
     unsafe { NETPOL_LOCAL_ADDRS.get(&key) }.copied()
 }
 
+/// The local pod that sent a packet seen after the DNAT: by the tag its veth
+/// wrote (which survives kube-proxy's masquerade), believed only when the
+/// source is that pod's address or one of this node's own (masqueraded),
+/// else by the source address.
+#[inline(always)]
+fn tagged_sender(tag: u16, family: u8, saddr: &[u8; 16]) -> Option<u32> {
+    if tag & SENDER_TAG != 0
+        && let Some(&ifp) = NETPOL_SLOTS.get(u32::from(tag & !SENDER_TAG))
+        && ifp != 0
+        && let Some(ep) = unsafe { NETPOL_ENDPOINTS.get(&ifp) }
+    {
+        let own = if family == FAMILY_V6 {
+            ep.flags & EP_F_HAS_V6 != 0 && eq16(saddr, &ep.addr_v6)
+        } else {
+            ep.flags & EP_F_HAS_V4 != 0 && eq4(saddr, &ep.addr_v4)
+        };
+        if own || peer_flags(family, saddr) & PEER_F_HOST != 0 {
+            return Some(ifp);
+        }
+    }
+    local_sender(family, saddr)
+}
+
 #[inline(always)]
 fn try_post_nat(ctx: &TcContext, s: &mut Scratch) -> Result<Verdict, ParseError> {
     s.pkt.family = 0;
@@ -331,7 +377,7 @@ fn try_post_nat(ctx: &TcContext, s: &mut Scratch) -> Result<Verdict, ParseError>
         load_into(ctx, ETH_HLEN + 8, &mut saddr)
     };
     let sender = match read {
-        Ok(()) => local_sender(family, &saddr),
+        Ok(()) => tagged_sender(tag_of(ctx), family, &saddr),
         Err(_) => None,
     };
     let Some(ifindex) = sender else {
@@ -364,7 +410,7 @@ fn flow_path(
     let len = ctx.len();
 
     if s.pkt.frag == Frag::Later {
-        return later_fragment(s, ifindex, direction, &cfg, len, stage);
+        return later_fragment(s, ifindex, direction, &cfg, len, stage, tag_of(ctx));
     }
 
     fill_flow_key(&mut s.key, ifindex, &s.pkt, direction);
@@ -400,6 +446,9 @@ fn flow_path(
         if s.pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
             f.state = FLOW_S_CLOSING;
         }
+        if stage == Stage::Veth && direction == DIR_EGRESS {
+            set_tag(ctx, f.sender_tag);
+        }
         if f.generation == cfg.generation {
             f.last_seen_ns = now;
             bump_flow(f, direction, len);
@@ -418,7 +467,7 @@ fn flow_path(
             );
             return Ok(Verdict::Pass);
         }
-        let v = recheck(s, ifindex, direction, f, &cfg, len, stage);
+        let v = recheck(s, ifindex, direction, f, &cfg, len, stage, tag_of(ctx));
         if s.pkt.frag == Frag::First {
             let verdict = if v == Verdict::Pass {
                 f.verdict
@@ -650,6 +699,7 @@ fn idle_timeout_ns(f: &FlowValue, protocol: u8, cfg: &ConfigValue) -> u64 {
 /// whose first was decided under an older policy generation follows only a
 /// flow that is still allowed now.
 #[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "flat for the verifier")]
 fn later_fragment(
     s: &mut Scratch,
     ifindex: u32,
@@ -657,6 +707,7 @@ fn later_fragment(
     cfg: &ConfigValue,
     len: u32,
     stage: Stage,
+    tag: u16,
 ) -> Result<Verdict, ParseError> {
     fill_frag_key(&mut s.frag, ifindex, &s.pkt, direction);
     let Some(fv) = NETPOL_FRAGS.get_ptr_mut(&s.frag) else {
@@ -680,7 +731,7 @@ fn later_fragment(
         // SAFETY: valid for this program run.
         let f = unsafe { &mut *f };
         if f.generation != cfg.generation
-            && recheck(s, ifindex, direction, f, cfg, len, stage) != Verdict::Pass
+            && recheck(s, ifindex, direction, f, cfg, len, stage, tag) != Verdict::Pass
         {
             return Ok(Verdict::Drop);
         }
@@ -721,6 +772,12 @@ fn new_flow(
         } else if !for_pod(&s.pkt, ep) {
             return Err(ParseError(REASON_NOT_POD_ADDRESS));
         }
+    }
+    if stage == Stage::Veth
+        && direction == DIR_EGRESS
+        && let Some(ep) = ep_ptr
+    {
+        set_tag(ctx, ep.slot | SENDER_TAG);
     }
     let Some(ep) = ep_ptr.copied() else {
         // Programs are attached but the agent has not (or no longer) told
@@ -768,7 +825,7 @@ fn new_flow(
     if verdict != VERDICT_DENY
         && direction == DIR_INGRESS
         && stage == Stage::Veth
-        && sender_denies(s, &cfg, len, now)
+        && sender_denies(s, &cfg, len, now, tag_of(ctx))
     {
         return Ok(Verdict::Drop);
     }
@@ -823,7 +880,8 @@ fn new_flow(
         v.reason = reason;
         v.origin = direction;
         v.state = FLOW_S_OPEN;
-        v._pad = [0; 4];
+        v.sender_tag = ep.slot | SENDER_TAG;
+        v._pad = [0; 2];
         bump_flow(v, direction, len);
         // BPF_NOEXIST: a packet of the other direction that created the
         // entry a moment earlier on another CPU keeps its origin.
@@ -843,9 +901,9 @@ fn new_flow(
 /// the same way on its veth already: the same answer. Returns whether the
 /// sender's egress denies (counted and reported from the sender's side).
 #[inline(always)]
-fn sender_denies(s: &mut Scratch, cfg: &ConfigValue, len: u32, now: u64) -> bool {
+fn sender_denies(s: &mut Scratch, cfg: &ConfigValue, len: u32, now: u64, tag: u16) -> bool {
     let family = s.pkt.family;
-    let Some(src_if) = local_sender(family, &s.pkt.saddr) else {
+    let Some(src_if) = tagged_sender(tag, family, &s.pkt.saddr) else {
         return false;
     };
     let Some(src_ep) = (unsafe { NETPOL_ENDPOINTS.get(&src_if) }).copied() else {
@@ -890,9 +948,9 @@ fn sender_denies(s: &mut Scratch, cfg: &ConfigValue, len: u32, now: u64) -> bool
 /// flow into this pod (`s.key`, opened to `port`) came from another local
 /// pod whose egress no longer allows it.
 #[inline(always)]
-fn sender_revoked(s: &mut Scratch, cfg: &ConfigValue, port: u16) -> bool {
+fn sender_revoked(s: &mut Scratch, cfg: &ConfigValue, port: u16, tag: u16) -> bool {
     let family = s.key.family;
-    let Some(src_if) = local_sender(family, &s.key.remote_addr) else {
+    let Some(src_if) = tagged_sender(tag, family, &s.key.remote_addr) else {
         return false;
     };
     let Some(src_ep) = (unsafe { NETPOL_ENDPOINTS.get(&src_if) }).copied() else {
@@ -1077,7 +1135,8 @@ pub fn local_in(ctx: &SkLookupContext) -> u32 {
     v.reason = reason;
     v.origin = DIR_EGRESS;
     v.state = FLOW_S_OPEN;
-    v._pad = [0; 4];
+    v.sender_tag = ep.slot | SENDER_TAG;
+    v._pad = [0; 2];
     let _ = NETPOL_FLOWS.insert(&s.key, &s.value, 0);
     SK_PASS
 }
@@ -1116,6 +1175,7 @@ fn record_first_fragment(s: &mut Scratch, ifindex: u32, direction: u8, verdict: 
 /// peer; the port is the one the opening packet was sent to). Still allowed:
 /// refresh. Now denied: drop this packet and forget the flow.
 #[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "flat for the verifier")]
 fn recheck(
     s: &mut Scratch,
     ifindex: u32,
@@ -1124,6 +1184,7 @@ fn recheck(
     cfg: &ConfigValue,
     len: u32,
     stage: Stage,
+    tag: u16,
 ) -> Verdict {
     let now = now_ns();
     let Some(ep) = (unsafe { NETPOL_ENDPOINTS.get(&ifindex) }).copied() else {
@@ -1150,7 +1211,7 @@ fn recheck(
     // part of the verdict (it may have dialled a Service, and been judged
     // only here, after the DNAT).
     let sender_ok =
-        origin != DIR_INGRESS || stage == Stage::PostNat || !sender_revoked(s, cfg, port);
+        origin != DIR_INGRESS || stage == Stage::PostNat || !sender_revoked(s, cfg, port, tag);
     if sender_ok && (d.allow || audit(&ep, cfg)) {
         f.generation = cfg.generation;
         f.reason = if d.allow { d.reason } else { REASON_AUDIT };

@@ -86,3 +86,9 @@ pub static NETPOL_DEFER_V4: LpmTrie<[u8; 4], u32, { sizes::DEFER_V4 as usize }> 
 /// IPv6 addresses kube-proxy may translate, as `NETPOL_DEFER_V4`.
 #[btf_map]
 pub static NETPOL_DEFER_V6: LpmTrie<[u8; 16], u32, { sizes::DEFER_V6 as usize }> = LpmTrie::new();
+
+/// Endpoint slot -> the veth ifindex of the endpoint (its `NETPOL_ENDPOINTS`
+/// key): resolves the sender tag a pod's veth writes into `tc_index`.
+/// Written by the agent (before the endpoint that uses the slot).
+#[btf_map]
+pub static NETPOL_SLOTS: Array<u32, { netpol_common::SLOTS as usize }> = Array::new();
