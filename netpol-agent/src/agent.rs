@@ -71,6 +71,10 @@ pub struct Config {
     /// external and load-balancer IPs): a pod's egress to them is judged
     /// after the DNAT.
     pub service_cidrs: Vec<ipnet::IpNet>,
+    /// How often the agent reads its pinned maps back and repairs what
+    /// differs from what it wrote (drift: a write lost, an entry changed or
+    /// removed by hand).
+    pub reconcile: Duration,
 }
 
 /// What `netpol-agent status` reads (written atomically after each sync).
@@ -93,6 +97,10 @@ pub struct Status {
     pub counters: BTreeMap<String, u64>,
     pub errors: Vec<String>,
     pub last_sync_unix_ms: u64,
+    /// Map entries the periodic read-back found different from what the
+    /// agent wrote (and rewrote), since it started.
+    #[serde(default)]
+    pub drift_repaired: u64,
 }
 
 pub fn status_path(state_dir: &std::path::Path) -> PathBuf {
@@ -126,6 +134,10 @@ struct Agent {
     last_view: Option<netlink::NodeView>,
     /// The last sync could not write everything: do it again next time.
     retry: bool,
+    /// When the maps were last read back (`Config::reconcile`).
+    last_reconcile: Instant,
+    /// Entries found different from what was written, since start.
+    drift_repaired: u64,
     errors: Vec<String>,
     pending: usize,
     missing: Vec<String>,
@@ -246,6 +258,8 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         synced_revision: None,
         last_view: None,
         retry: false,
+        last_reconcile: Instant::now(),
+        drift_repaired: 0,
         errors: Vec::new(),
         pending: 0,
         missing: Vec::new(),
@@ -476,10 +490,29 @@ impl Agent {
     /// One reconciliation: read the node, compile, write maps, attach.
     fn sync(&mut self) -> Result<()> {
         let view = netlink::discover().context("reading the node through netlink")?;
+        // The safety net: what the kernel holds is read back now and then,
+        // and becomes the starting point of this sync's diff, so whatever
+        // differs from the compiled state is written again.
+        let reconcile = self.last_reconcile.elapsed() >= self.cfg.reconcile;
+        if reconcile {
+            self.last_reconcile = Instant::now();
+            match self.read_back() {
+                Ok(0) => {}
+                Ok(n) => {
+                    self.drift_repaired += n as u64;
+                    tracing::warn!(
+                        entries = n,
+                        "reconcile: the pinned maps differ from what this agent wrote; repairing"
+                    );
+                }
+                Err(e) => tracing::error!("reconcile: reading the pinned maps: {e:#}"),
+            }
+        }
         // Nothing changed since a sync that fully applied: no snapshot, no
         // compile (both cost at 100k pods).
         let revision = self.source.revision();
         if !self.retry
+            && !reconcile
             && self.synced_revision == Some(revision)
             && self.last_view.as_ref() == Some(&view)
         {
@@ -789,6 +822,30 @@ impl Agent {
         Ok(())
     }
 
+    /// Replace what the agent believes it wrote with what the kernel holds;
+    /// returns how many entries differed.
+    fn read_back(&mut self) -> Result<usize> {
+        fn differ<K: Ord, V: PartialEq>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) -> usize {
+            a.iter().filter(|(k, v)| b.get(k) != Some(v)).count()
+                + b.keys().filter(|k| !a.contains_key(k)).count()
+        }
+        let maps = self.dp.read_maps()?;
+        let endpoints = self.dp.read_endpoints()?;
+        let local = self.dp.read_local_addrs()?;
+        let deferred = self.dp.read_deferred()?;
+        let n = differ(&self.applied.peers_v4, &maps.peers_v4)
+            + differ(&self.applied.peers_v6, &maps.peers_v6)
+            + differ(&self.applied.policy, &maps.policy)
+            + differ(&self.endpoints, &endpoints)
+            + differ(&self.local_addrs, &local)
+            + self.deferred.symmetric_difference(&deferred).count();
+        self.applied = maps;
+        self.endpoints = endpoints;
+        self.local_addrs = local;
+        self.deferred = deferred;
+        Ok(n)
+    }
+
     fn map_error(&self, e: &crate::datapath::DatapathError) {
         use crate::datapath::DatapathError::*;
         if let Map { map, .. } | MapFull { map, .. } = e {
@@ -884,6 +941,7 @@ impl Agent {
             ]),
             counters: named,
             errors: self.errors.clone(),
+            drift_repaired: self.drift_repaired,
             last_sync_unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)

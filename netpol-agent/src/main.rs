@@ -114,6 +114,10 @@ struct RunArgs {
     /// added; with a manifest directory this flag is the only source.
     #[arg(long, value_delimiter = ',')]
     service_cidr: Vec<ipnet::IpNet>,
+    /// Every this many seconds the agent reads its pinned maps back and
+    /// rewrites whatever differs from the compiled state.
+    #[arg(long, default_value_t = 30)]
+    reconcile_secs: u64,
     /// Poll interval of the source and the node, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
@@ -178,6 +182,7 @@ fn main() -> Result<()> {
                 poll: std::time::Duration::from_millis(a.poll_ms),
                 metrics_addr: a.metrics_addr,
                 service_cidrs: a.service_cidr.clone(),
+                reconcile: std::time::Duration::from_secs(a.reconcile_secs.max(1)),
                 veth_prefixes: a.veth_prefixes,
             };
             tokio::runtime::Builder::new_current_thread()
