@@ -231,7 +231,13 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
     let mut node_dirty = true;
     loop {
         tokio::select! {
-            _ = tick.tick() => {
+            // The tick, or at once when the source reports news (inotify).
+            _ = async {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = agent.source.changed() => {}
+                }
+            } => {
                 let changed = match agent.source.poll() {
                     Ok(c) => c,
                     Err(e) => {
