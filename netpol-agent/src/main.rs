@@ -189,9 +189,17 @@ fn main() -> Result<()> {
                 .block_on(agent::run(cfg, source))
         }
         Cmd::Status { state_dir, json } => {
-            let path = agent::status_path(&state_dir);
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {} (is the agent running?)", path.display()))?;
+            // The running agent answers on its socket; the file is what the
+            // last one wrote (read when none answers).
+            let text = match netpol_agent::api::get(&state_dir, "/status") {
+                Ok((200, body)) => body,
+                _ => {
+                    let path = agent::status_path(&state_dir);
+                    std::fs::read_to_string(&path).with_context(|| {
+                        format!("reading {} (is the agent running?)", path.display())
+                    })?
+                }
+            };
             if json {
                 println!("{text}");
                 return Ok(());

@@ -202,6 +202,10 @@ fn is_manifest(p: &Path) -> bool {
 }
 
 impl News {
+    fn is_empty(&self) -> bool {
+        self.names.is_empty() && !self.rescan && !self.lost
+    }
+
     /// Record a batch of inotify events.
     fn absorb<'a>(
         &mut self,
@@ -614,6 +618,9 @@ impl ClusterSource for DirSource {
                         .read_events(&mut buf)
                         .map(|ev| news.absorb(dir, ev))
                 }) {
+                    // Only what `poll` acts on wakes the run loop (not a
+                    // temporary file's creation, say).
+                    Ok(Ok(())) if news.is_empty() => continue,
                     Ok(Ok(())) => return,
                     Ok(Err(_)) => {
                         news.rescan = true;
