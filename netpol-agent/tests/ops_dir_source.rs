@@ -174,7 +174,7 @@ fn an_agent_restarted_on_an_empty_directory_keeps_enforcing_until_it_has_read_on
         );
     }
     // The writer finishes: the policy as written applies.
-    f.write_all(ALLOW_YA[cut.len()..].as_bytes())
+    f.write_all(&ALLOW_YA.as_bytes()[cut.len()..])
         .expect("write rest");
     drop(f);
     let revisions = restarted.revisions();
