@@ -425,10 +425,11 @@ const LINGER_BYTES: usize = 256 * 1024;
 pub fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
     let parent = path.parent().unwrap_or(Path::new("."));
-    let tmp_dir = parent.join(format!(".api-{}", std::process::id()));
+    // Short names: a socket path has at most 107 bytes.
+    let tmp_dir = parent.join(format!(".a{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp_dir);
     std::fs::DirBuilder::new().mode(0o700).create(&tmp_dir)?;
-    let tmp = tmp_dir.join("api.sock");
+    let tmp = tmp_dir.join("s");
     let res = (|| {
         let listener = std::os::unix::net::UnixListener::bind(&tmp)?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
