@@ -135,6 +135,10 @@ pub struct DirSource {
     watch_error: Option<String>,
     /// "Waiting for manifests" was logged.
     waiting_logged: bool,
+    /// Events may have been missed (the watch is new, or was lost): the next
+    /// scan reads every changed file, so added files arrive with removed
+    /// ones.
+    read_all_next: bool,
 }
 
 /// The inotify watch on the directory and what it reported since the last
@@ -262,6 +266,7 @@ impl DirSource {
             use_inotify: true,
             watch_error: None,
             waiting_logged: false,
+            read_all_next: false,
         }
     }
 
@@ -306,6 +311,7 @@ impl DirSource {
                 });
                 // Whatever happened before the watch existed.
                 self.last_rescan = None;
+                self.read_all_next = true;
             }
             Err(e) => {
                 let msg = e.to_string();
@@ -342,6 +348,7 @@ impl DirSource {
             let _ = w.fd.inotify().map(|i| i.watches().remove(w.wd.clone()));
             self.watch = None;
             self.last_rescan = None;
+            self.read_all_next = true;
         }
     }
 
@@ -497,8 +504,8 @@ impl DirSource {
 /// Which changed files a scan reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ScanMode {
-    /// Every one: the first read, or a rescan after lost events or a swapped
-    /// symlink (ConfigMap volume).
+    /// Every one: the first read, a rescan after lost events or a swapped
+    /// symlink (ConfigMap volume), or the first scan of a new watch.
     All,
     /// Those two scans in a row saw with the same stamp (no inotify: a
     /// heuristic, a writer that stalls longer than a poll is read halfway).
@@ -545,7 +552,7 @@ impl ClusterSource for DirSource {
             (Some(_), Some(t)) => news.rescan || t.elapsed() >= self.rescan_every,
         };
         if due || !self.ready {
-            let mode = if !self.ready || news.rescan {
+            let mode = if !self.ready || news.rescan || self.read_all_next {
                 ScanMode::All
             } else if self.watch.is_some() {
                 ScanMode::Closed
@@ -553,6 +560,7 @@ impl ClusterSource for DirSource {
                 ScanMode::Settled
             };
             let (c, complete) = self.scan(mode)?;
+            self.read_all_next = false;
             changed |= c;
             if !self.ready {
                 if complete {
@@ -936,6 +944,33 @@ spec:
             Some(vec![]),
             "`from:` with no peers: every peer"
         );
+    }
+
+    #[test]
+    fn a_directory_replaced_is_read_again_whole() {
+        let d = Dir::new("replaced");
+        d.write("ns.yaml", NAMESPACE);
+        d.write("policy.yaml", POLICY);
+        let mut src = DirSource::new(&d.0).with_rescan(Duration::from_secs(3600));
+        src.poll().expect("first read");
+        assert!(only_clients(&peers(&src)));
+        // The directory goes: an error, the last state stays.
+        std::fs::remove_dir_all(&d.0).expect("removing");
+        assert!(src.poll().is_err());
+        assert!(src.ready());
+        assert!(only_clients(&peers(&src)));
+        // It comes back with the policy under another file name: it is read
+        // in the same poll that forgets the old file.
+        std::fs::create_dir_all(&d.0).expect("recreating");
+        d.write("ns.yaml", NAMESPACE);
+        d.write("policy-renamed.yaml", POLICY);
+        assert!(src.poll().expect("poll"));
+        assert!(src.watching(), "watched again");
+        assert!(only_clients(&peers(&src)), "{:?}", peers(&src));
+        // And changes are seen through the new watch.
+        std::fs::remove_file(d.path("policy-renamed.yaml")).expect("removing");
+        assert!(src.poll().expect("poll"));
+        assert!(peers(&src).is_none());
     }
 
     #[test]
