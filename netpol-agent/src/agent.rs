@@ -54,6 +54,7 @@ pub struct Config {
     pub bpffs_root: PathBuf,
     pub state_dir: PathBuf,
     pub flow_log: Option<PathBuf>,
+    pub flow_log_rotation: flowlog::Rotation,
     pub events_per_sec: u32,
     /// Flow-log allowed new flows too (drops and audits always are).
     pub log_allowed: bool,
@@ -192,10 +193,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
 
     let flow_log: Box<dyn std::io::Write + Send> = match &cfg.flow_log {
         Some(p) => Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
+            flowlog::RotatingFile::open(p, cfg.flow_log_rotation)
                 .with_context(|| format!("opening flow log {}", p.display()))?,
         ),
         None => Box::new(std::io::stdout()),
@@ -224,7 +222,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
     let sock = api::socket_path(&cfg.state_dir);
     let api_shared = shared.clone();
     tokio::spawn(async move {
-        if let Err(e) = api::serve_unix(sock.clone(), api_shared).await {
+        if let Err(e) = api::serve_unix(sock.clone(), api_shared, api::Limits::default()).await {
             tracing::error!(socket = %sock.display(), "API socket: {e}");
         }
     });
@@ -234,7 +232,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
             .with_context(|| format!("listening on {addr} for metrics"))?;
         let tcp_shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(e) = api::serve_tcp(listener, tcp_shared).await {
+            if let Err(e) = api::serve_tcp(listener, tcp_shared, api::Limits::default()).await {
                 tracing::error!(%addr, "metrics listener: {e}");
             }
         });
@@ -273,7 +271,13 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
     let mut node_dirty = true;
     loop {
         tokio::select! {
-            _ = tick.tick() => {
+            // The tick, or at once when the source reports news (inotify).
+            _ = async {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = agent.source.changed() => {}
+                }
+            } => {
                 let changed = match agent.source.poll() {
                     Ok(c) => c,
                     Err(e) => {

@@ -90,6 +90,13 @@ struct RunArgs {
     /// Write flow logs (JSON lines) here instead of stdout.
     #[arg(long)]
     flow_log: Option<PathBuf>,
+    /// Rotate the flow log file before it grows past this many bytes (0:
+    /// never).
+    #[arg(long, default_value_t = netpol_agent::flowlog::Rotation::default().max_bytes)]
+    flow_log_max_bytes: u64,
+    /// Rotated flow log files kept (`<file>.1` is the newest).
+    #[arg(long, default_value_t = netpol_agent::flowlog::Rotation::default().keep)]
+    flow_log_keep: u32,
     /// Verdict events per second per CPU sent by the kernel (0: none).
     #[arg(long, default_value_t = 1000)]
     events_per_sec: u32,
@@ -168,6 +175,10 @@ fn main() -> Result<()> {
                 bpffs_root: a.bpffs_root,
                 state_dir: a.state_dir,
                 flow_log: a.flow_log,
+                flow_log_rotation: netpol_agent::flowlog::Rotation {
+                    max_bytes: a.flow_log_max_bytes,
+                    keep: a.flow_log_keep,
+                },
                 events_per_sec: a.events_per_sec,
                 log_allowed: a.log_allowed,
                 audit: a.audit,
@@ -191,9 +202,17 @@ fn main() -> Result<()> {
                 .block_on(agent::run(cfg, source))
         }
         Cmd::Status { state_dir, json } => {
-            let path = agent::status_path(&state_dir);
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {} (is the agent running?)", path.display()))?;
+            // The running agent answers on its socket; the file is what the
+            // last one wrote (read when none answers).
+            let text = match netpol_agent::api::get(&state_dir, "/status") {
+                Ok((200, body)) => body,
+                _ => {
+                    let path = agent::status_path(&state_dir);
+                    std::fs::read_to_string(&path).with_context(|| {
+                        format!("reading {} (is the agent running?)", path.display())
+                    })?
+                }
+            };
             if json {
                 println!("{text}");
                 return Ok(());

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub pending_endpoints: Gauge,
     pub generation: Gauge,
     pub source_errors: Gauge,
+    /// API connections refused, by listener and reason.
+    pub api_refused: Family<Labels, Counter>,
     /// Last value seen of each kernel counter slot (the kernel counts; we
     /// add the difference).
     last_counters: Vec<u64>,
@@ -61,6 +63,7 @@ impl Metrics {
             pending_endpoints: Gauge::default(),
             generation: Gauge::default(),
             source_errors: Gauge::default(),
+            api_refused: Family::default(),
             last_counters: Vec::new(),
             registry: Registry::default(),
         };
@@ -120,6 +123,11 @@ impl Metrics {
             "Manifests or objects that could not be used",
             m.source_errors.clone(),
         );
+        registry.register(
+            "api_refused",
+            "API requests refused: too large, too slow (timeout), malformed, or over the connection limit (busy)",
+            m.api_refused.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -177,6 +185,15 @@ impl Metrics {
     pub fn map_error(&self, map: &str) {
         self.map_update_errors
             .get_or_create(&vec![("map".to_string(), map.to_string())])
+            .inc();
+    }
+
+    pub fn api_refused(&self, listener: &str, reason: &str) {
+        self.api_refused
+            .get_or_create(&vec![
+                ("listener".to_string(), listener.to_string()),
+                ("reason".to_string(), reason.to_string()),
+            ])
             .inc();
     }
 
