@@ -3108,6 +3108,19 @@ fn egress_through_a_cluster_ip_is_judged_against_the_backend_after_the_dnat() {
         dp.post_nat(&wrong_port)
             .dropped(DIR_EGRESS, REASON_POLICY_DENY);
     }
+    // SCTP and UDP Services too.
+    dp.allow(egress(POLICY).to(BACKEND_ID).sctp(9000).rule(35));
+    dp.allow(egress(POLICY).to(BACKEND_ID).udp(53).rule(36));
+    dp.from_pod(&sctp(&at(POD, 40010), &at(CLUSTER_IP, 9000)))
+        .passed(DIR_EGRESS, REASON_DEFERRED);
+    dp.post_nat(&sctp(&at(POD, 40010), &at(BACKEND, 9000)))
+        .passed(DIR_EGRESS, REASON_POLICY_ALLOW);
+    dp.post_nat(&sctp(&at(POD, 40011), &at(OTHER, 9000)))
+        .dropped(DIR_EGRESS, REASON_POLICY_DENY);
+    dp.from_pod(&udp(&at(POD6, 40012), &at(CLUSTER_IP6, 53)))
+        .passed(DIR_EGRESS, REASON_DEFERRED);
+    dp.post_nat(&udp(&at(POD6, 40012), &at(BACKEND6, 53)))
+        .passed(DIR_EGRESS, REASON_POLICY_ALLOW);
     // kube-proxy picked a backend the policy does not allow.
     let dialled = tcp(&at(POD, 40002), &at(CLUSTER_IP, 80)).syn();
     dp.from_pod(&dialled).passed(DIR_EGRESS, REASON_DEFERRED);
