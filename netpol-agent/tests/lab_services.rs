@@ -43,7 +43,7 @@ use std::{
 
 use netpol_lab::{
     AddPodOptions, AgentSource, Agents, Family, Lab, LabState, PodSpec, PodState, PortSpec,
-    ProbeResult, ProbeSpec, Protocol, StreamHandle, UpOptions, Via, connect_detailed,
+    ProbeResult, ProbeSpec, Protocol, StreamHandle, UpOptions, Via, connect, connect_detailed,
     controlplane::{ControlPlaneSpec, ProxyMode},
     cp_ops, require_privileges, run_in_netns,
     services::{LabService, ServiceType, create_service},
@@ -1087,6 +1087,130 @@ fn backend_changes_under_an_open_connection_are_enforced() {
     );
 
     eprintln!("[measure] {TEST}: checks took {:.1?}", started.elapsed());
+    drop(agents);
+    lab.down().expect("down");
+}
+
+// ---------------------------------------------------------------------------
+// 7. A hostNetwork backend.
+
+/// A Service whose backend is a process on node-a's own network, as a hostNetwork pod's: a
+/// Service without a selector and its EndpointSlice pointing at node-a's address. x/a (on
+/// node-a: the connection is delivered to a socket on the node, judged in sk_lookup) and y/a
+/// (on node-b: it leaves through node-b's device towards node-a's address, judged there) may
+/// send only to pod=b: denied through the ClusterIP. With an ipBlock for node-a's address
+/// added: allowed.
+#[test]
+fn a_host_network_backend_is_judged_by_its_node_address() {
+    const TEST: &str = "a_host_network_backend_is_judged_by_its_node_address";
+    const PORT: u16 = 8088;
+    let Some((lab, mut agents)) = setup(TEST, "hn", ProxyMode::Iptables) else {
+        return;
+    };
+    let node_a = lab.node("node-a").expect("node-a").clone();
+    // The backend: a listener in node-a's network namespace that answers and closes.
+    let listener = run_in_netns(&node_a.netns_path(), || {
+        std::net::TcpListener::bind(("0.0.0.0", PORT))
+    })
+    .expect("listen in node-a's netns");
+    thread::spawn(move || {
+        for mut c in listener.incoming().flatten() {
+            let _ = c.write_all(b"host-backend\n");
+        }
+    });
+    let cp = cp_ops::control_plane(&lab.name).unwrap_or_else(|e| panic!("{e}"));
+    let objects = format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: host-backend, namespace: x}}
+spec:
+  ports: [{{name: tcp, port: {PORT}, targetPort: {PORT}, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: host-backend-1
+  namespace: x
+  labels: {{kubernetes.io/service-name: host-backend}}
+addressType: IPv4
+ports: [{{name: tcp, port: {PORT}, protocol: TCP}}]
+endpoints: [{{addresses: ["{}"]}}]
+"#,
+        node_a.ip_v4
+    );
+    cp_ops::apply(&cp, &objects).unwrap_or_else(|e| panic!("kubectl apply: {e}"));
+    let svc = cp
+        .kubectl()
+        .expect("kubectl")
+        .json(&[
+            "get",
+            "service",
+            "host-backend",
+            "--namespace",
+            "x",
+            "-o",
+            "json",
+        ])
+        .expect("the Service");
+    let cluster_ip: IpAddr = svc["spec"]["clusterIP"]
+        .as_str()
+        .expect("clusterIP")
+        .parse()
+        .expect("an address");
+    let clients = [pod(&lab, "x/a").clone(), pod(&lab, "y/a").clone()];
+    let reaches = |from: &PodState| {
+        connect(
+            &lab,
+            from,
+            cluster_ip,
+            PORT,
+            Protocol::Tcp,
+            Duration::from_secs(1),
+        )
+    };
+    let wait_for = |agents: &Agents, want: bool, what: &str| {
+        let deadline = Instant::now() + SERVICE_TIMEOUT;
+        for c in &clients {
+            while reaches(c) != want {
+                assert!(
+                    Instant::now() < deadline,
+                    "{what}: {} -> host-backend ({cluster_ip}:{PORT}) {}\n{}",
+                    c.key(),
+                    if want { "does not connect" } else { "connects" },
+                    denials(agents)
+                );
+                thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    // No policy: kube-proxy's rules in place, both reach the node.
+    wait_for(&agents, true, "no policy");
+    apply(
+        &lab,
+        &mut agents,
+        &egress_to_b_only("x", "{matchLabels: {pod: a}}"),
+    );
+    apply(
+        &lab,
+        &mut agents,
+        &egress_to_b_only("y", "{matchLabels: {pod: a}}"),
+    );
+    for c in &clients {
+        assert!(
+            !reaches(c),
+            "egress to pod=b only: {} reaches the hostNetwork backend\n{}",
+            c.key(),
+            denials(&agents)
+        );
+    }
+    // The node's address allowed too.
+    for ns in ["x", "y"] {
+        let yaml = egress_to_b_only(ns, "{matchLabels: {pod: a}}")
+            + &format!("        - ipBlock: {{cidr: {}/32}}\n", node_a.ip_v4);
+        apply(&lab, &mut agents, &yaml);
+    }
+    wait_for(&agents, true, "egress to pod=b or node-a's address");
     drop(agents);
     lab.down().expect("down");
 }
