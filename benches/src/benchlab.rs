@@ -395,18 +395,52 @@ impl BenchLab {
         Ok(())
     }
 
-    /// The kernel's counters of the programs on the host-veth hooks of
-    /// `mode`'s two pods (see [`crate::kstats`]; statistics must be on).
+    /// The kernel's counters of the TCX programs in `mode`'s two nodes:
+    /// the pods' host veths and, for netpol (and the floor mirroring it),
+    /// the node devices with `post_nat` (see [`crate::kstats`]; statistics
+    /// must be on).
     pub fn hook_snapshot(&self, mode: Mode) -> Result<Snapshot> {
         let pair = self.pair(mode);
         let mut programs = Vec::new();
-        for (node, pod) in [
-            (&pair.server_node, &pair.server),
-            (&pair.client_node, &pair.client),
-        ] {
-            programs.extend(kstats::tcx_programs(&node.netns_path(), &pod.host_veth)?);
+        for node in [&pair.server_node, &pair.client_node] {
+            programs.extend(kstats::tcx_programs(&node.netns_path())?);
         }
         Ok(Snapshot::new(programs))
+    }
+
+    /// Puts the floor's `post_nat` program on the devices of the floor's
+    /// nodes where the agents of `netpol_mode` put `netpol_post_nat` (same
+    /// device names; server node to server node, client to client), so
+    /// that the floor runs on every hook netpol runs on. Returns
+    /// `node/device` for each, and the devices it found no twin for.
+    pub fn mirror_post_nat(&mut self, netpol_mode: Mode) -> Result<(Vec<String>, Vec<String>)> {
+        if !self.modes.contains(&Mode::Floor) {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let netpol = self.pair(netpol_mode);
+        let floor = self.pair(Mode::Floor);
+        let prog = FloorProgram::load(Hook::PostNat).context("loading floor_post_nat")?;
+        let (mut done, mut missing) = (Vec::new(), Vec::new());
+        for (theirs, ours) in [
+            (&netpol.server_node, &floor.server_node),
+            (&netpol.client_node, &floor.client_node),
+        ] {
+            let devices: Vec<String> = kstats::tcx_programs(&theirs.netns_path())?
+                .into_iter()
+                .filter(|p| p.hook == Hook::PostNat && p.egress)
+                .map(|p| p.ifname)
+                .collect();
+            for dev in devices {
+                match run_in_netns(&ours.netns_path(), || prog.attach(floor::ifindex(&dev)?)) {
+                    Ok(link) => {
+                        self.floor.push(link);
+                        done.push(format!("{}/{dev}", ours.name));
+                    }
+                    Err(e) => missing.push(format!("{}/{dev} ({e})", ours.name)),
+                }
+            }
+        }
+        Ok((done, missing))
     }
 
     pub fn state(&self) -> &LabState {

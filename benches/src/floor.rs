@@ -1,6 +1,7 @@
 //! The `floor` mode's programs: `r0 = 0; exit` (TC_ACT_OK, "pass"),
 //! attached through TCX on the same hooks netpol uses (ingress and egress of
-//! a pod's host-side veth). What the kernel pays to run *any* program there
+//! a pod's host-side veth, and the egress of the node devices where the
+//! agent puts `netpol_post_nat`). What the kernel pays to run *any* program there
 //! (the TCX dispatch, the context, the call) is in the floor; what netpol
 //! adds on top of it is its own work.
 //!
@@ -88,30 +89,36 @@ pub enum Hook {
     FromPod,
     /// TC egress of the host veth: packets the pod receives (netpol's `to_pod`).
     ToPod,
+    /// TC egress of a node device (uplink, tunnel): pods' packets leaving the
+    /// node after the DNAT (netpol's `post_nat`).
+    PostNat,
 }
 
 impl Hook {
+    /// The hooks of a pod's host veth.
     pub const ALL: [Hook; 2] = [Hook::FromPod, Hook::ToPod];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Hook::FromPod => "from_pod",
             Hook::ToPod => "to_pod",
+            Hook::PostNat => "post_nat",
         }
     }
 
     fn tcx_attach_type(self) -> u32 {
         match self {
             Hook::FromPod => BPF_TCX_INGRESS,
-            Hook::ToPod => BPF_TCX_EGRESS,
+            Hook::ToPod | Hook::PostNat => BPF_TCX_EGRESS,
         }
     }
 
-    pub fn aya(self) -> aya::programs::TcAttachType {
-        match self {
-            Hook::FromPod => aya::programs::TcAttachType::Ingress,
-            Hook::ToPod => aya::programs::TcAttachType::Egress,
-        }
+    /// The hook a program named `..._from_pod`, `..._to_pod` or
+    /// `..._post_nat` stands for (netpol's and the floor's names).
+    pub fn of_program(name: &str) -> Option<Hook> {
+        [Hook::FromPod, Hook::ToPod, Hook::PostNat]
+            .into_iter()
+            .find(|h| name.ends_with(h.as_str()))
     }
 }
 
@@ -203,7 +210,7 @@ mod tests {
             eprintln!("SKIPPED loads_as_sched_cls: needs root (BPF_PROG_LOAD)");
             return;
         }
-        for hook in Hook::ALL {
+        for hook in [Hook::FromPod, Hook::ToPod, Hook::PostNat] {
             let p = FloorProgram::load(hook).unwrap_or_else(|e| panic!("loading {hook:?}: {e}"));
             drop(p);
         }

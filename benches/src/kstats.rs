@@ -123,31 +123,75 @@ impl std::ops::Add for Counters {
 /// One program on a hook.
 #[derive(Debug, Clone, Serialize)]
 pub struct HookProgram {
+    /// From the program's name (`*_from_pod`, `*_to_pod`, `*_post_nat`),
+    /// else from the TCX direction (ingress: from-pod, egress: to-pod).
     pub hook: Hook,
+    pub ifname: String,
+    pub egress: bool,
     pub id: u32,
     pub name: String,
     pub counters: Counters,
 }
 
-/// The programs on the TCX hooks of `ifname`, in the network namespace at
-/// `netns` (`BPF_PROG_QUERY`, then each program's info by id).
-pub fn tcx_programs(netns: &Path, ifname: &str) -> Result<Vec<HookProgram>> {
-    let ifname = ifname.to_string();
-    netpol_lab::run_in_netns(netns, move || {
+/// The programs on the TCX hooks (ingress and egress) of every interface
+/// in the network namespace at `netns` (`BPF_PROG_QUERY`, then each
+/// program's info by id).
+pub fn tcx_programs(netns: &Path) -> Result<Vec<HookProgram>> {
+    netpol_lab::run_in_netns(netns, || {
         let mut out = Vec::new();
-        for hook in Hook::ALL {
-            let (_, infos) = SchedClassifier::query_tcx(&ifname, hook.aya())
-                .map_err(|e| io::Error::other(format!("{ifname} {}: {e}", hook.as_str())))?;
-            out.extend(infos.iter().map(|i| HookProgram {
-                hook,
-                id: i.id(),
-                name: i.name_as_str().unwrap_or_default().to_string(),
-                counters: Counters::of(i),
-            }));
+        for ifname in interfaces()? {
+            for (egress, dir) in [
+                (false, aya::programs::TcAttachType::Ingress),
+                (true, aya::programs::TcAttachType::Egress),
+            ] {
+                let (_, infos) = SchedClassifier::query_tcx(&ifname, dir)
+                    .map_err(|e| io::Error::other(format!("{ifname}: {e}")))?;
+                out.extend(infos.iter().map(|i| {
+                    let name = i.name_as_str().unwrap_or_default().to_string();
+                    HookProgram {
+                        hook: Hook::of_program(&name).unwrap_or(if egress {
+                            Hook::ToPod
+                        } else {
+                            Hook::FromPod
+                        }),
+                        ifname: ifname.clone(),
+                        egress,
+                        id: i.id(),
+                        name,
+                        counters: Counters::of(i),
+                    }
+                }));
+            }
         }
         Ok(out)
     })
     .with_context(|| format!("querying the TCX hooks in {}", netns.display()))
+}
+
+/// The names of the caller's network namespace's interfaces
+/// (`if_nameindex`, which asks the kernel through netlink).
+fn interfaces() -> io::Result<Vec<String>> {
+    // SAFETY: if_nameindex returns an array ending with a zero entry, or
+    // NULL; it is freed with if_freenameindex below.
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut p = list;
+    // SAFETY: every entry up to the zero one is valid, with a C string name.
+    unsafe {
+        while (*p).if_index != 0 {
+            out.push(
+                std::ffi::CStr::from_ptr((*p).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    Ok(out)
 }
 
 /// The counters of several hooks' programs, by program id (a program on two
@@ -170,22 +214,25 @@ impl Snapshot {
             match p.hook {
                 Hook::FromPod => out.from_pod = out.from_pod + d,
                 Hook::ToPod => out.to_pod = out.to_pod + d,
+                Hook::PostNat => out.post_nat = out.post_nat + d,
             }
         }
         out
     }
 }
 
-/// Runs on the from-pod (TC ingress) and to-pod (TC egress) hooks.
+/// Runs on the from-pod (veth TC ingress), to-pod (veth TC egress) and
+/// post-NAT (node device TC egress) hooks.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct PerHook {
     pub from_pod: Counters,
     pub to_pod: Counters,
+    pub post_nat: Counters,
 }
 
 impl PerHook {
     pub fn total(&self) -> Counters {
-        self.from_pod + self.to_pod
+        self.from_pod + self.to_pod + self.post_nat
     }
 }
 
@@ -197,6 +244,8 @@ mod tests {
     fn differences_per_hook() {
         let p = |hook, id, t, n| HookProgram {
             hook,
+            ifname: String::new(),
+            egress: hook != Hook::FromPod,
             id,
             name: String::new(),
             counters: Counters {
@@ -209,11 +258,16 @@ mod tests {
             p(Hook::ToPod, 1, 1100, 11),
             p(Hook::FromPod, 2, 450, 5),
             p(Hook::ToPod, 3, 300, 2),
+            p(Hook::PostNat, 4, 70, 7),
         ]);
         let d = after.since(&before);
         assert_eq!(d.to_pod.run_cnt, 12);
         assert_eq!(d.to_pod.run_time_ns, 1300);
         assert_eq!(d.from_pod.ns_per_run(), 100.0);
+        assert_eq!(d.post_nat.run_cnt, 7);
+        assert_eq!(d.total().run_cnt, 23);
+        assert_eq!(Hook::of_program("netpol_post_nat"), Some(Hook::PostNat));
+        assert_eq!(Hook::of_program("floor_from_pod"), Some(Hook::FromPod));
         assert!(Counters::default().ns_per_run().is_nan());
     }
 }

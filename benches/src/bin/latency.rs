@@ -144,8 +144,10 @@ struct OverFloor {
 struct KernelRuns {
     to_pod: Counters,
     from_pod: Counters,
+    post_nat: Counters,
     to_pod_ns_per_run: f64,
     from_pod_ns_per_run: f64,
+    post_nat_ns_per_run: f64,
     /// Program runs (both hooks, both pods) per request.
     runs_per_request: f64,
     /// run_time_ns of all of them per request, in microseconds.
@@ -158,8 +160,10 @@ impl KernelRuns {
         KernelRuns {
             to_pod: d.to_pod,
             from_pod: d.from_pod,
+            post_nat: d.post_nat,
             to_pod_ns_per_run: d.to_pod.ns_per_run(),
             from_pod_ns_per_run: d.from_pod.ns_per_run(),
+            post_nat_ns_per_run: d.post_nat.ns_per_run(),
             runs_per_request: per_req(d.total().run_cnt),
             program_us_per_request: per_req(d.total().run_time_ns) / 1000.0,
         }
@@ -358,6 +362,20 @@ fn main() -> Result<()> {
         let secs = lab.start_agents(&agent, &args.bins.agent_args, Duration::from_secs(300))?;
         println!("  agents started and synced in {secs:.1} s");
         setup.insert("agents_start_secs".to_string(), secs);
+        // The agents also put netpol_post_nat on node devices: the floor
+        // goes there too, so that it runs wherever netpol runs.
+        if let Some(&m) = modes.iter().find(|m| m.is_netpol()) {
+            let (done, missing) = lab.mirror_post_nat(m)?;
+            if !done.is_empty() {
+                println!("  floor also on the post_nat hooks: {}", done.join(", "));
+            }
+            if !missing.is_empty() {
+                println!(
+                    "  floor NOT on these post_nat hooks: {}",
+                    missing.join(", ")
+                );
+            }
+        }
     }
     // Counted from here to the end of the run (the guard drops with main).
     let stats_on = if args.no_kernel_stats || !modes.iter().any(|m| m.has_programs()) {
@@ -509,12 +527,14 @@ fn main() -> Result<()> {
                 );
                 if let Some(k) = kernel {
                     println!(
-                        "    {:<9} kernel: to_pod {:>5.0} ns x {:.1}, from_pod {:>5.0} ns x {:.1} runs/request: {:.2} us/request in programs{}",
+                        "    {:<9} kernel: to_pod {:>5.0} ns x {:.1}, from_pod {:>5.0} ns x {:.1}, post_nat {:>5.0} ns x {:.1} runs/request: {:.2} us/request in programs{}",
                         "",
                         k.to_pod_ns_per_run,
                         k.to_pod.run_cnt as f64 / (s.len() + errors).max(1) as f64,
                         k.from_pod_ns_per_run,
                         k.from_pod.run_cnt as f64 / (s.len() + errors).max(1) as f64,
+                        k.post_nat_ns_per_run,
+                        k.post_nat.run_cnt as f64 / (s.len() + errors).max(1) as f64,
                         k.program_us_per_request,
                         of.map_or(String::new(), |o| format!(
                             "; over floor: p50 {:+.2} us, mean {:+.2} us (±{:.2}), programs {}",
@@ -717,11 +737,11 @@ fn print_floor_tables(rows: &[Row], policies: &[usize], sizes: &[usize], modes: 
         return;
     }
     println!(
-        "\n== Kernel statistics (run_time_ns / run_cnt): ns per program run, to_pod / from_pod; runs per request"
+        "\n== Kernel statistics (run_time_ns / run_cnt): ns per program run, to_pod / from_pod / post_nat; runs per request"
     );
     print!("{:<8} {:>8}", "size", "policies");
     for m in &with_kernel {
-        print!(" | {:^22}", m.as_str());
+        print!(" | {:^30}", m.as_str());
     }
     println!();
     for &s in sizes {
@@ -730,10 +750,13 @@ fn print_floor_tables(rows: &[Row], policies: &[usize], sizes: &[usize], modes: 
             for &m in &with_kernel {
                 match find(n, s, m).and_then(|r| r.kernel) {
                     Some(k) => print!(
-                        " | {:>6.0} / {:>5.0} x {:>4.1}",
-                        k.to_pod_ns_per_run, k.from_pod_ns_per_run, k.runs_per_request
+                        " | {:>6.0} / {:>5.0} / {:>5.0} x {:>4.1}",
+                        k.to_pod_ns_per_run,
+                        k.from_pod_ns_per_run,
+                        k.post_nat_ns_per_run,
+                        k.runs_per_request
                     ),
-                    None => print!(" | {:^22}", "-"),
+                    None => print!(" | {:^30}", "-"),
                 }
             }
             println!();
