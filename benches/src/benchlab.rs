@@ -18,8 +18,10 @@
 //! bridged node (bridge-CNI/flannel host-gw-like) over the fabric to the
 //! server's routed node (Calico-like). `floor`'s pods get a program that
 //! returns at once (TC_ACT_OK) on the hooks netpol uses, TCX ingress and
-//! egress of each pod's host veth, attached by the benchmark itself (see
-//! [`crate::floor`]): the cost of running any program there. `netpol-agent`
+//! egress of each pod's host veth and, once the agents run, TCX egress of
+//! the node devices where they put `netpol_post_nat`, attached by the
+//! benchmark itself (see [`crate::floor`]): the cost of running any program
+//! there. `netpol-agent`
 //! runs only on the nodes
 //! of the netpol modes (`netpol-nolog`: with the flow log off); the iptables
 //! rules live only in the iptables server's node (conntrack is never turned
@@ -88,7 +90,8 @@ pub enum Mode {
     /// No agent, no programs, no rules.
     None,
     /// No agent, no rules: a program that returns TC_ACT_OK at once on the
-    /// hooks netpol uses (TCX ingress and egress of both pods' host veths),
+    /// hooks netpol uses (TCX ingress and egress of both pods' host veths,
+    /// and, after [`BenchLab::mirror_post_nat`], the post-NAT devices),
     /// attached by the benchmark. What netpol costs above this is its own
     /// work; the rest is what any TC program costs.
     Floor,
@@ -144,8 +147,8 @@ impl Mode {
         !matches!(self, Mode::None | Mode::Floor)
     }
 
-    /// Has eBPF programs on its pods' host veths (netpol's or the floor's),
-    /// whose kernel statistics [`BenchLab::hook_snapshot`] reads.
+    /// Has eBPF programs in its nodes (netpol's or the floor's), whose
+    /// kernel statistics [`BenchLab::hook_snapshot`] reads.
     pub fn has_programs(self) -> bool {
         self.is_netpol() || self == Mode::Floor
     }

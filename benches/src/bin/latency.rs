@@ -11,7 +11,8 @@
 //! - `none`: no agent, no programs, no rules;
 //! - `floor`: no agent, no rules, a program that returns TC_ACT_OK at once
 //!   on the hooks netpol uses (TCX ingress and egress of both pods' host
-//!   veths), attached by the benchmark (`netpol_benches::floor`): what any
+//!   veths, TCX egress of the node devices with `netpol_post_nat`),
+//!   attached by the benchmark (`netpol_benches::floor`): what any
 //!   TC program costs there, so that `netpol - floor` is netpol's own work;
 //! - `netpol`: netpol-agent on the client's and the server's node, the
 //!   policies written into the manifests dir, flow log on (as deployed);
@@ -148,7 +149,7 @@ struct KernelRuns {
     to_pod_ns_per_run: f64,
     from_pod_ns_per_run: f64,
     post_nat_ns_per_run: f64,
-    /// Program runs (both hooks, both pods) per request.
+    /// Program runs (every hook of both nodes) per request.
     runs_per_request: f64,
     /// run_time_ns of all of them per request, in microseconds.
     program_us_per_request: f64,
