@@ -7,6 +7,7 @@
 //! ```text
 //! mode          client pod (bridged node)                server pod (routed node)
 //! none          bench/cli-none         on none-cli         bench/srv-none         on none-srv
+//! floor         bench/cli-floor        on floor-cli        bench/srv-floor        on floor-srv
 //! netpol        bench/cli-netpol       on netpol-cli       bench/srv-netpol       on netpol-srv
 //! netpol-nolog  bench/cli-netpol-nolog on netpol-nolog-cli bench/srv-netpol-nolog on netpol-nolog-srv
 //! iptables      bench/cli-iptables     on iptables-cli     bench/srv-iptables     on iptables-srv
@@ -15,7 +16,13 @@
 //!
 //! Traffic crosses nodes the way it does in a cluster: from the client's
 //! bridged node (bridge-CNI/flannel host-gw-like) over the fabric to the
-//! server's routed node (Calico-like). `netpol-agent` runs only on the nodes
+//! server's routed node (Calico-like). `floor`'s pods get a program that
+//! returns at once (TC_ACT_OK) on the hooks netpol uses, TCX ingress and
+//! egress of each pod's host veth and, once the agents run, TCX egress of
+//! the node devices where they put `netpol_post_nat`, attached by the
+//! benchmark itself (see [`crate::floor`]): the cost of running any program
+//! there. `netpol-agent`
+//! runs only on the nodes
 //! of the netpol modes (`netpol-nolog`: with the flow log off); the iptables
 //! rules live only in the iptables server's node (conntrack is never turned
 //! on in the other nodes' namespaces).
@@ -58,7 +65,12 @@ use netpol_lab::{
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::{http, iptables, nginx::Nginx};
+use crate::{
+    floor::{self, FloorLink, FloorProgram, Hook},
+    http, iptables,
+    kstats::{self, Snapshot},
+    nginx::Nginx,
+};
 
 /// Namespace of every bench pod.
 pub const NAMESPACE: &str = "bench";
@@ -77,6 +89,12 @@ pub const POLICIES_FILE: &str = "bench-policies.json";
 pub enum Mode {
     /// No agent, no programs, no rules.
     None,
+    /// No agent, no rules: a program that returns TC_ACT_OK at once on the
+    /// hooks netpol uses (TCX ingress and egress of both pods' host veths,
+    /// and, after [`BenchLab::mirror_post_nat`], the post-NAT devices),
+    /// attached by the benchmark. What netpol costs above this is its own
+    /// work; the rest is what any TC program costs.
+    Floor,
     /// netpol-agent on both nodes with every new flow flow-logged
     /// (`--log-allowed`: a verdict event and a JSON line per new flow, up to
     /// `--events-per-sec`), the policies as manifests.
@@ -95,11 +113,18 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 4] = [Mode::None, Mode::Netpol, Mode::NetpolNolog, Mode::Iptables];
+    pub const ALL: [Mode; 5] = [
+        Mode::None,
+        Mode::Floor,
+        Mode::Netpol,
+        Mode::NetpolNolog,
+        Mode::Iptables,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::None => "none",
+            Mode::Floor => "floor",
             Mode::Netpol => "netpol",
             Mode::NetpolNolog => "netpol-nolog",
             Mode::Iptables => "iptables",
@@ -119,7 +144,13 @@ impl Mode {
 
     /// Something enforces the policies.
     pub fn enforces(self) -> bool {
-        self != Mode::None
+        !matches!(self, Mode::None | Mode::Floor)
+    }
+
+    /// Has eBPF programs in its nodes (netpol's or the floor's), whose
+    /// kernel statistics [`BenchLab::hook_snapshot`] reads.
+    pub fn has_programs(self) -> bool {
+        self.is_netpol() || self == Mode::Floor
     }
 
     fn index(self) -> u8 {
@@ -129,6 +160,7 @@ impl Mode {
             Mode::Iptables => 2,
             Mode::NetpolNolog => 3,
             Mode::Peer => 4,
+            Mode::Floor => 5,
         }
     }
 }
@@ -173,9 +205,11 @@ pub struct PolicyTimes {
 /// The lab, its agents and nginx servers; everything goes when dropped.
 #[derive(Debug)]
 pub struct BenchLab {
-    // Dropped in this order: servers, agents, then the lab (namespaces).
+    // Dropped in this order: servers, agents, floor links, then the lab
+    // (namespaces).
     nginx: Vec<Nginx>,
     agents: Vec<(Mode, Agents)>,
+    floor: Vec<FloorLink>,
     peer: Option<netpol_lab::peer::Peer>,
     lab: Lab,
     pub modes: Vec<Mode>,
@@ -310,9 +344,10 @@ impl BenchLab {
             },
         )
         .map_err(|e| anyhow!("lab up: {e}"))?;
-        let lab = BenchLab {
+        let mut lab = BenchLab {
             nginx: Vec::new(),
             agents: Vec::new(),
+            floor: Vec::new(),
             peer: None,
             lab,
             modes: modes.to_vec(),
@@ -321,6 +356,9 @@ impl BenchLab {
             policies: 0,
             unsupported: Vec::new(),
         };
+        if modes.contains(&Mode::Floor) {
+            lab.attach_floor()?;
+        }
         if modes.contains(&Mode::Iptables) {
             if !iptables::available(backend) {
                 bail!("iptables ({}) or ipset is not installed", backend.as_str());
@@ -328,6 +366,84 @@ impl BenchLab {
             iptables::clear(&lab.pair(Mode::Iptables).server_node.netns_path(), backend)?;
         }
         Ok(lab)
+    }
+
+    /// Loads the floor programs and attaches them to the TCX ingress and
+    /// egress hooks of the floor pods' host veths, in their nodes' netns.
+    fn attach_floor(&mut self) -> Result<()> {
+        let pair = self.pair(Mode::Floor);
+        let progs = Hook::ALL.map(|h| {
+            FloorProgram::load(h).with_context(|| format!("loading floor_{}", h.as_str()))
+        });
+        let progs = progs.into_iter().collect::<Result<Vec<_>>>()?;
+        for (node, pod) in [
+            (&pair.server_node, &pair.server),
+            (&pair.client_node, &pair.client),
+        ] {
+            let links = run_in_netns(&node.netns_path(), || {
+                let ifindex = floor::ifindex(&pod.host_veth)?;
+                progs
+                    .iter()
+                    .map(|p| p.attach(ifindex))
+                    .collect::<std::io::Result<Vec<_>>>()
+            })
+            .with_context(|| {
+                format!(
+                    "attaching the floor programs (TCX) to {} in {}",
+                    pod.host_veth, node.name
+                )
+            })?;
+            self.floor.extend(links);
+        }
+        Ok(())
+    }
+
+    /// The kernel's counters of the TCX programs in `mode`'s two nodes:
+    /// the pods' host veths and, for netpol (and the floor mirroring it),
+    /// the node devices with `post_nat` (see [`crate::kstats`]; statistics
+    /// must be on).
+    pub fn hook_snapshot(&self, mode: Mode) -> Result<Snapshot> {
+        let pair = self.pair(mode);
+        let mut programs = Vec::new();
+        for node in [&pair.server_node, &pair.client_node] {
+            programs.extend(kstats::tcx_programs(&node.netns_path())?);
+        }
+        Ok(Snapshot::new(programs))
+    }
+
+    /// Puts the floor's `post_nat` program on the devices of the floor's
+    /// nodes where the agents of `netpol_mode` put `netpol_post_nat` (same
+    /// device names; server node to server node, client to client), so
+    /// that the floor runs on every hook netpol runs on. Returns
+    /// `node/device` for each, and the devices it found no twin for.
+    pub fn mirror_post_nat(&mut self, netpol_mode: Mode) -> Result<(Vec<String>, Vec<String>)> {
+        if !self.modes.contains(&Mode::Floor) {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let netpol = self.pair(netpol_mode);
+        let floor = self.pair(Mode::Floor);
+        let prog = FloorProgram::load(Hook::PostNat).context("loading floor_post_nat")?;
+        let (mut done, mut missing) = (Vec::new(), Vec::new());
+        for (theirs, ours) in [
+            (&netpol.server_node, &floor.server_node),
+            (&netpol.client_node, &floor.client_node),
+        ] {
+            let devices: Vec<String> = kstats::tcx_programs(&theirs.netns_path())?
+                .into_iter()
+                .filter(|p| p.hook == Hook::PostNat && p.egress)
+                .map(|p| p.ifname)
+                .collect();
+            for dev in devices {
+                match run_in_netns(&ours.netns_path(), || prog.attach(floor::ifindex(&dev)?)) {
+                    Ok(link) => {
+                        self.floor.push(link);
+                        done.push(format!("{}/{dev}", ours.name));
+                    }
+                    Err(e) => missing.push(format!("{}/{dev} ({e})", ours.name)),
+                }
+            }
+        }
+        Ok((done, missing))
     }
 
     pub fn state(&self) -> &LabState {

@@ -6,6 +6,10 @@
 //!   own two nodes, so the modes can be interleaved request by request;
 //! * [`iptables`]: enforcement the way iptables-based plugins do it
 //!   (a per-pod chain, conntrack first, a rule per policy, ipsets);
+//! * [`floor`]: the `floor` mode's program (returns at once), assembled and
+//!   attached through TCX by the benchmark;
+//! * [`kstats`]: the kernel's per-program statistics (`run_time_ns`,
+//!   `run_cnt`, while `kernel.bpf_stats_enabled` is on);
 //! * [`nginx`]: nginx inside a pod's netns, serving files of given sizes;
 //! * [`http`]: our HTTP/1.1 client (one request per connection, or keep-alive);
 //! * [`stats`], [`clock`], [`svg`], [`machine`]: summaries, a precise clock,
@@ -13,8 +17,10 @@
 
 pub mod benchlab;
 pub mod clock;
+pub mod floor;
 pub mod http;
 pub mod iptables;
+pub mod kstats;
 pub mod machine;
 pub mod nginx;
 pub mod stats;

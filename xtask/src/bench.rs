@@ -23,11 +23,13 @@ use crate::workspace_root;
 /// The benchmarks, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Bench {
-    /// ns per packet through the TC program (BPF_PROG_TEST_RUN).
+    /// ns per packet through the TC programs (BPF_PROG_TEST_RUN), and the
+    /// kernel's run_time_ns/run_cnt over the same runs.
     Datapath,
     /// The control plane (benches/src/bin/control_plane.rs), when present.
     ControlPlane,
-    /// HTTP latency against the number of policies (none / netpol / iptables).
+    /// HTTP latency against the number of policies (none / floor / netpol /
+    /// iptables), with the programs' kernel statistics.
     Latency,
     /// Latency percentiles at constant request rates (open loop).
     Loadgen,

@@ -9,7 +9,17 @@
 //!   every run misses the flow table and takes the policy path. A single run
 //!   carries the kernel's timing overhead, so the same single-run method is
 //!   also reported for established packets (`established (1 run)`): the
-//!   difference between the two is the policy decision and flow insertion.
+//!   difference between the two is the policy decision and flow insertion;
+//! - from_pod reply: the server's answer on that established flow, through
+//!   `netpol_from_pod` (the program on the other hook), repeated.
+//!
+//! Then, unless `--no-kernel-stats`, the same measurements again (new flows
+//! on fresh ports) with the kernel's statistics on (see
+//! `netpol_benches::kstats`): the kernel times the program alone on every
+//! run, and `run_time_ns / run_cnt` is printed next to `BPF_PROG_TEST_RUN`'s
+//! figure for the same runs. The difference is the test harness (and, for
+//! single runs, its timer); the statistics' own clock reads are in both, so
+//! the first table is measured with them off.
 //!
 //! Needs root. Prints a table and, with `--json <file>`, writes the numbers.
 
@@ -30,6 +40,7 @@ use netpol_agent::{
     datapath::EBPF_OBJECT,
     model::{Cluster, build::*},
 };
+use netpol_benches::kstats::{self, Counters};
 use netpol_common::{ConfigValue, EndpointValue, PeerValue, PolicyKey, PolicyValue, map_names};
 use serde::Serialize;
 
@@ -47,6 +58,9 @@ struct Args {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Skip the second pass with `kernel.bpf_stats_enabled` on.
+    #[arg(long)]
+    no_kernel_stats: bool,
 }
 
 /// The endpoint under test is keyed by ifindex 1: `BPF_PROG_TEST_RUN` runs
@@ -200,6 +214,51 @@ struct Row {
     denied_new_flow_ns: f64,
     /// A known flow's packet, repeated.
     established_ns: f64,
+    /// The server's reply on a known flow through `netpol_from_pod`, repeated.
+    from_pod_reply_ns: f64,
+    /// The second pass, with the kernel's statistics on.
+    kernel: Option<KernelPass>,
+}
+
+/// One kind of packet measured with the kernel's statistics on.
+#[derive(Serialize, Clone, Copy)]
+struct Kernel {
+    /// The program's `run_time_ns / run_cnt` over these runs.
+    kernel_ns: f64,
+    /// `BPF_PROG_TEST_RUN`'s average over the same runs.
+    test_run_ns: f64,
+    runs: u64,
+}
+
+#[derive(Serialize)]
+struct KernelPass {
+    /// `netpol_to_pod`, allowed new flows (fresh ports), one run each.
+    to_pod_new_flow: Kernel,
+    /// `netpol_to_pod`, the same packets again (now established), one run
+    /// each: a different flow entry every run, as on the real path.
+    to_pod_established_single: Kernel,
+    /// `netpol_to_pod`, a known flow's packet, repeated.
+    to_pod_established: Kernel,
+    /// `netpol_to_pod`, a denied new flow, repeated.
+    to_pod_denied: Kernel,
+    /// `netpol_from_pod`, the server's reply on a known flow, repeated.
+    from_pod_reply: Kernel,
+}
+
+/// Runs `f` (which returns the sum of the test-run durations and the number
+/// of runs) and reads what the kernel counted for `prog` meanwhile.
+fn with_kernel_stats(
+    prog: &SchedClassifier,
+    f: impl FnOnce() -> Result<(f64, u64)>,
+) -> Result<Kernel> {
+    let before = Counters::of(&prog.info()?);
+    let (total_ns, runs) = f()?;
+    let d = Counters::of(&prog.info()?).since(before);
+    Ok(Kernel {
+        kernel_ns: d.ns_per_run(),
+        test_run_ns: total_ns / runs.max(1) as f64,
+        runs: d.run_cnt,
+    })
 }
 
 fn measure(args: &Args, n: usize, v6: bool) -> Result<Row> {
@@ -210,17 +269,19 @@ fn measure(args: &Args, n: usize, v6: bool) -> Result<Row> {
         .program(netpol_common::prog_names::TO_POD)
         .expect("program")
         .try_into()?;
+    let from_pod: &SchedClassifier = ebpf
+        .program(netpol_common::prog_names::FROM_POD)
+        .expect("program")
+        .try_into()?;
     let port = 1000 + n as u16 - 1;
     let (client, server) = if v6 {
         (format!("[{CLIENT_V6}]"), format!("[{SERVER_V6}]"))
     } else {
         (CLIENT_V4.to_string(), SERVER_V4.to_string())
     };
-    let frame = |sport: u16| {
-        packets::tcp(&format!("{client}:{sport}"), &format!("{server}:{port}"))
-            .syn()
-            .frame()
-    };
+    let packet =
+        |sport: u16| packets::tcp(&format!("{client}:{sport}"), &format!("{server}:{port}"));
+    let frame = |sport: u16| packet(sport).syn().frame();
     // Sanity: the packet is allowed (and only by the last policy).
     let (rc, _) = run(prog, &frame(1), 1)?;
     if rc != 0 {
@@ -249,6 +310,57 @@ fn measure(args: &Args, n: usize, v6: bool) -> Result<Row> {
     }
     let (_, est) = run(prog, &frames[0], args.repeat)?;
     let (_, denied_ns) = run(prog, &denied, args.repeat)?;
+    // The first flow's handshake, so that its reply is established traffic
+    // in from_pod: SYN (above), SYN-ACK out of the server, ACK in.
+    let first = packet(10_000);
+    for (p, pkt) in [
+        (from_pod, first.reversed().syn_ack()),
+        (prog, first.clone().ack()),
+    ] {
+        if run(p, &pkt.frame(), 1)?.0 != 0 {
+            bail!("the handshake of the benchmark flow was dropped ({n} policies)");
+        }
+    }
+    let reply = first.reversed().ack().payload(&[0u8; 64]).frame();
+    let (rc, _) = run(from_pod, &reply, 1)?;
+    if rc != 0 {
+        bail!("the server's reply on an established flow was dropped ({n} policies)");
+    }
+    let (_, reply_ns) = run(from_pod, &reply, args.repeat)?;
+
+    let kernel = if args.no_kernel_stats {
+        None
+    } else {
+        // Counting on only for this pass (the guard turns it off).
+        let _on = kstats::enable()?;
+        // Fresh ports: every run misses the flow table again.
+        let fresh: Vec<Vec<u8>> = (0..args.flows)
+            .map(|i| frame(10_000u16.wrapping_add(args.flows).wrapping_add(i)))
+            .collect();
+        let repeated = |p: &SchedClassifier, f: &[u8]| -> Result<(f64, u64)> {
+            let (_, ns) = run(p, f, args.repeat)?;
+            Ok((ns * f64::from(args.repeat), u64::from(args.repeat)))
+        };
+        Some(KernelPass {
+            to_pod_new_flow: with_kernel_stats(prog, || {
+                let mut total = 0.0;
+                for f in &fresh {
+                    total += run(prog, f, 1)?.1;
+                }
+                Ok((total, fresh.len() as u64))
+            })?,
+            to_pod_established_single: with_kernel_stats(prog, || {
+                let mut total = 0.0;
+                for f in &fresh {
+                    total += run(prog, f, 1)?.1;
+                }
+                Ok((total, fresh.len() as u64))
+            })?,
+            to_pod_established: with_kernel_stats(prog, || repeated(prog, &frames[0]))?,
+            to_pod_denied: with_kernel_stats(prog, || repeated(prog, &denied))?,
+            from_pod_reply: with_kernel_stats(from_pod, || repeated(from_pod, &reply))?,
+        })
+    };
     Ok(Row {
         family: if v6 { "IPv6" } else { "IPv4" },
         policies: n,
@@ -258,6 +370,8 @@ fn measure(args: &Args, n: usize, v6: bool) -> Result<Row> {
         established_single_ns: est_single / frames.len() as f64,
         denied_new_flow_ns: denied_ns,
         established_ns: est,
+        from_pod_reply_ns: reply_ns,
+        kernel,
     })
 }
 
@@ -273,7 +387,7 @@ fn main() -> Result<()> {
         kernel()
     );
     println!(
-        "{:<5} {:>9} {:>8} {:>10} | {:>13} {:>17} | {:>15} {:>12}",
+        "{:<5} {:>9} {:>8} {:>10} | {:>13} {:>17} | {:>15} {:>12} {:>14}",
         "fam",
         "policies",
         "entries",
@@ -281,10 +395,11 @@ fn main() -> Result<()> {
         "new flow ns",
         "estab. ns",
         "denied new ns",
-        "estab. ns"
+        "estab. ns",
+        "from_pod reply"
     );
     println!(
-        "{:<36} | {:^31} | {:^28}",
+        "{:<36} | {:^31} | {:^43}",
         "", "single runs (timer overhead in)", "repeated runs (kernel avg)"
     );
     let started = Instant::now();
@@ -299,13 +414,24 @@ fn main() -> Result<()> {
         let arp = packets::arp_request("10.1.0.3", "10.1.0.2");
         let (_, floor) = run(prog, &arp, args.repeat)?;
         println!("floor (ARP frame: ethertype check and one counter, repeated): {floor:.1} ns");
+        if !args.no_kernel_stats {
+            let _on = kstats::enable()?;
+            let k = with_kernel_stats(prog, || {
+                let (_, ns) = run(prog, &arp, args.repeat)?;
+                Ok((ns * f64::from(args.repeat), u64::from(args.repeat)))
+            })?;
+            println!(
+                "floor with kernel statistics on: run_time_ns/run_cnt {:.1} ns, BPF_PROG_TEST_RUN {:.1} ns over the same {} runs",
+                k.kernel_ns, k.test_run_ns, k.runs
+            );
+        }
     }
     let mut rows = Vec::new();
     for &n in &args.policies {
         for v6 in [false, true] {
             let r = measure(&args, n, v6)?;
             println!(
-                "{:<5} {:>9} {:>8} {:>10} | {:>13.1} {:>17.1} | {:>15.1} {:>12.1}",
+                "{:<5} {:>9} {:>8} {:>10} | {:>13.1} {:>17.1} | {:>15.1} {:>12.1} {:>14.1}",
                 r.family,
                 r.policies,
                 r.policy_entries,
@@ -313,7 +439,8 @@ fn main() -> Result<()> {
                 r.new_flow_ns,
                 r.established_single_ns,
                 r.denied_new_flow_ns,
-                r.established_ns
+                r.established_ns,
+                r.from_pod_reply_ns
             );
             rows.push(r);
         }
@@ -337,13 +464,50 @@ fn main() -> Result<()> {
             summary.insert(fam, ratio);
         }
     }
+    print_kernel_table(&rows);
     service_path(&args)?;
     println!("({:.1} s)", started.elapsed().as_secs_f64());
     if let Some(path) = &args.json {
+        // An array of rows, as before (the floor's kernel figure is printed).
         std::fs::write(path, serde_json::to_string_pretty(&rows)?)?;
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// The second pass: the kernel's per-run time next to BPF_PROG_TEST_RUN's
+/// over the same runs.
+fn print_kernel_table(rows: &[Row]) {
+    if rows.iter().all(|r| r.kernel.is_none()) {
+        return;
+    }
+    println!(
+        "\nkernel statistics on (bpf_stats_enabled), ns per run: run_time_ns/run_cnt / BPF_PROG_TEST_RUN's average, over the same runs"
+    );
+    println!(
+        "{:<5} {:>9} | {:>17} | {:>17} | {:>17} | {:>17} | {:>17}",
+        "fam",
+        "policies",
+        "to_pod new flow",
+        "estab., 1 run",
+        "estab., repeated",
+        "to_pod denied new",
+        "from_pod reply"
+    );
+    for r in rows {
+        let Some(k) = &r.kernel else { continue };
+        let cell = |k: &Kernel| format!("{:>7.1} / {:>7.1}", k.kernel_ns, k.test_run_ns);
+        println!(
+            "{:<5} {:>9} | {:>17} | {:>17} | {:>17} | {:>17} | {:>17}",
+            r.family,
+            r.policies,
+            cell(&k.to_pod_new_flow),
+            cell(&k.to_pod_established_single),
+            cell(&k.to_pod_established),
+            cell(&k.to_pod_denied),
+            cell(&k.from_pod_reply)
+        );
+    }
 }
 
 fn kernel() -> String {

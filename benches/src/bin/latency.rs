@@ -9,6 +9,11 @@
 //! The modes run in one lab (see `netpol_benches::benchlab`), interleaved
 //! in chunks of requests so that a noisy machine hits them alike:
 //! - `none`: no agent, no programs, no rules;
+//! - `floor`: no agent, no rules, a program that returns TC_ACT_OK at once
+//!   on the hooks netpol uses (TCX ingress and egress of both pods' host
+//!   veths, TCX egress of the node devices with `netpol_post_nat`),
+//!   attached by the benchmark (`netpol_benches::floor`): what any
+//!   TC program costs there, so that `netpol - floor` is netpol's own work;
 //! - `netpol`: netpol-agent on the client's and the server's node, the
 //!   policies written into the manifests dir, flow log on (as deployed);
 //! - `netpol-nolog`: the same with `--events-per-sec 0` (the datapath alone);
@@ -22,9 +27,14 @@
 //!   under `unsupported`, and the other modes run as before.
 //!
 //! A request is timed from before `connect` to the last byte of the body.
-//! Prints mean, p50 and p99 per mode, size and policy count and the
-//! overhead over `none` in percent; `--json` and `--svg` write the numbers
-//! and the overhead plot. Needs root and nginx.
+//! Prints mean, p50 and p99 per mode, size and policy count, the overhead
+//! over `none` in percent, and the netpol modes' extra time over `floor` in
+//! microseconds. With kernel statistics on (the default; see
+//! `netpol_benches::kstats`) it also prints, for each mode with programs,
+//! what one run of its programs cost in the real path (`run_time_ns /
+//! run_cnt`, to_pod and from_pod) and how many runs a request took.
+//! `--json` and `--svg` write the numbers and the overhead plot. Needs root
+//! and nginx.
 
 use std::{
     cell::Cell,
@@ -41,6 +51,7 @@ use netpol_benches::{
     benchlab::{BenchLab, Mode},
     clock, http,
     iptables::Backend,
+    kstats::{self, Counters, PerHook, Snapshot},
     machine::Machine,
     nginx, require_root, size_label,
     stats::{Overhead, Summary, overhead, summarize},
@@ -73,9 +84,14 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "none,netpol,netpol-nolog,iptables"
+        default_value = "none,floor,netpol,netpol-nolog,iptables"
     )]
     modes: Vec<Mode>,
+    /// Leave `kernel.bpf_stats_enabled` alone: no per-program run times
+    /// (counting adds two clock reads to every program run, floor and netpol
+    /// alike).
+    #[arg(long)]
+    no_kernel_stats: bool,
     /// iptables backend of the iptables mode.
     #[arg(long, value_enum, default_value = "nft")]
     iptables_backend: Backend,
@@ -105,6 +121,69 @@ struct Row {
     errors: usize,
     /// Over `none` at the same size and policy count (absent for `none`).
     overhead: Option<Overhead>,
+    /// The netpol modes over `floor` at the same size and policy count.
+    over_floor: Option<OverFloor>,
+    /// The kernel's statistics of the mode's programs during the cell
+    /// (modes with programs, kernel statistics on).
+    kernel: Option<KernelRuns>,
+}
+
+/// A mode's extra time per request over `floor`, in microseconds.
+#[derive(Serialize, Clone, Copy)]
+struct OverFloor {
+    mean_us: f64,
+    /// Half-width of the 95% confidence interval of `mean_us`.
+    mean_ci95_us: f64,
+    p50_us: f64,
+    /// The difference of the programs' own time per request, from the
+    /// kernel's statistics (`KernelRuns::program_us_per_request`).
+    program_us: Option<f64>,
+}
+
+/// What the kernel counted for a mode's programs over a cell's requests.
+#[derive(Serialize, Clone, Copy)]
+struct KernelRuns {
+    to_pod: Counters,
+    from_pod: Counters,
+    post_nat: Counters,
+    to_pod_ns_per_run: f64,
+    from_pod_ns_per_run: f64,
+    post_nat_ns_per_run: f64,
+    /// Program runs (every hook of both nodes) per request.
+    runs_per_request: f64,
+    /// run_time_ns of all of them per request, in microseconds.
+    program_us_per_request: f64,
+}
+
+impl KernelRuns {
+    fn new(d: PerHook, requests: usize) -> KernelRuns {
+        let per_req = |x: u64| x as f64 / requests.max(1) as f64;
+        KernelRuns {
+            to_pod: d.to_pod,
+            from_pod: d.from_pod,
+            post_nat: d.post_nat,
+            to_pod_ns_per_run: d.to_pod.ns_per_run(),
+            from_pod_ns_per_run: d.from_pod.ns_per_run(),
+            post_nat_ns_per_run: d.post_nat.ns_per_run(),
+            runs_per_request: per_req(d.total().run_cnt),
+            program_us_per_request: per_req(d.total().run_time_ns) / 1000.0,
+        }
+    }
+}
+
+fn over_floor(floor: &Row, x: &Summary, kernel: Option<KernelRuns>) -> OverFloor {
+    let f = &floor.summary;
+    let se =
+        (f.stddev_us.powi(2) / f.n.max(1) as f64 + x.stddev_us.powi(2) / x.n.max(1) as f64).sqrt();
+    OverFloor {
+        mean_us: x.mean_us - f.mean_us,
+        mean_ci95_us: 1.96 * se,
+        p50_us: x.p50_us - f.p50_us,
+        program_us: match (kernel, floor.kernel) {
+            (Some(k), Some(fk)) => Some(k.program_us_per_request - fk.program_us_per_request),
+            _ => None,
+        },
+    }
 }
 
 #[derive(Serialize)]
@@ -135,6 +214,9 @@ struct Output {
     modes: Vec<Mode>,
     /// Modes asked for that could not run here, with the reason.
     unsupported: BTreeMap<Mode, String>,
+    /// How the kernel's per-program statistics were turned on (absent with
+    /// `--no-kernel-stats`).
+    kernel_stats: Option<&'static str>,
     setup: BTreeMap<String, f64>,
     policy_times: Vec<netpol_benches::benchlab::PolicyTimes>,
     cells: Vec<Point>,
@@ -281,7 +363,34 @@ fn main() -> Result<()> {
         let secs = lab.start_agents(&agent, &args.bins.agent_args, Duration::from_secs(300))?;
         println!("  agents started and synced in {secs:.1} s");
         setup.insert("agents_start_secs".to_string(), secs);
+        // The agents also put netpol_post_nat on node devices: the floor
+        // goes there too, so that it runs wherever netpol runs.
+        if let Some(&m) = modes.iter().find(|m| m.is_netpol()) {
+            let (done, missing) = lab.mirror_post_nat(m)?;
+            if !done.is_empty() {
+                println!("  floor also on the post_nat hooks: {}", done.join(", "));
+            }
+            if !missing.is_empty() {
+                println!(
+                    "  floor NOT on these post_nat hooks: {}",
+                    missing.join(", ")
+                );
+            }
+        }
     }
+    // Counted from here to the end of the run (the guard drops with main).
+    let stats_on = if args.no_kernel_stats || !modes.iter().any(|m| m.has_programs()) {
+        None
+    } else {
+        let s = kstats::enable()?;
+        println!("  kernel statistics on: {}", s.describe());
+        Some(s)
+    };
+    let prog_modes: Vec<Mode> = if stats_on.is_some() {
+        modes.iter().copied().filter(|m| m.has_programs()).collect()
+    } else {
+        Vec::new()
+    };
     let clients: Vec<Client> = modes
         .iter()
         .map(|&m| {
@@ -335,6 +444,13 @@ fn main() -> Result<()> {
             for c in &clients {
                 run_chunk(c, &path, 10, gap_ns)?;
             }
+            let snapshots = |lab: &BenchLab| -> Result<BTreeMap<Mode, Snapshot>> {
+                prog_modes
+                    .iter()
+                    .map(|&m| Ok((m, lab.hook_snapshot(m)?)))
+                    .collect()
+            };
+            let before = snapshots(&lab)?;
             let mut samples: BTreeMap<Mode, (Vec<u64>, usize)> = BTreeMap::new();
             let rounds = requests.div_ceil(args.chunk.max(1));
             for r in 0..rounds {
@@ -355,6 +471,7 @@ fn main() -> Result<()> {
                     }
                 }
             }
+            let after = snapshots(&lab)?;
             let secs = t.elapsed().as_secs_f64();
             let cpu = (lab.agents_cpu_secs() - cpu0) / secs * 100.0;
             let sent = lab
@@ -380,9 +497,19 @@ fn main() -> Result<()> {
                 netpol_events_rate_limited: limited,
             });
             let base = summarize(&samples[&Mode::None].0);
+            // Floor first (BTreeMap order follows `Mode`), so the netpol
+            // modes can be compared with it.
+            let mut floor_row: Option<usize> = None;
             for (&mode, (s, errors)) in &samples {
                 let summary = summarize(s);
                 let o = (mode != Mode::None).then(|| overhead(&base, &summary));
+                let kernel = after
+                    .get(&mode)
+                    .zip(before.get(&mode))
+                    .map(|(a, b)| KernelRuns::new(a.since(b), s.len() + errors));
+                let of = floor_row
+                    .filter(|_| mode.is_netpol())
+                    .map(|i| over_floor(&rows[i], &summary, kernel));
                 println!(
                     "    {:<9} mean {:>8.1} us  p50 {:>8.1}  p99 {:>8.1}{}{}",
                     mode.as_str(),
@@ -399,6 +526,34 @@ fn main() -> Result<()> {
                         String::new()
                     }
                 );
+                if let Some(k) = kernel {
+                    println!(
+                        "    {:<9} kernel: to_pod {:>5.0} ns x {:.1}, from_pod {:>5.0} ns x {:.1}, post_nat {:>5.0} ns x {:.1} runs/request: {:.2} us/request in programs{}",
+                        "",
+                        k.to_pod_ns_per_run,
+                        k.to_pod.run_cnt as f64 / (s.len() + errors).max(1) as f64,
+                        k.from_pod_ns_per_run,
+                        k.from_pod.run_cnt as f64 / (s.len() + errors).max(1) as f64,
+                        k.post_nat_ns_per_run,
+                        k.post_nat.run_cnt as f64 / (s.len() + errors).max(1) as f64,
+                        k.program_us_per_request,
+                        of.map_or(String::new(), |o| format!(
+                            "; over floor: p50 {:+.2} us, mean {:+.2} us (±{:.2}), programs {}",
+                            o.p50_us,
+                            o.mean_us,
+                            o.mean_ci95_us,
+                            o.program_us.map_or("-".into(), |p| format!("{p:+.2} us"))
+                        ))
+                    );
+                } else if let Some(o) = of {
+                    println!(
+                        "    {:<9} over floor: p50 {:+.2} us, mean {:+.2} us (±{:.2})",
+                        "", o.p50_us, o.mean_us, o.mean_ci95_us
+                    );
+                }
+                if mode == Mode::Floor {
+                    floor_row = Some(rows.len());
+                }
                 rows.push(Row {
                     policies: n,
                     size,
@@ -406,12 +561,15 @@ fn main() -> Result<()> {
                     summary,
                     errors: *errors,
                     overhead: o,
+                    over_floor: of,
+                    kernel,
                 });
             }
         }
     }
     let secs = started.elapsed().as_secs_f64();
     print_tables(&rows, &policies, &sizes, &modes);
+    print_floor_tables(&rows, &policies, &sizes, &modes);
     drop(lab);
 
     if let Some(&max) = policies.iter().max()
@@ -440,7 +598,10 @@ fn main() -> Result<()> {
             );
         }
     }
+    print_over_floor_summary(&rows, &policies, &sizes, &modes);
     println!("({secs:.0} s)");
+    let kernel_stats = stats_on.as_ref().map(|s| s.describe());
+    drop(stats_on);
 
     let out = Output {
         benchmark: "latency",
@@ -454,6 +615,7 @@ fn main() -> Result<()> {
         iptables_backend: args.iptables_backend,
         modes: modes.clone(),
         unsupported,
+        kernel_stats,
         setup,
         policy_times,
         cells,
@@ -522,6 +684,112 @@ fn print_tables(rows: &[Row], policies: &[usize], sizes: &[usize], modes: &[Mode
                 }
             }
             println!();
+        }
+    }
+}
+
+/// The netpol modes over `floor`, and what one program run cost (kernel
+/// statistics), by size and policy count.
+fn print_floor_tables(rows: &[Row], policies: &[usize], sizes: &[usize], modes: &[Mode]) {
+    let find = |n: usize, s: usize, m: Mode| {
+        rows.iter()
+            .find(|r| r.policies == n && r.size == s && r.mode == m)
+    };
+    let header = || {
+        print!("{:<8}", "size");
+        for n in policies {
+            print!(" {:>26}", format!("{n} policies"));
+        }
+        println!();
+    };
+    if modes.contains(&Mode::Floor) {
+        for &m in modes.iter().filter(|m| m.is_netpol()) {
+            println!(
+                "\n== {m} over floor, us per request: p50 / mean (± half-width of the 95% CI) [programs' kernel time]"
+            );
+            header();
+            for &s in sizes {
+                print!("{:<8}", size_label(s));
+                for &n in policies {
+                    match find(n, s, m).and_then(|r| r.over_floor) {
+                        Some(o) => print!(
+                            " {:>26}",
+                            format!(
+                                "{:+.2} / {:+.2}±{:.2} [{}]",
+                                o.p50_us,
+                                o.mean_us,
+                                o.mean_ci95_us,
+                                o.program_us.map_or("-".into(), |p| format!("{p:+.2}"))
+                            )
+                        ),
+                        None => print!(" {:>26}", "-"),
+                    }
+                }
+                println!();
+            }
+        }
+    }
+    let with_kernel: Vec<Mode> = modes
+        .iter()
+        .copied()
+        .filter(|&m| rows.iter().any(|r| r.mode == m && r.kernel.is_some()))
+        .collect();
+    if with_kernel.is_empty() {
+        return;
+    }
+    println!(
+        "\n== Kernel statistics (run_time_ns / run_cnt): ns per program run, to_pod / from_pod / post_nat; runs per request"
+    );
+    print!("{:<8} {:>8}", "size", "policies");
+    for m in &with_kernel {
+        print!(" | {:^30}", m.as_str());
+    }
+    println!();
+    for &s in sizes {
+        for &n in policies {
+            print!("{:<8} {:>8}", size_label(s), n);
+            for &m in &with_kernel {
+                match find(n, s, m).and_then(|r| r.kernel) {
+                    Some(k) => print!(
+                        " | {:>6.0} / {:>5.0} / {:>5.0} x {:>4.1}",
+                        k.to_pod_ns_per_run,
+                        k.from_pod_ns_per_run,
+                        k.post_nat_ns_per_run,
+                        k.runs_per_request
+                    ),
+                    None => print!(" | {:^30}", "-"),
+                }
+            }
+            println!();
+        }
+    }
+}
+
+/// One line per netpol mode: its p50 over floor at each policy count, per
+/// size (the bar: at most +0.5 us per request at every policy count).
+fn print_over_floor_summary(rows: &[Row], policies: &[usize], sizes: &[usize], modes: &[Mode]) {
+    if !modes.contains(&Mode::Floor) {
+        return;
+    }
+    for &m in modes.iter().filter(|m| m.is_netpol()) {
+        for &s in sizes {
+            let parts: Vec<String> = policies
+                .iter()
+                .filter_map(|&n| {
+                    let r = rows
+                        .iter()
+                        .find(|r| r.policies == n && r.size == s && r.mode == m)?;
+                    let o = r.over_floor?;
+                    Some(format!("{n}: {:+.2} us", o.p50_us))
+                })
+                .collect();
+            if !parts.is_empty() {
+                println!(
+                    "{m} over floor, p50 per request, {}: {} (bar: at most +0.5 us at every policy count)",
+                    size_label(s),
+                    parts.join(", ")
+                );
+            }
         }
     }
 }
