@@ -70,8 +70,16 @@ pub const REASON_ROGUE_ROUTER: u8 = 24;
 /// a tunnel through the link's control plane.
 pub const REASON_ND_INVALID: u8 = 25;
 
+// 26..=29 are reserved for the Service (post-DNAT egress) work.
+
+/// An allowed packet that would open a flow entry while its endpoint already
+/// holds its whole share of the flow table (`NETPOL_QUOTA_*`, see
+/// `netpol-ebpf/src/quota.rs`): dropped, so that one pod's flows never evict
+/// another pod's.
+pub const REASON_FLOW_QUOTA: u8 = 30;
+
 /// Number of reasons defined so far.
-pub const REASON_COUNT: u8 = 26;
+pub const REASON_COUNT: u8 = 32;
 
 /// Stable, metric-friendly name of a reason.
 pub const fn reason_name(reason: u8) -> &'static str {
@@ -102,6 +110,7 @@ pub const fn reason_name(reason: u8) -> &'static str {
         REASON_NOT_POD_ADDRESS => "not_pod_address",
         REASON_ROGUE_ROUTER => "rogue_router",
         REASON_ND_INVALID => "nd_invalid",
+        REASON_FLOW_QUOTA => "flow_quota",
         _ => "unknown",
     }
 }
