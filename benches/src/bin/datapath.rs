@@ -47,6 +47,11 @@ struct Args {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Flow-table share of the endpoint, in entries per CPU (0: no shares,
+    /// the default). To measure the new-flow path with shares on, give at
+    /// least `--flows` so that every new flow is admitted.
+    #[arg(long, default_value_t = 0)]
+    slots_per_cpu: u32,
 }
 
 /// The endpoint under test is keyed by ifindex 1: `BPF_PROG_TEST_RUN` runs
@@ -114,7 +119,7 @@ fn client_ips(i: usize, n: usize) -> (String, String) {
     )
 }
 
-fn load(compiled: &Compiled) -> Result<Ebpf> {
+fn load(compiled: &Compiled, slots_per_cpu: u32) -> Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(map_names::FLOWS, 1 << 20)
         .load(EBPF_OBJECT)
@@ -164,6 +169,18 @@ fn load(compiled: &Compiled) -> Result<Ebpf> {
         // Events off: the benchmark measures the verdict, not the ring buffer.
         m.set(0, ConfigValue::default(), 0)?;
     }
+    {
+        let mut m: Array<_, netpol_common::QuotaConfig> =
+            Array::try_from(ebpf.map_mut(map_names::QUOTA_CONFIG).expect("map"))?;
+        m.set(
+            0,
+            netpol_common::QuotaConfig {
+                slots_per_cpu,
+                _pad: 0,
+            },
+            0,
+        )?;
+    }
     Ok(ebpf)
 }
 
@@ -197,7 +214,7 @@ struct Row {
 fn measure(args: &Args, n: usize, v6: bool) -> Result<Row> {
     let c = bench_cluster(n);
     let compiled = compile(&c, &NodeInfo::new("n1", []));
-    let ebpf = load(&compiled)?;
+    let ebpf = load(&compiled, args.slots_per_cpu)?;
     let prog: &SchedClassifier = ebpf
         .program(netpol_common::prog_names::TO_POD)
         .expect("program")
@@ -283,7 +300,7 @@ fn main() -> Result<()> {
     // The floor: an ARP frame passes after the ethertype and one counter.
     {
         let compiled = compile(&bench_cluster(1), &NodeInfo::new("n1", []));
-        let ebpf = load(&compiled)?;
+        let ebpf = load(&compiled, args.slots_per_cpu)?;
         let prog: &SchedClassifier = ebpf
             .program(netpol_common::prog_names::TO_POD)
             .expect("program")
