@@ -79,14 +79,15 @@ pub static NETPOL_QUOTA_CONFIG: Array<netpol_common::QuotaConfig, 1> = Array::ne
 /// Each endpoint's per-CPU ring of flow slots: (ifindex, cpu, slot) -> the
 /// `FlowKey` that last claimed the slot. Written by the datapath (each ring
 /// only by its CPU), on the new-flow path only; the agent removes an
-/// endpoint's rings when the endpoint goes. Not preallocated: it holds only
-/// the slots that were ever claimed. See `quota.rs`.
+/// endpoint's rings when the endpoint goes. Preallocated, like the flow
+/// table: claiming a slot takes no allocation on the packet path (without
+/// it, the datapath benchmark's new flow cost twice as much). See
+/// `quota.rs`.
 #[btf_map]
 pub static NETPOL_QUOTA_SLOTS: HashMap<
     netpol_common::QuotaSlotKey,
     FlowKey,
     { sizes::FLOWS as usize },
-    { crate::quota::BPF_F_NO_PREALLOC },
 > = HashMap::new();
 
 /// Per endpoint (ifindex), per CPU: the ring cursor and the admitted,

@@ -53,6 +53,13 @@
 //! hold live flows; the cursor then moves past them, so the next attempt (a
 //! SYN retransmission) looks at other slots.
 //!
+//! # Audit mode
+//!
+//! A flow that audit mode would pass (`VERDICT_AUDIT`) also needs an entry,
+//! so it needs a slot too, and is refused beyond the share like an allowed
+//! one: the share is a limit on the table, not a policy, and audit mode only
+//! softens policy.
+//!
 //! # Cost
 //!
 //! Nothing on the established path: a known flow is still one flow lookup.
@@ -72,9 +79,6 @@ use crate::{
     maps::{NETPOL_FLOWS, NETPOL_QUOTA_CONFIG, NETPOL_QUOTA_SLOTS, NETPOL_QUOTA_STATE},
     parse::{IcmpKind, Packet, TCP_ACK, TCP_SYN},
 };
-
-/// `BPF_F_NO_PREALLOC`, for `NETPOL_QUOTA_SLOTS`.
-pub const BPF_F_NO_PREALLOC: usize = 1;
 
 /// Slots a claim looks at before it refuses.
 const PROBES: u32 = 8;
