@@ -130,6 +130,18 @@ impl AgentProc {
     ) -> std::io::Result<AgentProc> {
         let (bpffs_root, state_dir) = agent_paths(lab, node);
         std::fs::create_dir_all(&state_dir)?;
+        let mut extra_args = extra_args.to_vec();
+        // A manifest directory has no ServiceCIDR objects: tell the agent the
+        // lab's service ranges, as an operator would (the kube source reads
+        // them from the API server).
+        if let (AgentSource::Dir(_), Some(cp)) = (source, &lab.control_plane)
+            && !extra_args.iter().any(|a| a.starts_with("--service-cidr"))
+        {
+            extra_args.push(format!(
+                "--service-cidr={},{}",
+                cp.spec.service_cidr, cp.spec.service_cidr_v6
+            ));
+        }
         let mut a = AgentProc {
             node: node.name.clone(),
             child: None,
@@ -139,7 +151,7 @@ impl AgentProc {
             state_dir,
             agent_bin: agent_bin.to_path_buf(),
             source: source.clone(),
-            extra_args: extra_args.to_vec(),
+            extra_args,
         };
         a.spawn(&node.netns_path())?;
         Ok(a)

@@ -33,7 +33,7 @@ use std::{
 };
 
 use crate::{
-    Lab,
+    Lab, cni,
     controlplane::{self, ControlPlaneSpec, ControlPlaneState},
     manifests::{pod_manifest_file, write_manifests, write_namespace_manifest, write_pod_manifest},
     netns::{is_alive, list_netns, processes_in, terminate, write_sysctls},
@@ -420,6 +420,10 @@ pub struct AddPodOptions {
     /// The `netpol-lab` binary that runs the pod's server; default: the one `up` used if it
     /// still exists, else [`server::server_exe`].
     pub server_exe: Option<PathBuf>,
+    /// Set the pod up through this chained CNI plugin (`netpol-cni`, see [`crate::cni`]): once
+    /// its veth, addresses and routes exist, CNI ADD runs with them as `prevResult`, before the
+    /// pod's server starts; CNI DEL runs when the pod is removed.
+    pub cni: Option<PathBuf>,
 }
 
 /// Adds a pod to a running lab, as `up` would have created it: netns, veth on its node's
@@ -440,6 +444,10 @@ pub fn add_pod(lab: &str, pod: PodSpec, options: &AddPodOptions) -> Result<PodSt
         None => server::server_exe()?,
     };
     let node = state.node_of(&pod).clone();
+    pod.cni = options
+        .cni
+        .as_deref()
+        .map(|exe| cni::PodCni::new(&state, &node, exe));
     match start_pod(&mut state, &node, &mut pod, &exe) {
         Ok(()) => Ok(pod),
         Err(e) => {
@@ -467,6 +475,9 @@ fn start_pod(
         controlplane::create_pod(state, cp, pod)?;
     }
     create_pod(node, pod)?;
+    if let Some(plugin) = &pod.cni {
+        cni::add(plugin, node, pod)?;
+    }
     let starting = server::spawn(exe, pod, state.server_log(pod))?;
     pod.server_pid = Some(starting.wait_ready(SERVER_READY_TIMEOUT)?);
     if let Some(cp) = &cp {
@@ -481,6 +492,7 @@ fn start_pod(
     {
         recorded.server_pid = pod.server_pid;
         recorded.service_ips = pod.service_ips.clone();
+        recorded.cni = pod.cni.clone();
     }
     let path = write_pod_manifest(state, pod)?;
     if !state.manifests.contains(&path) {
@@ -638,6 +650,9 @@ fn delete_pod(node: &NodeState, pod: &PodState) -> Result<(), LabError> {
         pod.ip_v4,
         pod.ip_v6,
     );
+    // The chained plugin's DEL first (a runtime runs a chain's DEL in reverse order); its
+    // error is reported once the pod is gone, so that the lab stays consistent.
+    let cni_del = pod.cni.as_ref().map(|plugin| cni::del(plugin, node, pod));
     if ip_succeeds(&format!("-n {node_ns} link show dev {veth}")) {
         if node.attachment == Attachment::Routed {
             // Like Calico's CNI DEL. Deleting the veth would remove them as well, so a route
@@ -650,7 +665,7 @@ fn delete_pod(node: &NodeState, pod: &PodState) -> Result<(), LabError> {
     if netns_path.exists() {
         ip!("netns delete {}", pod.netns)?;
     }
-    Ok(())
+    cni_del.unwrap_or(Ok(()))
 }
 
 /// Removes a pod's manifest file if it exists; returns its path.

@@ -1309,6 +1309,7 @@ mod tests {
             ],
             server_pid: None,
             service_ips: Vec::new(),
+            cni: None,
         };
         let svc = service_object(&pod).unwrap();
         assert_eq!(svc["metadata"]["name"], "s-x-a");

@@ -6,6 +6,7 @@
 //!   `/run/netpol-lab/<lab>/state.json`, loaded with [`LabState::load`]) says where everything is.
 //! * [`probe`] / [`connect`]: real connections from inside pod namespaces, as [`TruthTable`]s.
 //! * [`netns_command`]: run a command in a node's (or pod's) netns, keeping bpffs visible.
+//! * [`cni`]: pods set up through the chained CNI plugin `netpol-cni`, as a runtime would.
 //! * [`Lab`]: a lab that goes down when dropped, for tests; [`require_privileges`] skips them
 //!   loudly without root.
 //!
@@ -13,6 +14,7 @@
 
 pub mod agents;
 pub mod cluster;
+pub mod cni;
 pub mod controlplane;
 pub mod cp_ops;
 pub mod kube;
@@ -22,6 +24,7 @@ pub mod peer;
 pub mod pki;
 pub mod probe;
 pub mod server;
+pub mod services;
 pub mod spec;
 pub mod state;
 pub mod stream;
@@ -42,7 +45,7 @@ pub use probe::{
 };
 pub use spec::{Attachment, ClusterSpec, FabricMode, PodSpec, PortSpec, Protocol, SpecError};
 pub use state::{ChangeError, Family, LabState, NodeState, PodState, StateError, Vtep, VxlanState};
-pub use stream::{StreamError, StreamHandle, StreamReport, start_stream};
+pub use stream::{StreamError, StreamHandle, StreamReport, start_stream, start_stream_via};
 pub use table::{Comparison, Mismatch, TruthTable};
 
 /// A running lab that is torn down when dropped (for tests and tools).

@@ -121,6 +121,10 @@ enum Cmd {
         /// IPv6 address [default: the node's next free one].
         #[arg(long)]
         ip_v6: Option<Ipv6Addr>,
+        /// Set the pod up through this chained CNI plugin (a netpol-cni binary), as a runtime
+        /// would: CNI ADD with the veth's result as prevResult before the pod's server starts.
+        #[arg(long, value_name = "PLUGIN")]
+        cni: Option<std::path::PathBuf>,
     },
     /// Remove a pod from a running lab (server, veth, netns, then its Pod manifest).
     RemovePod {
@@ -276,6 +280,7 @@ fn run(cli: Cli) -> Result<()> {
             ports,
             ip_v4,
             ip_v6,
+            cni,
         } => {
             let pod = PodSpec {
                 namespace,
@@ -288,6 +293,7 @@ fn run(cli: Cli) -> Result<()> {
                 ip_v4,
                 ip_v6,
                 server_exe: None,
+                cni,
             };
             let key = format!("{}/{}", pod.namespace, pod.name);
             let pod = add_pod(&lab, pod, &options)

@@ -310,6 +310,10 @@ pub struct PodState {
     /// The ClusterIPs of the pod's Service (`s-<ns>-<pod>`), in a lab with a control plane.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub service_ips: Vec<IpAddr>,
+    /// Set up through the chained CNI plugin `netpol-cni` (see [`crate::cni`]): its DEL runs
+    /// before the veth goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni: Option<crate::cni::PodCni>,
 }
 
 impl PodState {
@@ -500,6 +504,7 @@ impl LabState {
             ports: pod.ports.clone(),
             server_pid: None,
             service_ips: Vec::new(),
+            cni: None,
         }
     }
 

@@ -40,7 +40,7 @@ use socket2::{Domain, Socket, Type};
 use crate::{
     netns::{enter_netns, open_netns},
     spec::Protocol,
-    state::{LabState, PodState},
+    state::{Family, LabState, PodState},
 };
 
 /// Bytes of one message: the sequence number (big endian), then [`MAGIC`].
@@ -250,29 +250,53 @@ pub fn start_stream(
     protocol: Protocol,
     interval: Duration,
 ) -> Result<StreamHandle, StreamError> {
-    if !matches!(protocol, Protocol::Tcp | Protocol::Udp) {
-        return Err(StreamError::Protocol(protocol));
-    }
-    if interval.is_zero() {
-        return Err(StreamError::ZeroInterval);
-    }
     let to = lab
         .pod_by_ip(to_ip)
         .ok_or_else(|| StreamError::UnknownAddress {
             lab: lab.name.clone(),
             ip: to_ip,
         })?;
-    let addr = SocketAddr::new(to_ip, port);
+    start_stream_via(
+        from,
+        to,
+        SocketAddr::new(to_ip, port),
+        port,
+        protocol,
+        interval,
+    )
+}
+
+/// [`start_stream`] to pod `to` through another address: the client dials `dial:port` (a
+/// Service's ClusterIP, or a node address with a nodePort as `port`), and the echo server
+/// listens on `to`'s own address of the same family and `listen_port` (the Service's
+/// targetPort; for a ClusterIP with port = targetPort, the same as `port`).
+pub fn start_stream_via(
+    from: &PodState,
+    to: &PodState,
+    dial: SocketAddr,
+    listen_port: u16,
+    protocol: Protocol,
+    interval: Duration,
+) -> Result<StreamHandle, StreamError> {
+    if !matches!(protocol, Protocol::Tcp | Protocol::Udp) {
+        return Err(StreamError::Protocol(protocol));
+    }
+    if interval.is_zero() {
+        return Err(StreamError::ZeroInterval);
+    }
+    let listen = SocketAddr::new(to.ip(Family::of(&dial.ip())), listen_port);
+    let addr = dial;
     let shared = Arc::new(Shared::default());
 
     let (ready_tx, ready_rx) = mpsc::channel();
-    let server = spawn_in_netns(&to.netns_path(), &to.key(), format!("echo-{port}"), {
+    let echo = format!("echo-{listen_port}");
+    let server = spawn_in_netns(&to.netns_path(), &to.key(), echo, {
         let shared = shared.clone();
         let pod = to.key();
         move || {
             let bound = match protocol {
-                Protocol::Tcp => tcp_listener(addr).map(Echo::Tcp),
-                _ => udp_bound(addr).map(Echo::Udp),
+                Protocol::Tcp => tcp_listener(listen).map(Echo::Tcp),
+                _ => udp_bound(listen).map(Echo::Udp),
             };
             match bound {
                 Ok(echo) => {
@@ -283,7 +307,7 @@ pub fn start_stream(
                     let _ = ready_tx.send(Err(StreamError::Listen {
                         pod,
                         protocol,
-                        addr,
+                        addr: listen,
                         source,
                     }));
                 }
@@ -315,7 +339,7 @@ pub fn start_stream(
     let client = match spawn_in_netns(
         &from.netns_path(),
         &from.key(),
-        format!("stream-{port}"),
+        format!("stream-{}", dial.port()),
         move || client.run(connected_tx),
     ) {
         Ok(client) => client,

@@ -54,6 +54,7 @@ pub struct Config {
     pub bpffs_root: PathBuf,
     pub state_dir: PathBuf,
     pub flow_log: Option<PathBuf>,
+    pub flow_log_rotation: flowlog::Rotation,
     pub events_per_sec: u32,
     /// Flow-log allowed new flows too (drops and audits always are).
     pub log_allowed: bool,
@@ -66,6 +67,15 @@ pub struct Config {
     pub veth_prefixes: Vec<String>,
     /// Where `/healthz`, `/readyz` and `/metrics` are served over TCP.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Address ranges kube-proxy translates (the cluster's service CIDRs), in
+    /// addition to what the source says (ServiceCIDR objects, Services'
+    /// external and load-balancer IPs): a pod's egress to them is judged
+    /// after the DNAT.
+    pub service_cidrs: Vec<ipnet::IpNet>,
+    /// How often the agent reads its pinned maps back and repairs what
+    /// differs from what it wrote (drift: a write lost, an entry changed or
+    /// removed by hand).
+    pub reconcile: Duration,
     /// Each endpoint's share of the flow table, in entries (`None`: the
     /// table split over `max_pods`; `Some(0)`: no shares).
     pub flows_per_endpoint: Option<u32>,
@@ -124,6 +134,10 @@ pub struct Status {
     pub counters: BTreeMap<String, u64>,
     pub errors: Vec<String>,
     pub last_sync_unix_ms: u64,
+    /// Map entries the periodic read-back found different from what the
+    /// agent wrote (and rewrote), since it started.
+    #[serde(default)]
+    pub drift_repaired: u64,
 }
 
 pub fn status_path(state_dir: &std::path::Path) -> PathBuf {
@@ -139,8 +153,16 @@ struct Agent {
     /// kept by ifindex in `endpoints`).
     applied: Maps,
     endpoints: BTreeMap<u32, EndpointValue>,
+    /// `NETPOL_LOCAL_ADDRS` as last written: local pod address -> veth.
+    local_addrs: BTreeMap<IpAddr, u32>,
+    /// `NETPOL_DEFER_V4`/`V6` as last written.
+    deferred: BTreeSet<ipnet::IpNet>,
+    /// Endpoint slots (the sender tag) by veth, as written to `NETPOL_SLOTS`.
+    slots: BTreeMap<u32, u16>,
     /// Veths this process attached its programs to.
     attached_this_run: BTreeSet<u32>,
+    /// Node devices this process attached `netpol_post_nat` to.
+    post_nat_this_run: BTreeSet<u32>,
     names: Arc<Names>,
     shared: SharedRef,
     generation: u32,
@@ -149,6 +171,10 @@ struct Agent {
     last_view: Option<netlink::NodeView>,
     /// The last sync could not write everything: do it again next time.
     retry: bool,
+    /// When the maps were last read back (`Config::reconcile`).
+    last_reconcile: Instant,
+    /// Entries found different from what was written, since start.
+    drift_repaired: u64,
     errors: Vec<String>,
     pending: usize,
     missing: Vec<String>,
@@ -198,6 +224,17 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
     dp.set_quota(quota)?;
     let applied = dp.read_maps().context("reading pinned maps")?;
     let endpoints = dp.read_endpoints().context("reading pinned endpoints")?;
+    let local_addrs = dp
+        .read_local_addrs()
+        .context("reading pinned local addresses")?;
+    let deferred = dp
+        .read_deferred()
+        .context("reading pinned deferred ranges")?;
+    // Pods' connections to sockets on the node are judged after the DNAT,
+    // in sk_lookup, from the start (before any endpoint is known a pod's
+    // traffic is denied on its veth anyway).
+    dp.attach_local_in()
+        .context("attaching netpol_local_in to the node's sk_lookup")?;
     tracing::info!(
         generation,
         endpoints = endpoints.len(),
@@ -207,10 +244,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
 
     let flow_log: Box<dyn std::io::Write + Send> = match &cfg.flow_log {
         Some(p) => Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
+            flowlog::RotatingFile::open(p, cfg.flow_log_rotation)
                 .with_context(|| format!("opening flow log {}", p.display()))?,
         ),
         None => Box::new(std::io::stdout()),
@@ -239,7 +273,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
     let sock = api::socket_path(&cfg.state_dir);
     let api_shared = shared.clone();
     tokio::spawn(async move {
-        if let Err(e) = api::serve_unix(sock.clone(), api_shared).await {
+        if let Err(e) = api::serve_unix(sock.clone(), api_shared, api::Limits::default()).await {
             tracing::error!(socket = %sock.display(), "API socket: {e}");
         }
     });
@@ -249,7 +283,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
             .with_context(|| format!("listening on {addr} for metrics"))?;
         let tcp_shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(e) = api::serve_tcp(listener, tcp_shared).await {
+            if let Err(e) = api::serve_tcp(listener, tcp_shared, api::Limits::default()).await {
                 tracing::error!(%addr, "metrics listener: {e}");
             }
         });
@@ -262,13 +296,19 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         compiler: Compiler::default(),
         applied,
         endpoints,
+        local_addrs,
+        deferred,
+        slots: BTreeMap::new(),
         attached_this_run: BTreeSet::new(),
+        post_nat_this_run: BTreeSet::new(),
         names: Arc::new(Names::default()),
         shared,
         generation,
         synced_revision: None,
         last_view: None,
         retry: false,
+        last_reconcile: Instant::now(),
+        drift_repaired: 0,
         errors: Vec::new(),
         pending: 0,
         missing: Vec::new(),
@@ -284,7 +324,13 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
     let mut node_dirty = true;
     loop {
         tokio::select! {
-            _ = tick.tick() => {
+            // The tick, or at once when the source reports news (inotify).
+            _ = async {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = agent.source.changed() => {}
+                }
+            } => {
                 let changed = match agent.source.poll() {
                     Ok(c) => c,
                     Err(e) => {
@@ -352,6 +398,60 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
     }
 }
 
+/// Endpoints the last sync had, whose veth is still there and whose pod is
+/// still a local endpoint, but that this sync did not find (its addresses
+/// were not read): kept, with the pod's current policy and the addresses
+/// they had. Returns how many.
+fn keep_endpoints_on_transient_miss(
+    previous_pods: &BTreeMap<u32, crate::model::PodRef>,
+    previous: &BTreeMap<u32, EndpointValue>,
+    pod_like: &BTreeSet<u32>,
+    compiled: &BTreeMap<crate::model::PodRef, EndpointValue>,
+    desired: &mut BTreeMap<u32, EndpointValue>,
+    endpoint_pods: &mut BTreeMap<u32, crate::model::PodRef>,
+) -> usize {
+    let mut kept = 0;
+    for (ifindex, pod) in previous_pods {
+        if desired.contains_key(ifindex)
+            || !pod_like.contains(ifindex)
+            || endpoint_pods.values().any(|p| p == pod)
+        {
+            continue;
+        }
+        let (Some(old), Some(now)) = (previous.get(ifindex), compiled.get(pod)) else {
+            continue;
+        };
+        let addresses =
+            netpol_common::EP_F_HAS_V4 | netpol_common::EP_F_HAS_V6 | netpol_common::EP_F_HAS_MAC;
+        desired.insert(
+            *ifindex,
+            EndpointValue {
+                flags: (now.flags & !addresses) | (old.flags & addresses),
+                addr_v4: old.addr_v4,
+                addr_v6: old.addr_v6,
+                mac: old.mac,
+                ..*now
+            },
+        );
+        endpoint_pods.insert(*ifindex, pod.clone());
+        kept += 1;
+    }
+    kept
+}
+
+/// The lowest slot no veth holds.
+fn free_slot(slots: &BTreeMap<u32, u16>) -> Option<u16> {
+    let used: BTreeSet<u16> = slots.values().copied().collect();
+    (0..netpol_common::SLOTS as u16).find(|s| !used.contains(s))
+}
+
+/// The addresses an endpoint entry says the pod has.
+fn endpoint_ips(ep: &EndpointValue) -> impl Iterator<Item = IpAddr> {
+    let v4 = (ep.flags & netpol_common::EP_F_HAS_V4 != 0).then(|| IpAddr::from(ep.addr_v4));
+    let v6 = (ep.flags & netpol_common::EP_F_HAS_V6 != 0).then(|| IpAddr::from(ep.addr_v6));
+    v4.into_iter().chain(v6)
+}
+
 impl Agent {
     fn log_event(&mut self, ev: &VerdictEvent) {
         let line = flowlog::describe(ev, &self.names, flowlog::wall_time(ev.timestamp_ns));
@@ -401,6 +501,31 @@ impl Agent {
         errors
     }
 
+    /// Puts `netpol_post_nat` on every device where pods' packets may leave
+    /// the node, once per run (swapping this agent's program into pinned
+    /// links), and takes it off devices that are gone or became pods'.
+    fn attach_post_nat(&mut self, view: &netlink::NodeView) -> Vec<String> {
+        let mut errors = Vec::new();
+        let devices = view.post_nat_devices();
+        for (ifindex, name) in &devices {
+            if !self.post_nat_this_run.contains(ifindex) {
+                match self.dp.attach_post_nat(*ifindex, name) {
+                    Ok(()) => {
+                        self.post_nat_this_run.insert(*ifindex);
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+        }
+        for ifindex in self.dp.attached_post_nat() {
+            if !devices.contains_key(&ifindex) {
+                self.dp.detach_post_nat(ifindex);
+                self.post_nat_this_run.remove(&ifindex);
+            }
+        }
+        errors
+    }
+
     /// While the source is not ready (listing, disconnected, refused) there is
     /// nothing to compile, but a veth that appears meanwhile must not run
     /// unenforced: it gets the programs now, with no endpoint entry, so its
@@ -409,7 +534,9 @@ impl Agent {
         match netlink::discover() {
             Ok(view) => {
                 let pod_like = self.pod_like(&view);
-                for e in self.attach_pod_veths(&view, &pod_like) {
+                let mut errors = self.attach_pod_veths(&view, &pod_like);
+                errors.extend(self.attach_post_nat(&view));
+                for e in errors {
                     tracing::error!("attaching while the source is not ready: {e}");
                 }
             }
@@ -420,10 +547,29 @@ impl Agent {
     /// One reconciliation: read the node, compile, write maps, attach.
     fn sync(&mut self) -> Result<()> {
         let view = netlink::discover().context("reading the node through netlink")?;
+        // The safety net: what the kernel holds is read back now and then,
+        // and becomes the starting point of this sync's diff, so whatever
+        // differs from the compiled state is written again.
+        let reconcile = self.last_reconcile.elapsed() >= self.cfg.reconcile;
+        if reconcile {
+            self.last_reconcile = Instant::now();
+            match self.read_back() {
+                Ok(0) => {}
+                Ok(n) => {
+                    self.drift_repaired += n as u64;
+                    tracing::warn!(
+                        entries = n,
+                        "reconcile: the pinned maps differ from what this agent wrote; repairing"
+                    );
+                }
+                Err(e) => tracing::error!("reconcile: reading the pinned maps: {e:#}"),
+            }
+        }
         // Nothing changed since a sync that fully applied: no snapshot, no
         // compile (both cost at 100k pods).
         let revision = self.source.revision();
         if !self.retry
+            && !reconcile
             && self.synced_revision == Some(revision)
             && self.last_view.as_ref() == Some(&view)
         {
@@ -456,6 +602,24 @@ impl Agent {
                 desired.insert(*ifindex, ep);
                 endpoint_pods.insert(*ifindex, pod.clone());
             }
+        }
+        // A transient miss (one failed read of a bridged pod's netns, an
+        // address not seen this time) must not remove an endpoint: that
+        // drops and forgets all its flows. An endpoint goes when its veth
+        // goes or its pod is deleted.
+        let kept = keep_endpoints_on_transient_miss(
+            &self.names.endpoints,
+            &self.endpoints,
+            &pod_like,
+            &compiled.maps.endpoints,
+            &mut desired,
+            &mut endpoint_pods,
+        );
+        if kept > 0 {
+            tracing::debug!(
+                kept,
+                "endpoints kept: veth present, pod live, addresses not read this time"
+            );
         }
         // A peer map that cannot hold every address would let some address
         // fall back to a shorter prefix's identity, possibly a more
@@ -527,6 +691,86 @@ impl Agent {
             }
         }
         let mut revokes = diff.revokes;
+        // Where a pod's egress is judged after the DNAT: new ranges now (the
+        // post-DNAT hooks are attached before any endpoint exists), old ones
+        // at the end. Either way verdicts of existing flows may move: they
+        // are re-checked (the generation).
+        let want_deferred: BTreeSet<ipnet::IpNet> = self
+            .cfg
+            .service_cidrs
+            .iter()
+            .copied()
+            .chain(snap.cluster.service_frontends())
+            .map(|n| n.trunc())
+            .collect();
+        for net in want_deferred.difference(&self.deferred.clone()) {
+            match self.dp.set_deferred(*net) {
+                Ok(()) => {
+                    self.deferred.insert(*net);
+                    revokes = true;
+                }
+                Err(e) => {
+                    self.map_error(&e);
+                    errors.push(e.to_string());
+                }
+            }
+        }
+        // Local addresses before endpoints: a post-DNAT hook that finds the
+        // address but no endpoint denies; one that found no address would
+        // take the pod's packet for the node's own.
+        let want_local: BTreeMap<IpAddr, u32> = desired
+            .iter()
+            .flat_map(|(ifindex, ep)| endpoint_ips(ep).map(move |ip| (ip, *ifindex)))
+            .collect();
+        for (ip, ifindex) in &want_local {
+            if self.local_addrs.get(ip) != Some(ifindex) {
+                match self.dp.set_local_addr(*ip, *ifindex) {
+                    Ok(()) => {
+                        self.local_addrs.insert(*ip, *ifindex);
+                    }
+                    Err(e) => {
+                        self.map_error(&e);
+                        errors.push(e.to_string());
+                    }
+                }
+            }
+        }
+        // Slots: stable per veth (adopted from the pinned endpoints), the
+        // slot's veth written before the endpoint that carries it.
+        for (ifindex, ep) in desired.iter_mut() {
+            let slot = match self.slots.get(ifindex) {
+                Some(s) => Some(*s),
+                None => {
+                    let adopted = self
+                        .endpoints
+                        .get(ifindex)
+                        .map(|e| e.slot)
+                        .filter(|s| !self.slots.values().any(|u| u == s));
+                    let slot = adopted.or_else(|| free_slot(&self.slots));
+                    if let Some(slot) = slot {
+                        match self.dp.set_slot(slot, *ifindex) {
+                            Ok(()) => {
+                                self.slots.insert(*ifindex, slot);
+                            }
+                            Err(e) => {
+                                errors.push(e.to_string());
+                                continue;
+                            }
+                        }
+                    }
+                    slot
+                }
+            };
+            match slot {
+                Some(slot) => ep.slot = slot,
+                None => errors.push(format!(
+                    "no free endpoint slot (of {}) for veth {ifindex}: its pod's traffic \
+                     through a masquerading Service is judged by address only",
+                    netpol_common::SLOTS
+                )),
+            }
+        }
+        self.slots.retain(|i, _| desired.contains_key(i));
         for (ifindex, ep) in &desired {
             if self.endpoints.get(ifindex) != Some(ep) {
                 revokes |= self.endpoints.contains_key(ifindex);
@@ -540,6 +784,7 @@ impl Agent {
         }
         // Attach to every pod-like veth (endpoint written first).
         errors.extend(self.attach_pod_veths(&view, &pod_like));
+        errors.extend(self.attach_post_nat(&view));
         // Endpoints no longer wanted; veths gone or no longer a pod's.
         let stale: Vec<u32> = self
             .endpoints
@@ -559,6 +804,31 @@ impl Agent {
             if !pod_like.contains(&ifindex) {
                 self.dp.detach(ifindex);
                 self.attached_this_run.remove(&ifindex);
+            }
+        }
+        let gone: Vec<IpAddr> = self
+            .local_addrs
+            .keys()
+            .filter(|ip| !want_local.contains_key(ip))
+            .copied()
+            .collect();
+        for ip in gone {
+            match self.dp.remove_local_addr(ip) {
+                Ok(()) => {
+                    self.local_addrs.remove(&ip);
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        let stale_deferred: Vec<ipnet::IpNet> =
+            self.deferred.difference(&want_deferred).copied().collect();
+        for net in stale_deferred {
+            revokes = true;
+            match self.dp.remove_deferred(net) {
+                Ok(()) => {
+                    self.deferred.remove(&net);
+                }
+                Err(e) => errors.push(e.to_string()),
             }
         }
         for u in deletes {
@@ -607,6 +877,30 @@ impl Agent {
         self.retry = datapath_errors;
         self.last_view = Some(view);
         Ok(())
+    }
+
+    /// Replace what the agent believes it wrote with what the kernel holds;
+    /// returns how many entries differed.
+    fn read_back(&mut self) -> Result<usize> {
+        fn differ<K: Ord, V: PartialEq>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) -> usize {
+            a.iter().filter(|(k, v)| b.get(k) != Some(v)).count()
+                + b.keys().filter(|k| !a.contains_key(k)).count()
+        }
+        let maps = self.dp.read_maps()?;
+        let endpoints = self.dp.read_endpoints()?;
+        let local = self.dp.read_local_addrs()?;
+        let deferred = self.dp.read_deferred()?;
+        let n = differ(&self.applied.peers_v4, &maps.peers_v4)
+            + differ(&self.applied.peers_v6, &maps.peers_v6)
+            + differ(&self.applied.policy, &maps.policy)
+            + differ(&self.endpoints, &endpoints)
+            + differ(&self.local_addrs, &local)
+            + self.deferred.symmetric_difference(&deferred).count();
+        self.applied = maps;
+        self.endpoints = endpoints;
+        self.local_addrs = local;
+        self.deferred = deferred;
+        Ok(n)
     }
 
     fn map_error(&self, e: &crate::datapath::DatapathError) {
@@ -737,6 +1031,7 @@ impl Agent {
             ]),
             counters: named,
             errors: self.errors.clone(),
+            drift_repaired: self.drift_repaired,
             last_sync_unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
@@ -777,6 +1072,50 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::PodRef;
+
+    #[test]
+    fn a_transient_miss_keeps_the_endpoint_until_its_veth_or_pod_goes() {
+        let pod = PodRef::new("x", "a");
+        let old = EndpointValue::new(1, 7, netpol_common::EP_F_INGRESS_ISOLATED)
+            .with_addresses(["10.0.0.5".parse().unwrap()], Some([2, 0, 0, 0, 0, 1]));
+        let now = EndpointValue::new(2, 7, netpol_common::EP_F_EGRESS_ISOLATED);
+        let previous_pods = BTreeMap::from([(10, pod.clone())]);
+        let previous = BTreeMap::from([(10, old)]);
+        let compiled = BTreeMap::from([(pod.clone(), now)]);
+        let run = |pod_like: &[u32], compiled: &BTreeMap<PodRef, EndpointValue>| {
+            let mut desired = BTreeMap::new();
+            let mut pods = BTreeMap::new();
+            let n = keep_endpoints_on_transient_miss(
+                &previous_pods,
+                &previous,
+                &pod_like.iter().copied().collect(),
+                compiled,
+                &mut desired,
+                &mut pods,
+            );
+            (n, desired, pods)
+        };
+        // Veth there, pod live, addresses not read: kept, with the new
+        // policy and the old addresses.
+        let (n, desired, pods) = run(&[10], &compiled);
+        assert_eq!(n, 1);
+        let ep = desired[&10];
+        assert_eq!(ep.policy_id, 2);
+        assert_eq!(ep.addr_v4, [10, 0, 0, 5]);
+        assert_eq!(ep.mac, [2, 0, 0, 0, 0, 1]);
+        assert_eq!(
+            ep.flags,
+            netpol_common::EP_F_EGRESS_ISOLATED
+                | netpol_common::EP_F_HAS_V4
+                | netpol_common::EP_F_HAS_MAC
+        );
+        assert_eq!(pods[&10], pod);
+        // The veth is gone: removed.
+        assert_eq!(run(&[], &compiled).0, 0);
+        // The pod is deleted: removed.
+        assert_eq!(run(&[10], &BTreeMap::new()).0, 0);
+    }
 
     #[test]
     fn default_shares_fit_in_the_flow_table_with_the_lru_slack() {

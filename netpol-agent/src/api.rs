@@ -1,18 +1,28 @@
-//! The agent's small HTTP API: `/healthz`, `/readyz`, `/metrics` (on a TCP
-//! address for Prometheus and the kubelet), and `/status`, `/explain`,
-//! `/flows` for the `netpol-agent` tools. The tools talk to the agent over a
-//! unix socket in its state directory, which works from any network
-//! namespace.
+//! The agent's small HTTP API. The TCP address (`--metrics-addr`, for
+//! Prometheus and the kubelet) serves `/healthz`, `/readyz` and `/metrics`
+//! only. The unix socket in the state directory, created mode 0600, serves
+//! those and `/status`, `/explain` and `/flows` for the `netpol-agent`
+//! tools: they name pods, policies and live flows, which is for the node's
+//! root only. A unix socket also works from any network namespace.
+//!
+//! Both listeners bound what a client can cost (see [`Limits`]): the request
+//! line and headers are at most 8 KiB and must arrive within 5 s, no request
+//! has a body, the response must be taken within 10 s, and at most 32
+//! connections are served at once per listener.
 
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use netpol_common::{FlowKey, FlowValue, map_names, protocol_name, reason_name, verdict_name};
 use serde::Serialize;
-use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWrite, AsyncWriteExt as _, BufReader};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    sync::Semaphore,
+};
 
 use crate::{agent::Status, explain, flowlog::Names, metrics::Metrics, pins::Pins};
 
@@ -78,27 +88,78 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn route(shared: &SharedRef, path: &str) -> Response {
+/// Which routes a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// `--metrics-addr`, reachable from the network (Prometheus, the
+    /// kubelet's probes): `/healthz`, `/readyz` and `/metrics` only.
+    Tcp,
+    /// The unix socket in the state directory, mode 0600 (root on the node):
+    /// everything, including `/status`, `/explain` and `/flows`, which tell
+    /// who talks to whom.
+    Unix,
+}
+
+impl Listener {
+    fn name(self) -> &'static str {
+        match self {
+            Listener::Tcp => "tcp",
+            Listener::Unix => "unix",
+        }
+    }
+}
+
+/// What one connection may cost the agent.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Request line and headers together (no request has a body).
+    pub max_request_bytes: usize,
+    /// The whole request must have arrived by then (slowloris).
+    pub read_timeout: Duration,
+    /// The whole response must have been taken by then (a client that does
+    /// not read).
+    pub write_timeout: Duration,
+    /// Connections served at once on one listener; more are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: 8 * 1024,
+            read_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
+            max_connections: 32,
+        }
+    }
+}
+
+fn route(shared: &SharedRef, listener: Listener, path: &str) -> Response {
     let (path, q) = path.split_once('?').unwrap_or((path, ""));
-    let s = shared.lock().expect("api state lock");
-    match path {
-        "/healthz" => ok("text/plain", "ok\n".into()),
-        "/readyz" => {
-            if s.status.synced {
+    // The lock is held only to copy what a route needs: the run loop takes
+    // it after every sync.
+    let lock = || shared.lock().expect("api state lock");
+    match (listener, path) {
+        (_, "/healthz") => ok("text/plain", "ok\n".into()),
+        (_, "/readyz") => {
+            if lock().status.synced {
                 ok("text/plain", "ready\n".into())
             } else {
                 err(503, "not synced yet")
             }
         }
-        "/metrics" => ok(
+        (_, "/metrics") => ok(
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            s.metrics.render(),
+            lock().metrics.render(),
         ),
-        "/status" => ok(
-            "application/json",
-            serde_json::to_string_pretty(&s.status).unwrap_or_default(),
-        ),
-        "/explain" => {
+        (Listener::Unix, "/status") => {
+            let status = lock().status.clone();
+            ok(
+                "application/json",
+                serde_json::to_string_pretty(&status).unwrap_or_default(),
+            )
+        }
+        (Listener::Unix, "/explain") => {
             let q = query(q);
             let args = (|| -> Result<_, String> {
                 let from: explain::Endpoint = q.get("from").ok_or("missing from")?.parse()?;
@@ -106,8 +167,9 @@ fn route(shared: &SharedRef, path: &str) -> Response {
                 let (port, proto) = explain::parse_port(q.get("port").ok_or("missing port")?)?;
                 Ok((from, to, port, proto))
             })();
+            let names = lock().names.clone();
             match args.and_then(|(from, to, port, proto)| {
-                explain::explain(&s.names.cluster, &s.names.compiled, &from, &to, port, proto)
+                explain::explain(&names.cluster, &names.compiled, &from, &to, port, proto)
             }) {
                 Ok(e) => ok(
                     "application/json",
@@ -116,13 +178,19 @@ fn route(shared: &SharedRef, path: &str) -> Response {
                 Err(e) => err(400, e),
             }
         }
-        "/flows" => match read_flows(&s.pins, &s.names) {
-            Ok(f) => ok(
-                "application/json",
-                serde_json::to_string_pretty(&f).unwrap_or_default(),
-            ),
-            Err(e) => err(500, e),
-        },
+        (Listener::Unix, "/flows") => {
+            let (pins, names) = {
+                let s = lock();
+                (s.pins.clone(), s.names.clone())
+            };
+            match read_flows(&pins, &names) {
+                Ok(f) => ok(
+                    "application/json",
+                    serde_json::to_string_pretty(&f).unwrap_or_default(),
+                ),
+                Err(e) => err(500, e),
+            }
+        }
         _ => err(404, "not found"),
     }
 }
@@ -196,31 +264,123 @@ pub fn read_flows(pins: &Pins, names: &Names) -> Result<Vec<FlowEntry>, String> 
     Ok(out)
 }
 
-async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, shared: SharedRef) {
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    if reader.read_line(&mut line).await.is_err() {
-        return;
-    }
-    // Skip the headers.
+/// Why a request was not read.
+enum ReadError {
+    TooLarge,
+    /// The peer closed or the connection failed: nothing to answer.
+    Closed,
+}
+
+/// Read the request line and headers (up to the blank line), at most
+/// `max` bytes.
+async fn read_head<S: AsyncRead + Unpin>(stream: &mut S, max: usize) -> Result<String, ReadError> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
     loop {
-        let mut h = String::new();
-        match reader.read_line(&mut h).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) if h == "\r\n" || h == "\n" => break,
-            Ok(_) => {}
+        if let Some(end) = head_end(&buf) {
+            buf.truncate(end);
+            return Ok(String::from_utf8_lossy(&buf).into_owned());
+        }
+        if buf.len() > max {
+            return Err(ReadError::TooLarge);
+        }
+        let n = stream
+            .read(&mut chunk[..(max + 1 - buf.len()).min(1024)])
+            .await
+            .map_err(|_| ReadError::Closed)?;
+        if n == 0 {
+            return Err(ReadError::Closed);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Where the headers end (`\r\n\r\n`, or `\n\n` from lenient clients).
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n");
+    let lf = buf.windows(2).position(|w| w == b"\n\n");
+    match (crlf, lf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// What a request asks, or the answer that refuses it.
+fn parse_head(head: &str) -> Result<&str, Response> {
+    let mut lines = head.lines();
+    let mut parts = lines.next().unwrap_or_default().split_whitespace();
+    let (method, path) = (parts.next(), parts.next());
+    for h in lines {
+        let Some((name, value)) = h.split_once(':') else {
+            continue;
+        };
+        let name = name.trim();
+        let value = value.trim();
+        // No route takes a body; refuse one rather than leave it unread.
+        if (name.eq_ignore_ascii_case("content-length") && value != "0")
+            || name.eq_ignore_ascii_case("transfer-encoding")
+        {
+            return Err(err(413, "requests have no body"));
         }
     }
-    let mut parts = line.split_whitespace();
-    let resp = match (parts.next(), parts.next()) {
-        (Some("GET"), Some(path)) => route(&shared, path),
-        _ => err(405, "only GET"),
+    match (method, path) {
+        (Some("GET"), Some(path)) => Ok(path),
+        _ => Err(err(405, "only GET")),
+    }
+}
+
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    shared: SharedRef,
+    listener: Listener,
+    limits: Limits,
+) {
+    let refused = |why: &str| {
+        shared
+            .lock()
+            .expect("api state lock")
+            .metrics
+            .api_refused(listener.name(), why);
+    };
+    let resp = match tokio::time::timeout(
+        limits.read_timeout,
+        read_head(&mut stream, limits.max_request_bytes),
+    )
+    .await
+    {
+        Err(_) => {
+            refused("timeout");
+            err(408, "request not received in time")
+        }
+        Ok(Err(ReadError::TooLarge)) => {
+            refused("too_large");
+            err(431, "request too large")
+        }
+        Ok(Err(ReadError::Closed)) => return,
+        Ok(Ok(head)) => match parse_head(&head) {
+            Ok(path) => {
+                // explain and flows take time at scale: off the runtime's
+                // worker so the run loop keeps going.
+                let shared = shared.clone();
+                let path = path.to_string();
+                tokio::task::spawn_blocking(move || route(&shared, listener, &path))
+                    .await
+                    .unwrap_or_else(|e| err(500, e.to_string()))
+            }
+            Err(resp) => {
+                refused("bad_request");
+                resp
+            }
+        },
     };
     let reason = match resp.code {
         200 => "OK",
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Error",
     };
@@ -230,31 +390,111 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(stream: S, shared: SharedRef)
         resp.content_type,
         resp.body.len()
     );
-    let mut stream = reader.into_inner();
-    let _ = stream.write_all(head.as_bytes()).await;
-    let _ = stream.write_all(resp.body.as_bytes()).await;
-    let _ = stream.shutdown().await;
-}
-
-/// Serve on a unix socket (replacing a stale one).
-pub async fn serve_unix(path: PathBuf, shared: SharedRef) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)?;
-    loop {
-        let (stream, _) = listener.accept().await?;
-        tokio::spawn(handle(stream, shared.clone()));
+    let _ = tokio::time::timeout(limits.write_timeout, async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(resp.body.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
+    if matches!(resp.code, 408 | 413 | 431) {
+        // The client may still be sending: closing with unread data resets
+        // the connection, and it would lose the answer. Discard a bounded
+        // amount for a bounded time first.
+        let _ = tokio::time::timeout(LINGER, async {
+            let mut sink = [0u8; 4096];
+            let mut left = LINGER_BYTES;
+            while left > 0 {
+                match stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
     }
 }
 
-/// Serve on a TCP address (health, readiness and metrics).
+/// How long and how much a refused request is read and discarded after the
+/// answer.
+const LINGER: Duration = Duration::from_millis(500);
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// Create the unix socket at `path` with mode 0600, replacing a stale one.
+/// It is bound in a fresh 0700 directory, restricted, then renamed into
+/// place, so there is no moment when another user could connect.
+pub fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    let parent = path.parent().unwrap_or(Path::new("."));
+    // Short names: a socket path has at most 107 bytes.
+    let tmp_dir = parent.join(format!(".a{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp_dir);
+    std::fs::DirBuilder::new().mode(0o700).create(&tmp_dir)?;
+    let tmp = tmp_dir.join("s");
+    let res = (|| {
+        let listener = std::os::unix::net::UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp, path)?;
+        listener.set_nonblocking(true)?;
+        tokio::net::UnixListener::from_std(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&tmp_dir);
+    res
+}
+
+/// Serve every route on a unix socket created 0600 (replacing a stale one).
+pub async fn serve_unix(path: PathBuf, shared: SharedRef, limits: Limits) -> std::io::Result<()> {
+    let listener = bind_unix(&path)?;
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            refuse_busy(&shared, Listener::Unix);
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            handle(stream, shared, Listener::Unix, limits).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Serve health, readiness and metrics on a TCP address.
 pub async fn serve_tcp(
     listener: tokio::net::TcpListener,
     shared: SharedRef,
+    limits: Limits,
 ) -> std::io::Result<()> {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
-        let (stream, _) = listener.accept().await?;
-        tokio::spawn(handle(stream, shared.clone()));
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            // Out of fds and the like: do not end the listener.
+            Err(e) => {
+                tracing::warn!("accepting on the metrics listener: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            refuse_busy(&shared, Listener::Tcp);
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            handle(stream, shared, Listener::Tcp, limits).await;
+            drop(permit);
+        });
     }
+}
+
+/// Every slot is taken: the new connection is closed unanswered.
+fn refuse_busy(shared: &SharedRef, listener: Listener) {
+    shared
+        .lock()
+        .expect("api state lock")
+        .metrics
+        .api_refused(listener.name(), "busy");
 }
 
 /// Client side for the tools: GET `path` from the agent's unix socket.
@@ -267,6 +507,9 @@ pub fn get(state_dir: &Path, path: &str) -> Result<(u16, String), String> {
             sock.display()
         )
     })?;
+    // A stuck agent must not hang the tool forever.
+    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(10)));
     write!(s, "GET {path} HTTP/1.1\r\nHost: netpol\r\n\r\n").map_err(|e| e.to_string())?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).map_err(|e| e.to_string())?;

@@ -14,14 +14,14 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, SchedClassifier, SkLookup, TcAttachType,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
 };
 use netpol_common::{
-    COUNTER_SLOTS, ConfigValue, EndpointValue, FlowKey, FlowValue, PeerValue, PolicyKey,
-    PolicyValue, QuotaConfig, QuotaSlotKey, QuotaState, map_names,
+    COUNTER_SLOTS, ConfigValue, EndpointValue, FlowKey, FlowValue, LocalKey, PeerValue, PolicyKey,
+    PolicyValue, QuotaConfig, QuotaSlotKey, QuotaState, map_names, prog_names,
 };
 
 use crate::pins::{Hook, Pins};
@@ -140,6 +140,10 @@ fn expected_layout(map: &str) -> Option<(u32, u32)> {
         map_names::COUNTERS => sz(4, 8),
         map_names::EVENT_RATE => sz(4, size_of::<RateState>()),
         map_names::CONFIG => sz(4, size_of::<ConfigValue>()),
+        map_names::LOCAL_ADDRS => sz(size_of::<LocalKey>(), 4),
+        map_names::DEFER_V4 => sz(4 + 4, 4),
+        map_names::DEFER_V6 => sz(4 + 16, 4),
+        map_names::SLOTS => sz(4, 4),
         map_names::QUOTA_CONFIG => sz(4, size_of::<QuotaConfig>()),
         map_names::QUOTA_SLOTS => sz(size_of::<QuotaSlotKey>(), size_of::<FlowKey>()),
         map_names::QUOTA_STATE => sz(4, size_of::<QuotaState>()),
@@ -196,11 +200,12 @@ impl Datapath {
             .map_max_entries(map_names::FLOWS, sizes.flows)
             .map_max_entries(map_names::FRAGS, sizes.frags)
             .map_max_entries(map_names::EVENTS, sizes.events_bytes)
+            .map_max_entries(map_names::LOCAL_ADDRS, sizes.endpoints.saturating_mul(2))
             // Every share's slots fit in as many entries as the flow table.
             .map_max_entries(map_names::QUOTA_SLOTS, sizes.flows)
             .map_max_entries(map_names::QUOTA_STATE, sizes.endpoints);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
-        for hook in Hook::ALL {
+        for hook in Hook::TC {
             let name = hook.program();
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -210,6 +215,14 @@ impl Datapath {
             prog.load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
+        let name = prog_names::LOCAL_IN;
+        let prog: &mut SkLookup = ebpf
+            .program_mut(name)
+            .expect("program is in the object")
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| DatapathError::Program { name, source })?;
         Ok(Self { ebpf, pins, sizes })
     }
 
@@ -225,6 +238,51 @@ impl Datapath {
     /// links there, swap our programs into those links atomically.
     pub fn attach(&mut self, ifindex: u32, ifname: &str) -> Result<()> {
         for hook in Hook::ALL {
+            self.attach_hook(ifindex, ifname, hook)?;
+        }
+        Ok(())
+    }
+
+    /// Attach `netpol_post_nat` to a device of the node (an uplink, a
+    /// tunnel), the same way: a pinned link, adopted across restarts.
+    pub fn attach_post_nat(&mut self, ifindex: u32, ifname: &str) -> Result<()> {
+        self.attach_hook(ifindex, ifname, Hook::PostNat)
+    }
+
+    /// Attach `netpol_local_in` to this network namespace's sk_lookup, and
+    /// pin the link. A previous agent's link stays until ours is attached
+    /// (the kernel runs both meanwhile): the new pin replaces the old one,
+    /// whose link then goes. No gap.
+    pub fn attach_local_in(&mut self) -> Result<()> {
+        let path = self.pins.local_in_link();
+        let name = prog_names::LOCAL_IN;
+        let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
+            ifname: "sk_lookup".to_string(),
+            ifindex: 0,
+            hook: "local_in",
+            source,
+        };
+        let prog: &mut SkLookup = self
+            .ebpf
+            .program_mut(name)
+            .expect("program is in the object")
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        let netns =
+            std::fs::File::open("/proc/self/ns/net").map_err(|e| attach_err(Box::new(e)))?;
+        let id = prog.attach(&netns).map_err(|e| attach_err(Box::new(e)))?;
+        let link = prog.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
+        let fd: FdLink = link.into();
+        // bpffs refuses names with a dot.
+        let tmp = path.with_file_name("netns-local_in-new");
+        let _ = std::fs::remove_file(&tmp);
+        fd.pin(&tmp).map_err(|e| attach_err(Box::new(e)))?;
+        std::fs::rename(&tmp, &path).map_err(|e| attach_err(Box::new(e)))?;
+        Ok(())
+    }
+
+    fn attach_hook(&mut self, ifindex: u32, ifname: &str, hook: Hook) -> Result<()> {
+        {
             let path = self.pins.link(ifindex, hook);
             let name = hook.program();
             let attach_err =
@@ -257,7 +315,7 @@ impl Datapath {
                         Ok(())
                     });
                 match replaced {
-                    Ok(()) => continue,
+                    Ok(()) => return Ok(()),
                     Err(e) => {
                         // A link whose interface is gone: start over.
                         tracing::warn!(
@@ -272,7 +330,7 @@ impl Datapath {
             }
             let attach_type = match hook {
                 Hook::FromPod => TcAttachType::Ingress,
-                Hook::ToPod => TcAttachType::Egress,
+                Hook::ToPod | Hook::PostNat => TcAttachType::Egress,
             };
             let id = prog
                 .attach_with_options(
@@ -297,9 +355,153 @@ impl Datapath {
         }
     }
 
-    /// Interfaces that have pinned links (from us or a previous agent).
+    /// Remove `netpol_post_nat` from a node device.
+    pub fn detach_post_nat(&mut self, ifindex: u32) {
+        let _ = std::fs::remove_file(self.pins.link(ifindex, Hook::PostNat));
+    }
+
+    /// Pod veths that have pinned links (from us or a previous agent).
     pub fn attached(&self) -> BTreeSet<u32> {
         attached_ifindexes(&self.pins)
+    }
+
+    /// Node devices that have a pinned `netpol_post_nat` link.
+    pub fn attached_post_nat(&self) -> BTreeSet<u32> {
+        linked_ifindexes(&self.pins, |h| h == Hook::PostNat)
+    }
+
+    fn local_addrs(&mut self) -> Result<HashMap<&mut MapData, LocalKey, u32>> {
+        HashMap::try_from(
+            self.ebpf
+                .map_mut(map_names::LOCAL_ADDRS)
+                .expect("map in object"),
+        )
+        .map_err(map_err(map_names::LOCAL_ADDRS))
+    }
+
+    /// Endpoint slot -> its veth (the sender tag's meaning).
+    pub fn set_slot(&mut self, slot: u16, ifindex: u32) -> Result<()> {
+        let mut m: Array<_, u32> =
+            Array::try_from(self.ebpf.map_mut(map_names::SLOTS).expect("map"))
+                .map_err(map_err(map_names::SLOTS))?;
+        m.set(u32::from(slot), ifindex, 0)
+            .map_err(map_err(map_names::SLOTS))
+    }
+
+    /// A local pod's address -> its veth.
+    pub fn set_local_addr(&mut self, ip: std::net::IpAddr, ifindex: u32) -> Result<()> {
+        let (family, addr) = netpol_common::ip_bytes(ip);
+        let cap = self.sizes.endpoints.saturating_mul(2);
+        self.local_addrs()?
+            .insert(LocalKey::new(family, addr), ifindex, 0)
+            .map_err(|e| full_or(e, map_names::LOCAL_ADDRS, cap, format!("address {ip}")))
+    }
+
+    pub fn remove_local_addr(&mut self, ip: std::net::IpAddr) -> Result<()> {
+        let (family, addr) = netpol_common::ip_bytes(ip);
+        ignore_missing(
+            self.local_addrs()?.remove(&LocalKey::new(family, addr)),
+            map_names::LOCAL_ADDRS,
+        )
+    }
+
+    /// The local-address entries in the kernel map.
+    pub fn read_local_addrs(
+        &mut self,
+    ) -> Result<std::collections::BTreeMap<std::net::IpAddr, u32>> {
+        let m = self.local_addrs()?;
+        let mut out = std::collections::BTreeMap::new();
+        for kv in m.iter() {
+            let (k, v) = kv.map_err(map_err(map_names::LOCAL_ADDRS))?;
+            out.insert(netpol_common::ip_from(k.family, &k.addr), v);
+        }
+        Ok(out)
+    }
+
+    /// An address range kube-proxy may translate: a pod's egress to it is
+    /// judged after the DNAT.
+    pub fn set_deferred(&mut self, net: ipnet::IpNet) -> Result<()> {
+        match net {
+            ipnet::IpNet::V4(n) => {
+                let mut m: LpmTrie<_, [u8; 4], u32> =
+                    LpmTrie::try_from(self.ebpf.map_mut(map_names::DEFER_V4).expect("map"))
+                        .map_err(map_err(map_names::DEFER_V4))?;
+                m.insert(&Key::new(n.prefix_len() as u32, n.network().octets()), 0, 0)
+                    .map_err(|e| {
+                        full_or(
+                            e,
+                            map_names::DEFER_V4,
+                            netpol_common::sizes::DEFER_V4,
+                            n.to_string(),
+                        )
+                    })
+            }
+            ipnet::IpNet::V6(n) => {
+                let mut m: LpmTrie<_, [u8; 16], u32> =
+                    LpmTrie::try_from(self.ebpf.map_mut(map_names::DEFER_V6).expect("map"))
+                        .map_err(map_err(map_names::DEFER_V6))?;
+                m.insert(&Key::new(n.prefix_len() as u32, n.network().octets()), 0, 0)
+                    .map_err(|e| {
+                        full_or(
+                            e,
+                            map_names::DEFER_V6,
+                            netpol_common::sizes::DEFER_V6,
+                            n.to_string(),
+                        )
+                    })
+            }
+        }
+    }
+
+    pub fn remove_deferred(&mut self, net: ipnet::IpNet) -> Result<()> {
+        match net {
+            ipnet::IpNet::V4(n) => {
+                let mut m: LpmTrie<_, [u8; 4], u32> =
+                    LpmTrie::try_from(self.ebpf.map_mut(map_names::DEFER_V4).expect("map"))
+                        .map_err(map_err(map_names::DEFER_V4))?;
+                ignore_missing(
+                    m.remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
+                    map_names::DEFER_V4,
+                )
+            }
+            ipnet::IpNet::V6(n) => {
+                let mut m: LpmTrie<_, [u8; 16], u32> =
+                    LpmTrie::try_from(self.ebpf.map_mut(map_names::DEFER_V6).expect("map"))
+                        .map_err(map_err(map_names::DEFER_V6))?;
+                ignore_missing(
+                    m.remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
+                    map_names::DEFER_V6,
+                )
+            }
+        }
+    }
+
+    /// The deferred ranges in the kernel maps.
+    pub fn read_deferred(&mut self) -> Result<BTreeSet<ipnet::IpNet>> {
+        let mut out = BTreeSet::new();
+        {
+            let m: LpmTrie<_, [u8; 4], u32> =
+                LpmTrie::try_from(self.ebpf.map(map_names::DEFER_V4).expect("map"))
+                    .map_err(map_err(map_names::DEFER_V4))?;
+            for kv in m.iter() {
+                let (k, _) = kv.map_err(map_err(map_names::DEFER_V4))?;
+                if let Ok(n) = ipnet::Ipv4Net::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8) {
+                    out.insert(n.into());
+                }
+            }
+        }
+        {
+            let m: LpmTrie<_, [u8; 16], u32> =
+                LpmTrie::try_from(self.ebpf.map(map_names::DEFER_V6).expect("map"))
+                    .map_err(map_err(map_names::DEFER_V6))?;
+            for kv in m.iter() {
+                let (k, _) = kv.map_err(map_err(map_names::DEFER_V6))?;
+                if let Ok(n) = ipnet::Ipv6Net::new(Ipv6Addr::from(k.data()), k.prefix_len() as u8) {
+                    out.insert(n.into());
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn endpoints(&mut self) -> Result<HashMap<&mut MapData, u32, EndpointValue>> {
@@ -576,12 +778,18 @@ fn ignore_missing(
     }
 }
 
-/// Interfaces with pinned links under `pins`.
+/// Pod veths with pinned links under `pins`.
 pub fn attached_ifindexes(pins: &Pins) -> BTreeSet<u32> {
+    linked_ifindexes(pins, |h| Hook::ALL.contains(&h))
+}
+
+/// Interfaces with a pinned link of a hook `wanted` accepts.
+fn linked_ifindexes(pins: &Pins, wanted: impl Fn(Hook) -> bool) -> BTreeSet<u32> {
     std::fs::read_dir(pins.links_dir())
         .map(|rd| {
             rd.flatten()
                 .filter_map(|e| Pins::parse_link_name(&e.file_name().to_string_lossy()))
+                .filter(|(_, h)| wanted(*h))
                 .map(|(i, _)| i)
                 .collect()
         })

@@ -1,9 +1,14 @@
 //! Flow logs: verdict events from the ring buffer as JSON lines that name
-//! both sides and the policy and rule that decided.
+//! both sides and the policy and rule that decided, written to a file
+//! ([`RotatingFile`]: mode 0640, rotated by size) or stdout.
 
 use std::{
     collections::BTreeMap,
+    fs::File,
+    io::{BufWriter, Write},
     net::IpAddr,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
 
@@ -148,6 +153,123 @@ pub fn describe(ev: &VerdictEvent, names: &Names, time: SystemTime) -> FlowLog {
     }
 }
 
+/// When the flow log file is rotated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rotation {
+    /// Rotate before a line would take the file past this many bytes (0:
+    /// never rotate).
+    pub max_bytes: u64,
+    /// Rotated files kept: `<file>.1` (the newest) .. `<file>.<keep>`; 0
+    /// keeps none (the file starts over).
+    pub keep: u32,
+}
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Self {
+            max_bytes: 100 * 1024 * 1024,
+            keep: 5,
+        }
+    }
+}
+
+/// The flow log file: created with mode 0640 (flow logs say who talks to
+/// whom; an existing file is brought to 0640 too), appended to, and rotated
+/// by size at line boundaries, so a line is never split across files.
+#[derive(Debug)]
+pub struct RotatingFile {
+    path: PathBuf,
+    rotation: Rotation,
+    file: BufWriter<File>,
+    /// Bytes in the current file (what was there plus what was written).
+    size: u64,
+    /// The last byte written ended a line: a rotation may happen here.
+    at_line_start: bool,
+}
+
+pub const FLOW_LOG_MODE: u32 = 0o640;
+
+fn open_log(path: &Path) -> std::io::Result<(File, u64)> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(FLOW_LOG_MODE)
+        .open(path)?;
+    // `mode` applies only to a file it creates (and under the umask).
+    file.set_permissions(std::fs::Permissions::from_mode(FLOW_LOG_MODE))?;
+    let size = file.metadata()?.len();
+    Ok((file, size))
+}
+
+impl RotatingFile {
+    pub fn open(path: impl Into<PathBuf>, rotation: Rotation) -> std::io::Result<Self> {
+        let path = path.into();
+        let (file, size) = open_log(&path)?;
+        Ok(Self {
+            path,
+            rotation,
+            file: BufWriter::new(file),
+            size,
+            at_line_start: true,
+        })
+    }
+
+    /// `<file>.<n>`
+    pub fn rotated_path(path: &Path, n: u32) -> PathBuf {
+        let mut p = path.as_os_str().to_owned();
+        p.push(format!(".{n}"));
+        PathBuf::from(p)
+    }
+
+    /// Shift `<file>.i` to `<file>.i+1` (dropping the oldest), move the file
+    /// to `<file>.1` and start a new one.
+    fn rotate(&mut self) -> std::io::Result<()> {
+        self.file.flush()?;
+        let keep = self.rotation.keep;
+        if keep == 0 {
+            std::fs::remove_file(&self.path)?;
+        } else {
+            let _ = std::fs::remove_file(Self::rotated_path(&self.path, keep));
+            for i in (1..keep).rev() {
+                let from = Self::rotated_path(&self.path, i);
+                if from.exists() {
+                    std::fs::rename(&from, Self::rotated_path(&self.path, i + 1))?;
+                }
+            }
+            std::fs::rename(&self.path, Self::rotated_path(&self.path, 1))?;
+        }
+        let (file, size) = open_log(&self.path)?;
+        self.file = BufWriter::new(file);
+        self.size = size;
+        Ok(())
+    }
+}
+
+impl Write for RotatingFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.rotation.max_bytes > 0
+            && self.at_line_start
+            && self.size > 0
+            && self.size + buf.len() as u64 > self.rotation.max_bytes
+            && let Err(e) = self.rotate()
+        {
+            // Keep logging into the file we have rather than lose lines.
+            tracing::warn!(file = %self.path.display(), "rotating the flow log: {e}");
+            self.size = 0;
+        }
+        let n = self.file.write(buf)?;
+        self.size += n as u64;
+        if n > 0 {
+            self.at_line_start = buf[n - 1] == b'\n';
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use netpol_common::{
@@ -226,5 +348,83 @@ mod tests {
         assert_eq!(l.isolated_by, vec!["y/deny-all".to_string()]);
         let json = serde_json::to_string(&l).unwrap();
         assert!(json.contains("\"reason\":\"policy_deny\""), "{json}");
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("netpol-flowlog-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn flow_log_is_created_0640_and_an_existing_one_is_tightened() {
+        let d = temp_dir("mode");
+        let path = d.join("flows.jsonl");
+        drop(RotatingFile::open(&path, Rotation::default()).unwrap());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640, "new flow log mode {mode:o}");
+
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        drop(RotatingFile::open(&path, Rotation::default()).unwrap());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640, "reopened flow log mode {mode:o}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn flow_log_rotates_at_the_size_keeping_whole_lines_and_n_files() {
+        let d = temp_dir("rotate");
+        let path = d.join("flows.jsonl");
+        let rotation = Rotation {
+            max_bytes: 100,
+            keep: 2,
+        };
+        let mut f = RotatingFile::open(&path, rotation).unwrap();
+        // 30-byte lines written as writeln! does (text, then newline): three
+        // fit in 100 bytes, the fourth starts a new file.
+        let line = "x".repeat(29);
+        for i in 0..3 {
+            writeln!(f, "{line}").unwrap();
+            f.flush().unwrap();
+            assert!(
+                !RotatingFile::rotated_path(&path, 1).exists(),
+                "rotated after line {i}"
+            );
+        }
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 90);
+        writeln!(f, "{line}").unwrap();
+        f.flush().unwrap();
+        let first = std::fs::read_to_string(RotatingFile::rotated_path(&path, 1)).unwrap();
+        assert_eq!(first.lines().count(), 3, "{first}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{line}\n"));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640, "a rotated-in file is 0640 too");
+
+        // Two more rotations: only `.1` and `.2` are kept.
+        for _ in 0..6 {
+            writeln!(f, "{line}").unwrap();
+        }
+        f.flush().unwrap();
+        assert!(RotatingFile::rotated_path(&path, 2).exists());
+        assert!(!RotatingFile::rotated_path(&path, 3).exists());
+        for p in [
+            path.clone(),
+            RotatingFile::rotated_path(&path, 1),
+            RotatingFile::rotated_path(&path, 2),
+        ] {
+            let text = std::fs::read_to_string(&p).unwrap();
+            assert!(
+                std::fs::metadata(&p).unwrap().len() <= 100,
+                "{}",
+                p.display()
+            );
+            assert!(
+                text.lines().all(|l| l == line),
+                "{}: a line was split: {text:?}",
+                p.display()
+            );
+        }
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

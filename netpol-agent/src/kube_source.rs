@@ -1,7 +1,8 @@
 //! `--source kube`: cluster state from the Kubernetes API.
 //!
-//! Three kube-runtime [`watcher()`]s (Namespaces, Pods in all namespaces,
-//! NetworkPolicies) feed one store. Each object is converted with
+//! Five kube-runtime [`watcher()`]s (Namespaces, Pods in all namespaces,
+//! NetworkPolicies, and for the post-DNAT egress verdict ServiceCIDRs and
+//! Services) feed one store. Each object is converted with
 //! [`crate::convert`] as it arrives and only the light [`crate::model`] is
 //! kept, with the conversion problems of each object: at 100k pods the full
 //! objects would cost far more than the model does. At most one list page of
@@ -35,6 +36,7 @@
 use std::{
     collections::BTreeMap,
     fmt,
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
@@ -67,11 +69,21 @@ pub enum Kind {
     Namespace,
     Pod,
     NetworkPolicy,
+    /// networking.k8s.io/v1 ServiceCIDR: the ranges ClusterIPs come from.
+    ServiceCidr,
+    /// Services, for their external and load-balancer IPs.
+    Service,
 }
 
 impl Kind {
     /// Every watched kind, in the order their problems are reported.
-    pub const ALL: [Kind; 3] = [Kind::Namespace, Kind::Pod, Kind::NetworkPolicy];
+    pub const ALL: [Kind; 5] = [
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::NetworkPolicy,
+        Kind::ServiceCidr,
+        Kind::Service,
+    ];
 
     fn index(self) -> usize {
         self as usize
@@ -84,6 +96,8 @@ impl fmt::Display for Kind {
             Kind::Namespace => "Namespace",
             Kind::Pod => "Pod",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::ServiceCidr => "ServiceCIDR",
+            Kind::Service => "Service",
         })
     }
 }
@@ -319,13 +333,32 @@ impl KubeSource {
             (
                 Kind::NetworkPolicy,
                 runtime.spawn(watch::<net::NetworkPolicy>(
+                    client.clone(),
+                    self.options.clone(),
+                    self.store.clone(),
+                )),
+            ),
+            (
+                Kind::ServiceCidr,
+                runtime.spawn(watch::<net::ServiceCIDR>(
+                    client.clone(),
+                    self.options.clone(),
+                    self.store.clone(),
+                )),
+            ),
+            (
+                Kind::Service,
+                runtime.spawn(watch::<core::Service>(
                     client,
                     self.options.clone(),
                     self.store.clone(),
                 )),
             ),
         ];
-        tracing::info!(server = %self.server, "watching namespaces, pods and network policies");
+        tracing::info!(
+            server = %self.server,
+            "watching namespaces, pods, network policies, service CIDRs and services"
+        );
         Ok(())
     }
 
@@ -401,9 +434,9 @@ fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
 struct Store {
     cluster: Cluster,
     /// Conversion problems by object, per kind (`Kind::index`).
-    errors: [BTreeMap<ObjectRef, Vec<String>>; 3],
+    errors: [BTreeMap<ObjectRef, Vec<String>>; Kind::ALL.len()],
     /// Whether each kind's initial list has completed.
-    listed: [bool; 3],
+    listed: [bool; Kind::ALL.len()],
     revision: u64,
 }
 
@@ -588,6 +621,87 @@ impl Watched for net::NetworkPolicy {
     }
     fn light(&self) -> Entry<model::NetworkPolicy> {
         converted(convert::network_policy(self))
+    }
+}
+
+impl Watched for net::ServiceCIDR {
+    const KIND: Kind = Kind::ServiceCidr;
+    type Key = String;
+    type Light = Vec<ipnet::IpNet>;
+    fn objects(cluster: &mut Cluster) -> &mut BTreeMap<String, Vec<ipnet::IpNet>> {
+        &mut cluster.service_cidrs
+    }
+    fn key(id: &ObjectRef) -> String {
+        id.name.clone()
+    }
+    fn light(&self) -> Entry<Vec<ipnet::IpNet>> {
+        let mut errors = Vec::new();
+        let mut cidrs = Vec::new();
+        for (i, c) in self
+            .spec
+            .as_ref()
+            .and_then(|s| s.cidrs.as_ref())
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            match c.parse::<ipnet::IpNet>() {
+                Ok(net) => cidrs.push(net.trunc()),
+                Err(e) => errors.push(format!("spec.cidrs[{i}] {c:?}: {e}")),
+            }
+        }
+        Entry {
+            value: Some(cidrs),
+            errors,
+        }
+    }
+}
+
+impl Watched for core::Service {
+    const KIND: Kind = Kind::Service;
+    type Key = ObjectRef;
+    type Light = Vec<IpAddr>;
+    fn objects(cluster: &mut Cluster) -> &mut BTreeMap<ObjectRef, Vec<IpAddr>> {
+        &mut cluster.service_ips
+    }
+    fn key(id: &ObjectRef) -> ObjectRef {
+        id.clone()
+    }
+    fn light(&self) -> Entry<Vec<IpAddr>> {
+        let mut errors = Vec::new();
+        let mut ips = Vec::new();
+        let external = self
+            .spec
+            .as_ref()
+            .and_then(|s| s.external_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, ip)| (format!("spec.externalIPs[{i}]"), ip));
+        let lb = self
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|l| l.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(i, ing)| {
+                Some((
+                    format!("status.loadBalancer.ingress[{i}].ip"),
+                    ing.ip.as_ref()?,
+                ))
+            });
+        for (field, ip) in external.chain(lb) {
+            match ip.parse::<IpAddr>() {
+                Ok(ip) => ips.push(ip),
+                Err(e) => errors.push(format!("{field} {ip:?}: {e}")),
+            }
+        }
+        Entry {
+            value: Some(ips),
+            errors,
+        }
     }
 }
 

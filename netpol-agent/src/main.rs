@@ -90,6 +90,13 @@ struct RunArgs {
     /// Write flow logs (JSON lines) here instead of stdout.
     #[arg(long)]
     flow_log: Option<PathBuf>,
+    /// Rotate the flow log file before it grows past this many bytes (0:
+    /// never).
+    #[arg(long, default_value_t = netpol_agent::flowlog::Rotation::default().max_bytes)]
+    flow_log_max_bytes: u64,
+    /// Rotated flow log files kept (`<file>.1` is the newest).
+    #[arg(long, default_value_t = netpol_agent::flowlog::Rotation::default().keep)]
+    flow_log_keep: u32,
     /// Verdict events per second per CPU sent by the kernel (0: none).
     #[arg(long, default_value_t = 1000)]
     events_per_sec: u32,
@@ -107,6 +114,17 @@ struct RunArgs {
     /// Serve /healthz, /readyz and /metrics here (e.g. 0.0.0.0:9964).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// The cluster's service CIDRs (kube-apiserver's
+    /// --service-cluster-ip-range), comma-separated. A pod's egress to them is
+    /// judged after kube-proxy's DNAT, against the backend. With the kube
+    /// source the ServiceCIDR objects and the Services' external IPs are
+    /// added; with a manifest directory this flag is the only source.
+    #[arg(long, value_delimiter = ',')]
+    service_cidr: Vec<ipnet::IpNet>,
+    /// Every this many seconds the agent reads its pinned maps back and
+    /// rewrites whatever differs from the compiled state.
+    #[arg(long, default_value_t = 30)]
+    reconcile_secs: u64,
     /// Poll interval of the source and the node, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
@@ -165,6 +183,10 @@ fn main() -> Result<()> {
                 bpffs_root: a.bpffs_root,
                 state_dir: a.state_dir,
                 flow_log: a.flow_log,
+                flow_log_rotation: netpol_agent::flowlog::Rotation {
+                    max_bytes: a.flow_log_max_bytes,
+                    keep: a.flow_log_keep,
+                },
                 events_per_sec: a.events_per_sec,
                 log_allowed: a.log_allowed,
                 audit: a.audit,
@@ -178,6 +200,8 @@ fn main() -> Result<()> {
                 },
                 poll: std::time::Duration::from_millis(a.poll_ms),
                 metrics_addr: a.metrics_addr,
+                service_cidrs: a.service_cidr.clone(),
+                reconcile: std::time::Duration::from_secs(a.reconcile_secs.max(1)),
                 veth_prefixes: a.veth_prefixes,
                 flows_per_endpoint: a.flows_per_endpoint,
                 max_pods: a.max_pods,
@@ -188,9 +212,17 @@ fn main() -> Result<()> {
                 .block_on(agent::run(cfg, source))
         }
         Cmd::Status { state_dir, json } => {
-            let path = agent::status_path(&state_dir);
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {} (is the agent running?)", path.display()))?;
+            // The running agent answers on its socket; the file is what the
+            // last one wrote (read when none answers).
+            let text = match netpol_agent::api::get(&state_dir, "/status") {
+                Ok((200, body)) => body,
+                _ => {
+                    let path = agent::status_path(&state_dir);
+                    std::fs::read_to_string(&path).with_context(|| {
+                        format!("reading {} (is the agent running?)", path.display())
+                    })?
+                }
+            };
             if json {
                 println!("{text}");
                 return Ok(());

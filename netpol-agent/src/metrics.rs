@@ -29,6 +29,8 @@ pub struct Metrics {
     pub pending_endpoints: Gauge,
     pub generation: Gauge,
     pub source_errors: Gauge,
+    /// API connections refused, by listener and reason.
+    pub api_refused: Family<Labels, Counter>,
     /// Flow-table entries each endpoint holds, and its share.
     pub flow_entries: Family<Labels, Gauge>,
     pub flow_share: Gauge,
@@ -79,6 +81,7 @@ impl Metrics {
             pending_endpoints: Gauge::default(),
             generation: Gauge::default(),
             source_errors: Gauge::default(),
+            api_refused: Family::default(),
             last_counters: Vec::new(),
             flow_entries: Family::default(),
             flow_share: Gauge::default(),
@@ -141,6 +144,11 @@ impl Metrics {
             "source_errors",
             "Manifests or objects that could not be used",
             m.source_errors.clone(),
+        );
+        registry.register(
+            "api_refused",
+            "API requests refused: too large, too slow (timeout), malformed, or over the connection limit (busy)",
+            m.api_refused.clone(),
         );
         registry.register(
             "flow_entries",
@@ -261,6 +269,15 @@ impl Metrics {
     pub fn map_error(&self, map: &str) {
         self.map_update_errors
             .get_or_create(&vec![("map".to_string(), map.to_string())])
+            .inc();
+    }
+
+    pub fn api_refused(&self, listener: &str, reason: &str) {
+        self.api_refused
+            .get_or_create(&vec![
+                ("listener".to_string(), listener.to_string()),
+                ("reason".to_string(), reason.to_string()),
+            ])
             .inc();
     }
 

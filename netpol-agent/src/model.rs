@@ -69,6 +69,13 @@ pub struct Cluster {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<PodRef, Pod>,
     pub policies: BTreeMap<PolicyRef, NetworkPolicy>,
+    /// Service frontends kube-proxy translates, by ServiceCIDR object: its
+    /// CIDRs. A pod's egress to them is judged after the DNAT. Not an input
+    /// of the policy compiler.
+    pub service_cidrs: BTreeMap<String, Vec<ipnet::IpNet>>,
+    /// By Service: its external IPs and load-balancer ingress IPs (also
+    /// translated by kube-proxy, outside the service CIDRs).
+    pub service_ips: BTreeMap<ObjectRef, Vec<IpAddr>>,
 }
 
 impl Cluster {
@@ -100,6 +107,16 @@ impl Cluster {
         self.namespaces
             .get(namespace)
             .map_or(&*EMPTY, |ns| &ns.labels)
+    }
+
+    /// Every address range kube-proxy may translate, as the cluster says.
+    pub fn service_frontends(&self) -> impl Iterator<Item = ipnet::IpNet> + '_ {
+        self.service_cidrs.values().flatten().copied().chain(
+            self.service_ips
+                .values()
+                .flatten()
+                .map(|ip| ipnet::IpNet::from(*ip)),
+        )
     }
 
     /// Whether the namespace has `netpol.dev/audit: "true"`.

@@ -74,6 +74,23 @@ pub struct NodeView {
     /// The pod-side MAC behind a veth, where the agent read it (bridged pods:
     /// a forged MAC there poisons the bridge).
     pub peer_macs: BTreeMap<u32, [u8; 6]>,
+    /// The node's other Ethernet devices (uplinks, tunnels; not bridges,
+    /// not veths), by ifindex: name.
+    pub devices: BTreeMap<u32, String>,
+}
+
+impl NodeView {
+    /// Where pods' packets leave the node after the DNAT: the Ethernet
+    /// devices and the veths that carry the node's own addresses (uplinks).
+    pub fn post_nat_devices(&self) -> BTreeMap<u32, String> {
+        let mut out = self.devices.clone();
+        for i in &self.node_veths {
+            if let Some(v) = self.veths.get(i) {
+                out.insert(*i, v.name.clone());
+            }
+        }
+        out
+    }
 }
 
 impl NodeView {
@@ -244,6 +261,29 @@ fn link_to_veth(l: &LinkMessage) -> Option<Veth> {
     })
 }
 
+/// An Ethernet device that is neither a veth nor a bridge (nor loopback).
+fn link_to_device(l: &LinkMessage) -> Option<(u32, String)> {
+    use netlink_packet_route::link::LinkLayerType;
+    if l.header.link_layer_type != LinkLayerType::Ether {
+        return None;
+    }
+    let mut name = None;
+    for a in &l.attributes {
+        match a {
+            LinkAttribute::IfName(n) => name = Some(n.clone()),
+            LinkAttribute::LinkInfo(infos)
+                if infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge | InfoKind::Veth))) =>
+            {
+                return None;
+            }
+            _ => {}
+        }
+    }
+    Some((l.header.index, name.unwrap_or_default()))
+}
+
 fn address_of(a: &AddressMessage) -> Option<IpAddr> {
     a.attributes.iter().find_map(|at| match at {
         AddressAttribute::Address(ip) => Some(*ip),
@@ -314,6 +354,8 @@ pub fn discover() -> Result<NodeView> {
     for l in rtnl.links()? {
         if let Some(v) = link_to_veth(&l) {
             view.veths.insert(v.ifindex, v);
+        } else if let Some((i, name)) = link_to_device(&l) {
+            view.devices.insert(i, name);
         }
     }
 

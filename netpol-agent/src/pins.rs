@@ -3,6 +3,8 @@
 //! ```text
 //! <root>/maps/<MAP_NAME>                   pinned maps (netpol_common::map_names)
 //! <root>/links/<ifindex>-<hook>            pinned TCX links, hook = from_pod | to_pod
+//!                                          (pod veths) | post_nat (node devices)
+//! <root>/links/netns-local_in              the sk_lookup link of the node's netns
 //! ```
 //! A restarted agent adopts both: the maps keep their contents, and a new
 //! program replaces the old one inside each pinned link atomically.
@@ -21,20 +23,28 @@ pub enum Hook {
     FromPod,
     /// TC egress of the host-side veth: what the pod receives.
     ToPod,
+    /// TC egress of a node device (uplink, tunnel): pods' packets leaving
+    /// the node after the DNAT.
+    PostNat,
 }
 
 impl Hook {
+    /// The hooks of a pod veth.
     pub const ALL: [Hook; 2] = [Hook::FromPod, Hook::ToPod];
+    /// Every TC hook (their programs are loaded at start).
+    pub const TC: [Hook; 3] = [Hook::FromPod, Hook::ToPod, Hook::PostNat];
     pub fn as_str(self) -> &'static str {
         match self {
             Hook::FromPod => "from_pod",
             Hook::ToPod => "to_pod",
+            Hook::PostNat => "post_nat",
         }
     }
     pub fn program(self) -> &'static str {
         match self {
             Hook::FromPod => netpol_common::prog_names::FROM_POD,
             Hook::ToPod => netpol_common::prog_names::TO_POD,
+            Hook::PostNat => netpol_common::prog_names::POST_NAT,
         }
     }
 }
@@ -64,12 +74,17 @@ impl Pins {
         self.links_dir()
             .join(format!("{ifindex}-{}", hook.as_str()))
     }
+    /// The pinned sk_lookup link of the node's network namespace.
+    pub fn local_in_link(&self) -> PathBuf {
+        self.links_dir().join("netns-local_in")
+    }
     /// Parse a link pin's file name back into (ifindex, hook).
     pub fn parse_link_name(name: &str) -> Option<(u32, Hook)> {
         let (idx, hook) = name.split_once('-')?;
         let hook = match hook {
             "from_pod" => Hook::FromPod,
             "to_pod" => Hook::ToPod,
+            "post_nat" => Hook::PostNat,
             _ => return None,
         };
         Some((idx.parse().ok()?, hook))
@@ -130,7 +145,7 @@ mod tests {
     #[test]
     fn link_names_round_trip() {
         let p = Pins::new("/sys/fs/bpf/netpol");
-        for hook in Hook::ALL {
+        for hook in Hook::TC {
             let path = p.link(42, hook);
             let name = path.file_name().unwrap().to_str().unwrap();
             assert_eq!(Pins::parse_link_name(name), Some((42, hook)));

@@ -19,7 +19,7 @@ use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, time::Duration};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    programs::{SchedClassifier, SkLookup, TestRun, TestRunOptions},
 };
 use common::packets::{
     ETH_P_IP, Ext, L4, Packet, SRC_MAC, arp_request, echo_reply, echo_request, ethernet_header,
@@ -31,16 +31,17 @@ use netpol_common::{
     CFG_F_AUDIT_ALL, COUNTER_EVENTS_RATE_LIMITED, COUNTER_EVENTS_RINGBUF_FULL, COUNTER_EVENTS_SENT,
     COUNTER_SLOTS, ConfigValue, DIR_EGRESS, DIR_INGRESS, EP_F_AUDIT, EP_F_EGRESS_ISOLATED,
     EP_F_INGRESS_ISOLATED, EndpointValue, FlowKey, FlowValue, FragKey, FragValue, IDENTITY_ANY,
-    PEER_F_HOST, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP, PeerValue, PolicyKey, PolicyValue, REASON_AUDIT, REASON_ESTABLISHED,
-    REASON_EXPIRED, REASON_FRAGMENT_FOLLOWS, REASON_FRAGMENT_STALE, REASON_FRAGMENT_UNKNOWN,
-    REASON_HOST, REASON_ICMP_ERROR_RELATED, REASON_ICMP_ERROR_UNRELATED, REASON_IPV6_EXT_TOO_DEEP,
-    REASON_MALFORMED, REASON_ND_INVALID, REASON_NEIGHBOR_DISCOVERY, REASON_NO_ENDPOINT,
-    REASON_NOT_IP, REASON_NOT_ISOLATED, REASON_NOT_POD_ADDRESS, REASON_POLICY_ALLOW,
-    REASON_POLICY_DENY, REASON_RECHECK_ALLOW, REASON_REPLY, REASON_REVOKED, REASON_ROGUE_ROUTER,
-    REASON_SLOTS, REASON_SPOOFED, REASON_TCP_NO_FLOW, REASON_UNSUPPORTED_ETHERTYPE, VERDICT_ALLOW,
-    VERDICT_AUDIT, VERDICT_DENY, VerdictEvent, direction_name, ip_bytes, map_names, prog_names,
-    reason_name, verdict_name,
+    LocalKey, PEER_F_HOST, PEER_F_POD, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO,
+    POLICY_PREFIX_FULL, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerValue, PolicyKey, PolicyValue,
+    REASON_AUDIT, REASON_DEFERRED, REASON_ESTABLISHED, REASON_EXPIRED, REASON_FRAGMENT_FOLLOWS,
+    REASON_FRAGMENT_STALE, REASON_FRAGMENT_UNKNOWN, REASON_HOST, REASON_ICMP_ERROR_RELATED,
+    REASON_ICMP_ERROR_UNRELATED, REASON_IPV6_EXT_TOO_DEEP, REASON_MALFORMED, REASON_ND_INVALID,
+    REASON_NEIGHBOR_DISCOVERY, REASON_NO_ENDPOINT, REASON_NODE_TRAFFIC, REASON_NOT_IP,
+    REASON_NOT_ISOLATED, REASON_NOT_POD_ADDRESS, REASON_POLICY_ALLOW, REASON_POLICY_DENY,
+    REASON_RECHECK_ALLOW, REASON_REPLY, REASON_REVOKED, REASON_ROGUE_ROUTER, REASON_SLOTS,
+    REASON_SPOOFED, REASON_TCP_NO_FLOW, REASON_UNSUPPORTED_ETHERTYPE, VERDICT_ALLOW, VERDICT_AUDIT,
+    VERDICT_DENY, VerdictEvent, direction_name, ip_bytes, map_names, prog_names, reason_name,
+    verdict_name,
 };
 
 // ---------------------------------------------------------------------------
@@ -332,7 +333,11 @@ impl Dp {
             }
             Err(e) => panic!("{test}: loading the eBPF object: {e:?}"),
         };
-        for name in [prog_names::FROM_POD, prog_names::TO_POD] {
+        for name in [
+            prog_names::FROM_POD,
+            prog_names::TO_POD,
+            prog_names::POST_NAT,
+        ] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .unwrap_or_else(|| panic!("program {name} missing from the object"))
@@ -345,6 +350,16 @@ impl Dp {
                     return None;
                 }
                 Err(e) => panic!("{test}: loading {name}: {e:?}"),
+            }
+        }
+        {
+            let prog: &mut SkLookup = ebpf
+                .program_mut(prog_names::LOCAL_IN)
+                .expect("program netpol_local_in")
+                .try_into()
+                .expect("an sk_lookup program");
+            if let Err(e) = prog.load() {
+                panic!("{test}: loading {}: {e:?}", prog_names::LOCAL_IN);
             }
         }
         let events = RingBuf::try_from(ebpf.take_map(map_names::EVENTS).expect("events map"))
@@ -374,6 +389,33 @@ impl Dp {
         let mut m: HashMap<_, u32, EndpointValue> =
             HashMap::try_from(self.ebpf.map_mut(map_names::ENDPOINTS).unwrap()).unwrap();
         m.insert(ifindex, ep.0, 0).expect("endpoint insert");
+    }
+
+    /// `ip` belongs to the local pod on `ifindex`.
+    fn local_addr(&mut self, addr: &str, ifindex: u32) {
+        let (family, bytes) = ip_bytes(ip(addr));
+        let mut m: HashMap<_, LocalKey, u32> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::LOCAL_ADDRS).unwrap()).unwrap();
+        m.insert(LocalKey::new(family, bytes), ifindex, 0)
+            .expect("local address insert");
+    }
+
+    /// kube-proxy may translate `cidr` (a Service range).
+    fn service_range(&mut self, cidr: &str) {
+        let (addr, prefix) = cidr.split_once('/').expect("cidr");
+        let prefix: u32 = prefix.parse().unwrap();
+        match ip(addr) {
+            IpAddr::V4(a) => {
+                let mut m: LpmTrie<_, [u8; 4], u32> =
+                    LpmTrie::try_from(self.ebpf.map_mut(map_names::DEFER_V4).unwrap()).unwrap();
+                m.insert(&Key::new(prefix, a.octets()), 0, 0).unwrap();
+            }
+            IpAddr::V6(a) => {
+                let mut m: LpmTrie<_, [u8; 16], u32> =
+                    LpmTrie::try_from(self.ebpf.map_mut(map_names::DEFER_V6).unwrap()).unwrap();
+                m.insert(&Key::new(prefix, a.octets()), 0, 0).unwrap();
+            }
+        }
     }
 
     fn remove_endpoint(&mut self, ifindex: u32) {
@@ -486,6 +528,120 @@ impl Dp {
     )]
     fn from_pod(&mut self, frame: &impl Frame) -> Outcome {
         self.run(prog_names::FROM_POD, &frame.frame_bytes(), 1)
+    }
+
+    /// A local pod's packet leaves the node through one of its devices,
+    /// after the DNAT (`netpol_post_nat`).
+    fn post_nat(&mut self, frame: &impl Frame) -> Outcome {
+        self.run(prog_names::POST_NAT, &frame.frame_bytes(), 1)
+    }
+
+    /// A connection (TCP SYN) or datagram from `src` to a socket at `dst` on
+    /// the node (`netpol_local_in`, sk_lookup). Returns whether it passes,
+    /// with the counters and events of the run.
+    fn local_in(&mut self, protocol: u8, src: &str, dst: &str) -> Outcome {
+        let (src, dst): (std::net::SocketAddr, std::net::SocketAddr) =
+            (src.parse().unwrap(), dst.parse().unwrap());
+        // struct bpf_sk_lookup (uapi): cookie u64, family, protocol,
+        // remote_ip4, remote_ip6[4], remote_port (be16) + 2 bytes, local_ip4,
+        // local_ip6[4], local_port (host order), ingress_ifindex.
+        let mut ctx = [0u8; 72];
+        let family: u32 = if src.is_ipv4() { 2 } else { 10 };
+        ctx[8..12].copy_from_slice(&family.to_ne_bytes());
+        ctx[12..16].copy_from_slice(&(protocol as u32).to_ne_bytes());
+        match (src.ip(), dst.ip()) {
+            (IpAddr::V4(r), IpAddr::V4(l)) => {
+                ctx[16..20].copy_from_slice(&r.octets());
+                ctx[40..44].copy_from_slice(&l.octets());
+            }
+            (IpAddr::V6(r), IpAddr::V6(l)) => {
+                ctx[20..36].copy_from_slice(&r.octets());
+                ctx[44..60].copy_from_slice(&l.octets());
+            }
+            _ => panic!("mixed families"),
+        }
+        ctx[36..38].copy_from_slice(&src.port().to_be_bytes());
+        ctx[60..64].copy_from_slice(&(dst.port() as u32).to_ne_bytes());
+        let prog: &SkLookup = self
+            .ebpf
+            .program(prog_names::LOCAL_IN)
+            .expect("program")
+            .try_into()
+            .expect("sk_lookup");
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let fd = prog.fd().expect("loaded").as_fd().as_raw_fd();
+        // union bpf_attr, test: prog_fd, retval, data_size_in, data_size_out,
+        // data_in, data_out, repeat, duration, ctx_size_in, ctx_size_out,
+        // ctx_in, ctx_out, flags, cpu, batch_size.
+        #[repr(C)]
+        #[derive(Default)]
+        struct TestAttr {
+            prog_fd: u32,
+            retval: u32,
+            data_size_in: u32,
+            data_size_out: u32,
+            data_in: u64,
+            data_out: u64,
+            repeat: u32,
+            duration: u32,
+            ctx_size_in: u32,
+            ctx_size_out: u32,
+            ctx_in: u64,
+            ctx_out: u64,
+            flags: u32,
+            cpu: u32,
+            batch_size: u32,
+            _pad: u32,
+        }
+        let mut attr = TestAttr {
+            prog_fd: fd as u32,
+            repeat: 1,
+            ctx_size_in: ctx.len() as u32,
+            ctx_in: ctx.as_ptr() as u64,
+            ..TestAttr::default()
+        };
+        const BPF_PROG_TEST_RUN: libc::c_long = 10;
+        // SAFETY: a valid bpf_attr for BPF_PROG_TEST_RUN, pointing at `ctx`,
+        // which outlives the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                &mut attr as *mut TestAttr,
+                std::mem::size_of::<TestAttr>(),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "BPF_PROG_TEST_RUN of netpol_local_in: {}",
+            std::io::Error::last_os_error()
+        );
+        // SK_PASS (1) is TC_ACT_OK's place in `Outcome`, SK_DROP (0) TC_ACT_SHOT's.
+        let action = if attr.retval == 1 {
+            TC_ACT_OK
+        } else {
+            TC_ACT_SHOT
+        };
+        let after = self.read_counters();
+        let moved = after
+            .iter()
+            .zip(&self.counters)
+            .enumerate()
+            .filter(|(_, (a, b))| a != b)
+            .map(|(i, (a, b))| (i as u32, a - b))
+            .collect();
+        self.counters = after;
+        let mut events = Vec::new();
+        while let Some(item) = self.events.next() {
+            events.extend(VerdictEvent::from_bytes(&item));
+        }
+        Outcome {
+            action,
+            moved,
+            events,
+            len: 0,
+        }
     }
 
     fn run(&mut self, prog: &str, frame: &[u8], repeat: u32) -> Outcome {
@@ -830,7 +986,10 @@ fn not_isolated_endpoint_passes_and_opens_a_flow_in_both_directions() {
     assert_eq!(fwd.reason, REASON_NOT_ISOLATED);
     assert_eq!(fwd.generation, 1);
     assert_eq!(fwd.state, netpol_common::FLOW_S_OPEN);
-    assert_eq!(fwd._pad, [0; 4]);
+    assert_eq!(fwd._pad, [0; 2]);
+    // The endpoint fixture has slot 0: the pod's packets on this flow carry
+    // tag 0x8000.
+    assert_eq!(fwd.sender_tag, netpol_common::SENDER_TAG);
     assert!(fwd.created_ns > 0);
     let rev = dp
         .flow(&syn.reversed(), DIR_EGRESS)
@@ -1440,18 +1599,46 @@ fn host_addresses_reach_an_isolated_pod_but_the_pod_does_not_reach_them() {
     dp.from_pod(&probe.reversed())
         .passed(DIR_EGRESS, REASON_REPLY);
 
+    // A node address may be a NodePort that kube-proxy translates: the
+    // pod's veth defers TCP and UDP to it...
     let to_host = tcp(&at(POD, 40000), &at(HOST, 10250)).syn();
-    let out = dp.from_pod(&to_host);
-    out.dropped(DIR_EGRESS, REASON_POLICY_DENY);
-    decided(
-        &out,
-        &to_host,
-        DIR_EGRESS,
-        VERDICT_DENY,
-        REASON_POLICY_DENY,
-        0,
+    dp.from_pod(&to_host)
+        .passed(DIR_EGRESS, REASON_DEFERRED)
+        .no_event();
+    // ...and a socket on the node is judged when it is looked up (after any
+    // DNAT), by the pod's egress policy: denied.
+    dp.local_addr(POD, LO);
+    let out = dp.local_in(PROTO_TCP, &at(POD, 40000), &at(HOST, 10250));
+    out.expect(TC_ACT_SHOT, DIR_EGRESS, REASON_POLICY_DENY, 1);
+    let e = out
+        .events
+        .first()
+        .expect("an event for the denied connection");
+    assert_eq!(
+        (
+            e.verdict,
+            e.reason,
+            e.direction,
+            e.ifindex,
+            e.dport,
+            e.peer_identity
+        ),
+        (
+            VERDICT_DENY,
+            REASON_POLICY_DENY,
+            DIR_EGRESS,
+            LO,
+            10250,
+            HOST_ID
+        ),
+        "{e:?}"
     );
-    out.event().peer_identity(HOST_ID);
+    // ICMP is never translated: judged on the veth, against the node. So is
+    // SCTP (sk_lookup does not see it: deferring it would leave it unjudged).
+    let ping = echo_request(POD, HOST, 9);
+    dp.from_pod(&ping).dropped(DIR_EGRESS, REASON_POLICY_DENY);
+    dp.from_pod(&sctp(&at(POD, 40000), &at(HOST, 30000)))
+        .dropped(DIR_EGRESS, REASON_POLICY_DENY);
 }
 
 // ===========================================================================
@@ -2769,6 +2956,20 @@ fn arp_and_neighbour_discovery_from_a_pod_speak_only_for_it() {
     // Router advertisements *to* the pod (from the node's link) are ND.
     dp.to_pod(&router_advertisement("fe80::1"))
         .passed(DIR_INGRESS, REASON_NEIGHBOR_DISCOVERY);
+    // ND addressed off the link: routed, it would be a data channel to any
+    // host. On the link (the node, a pod of this node), it is ND.
+    dp.from_pod(&neighbor_advertisement(POD6, "2001:db8::99", POD6))
+        .dropped(DIR_EGRESS, REASON_ND_INVALID);
+    dp.from_pod(&neighbor_advertisement(POD6, PEER6, POD6))
+        .dropped(DIR_EGRESS, REASON_ND_INVALID);
+    dp.host("fd00::fe", HOST_ID);
+    dp.from_pod(&neighbor_advertisement(POD6, "fd00::fe", POD6))
+        .passed(DIR_EGRESS, REASON_NEIGHBOR_DISCOVERY);
+    dp.local_addr(PEER6, 9);
+    dp.from_pod(&neighbor_advertisement(POD6, PEER6, POD6))
+        .passed(DIR_EGRESS, REASON_NEIGHBOR_DISCOVERY);
+    dp.from_pod(&neighbor_advertisement("fe80::9", "fe80::1", POD6))
+        .passed(DIR_EGRESS, REASON_NEIGHBOR_DISCOVERY);
 }
 
 /// ICMP errors as a tunnel and as a weapon. The pod has a DNS flow to PEER.
@@ -2821,4 +3022,319 @@ fn icmp_errors_are_no_tunnel_and_no_weapon() {
     dp.bump_generation();
     dp.to_pod(&icmp_error(PEER, POD, &q))
         .dropped(DIR_INGRESS, REASON_ICMP_ERROR_UNRELATED);
+}
+
+// ===========================================================================
+// 10. Services: a pod's egress is judged after kube-proxy's DNAT, against the
+//     backend the packet really goes to.
+// ===========================================================================
+
+const SERVICE_RANGE: &str = "10.96.0.0/12";
+const CLUSTER_IP: &str = "10.96.0.10";
+const SERVICE_RANGE6: &str = "fd00:96::/108";
+const CLUSTER_IP6: &str = "fd00:96::a";
+/// A pod behind the Service, on another node.
+const BACKEND: &str = "10.0.1.5";
+const BACKEND6: &str = "fd00:1::5";
+const BACKEND_ID: u32 = 102;
+/// The pod cluster's range, for ipBlock excepts.
+const POD_CIDR: &str = "10.0.0.0/16";
+const POD_CIDR_ID: u32 = 103;
+/// Another local pod (its veth).
+const CLIENT_IF: u32 = 7;
+const CLIENT: &str = "10.0.0.7";
+const CLIENT_POLICY: u32 = 8;
+const CLIENT_ID: u32 = 104;
+
+/// The pod (on LO) may send TCP 8080 to BACKEND_ID only; Service ranges are
+/// translated by kube-proxy.
+fn service_cast(dp: &mut Dp) {
+    dp.service_range(SERVICE_RANGE);
+    dp.service_range(SERVICE_RANGE6);
+    for (addr, id) in [
+        (BACKEND, BACKEND_ID),
+        (BACKEND6, BACKEND_ID),
+        (OTHER, OTHER_ID),
+    ] {
+        dp.peer_entry(addr, PeerValue::new(id, PEER_F_POD));
+    }
+    dp.local_addr(POD, LO);
+    dp.local_addr(POD6, LO);
+    dp.endpoint(LO, endpoint(POLICY).isolated_egress());
+    dp.allow(egress(POLICY).to(BACKEND_ID).tcp(8080).rule(31));
+}
+
+#[test]
+fn egress_through_a_cluster_ip_is_judged_against_the_backend_after_the_dnat() {
+    let mut dp =
+        load_or_skip!("egress_through_a_cluster_ip_is_judged_against_the_backend_after_the_dnat");
+    service_cast(&mut dp);
+    for (pod, cluster_ip, backend) in [(POD, CLUSTER_IP, BACKEND), (POD6, CLUSTER_IP6, BACKEND6)] {
+        // On the veth the ClusterIP is not where the packet goes: deferred,
+        // with no verdict event (the post-DNAT hook reports the verdict).
+        let dialled = tcp(&at(pod, 40000), &at(cluster_ip, 80)).syn();
+        dp.from_pod(&dialled)
+            .passed(DIR_EGRESS, REASON_DEFERRED)
+            .no_event();
+        assert_eq!(
+            dp.flow(&dialled, DIR_EGRESS).expect("entry").reason,
+            REASON_DEFERRED
+        );
+        // Leaving the node after the DNAT: the backend's identity and its
+        // port decide.
+        let sent = tcp(&at(pod, 40000), &at(backend, 8080)).syn();
+        let out = dp.post_nat(&sent);
+        out.passed(DIR_EGRESS, REASON_POLICY_ALLOW);
+        decided(
+            &out,
+            &sent,
+            DIR_EGRESS,
+            VERDICT_ALLOW,
+            REASON_POLICY_ALLOW,
+            31,
+        );
+        // The backend's answer, un-DNATed by the node, reaches the pod from
+        // the ClusterIP: a reply.
+        dp.to_pod(&dialled.reversed().syn_ack())
+            .passed(DIR_INGRESS, REASON_REPLY);
+        // Later packets cost one lookup on each hook.
+        dp.from_pod(&dialled.clone().ack())
+            .passed(DIR_EGRESS, REASON_ESTABLISHED);
+        dp.post_nat(&sent.clone().ack())
+            .passed(DIR_EGRESS, REASON_ESTABLISHED);
+        // The Service port is not the backend's: a rule for 8080 does not
+        // match what is sent to 80.
+        let wrong_port = tcp(&at(pod, 40001), &at(backend, 80)).syn();
+        dp.post_nat(&wrong_port)
+            .dropped(DIR_EGRESS, REASON_POLICY_DENY);
+    }
+    // SCTP and UDP Services too.
+    dp.allow(egress(POLICY).to(BACKEND_ID).sctp(9000).rule(35));
+    dp.allow(egress(POLICY).to(BACKEND_ID).udp(53).rule(36));
+    dp.from_pod(&sctp(&at(POD, 40010), &at(CLUSTER_IP, 9000)))
+        .passed(DIR_EGRESS, REASON_DEFERRED);
+    dp.post_nat(&sctp(&at(POD, 40010), &at(BACKEND, 9000)))
+        .passed(DIR_EGRESS, REASON_POLICY_ALLOW);
+    dp.post_nat(&sctp(&at(POD, 40011), &at(OTHER, 9000)))
+        .dropped(DIR_EGRESS, REASON_POLICY_DENY);
+    dp.from_pod(&udp(&at(POD6, 40012), &at(CLUSTER_IP6, 53)))
+        .passed(DIR_EGRESS, REASON_DEFERRED);
+    dp.post_nat(&udp(&at(POD6, 40012), &at(BACKEND6, 53)))
+        .passed(DIR_EGRESS, REASON_POLICY_ALLOW);
+    // kube-proxy picked a backend the policy does not allow.
+    let dialled = tcp(&at(POD, 40002), &at(CLUSTER_IP, 80)).syn();
+    dp.from_pod(&dialled).passed(DIR_EGRESS, REASON_DEFERRED);
+    let sent = tcp(&at(POD, 40002), &at(OTHER, 8080)).syn();
+    let out = dp.post_nat(&sent);
+    out.dropped(DIR_EGRESS, REASON_POLICY_DENY);
+    decided(&out, &sent, DIR_EGRESS, VERDICT_DENY, REASON_POLICY_DENY, 0);
+    out.event().peer_identity(OTHER_ID);
+    assert!(
+        dp.flow(&sent, DIR_EGRESS).is_none(),
+        "a denied flow has no entry"
+    );
+}
+
+#[test]
+fn an_ipblock_except_pod_cidrs_reaches_no_pod_through_its_service() {
+    let mut dp = load_or_skip!("an_ipblock_except_pod_cidrs_reaches_no_pod_through_its_service");
+    dp.service_range(SERVICE_RANGE);
+    dp.peer(POD_CIDR, POD_CIDR_ID);
+    dp.peer_entry(
+        BACKEND,
+        PeerValue::new(BACKEND_ID, PEER_F_POD).with_cidr_identity(POD_CIDR_ID),
+    );
+    dp.local_addr(POD, LO);
+    dp.endpoint(LO, endpoint(POLICY).isolated_egress());
+    // egress: to: ipBlock 0.0.0.0/0 except 10.0.0.0/16 (the world's identity).
+    dp.allow(egress(POLICY).to(WORLD_ID).rule(32));
+
+    // Before this fix the ClusterIP, in no except, was allowed on the veth.
+    let dialled = tcp(&at(POD, 40000), &at(CLUSTER_IP, 80)).syn();
+    dp.from_pod(&dialled).passed(DIR_EGRESS, REASON_DEFERRED);
+    let sent = tcp(&at(POD, 40000), &at(BACKEND, 8080)).syn();
+    dp.post_nat(&sent).dropped(DIR_EGRESS, REASON_POLICY_DENY);
+    // UDP too.
+    let dialled = udp(&at(POD, 40001), &at(CLUSTER_IP, 53));
+    dp.from_pod(&dialled).passed(DIR_EGRESS, REASON_DEFERRED);
+    dp.post_nat(&udp(&at(POD, 40001), &at(BACKEND, 53)))
+        .dropped(DIR_EGRESS, REASON_POLICY_DENY);
+    // An address outside the except is reachable, before and after the DNAT.
+    let outside = tcp(&at(POD, 40002), &at(ROUTER, 443)).syn();
+    dp.from_pod(&outside)
+        .passed(DIR_EGRESS, REASON_POLICY_ALLOW);
+    dp.post_nat(&outside.clone().ack())
+        .passed(DIR_EGRESS, REASON_ESTABLISHED);
+}
+
+#[test]
+fn a_local_backend_judges_the_local_senders_egress_and_a_change_revokes_it() {
+    let mut dp =
+        load_or_skip!("a_local_backend_judges_the_local_senders_egress_and_a_change_revokes_it");
+    // The backend is the pod on LO (ingress open); the client is another
+    // local pod whose egress allows TCP 8080 to the backend's identity.
+    dp.peer_entry(POD, PeerValue::new(PEER_ID, PEER_F_POD));
+    dp.peer_entry(CLIENT, PeerValue::new(CLIENT_ID, PEER_F_POD));
+    dp.endpoint(LO, endpoint(POLICY));
+    let mut client = endpoint(CLIENT_POLICY).isolated_egress();
+    client.0 = client.0.with_addresses([CLIENT.parse().unwrap()], None);
+    dp.endpoint(CLIENT_IF, client);
+    dp.local_addr(CLIENT, CLIENT_IF);
+    dp.local_addr(POD, LO);
+    let allow = egress(CLIENT_POLICY).to(PEER_ID).tcp(8080).rule(33);
+    dp.allow(allow);
+
+    // Delivered to the backend's veth after the DNAT: allowed by both.
+    let syn = tcp(&at(CLIENT, 40000), &at(POD, 8080)).syn();
+    dp.to_pod(&syn).passed(DIR_INGRESS, REASON_NOT_ISOLATED);
+    dp.to_pod(&syn.clone().ack())
+        .passed(DIR_INGRESS, REASON_ESTABLISHED);
+    // Another port: the backend's ingress would take it, the client's
+    // egress does not. Counted and reported on the client's side.
+    let other = tcp(&at(CLIENT, 40001), &at(POD, 9090)).syn();
+    let out = dp.to_pod(&other);
+    assert_eq!(out.action, TC_ACT_SHOT, "{}", out.describe());
+    assert_eq!(
+        out.moved
+            .get(&netpol_common::counter_index(
+                DIR_EGRESS,
+                REASON_POLICY_DENY
+            ))
+            .copied(),
+        Some(1),
+        "{}",
+        out.describe()
+    );
+    let e = out
+        .events
+        .iter()
+        .find(|e| e.verdict == VERDICT_DENY)
+        .expect("a deny event");
+    assert_eq!(
+        (e.ifindex, e.direction, e.policy_id, e.dport),
+        (CLIENT_IF, DIR_EGRESS, CLIENT_POLICY, 9090),
+        "the client's egress denied it: {e:?}"
+    );
+    assert!(dp.flow(&other, DIR_INGRESS).is_none());
+
+    // The client's egress allow goes: its open connection is cut on the
+    // backend's veth at its next packet.
+    dp.remove(allow);
+    dp.bump_generation();
+    let out = dp.to_pod(&syn.clone().ack());
+    assert_eq!(out.action, TC_ACT_SHOT, "{}", out.describe());
+    assert!(
+        out.moved
+            .contains_key(&netpol_common::counter_index(DIR_INGRESS, REASON_REVOKED)),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        dp.flow(&syn, DIR_INGRESS).is_none(),
+        "the revoked flow is gone"
+    );
+}
+
+#[test]
+fn post_nat_passes_what_no_local_pod_sent_and_judges_what_no_dnat_changed() {
+    let mut dp =
+        load_or_skip!("post_nat_passes_what_no_local_pod_sent_and_judges_what_no_dnat_changed");
+    service_cast(&mut dp);
+    // The node's own traffic, traffic routed through the node, non-IP: not
+    // NetworkPolicy's business.
+    dp.post_nat(&tcp(&at(HOST, 22), &at(ROUTER, 40000)).syn())
+        .passed(DIR_EGRESS, REASON_NODE_TRAFFIC)
+        .no_event();
+    dp.post_nat(&arp_request(HOST, ROUTER))
+        .passed(DIR_EGRESS, REASON_NODE_TRAFFIC);
+    dp.post_nat(&vec![0u8; 20])
+        .passed(DIR_EGRESS, REASON_NODE_TRAFFIC);
+    // No kube-proxy (or no Service behind the address): the deferred flow
+    // leaves unchanged and is judged here, against the address dialled.
+    let dialled = tcp(&at(POD, 40000), &at(CLUSTER_IP, 8080)).syn();
+    dp.from_pod(&dialled).passed(DIR_EGRESS, REASON_DEFERRED);
+    dp.post_nat(&dialled)
+        .dropped(DIR_EGRESS, REASON_POLICY_DENY);
+    assert!(
+        dp.flow(&dialled, DIR_EGRESS).is_none(),
+        "the deferred entry goes with the denial"
+    );
+    // And a flow the veth decided itself (to a pod address) passes the
+    // post-DNAT hook on its entry.
+    let direct = tcp(&at(POD, 40001), &at(BACKEND, 8080)).syn();
+    dp.from_pod(&direct).passed(DIR_EGRESS, REASON_POLICY_ALLOW);
+    dp.post_nat(&direct).passed(DIR_EGRESS, REASON_ESTABLISHED);
+}
+
+#[test]
+fn sockets_on_the_node_are_judged_in_sk_lookup() {
+    let mut dp = load_or_skip!("sockets_on_the_node_are_judged_in_sk_lookup");
+    dp.host(HOST, HOST_ID);
+    dp.local_addr(POD, LO);
+    dp.endpoint(LO, endpoint(POLICY).isolated_egress());
+    dp.allow(egress(POLICY).to(HOST_ID).udp(53).rule(34));
+    // Not a local pod: passes untouched.
+    let out = dp.local_in(PROTO_TCP, &at(ROUTER, 40000), &at(HOST, 22));
+    out.expect(TC_ACT_OK, DIR_EGRESS, REASON_NODE_TRAFFIC, 1);
+    // The pod's allowed datagram passes, and its next one costs a lookup.
+    dp.local_in(PROTO_UDP, &at(POD, 40000), &at(HOST, 53))
+        .expect(TC_ACT_OK, DIR_EGRESS, REASON_POLICY_ALLOW, 1);
+    dp.local_in(PROTO_UDP, &at(POD, 40000), &at(HOST, 53))
+        .expect(TC_ACT_OK, DIR_EGRESS, REASON_ESTABLISHED, 1);
+    // TCP to the same port is not allowed.
+    dp.local_in(PROTO_TCP, &at(POD, 40001), &at(HOST, 53))
+        .expect(TC_ACT_SHOT, DIR_EGRESS, REASON_POLICY_DENY, 1);
+    // A policy change re-decides the datagram flow.
+    dp.remove(egress(POLICY).to(HOST_ID).udp(53).rule(34));
+    dp.bump_generation();
+    dp.local_in(PROTO_UDP, &at(POD, 40000), &at(HOST, 53))
+        .expect(TC_ACT_SHOT, DIR_EGRESS, REASON_POLICY_DENY, 1);
+    // A local pod with no endpoint entry: fail closed.
+    dp.local_addr(CLIENT, CLIENT_IF);
+    dp.local_in(PROTO_TCP, &at(CLIENT, 40000), &at(HOST, 22))
+        .expect(TC_ACT_SHOT, DIR_EGRESS, REASON_NO_ENDPOINT, 1);
+}
+
+/// The flow table's key, written out field by field for one IPv4 and one
+/// IPv6 flow (the other tests find entries through `flow_key`, which
+/// follows the datapath's own rule and so cannot catch a change of it).
+#[test]
+fn flow_keys_are_the_pods_side_of_the_flow_byte_for_byte() {
+    let mut dp = load_or_skip!("flow_keys_are_the_pods_side_of_the_flow_byte_for_byte");
+    dp.endpoint(LO, endpoint(POLICY));
+    dp.to_pod(&tcp(&at(PEER, 40000), &at(POD, 80)).syn())
+        .passed(DIR_INGRESS, REASON_NOT_ISOLATED);
+    dp.from_pod(&udp(&at(POD6, 5353), &at(PEER6, 53)))
+        .passed(DIR_EGRESS, REASON_NOT_ISOLATED);
+    let mut keys: Vec<FlowKey> = dp.flows().into_iter().map(|(k, _)| k).collect();
+    keys.sort();
+    let v4 = |a: [u8; 4]| {
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&a);
+        b
+    };
+    let mut want = vec![
+        FlowKey {
+            ifindex: 1,
+            pod_port: 80,
+            remote_port: 40000,
+            protocol: 6,
+            family: 4,
+            _pad: [0; 2],
+            pod_addr: v4([10, 0, 0, 1]),
+            remote_addr: v4([10, 0, 0, 2]),
+        },
+        FlowKey {
+            ifindex: 1,
+            pod_port: 5353,
+            remote_port: 53,
+            protocol: 17,
+            family: 6,
+            _pad: [0; 2],
+            pod_addr: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            remote_addr: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+        },
+    ];
+    want.sort();
+    assert_eq!(keys, want);
 }

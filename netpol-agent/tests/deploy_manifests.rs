@@ -385,7 +385,9 @@ fn rbac_is_read_only_on_pods_namespaces_and_policies() {
     for (g, res) in [
         ("", "pods"),
         ("", "namespaces"),
+        ("", "services"),
         ("networking.k8s.io", "networkpolicies"),
+        ("networking.k8s.io", "servicecidrs"),
     ] {
         for v in ["get", "list", "watch"] {
             wanted.insert((g, res, v));
@@ -393,7 +395,7 @@ fn rbac_is_read_only_on_pods_namespaces_and_policies() {
     }
     assert_eq!(
         granted, wanted,
-        "exactly get/list/watch on the three resources"
+        "exactly get/list/watch on the five resources"
     );
 }
 

@@ -1119,6 +1119,8 @@ fn token_without_rbac_rights_is_reported_and_keeps_enforcement() {
         ("namespaces", ""),
         ("pods", ""),
         ("networkpolicies", "networking.k8s.io"),
+        ("services", ""),
+        ("servicecidrs", "networking.k8s.io"),
     ];
     let deadline = started + Duration::from_secs(30);
     // The agent's own line carries the API's message as is: `pods is forbidden: User

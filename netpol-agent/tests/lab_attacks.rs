@@ -759,3 +759,69 @@ fn vlan_tagged_traffic_from_a_pod_is_refused() {
     assert_eq!(line["verdict"], "deny");
     lab.down().expect("down");
 }
+
+/// Frames whose IP header is cut short. `BPF_PROG_TEST_RUN` on this kernel
+/// refuses to build such an skb, so the verdict tests cannot run them; a pod
+/// can still send them (AF_PACKET), and they reach the host veth's TC hook
+/// before any IP validation. Each is dropped as malformed on the sender's
+/// veth, with a flow-log line naming the pod.
+#[test]
+fn frames_with_cut_ip_headers_are_dropped_as_malformed() {
+    if !require_privileges("frames_with_cut_ip_headers_are_dropped_as_malformed") {
+        return;
+    }
+    let (lab, agents, attacker) = setup('t');
+    let target = pod(&lab, "y/a").clone();
+    let mac = pod_mac(&attacker);
+    let v4_frame = common::packets::tcp(
+        &format!("{}:5555", v4(&attacker)),
+        &format!("{}:80", v4(&target)),
+    )
+    .syn()
+    .frame();
+    let v6_frame = common::packets::tcp(
+        &format!("[{}]:5555", attacker.ip_v6),
+        &format!("[{}]:80", target.ip_v6),
+    )
+    .syn()
+    .frame();
+    let cases = [
+        ("IPv4 header cut to 12 bytes", &v4_frame, 14 + 12),
+        ("IPv4 addresses cut", &v4_frame, 14 + 18),
+        ("IPv6 header cut to 30 bytes", &v6_frame, 14 + 30),
+    ];
+    let malformed = |agents: &Agents| -> Vec<serde_json::Value> {
+        agents
+            .flow_logs()
+            .into_iter()
+            .map(|(_, v)| v)
+            .filter(|v| v["reason"] == "malformed")
+            .collect()
+    };
+    for (what, full, len) in cases {
+        let before = malformed(&agents).len();
+        let mut frame = full[..len].to_vec();
+        frame[6..12].copy_from_slice(&mac);
+        frame_send(&attacker, frame);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let line = loop {
+            let now = malformed(&agents);
+            if now.len() > before {
+                break now[now.len() - 1].clone();
+            }
+            let logs = agents.flow_logs();
+            assert!(
+                Instant::now() < deadline,
+                "{what}: no `malformed` flow-log line; lines:\n{}",
+                logs.iter()
+                    .map(|(l, _)| l.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(line["verdict"], "deny", "{what}: {line}");
+        assert_eq!(line["endpoint"], "y/c", "{what}: {line}");
+    }
+    lab.down().expect("down");
+}

@@ -143,6 +143,21 @@ impl DeniedProber {
     }
 }
 
+/// Pinned links of pod veths (`<ifindex>-from_pod`, `<ifindex>-to_pod`): not
+/// the node devices' `post_nat` links nor the netns's sk_lookup link.
+fn pod_links(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.ends_with("-from_pod") || name.ends_with("-to_pod")
+                })
+                .count()
+        })
+        .unwrap_or_default()
+}
+
 /// Program ids attached in the pinned links of an agent.
 fn attached_programs(bpffs_root: &Path) -> BTreeMap<String, u32> {
     let mut out = BTreeMap::new();
@@ -349,9 +364,7 @@ fn pods_added_and_removed_while_agents_run() {
         let attach_seen = (|| {
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
-                let n = std::fs::read_dir(&links)
-                    .map(|d| d.count())
-                    .unwrap_or_default();
+                let n = pod_links(&links);
                 // two links per pod veth
                 if n >= 2 * lab.pods.iter().filter(|p| p.node == node).count() {
                     return Some(t0.elapsed());
@@ -397,9 +410,7 @@ fn pods_added_and_removed_while_agents_run() {
     loop {
         let a = agents.node("node-a");
         let st = a.status().unwrap();
-        let links = std::fs::read_dir(a.bpffs_root.join("links"))
-            .map(|d| d.count())
-            .unwrap_or_default();
+        let links = pod_links(&a.bpffs_root.join("links"));
         if st["endpoints"].as_u64() == Some(endpoints_before - 1) && links == 2 * 2 {
             break;
         }
@@ -409,4 +420,72 @@ fn pods_added_and_removed_while_agents_run() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Drift: an endpoint entry vanishes from the pinned map behind the agent's
+/// back (a lost write, a hand edit): its pod is denied (no endpoint), and the
+/// agent's periodic read-back notices and writes it again.
+#[test]
+fn drift_in_the_pinned_maps_is_repaired() {
+    if !require_privileges("drift_in_the_pinned_maps_is_repaired") {
+        return;
+    }
+    let lab = common::lab::up('d', PORTS);
+    let mut agents =
+        start_agents(&lab, Path::new(AGENT), &["--reconcile-secs=1".to_string()]).expect("agents");
+    agents
+        .wait_synced(&[], Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    apply_policies(&lab, &mut agents);
+    assert!(
+        connects(&lab, ("y", "a"), ("x", "a")),
+        "allowed before the drift"
+    );
+
+    // Remove x/a's endpoint entry from its node's pinned map.
+    let node = lab.pod("x", "a").expect("x/a").node.clone();
+    let agent = agents.node(&node);
+    let pin = agent.bpffs_root.join("maps").join("NETPOL_ENDPOINTS");
+    let data = aya::maps::MapData::from_pin(&pin).expect("pinned endpoints map");
+    let mut m: aya::maps::HashMap<_, u32, netpol_common::EndpointValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).expect("a hash map");
+    let keys: Vec<u32> = m.keys().map(|k| k.expect("key")).collect();
+    let ip = lab.pod("x", "a").unwrap().ip_v4;
+    let key = *keys
+        .iter()
+        .find(|k| m.get(k, 0).is_ok_and(|v| v.addr_v4 == ip.octets()))
+        .expect("x/a's endpoint entry");
+    let before = agent.status().expect("status")["drift_repaired"]
+        .as_u64()
+        .unwrap_or(0);
+    m.remove(&key).expect("remove the entry");
+    let t0 = Instant::now();
+    // Repaired within a few read-back periods: allowed again, and the
+    // status counts the repair.
+    let deadline = t0 + Duration::from_secs(10);
+    loop {
+        let repaired = m.get(&key, 0).is_ok();
+        if repaired && connects(&lab, ("y", "a"), ("x", "a")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "x/a's endpoint was not written again within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("[measure] endpoint entry repaired after {:?}", t0.elapsed());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while agents.node(&node).status().expect("status")["drift_repaired"]
+        .as_u64()
+        .unwrap_or(0)
+        <= before
+    {
+        assert!(
+            Instant::now() < deadline,
+            "status does not count the repair"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lab.down().expect("down");
 }

@@ -43,10 +43,14 @@ pub mod map_names {
     pub const EVENTS: &str = "NETPOL_EVENTS";
     pub const EVENT_RATE: &str = "NETPOL_EVENT_RATE";
     pub const CONFIG: &str = "NETPOL_CONFIG";
+    pub const LOCAL_ADDRS: &str = "NETPOL_LOCAL_ADDRS";
+    pub const DEFER_V4: &str = "NETPOL_DEFER_V4";
+    pub const DEFER_V6: &str = "NETPOL_DEFER_V6";
+    pub const SLOTS: &str = "NETPOL_SLOTS";
     pub const QUOTA_CONFIG: &str = "NETPOL_QUOTA_CONFIG";
     pub const QUOTA_SLOTS: &str = "NETPOL_QUOTA_SLOTS";
     pub const QUOTA_STATE: &str = "NETPOL_QUOTA_STATE";
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 17] = [
         ENDPOINTS,
         PEERS_V4,
         PEERS_V6,
@@ -57,6 +61,10 @@ pub mod map_names {
         EVENTS,
         EVENT_RATE,
         CONFIG,
+        LOCAL_ADDRS,
+        DEFER_V4,
+        DEFER_V6,
+        SLOTS,
         QUOTA_CONFIG,
         QUOTA_SLOTS,
         QUOTA_STATE,
@@ -69,6 +77,14 @@ pub mod prog_names {
     pub const FROM_POD: &str = "netpol_from_pod";
     /// Attached to the TC egress hook of the host-side veth: packets the pod receives.
     pub const TO_POD: &str = "netpol_to_pod";
+    /// Attached to the TC egress hook of the node's own devices (uplinks,
+    /// tunnels): a local pod's packets leaving the node, after kube-proxy's
+    /// DNAT, judged by the pod's egress policy against the real destination.
+    pub const POST_NAT: &str = "netpol_post_nat";
+    /// sk_lookup in the node's network namespace: a local pod's new
+    /// connection to a socket on the node (after any DNAT), judged by the
+    /// pod's egress policy.
+    pub const LOCAL_IN: &str = "netpol_local_in";
 }
 
 /// Default map sizes (the agent overrides them at load time from its flags).
@@ -80,6 +96,10 @@ pub mod sizes {
     pub const FLOWS: u32 = 262_144;
     pub const FRAGS: u32 = 8192;
     pub const EVENTS_BYTES: u32 = 1 << 20;
+    /// Two addresses (IPv4, IPv6) per endpoint.
+    pub const LOCAL_ADDRS: u32 = 2 * ENDPOINTS;
+    pub const DEFER_V4: u32 = 4096;
+    pub const DEFER_V6: u32 = 4096;
 }
 
 // ---------------------------------------------------------------------------
@@ -123,7 +143,11 @@ pub struct EndpointValue {
     pub addr_v4: [u8; 4],
     /// The pod's MAC (`EP_F_HAS_MAC`).
     pub mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// The endpoint's slot (< `SLOTS`): `NETPOL_SLOTS[slot]` is its veth.
+    /// The pod's veth tags each packet the pod sends with it (`SENDER_TAG |
+    /// slot` in the skb's `tc_index`), so the post-DNAT hooks know the
+    /// sender even after kube-proxy masqueraded the source address.
+    pub slot: u16,
     /// The pod's IPv6 address (`EP_F_HAS_V6`).
     pub addr_v6: [u8; 16],
 }
@@ -139,11 +163,60 @@ impl EndpointValue {
             flags,
             addr_v4: [0; 4],
             mac: [0; 6],
-            _pad: [0; 2],
+            slot: 0,
             addr_v6: [0; 16],
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Local addresses: NETPOL_LOCAL_ADDRS, hash, `LocalKey` -> the host-side veth
+// ifindex of the local pod that owns the address (the key of its endpoint).
+// Written by the agent from the endpoints' addresses. The datapath's
+// anti-spoofing makes it trustworthy: a packet with a local pod's source
+// address was sent by that pod (or by the node itself).
+// ---------------------------------------------------------------------------
+
+/// Key of the local-address map: an address (IPv4 in the first four bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LocalKey {
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<LocalKey>() == 20);
+
+impl LocalKey {
+    pub const fn new(family: u8, addr: [u8; 16]) -> Self {
+        Self {
+            family,
+            _pad: [0; 3],
+            addr,
+        }
+    }
+}
+
+/// Endpoint slots: `NETPOL_SLOTS` is an array of this many veth ifindexes.
+pub const SLOTS: u32 = 1 << 15;
+/// Set in a packet's `tc_index` by the sending pod's veth (through
+/// `tc_classid`, which the kernel copies into `tc_index` when the program
+/// passes the packet): the low 15 bits are the pod's endpoint slot. The kernel keeps `tc_index` through
+/// netfilter (NAT, masquerade) and fragmentation within the node; the
+/// post-DNAT hooks believe it only when the packet's source is the slot's pod
+/// or one of this node's own addresses (a masquerade), because a packet that
+/// crossed from another node's namespace over veths may still carry that
+/// node's tag.
+pub const SENDER_TAG: u16 = 1 << 15;
+
+// ---------------------------------------------------------------------------
+// Deferred destinations: NETPOL_DEFER_V4 / NETPOL_DEFER_V6, LPM tries of the
+// addresses kube-proxy may translate (Service CIDRs, external and load
+// balancer IPs). A pod's new TCP/UDP/SCTP flow to one of them (or to one of
+// this node's own addresses, for NodePorts) is not judged on the pod's veth:
+// its egress verdict is taken after the DNAT. Value: `DEFER_F_*` (unused: 0).
+// ---------------------------------------------------------------------------
 
 // ---------------------------------------------------------------------------
 // Peers: NETPOL_PEERS_V4 / NETPOL_PEERS_V6, LPM tries keyed by address
@@ -334,7 +407,11 @@ pub struct FlowValue {
     pub origin: u8,
     /// `FLOW_S_*`: which idle timeout applies.
     pub state: u8,
-    pub _pad: [u8; 4],
+    /// `SENDER_TAG | slot` of the pod, written to the `tc_index` of each
+    /// packet the pod sends on this flow (0 in flows the veth did not see
+    /// leave the pod).
+    pub sender_tag: u16,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 64);
 
@@ -499,6 +576,7 @@ mod user {
     unsafe impl aya::Pod for ConfigValue {}
     unsafe impl aya::Pod for RateState {}
     unsafe impl aya::Pod for VerdictEvent {}
+    unsafe impl aya::Pod for LocalKey {}
 
     impl EndpointValue {
         /// The pod's addresses (the first of each family counts) and MAC.

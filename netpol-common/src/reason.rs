@@ -70,7 +70,20 @@ pub const REASON_ROGUE_ROUTER: u8 = 24;
 /// a tunnel through the link's control plane.
 pub const REASON_ND_INVALID: u8 = 25;
 
-// 26..=29 are reserved for the Service (post-DNAT egress) work.
+/// A pod's new flow to an address kube-proxy may translate (a Service
+/// frontend: a ClusterIP range, an external IP, this node's own address for
+/// a NodePort): the pod's egress policy is judged after the translation,
+/// against the backend the packet is really sent to (by `netpol_to_pod` on
+/// a local backend's veth, `netpol_post_nat` on the node's devices, or
+/// `netpol_local_in` for a socket on the node). Passes here.
+pub const REASON_DEFERRED: u8 = 26;
+/// `netpol_post_nat` or `netpol_local_in` saw a packet that no local pod
+/// sent (the node's own traffic, or traffic routed through the node):
+/// NetworkPolicy does not apply to it. Passes.
+pub const REASON_NODE_TRAFFIC: u8 = 27;
+
+// 28 and 29 are left free: the flow-quota work took 30 while 26..=29 were
+// reserved for the Service work.
 
 /// An allowed packet that would open a flow entry while its endpoint already
 /// holds its whole share of the flow table (`NETPOL_QUOTA_*`, see
@@ -79,7 +92,7 @@ pub const REASON_ND_INVALID: u8 = 25;
 pub const REASON_FLOW_QUOTA: u8 = 30;
 
 /// Number of reasons defined so far.
-pub const REASON_COUNT: u8 = 32;
+pub const REASON_COUNT: u8 = 31;
 
 /// Stable, metric-friendly name of a reason.
 pub const fn reason_name(reason: u8) -> &'static str {
@@ -110,6 +123,8 @@ pub const fn reason_name(reason: u8) -> &'static str {
         REASON_NOT_POD_ADDRESS => "not_pod_address",
         REASON_ROGUE_ROUTER => "rogue_router",
         REASON_ND_INVALID => "nd_invalid",
+        REASON_DEFERRED => "deferred",
+        REASON_NODE_TRAFFIC => "node_traffic",
         REASON_FLOW_QUOTA => "flow_quota",
         _ => "unknown",
     }
@@ -131,5 +146,7 @@ pub const fn reason_passes(reason: u8) -> bool {
             | REASON_AUDIT
             | REASON_RECHECK_ALLOW
             | REASON_TCP_NO_FLOW
+            | REASON_DEFERRED
+            | REASON_NODE_TRAFFIC
     )
 }

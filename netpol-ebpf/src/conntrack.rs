@@ -1,13 +1,13 @@
 //! The per-packet flow: parse, established-flow lookup (one lookup for a
 //! known flow), generation re-check, and the policy decision for new flows.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::programs::{SkLookupContext, TcContext};
 use netpol_common::{
     CFG_F_AUDIT_ALL, CFG_F_LOG_ALLOWED, ConfigValue, DEFAULT_TIMEOUT_ICMP_S,
     DEFAULT_TIMEOUT_TCP_CLOSING_S, DEFAULT_TIMEOUT_TCP_S, DEFAULT_TIMEOUT_UDP_S, DIR_EGRESS,
     DIR_INGRESS, EP_F_AUDIT, EP_F_HAS_MAC, EP_F_HAS_V4, EP_F_HAS_V6, EndpointValue, FAMILY_V6,
-    FLOW_S_CLOSING, FLOW_S_OPEN, FlowKey, FlowValue, FragKey, FragValue, PEER_F_POD, PROTO_ICMP,
-    PROTO_ICMPV6, PROTO_TCP, REASON_AUDIT, REASON_ESTABLISHED, REASON_EXPIRED,
+    FLOW_S_CLOSING, FLOW_S_OPEN, FlowKey, FlowValue, FragKey, FragValue, LocalKey, PEER_F_POD,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, REASON_AUDIT, REASON_ESTABLISHED, REASON_EXPIRED,
     REASON_FRAGMENT_FOLLOWS, REASON_FRAGMENT_STALE, REASON_FRAGMENT_UNKNOWN,
     REASON_ICMP_ERROR_RELATED, REASON_ICMP_ERROR_UNRELATED, REASON_MALFORMED, REASON_ND_INVALID,
     REASON_NEIGHBOR_DISCOVERY, REASON_NO_ENDPOINT, REASON_NOT_IP, REASON_NOT_POD_ADDRESS,
@@ -15,15 +15,19 @@ use netpol_common::{
     REASON_TCP_NO_FLOW, REASON_UNSUPPORTED_ETHERTYPE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
     VerdictEvent,
 };
+use netpol_common::{FAMILY_V4, PEER_F_HOST, REASON_DEFERRED, REASON_NODE_TRAFFIC, SENDER_TAG};
 
 use crate::{
     events::{coarse_now_ns, count, emit, now_ns},
-    maps::{NETPOL_CONFIG, NETPOL_ENDPOINTS, NETPOL_FLOWS, NETPOL_FRAGS, NETPOL_SCRATCH},
+    maps::{
+        NETPOL_CONFIG, NETPOL_ENDPOINTS, NETPOL_FLOWS, NETPOL_FRAGS, NETPOL_LOCAL_ADDRS,
+        NETPOL_SCRATCH, NETPOL_SLOTS,
+    },
     parse::{
         ETH_HLEN, ETH_P_ARP, Frag, IcmpKind, Packet, ParseError, TCP_ACK, TCP_FIN, TCP_RST,
         TCP_SYN, ethertype, family_of, load, load_into, parse_ip,
     },
-    policy::{decide, peer_flags},
+    policy::{Stage, decide, peer_flags},
 };
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -64,7 +68,37 @@ pub fn handle(ctx: &TcContext, direction: u8) -> Verdict {
     // SAFETY: per-CPU slot; a TC program runs to completion on one CPU
     // without preemption by another run of itself.
     let s = unsafe { &mut *scratch };
-    match try_handle(ctx, direction, s) {
+    let r = try_handle(ctx, direction, s);
+    finish(ctx, direction, s, r)
+}
+
+/// A packet leaving the node through one of its own devices (TC egress of
+/// an uplink or tunnel device), after the node's netfilter: kube-proxy's
+/// DNAT is done, so the destination is the backend the packet really goes
+/// to. A local pod's packet is judged here by that pod's egress policy, as
+/// if on its veth; anything else is the node's business.
+#[inline(always)]
+pub fn handle_post_nat(ctx: &TcContext) -> Verdict {
+    let Some(scratch) = NETPOL_SCRATCH.get_ptr_mut(0) else {
+        count(DIR_EGRESS, REASON_MALFORMED);
+        return Verdict::Drop;
+    };
+    // SAFETY: as in `handle`.
+    let s = unsafe { &mut *scratch };
+    let r = try_post_nat(ctx, s);
+    finish(ctx, DIR_EGRESS, s, r)
+}
+
+/// The verdict of a handler, with the accounting of its error path: every
+/// error drops, counted and reported.
+#[inline(always)]
+fn finish(
+    ctx: &TcContext,
+    direction: u8,
+    s: &mut Scratch,
+    r: Result<Verdict, ParseError>,
+) -> Verdict {
+    match r {
         Ok(v) => v,
         Err(ParseError(reason)) => {
             count(direction, reason);
@@ -97,6 +131,24 @@ pub fn handle(ctx: &TcContext, direction: u8) -> Verdict {
 fn ifindex(ctx: &TcContext) -> u32 {
     // SAFETY: the context pointer is valid for the whole program run.
     unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// The packet's `tc_index` (where a pod's veth puts the sender tag).
+#[inline(always)]
+fn tag_of(ctx: &TcContext) -> u16 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    unsafe { (*ctx.skb.skb).tc_index as u16 }
+}
+
+/// Tag a packet the pod sends with its sender tag (or clear what the pod's
+/// own namespace may have put there). Written to `tc_classid`: when a TC
+/// program passes a packet the kernel sets `tc_index` from it (TCX's
+/// `tcx_action_code`, the classic TC path alike), overwriting whatever a
+/// program wrote to `tc_index` itself.
+#[inline(always)]
+fn set_tag(ctx: &TcContext, tag: u16) {
+    // SAFETY: as above; `tc_classid` is writable from TC programs.
+    unsafe { (*ctx.skb.skb).tc_classid = u32::from(tag) };
 }
 
 #[inline(always)]
@@ -221,6 +273,11 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
         // closed, as for an in-band tag.
         return Err(ParseError(REASON_UNSUPPORTED_ETHERTYPE));
     }
+    if direction == DIR_EGRESS {
+        // Only this program says who sent a packet: nothing the pod's own
+        // namespace set survives its veth.
+        set_tag(ctx, 0);
+    }
     let ethertype = ethertype(ctx)?;
     let ifindex = ifindex(ctx);
     let Some(family) = family_of(ethertype) else {
@@ -251,11 +308,109 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
         return Ok(Verdict::Pass);
     }
 
+    flow_path(ctx, s, ifindex, direction, family, Stage::Veth)
+}
+
+/// The local pod that sent a packet, by its source address: the ifindex of
+/// its veth (its endpoint key). Anti-spoofing on every pod veth makes the
+/// answer trustworthy: only the pod (or the node itself) sends from it.
+#[inline(always)]
+fn local_sender(family: u8, saddr: &[u8; 16]) -> Option<u32> {
+    let key = LocalKey::new(family, *saddr);
+    unsafe { NETPOL_LOCAL_ADDRS.get(&key) }.copied()
+}
+
+/// The local pod that sent a packet seen after the DNAT: by the tag its veth
+/// wrote (which survives kube-proxy's masquerade), believed only when the
+/// source is that pod's address or one of this node's own (masqueraded),
+/// else by the source address.
+#[inline(always)]
+fn tagged_sender(tag: u16, family: u8, saddr: &[u8; 16]) -> Option<u32> {
+    if tag & SENDER_TAG != 0
+        && let Some(&ifp) = NETPOL_SLOTS.get(u32::from(tag & !SENDER_TAG))
+        && ifp != 0
+        && let Some(ep) = unsafe { NETPOL_ENDPOINTS.get(&ifp) }
+    {
+        let own = if family == FAMILY_V6 {
+            ep.flags & EP_F_HAS_V6 != 0 && eq16(saddr, &ep.addr_v6)
+        } else {
+            ep.flags & EP_F_HAS_V4 != 0 && eq4(saddr, &ep.addr_v4)
+        };
+        if own || peer_flags(family, saddr) & PEER_F_HOST != 0 {
+            return Some(ifp);
+        }
+    }
+    local_sender(family, saddr)
+}
+
+#[inline(always)]
+fn try_post_nat(ctx: &TcContext, s: &mut Scratch) -> Result<Verdict, ParseError> {
+    s.pkt.family = 0;
+    s.pkt.protocol = 0;
+    s.pkt.sport = 0;
+    s.pkt.dport = 0;
+    s.pkt.saddr = [0; 16];
+    s.pkt.daddr = [0; 16];
+    // What is not a local pod's IP packet passes: the node's own traffic,
+    // traffic routed through the node, tunnels' outer packets. NetworkPolicy
+    // does not apply to them, and the node's connectivity must not depend
+    // on this parser.
+    let Ok(ethertype) = ethertype(ctx) else {
+        count(DIR_EGRESS, REASON_NODE_TRAFFIC);
+        return Ok(Verdict::Pass);
+    };
+    let Some(family) = family_of(ethertype) else {
+        count(DIR_EGRESS, REASON_NODE_TRAFFIC);
+        return Ok(Verdict::Pass);
+    };
+    // The source address first: most packets on a node's device are not a
+    // local pod's, and need no more than this one lookup.
+    let mut saddr = [0u8; 16];
+    let read = if family == FAMILY_V4 {
+        load::<[u8; 4]>(ctx, ETH_HLEN + 12).map(|a| {
+            saddr[0] = a[0];
+            saddr[1] = a[1];
+            saddr[2] = a[2];
+            saddr[3] = a[3];
+        })
+    } else {
+        load_into(ctx, ETH_HLEN + 8, &mut saddr)
+    };
+    let sender = match read {
+        Ok(()) => tagged_sender(tag_of(ctx), family, &saddr),
+        Err(_) => None,
+    };
+    let Some(ifindex) = sender else {
+        count(DIR_EGRESS, REASON_NODE_TRAFFIC);
+        return Ok(Verdict::Pass);
+    };
+    // A local pod's packet: from here on, what does not parse is dropped.
+    parse_ip(ctx, family, ETH_HLEN, false, &mut s.pkt)?;
+    if s.pkt.icmp == IcmpKind::NeighborDiscovery {
+        // Checked on the pod's veth; never routed.
+        count(DIR_EGRESS, REASON_NEIGHBOR_DISCOVERY);
+        return Ok(Verdict::Pass);
+    }
+    flow_path(ctx, s, ifindex, DIR_EGRESS, family, Stage::PostNat)
+}
+
+/// The flow table and, for a new flow, the policy: for the endpoint on
+/// `ifindex` (the pod's veth, also when `stage` is `PostNat` and the packet
+/// is seen on another device).
+#[inline(always)]
+fn flow_path(
+    ctx: &TcContext,
+    s: &mut Scratch,
+    ifindex: u32,
+    direction: u8,
+    family: u8,
+    stage: Stage,
+) -> Result<Verdict, ParseError> {
     let cfg = config();
     let len = ctx.len();
 
     if s.pkt.frag == Frag::Later {
-        return later_fragment(s, ifindex, direction, &cfg, len);
+        return later_fragment(s, ifindex, direction, &cfg, len, stage, tag_of(ctx));
     }
 
     fill_flow_key(&mut s.key, ifindex, &s.pkt, direction);
@@ -263,6 +418,13 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
         // SAFETY: the entry stays valid for this program run; the fields
         // written below are counters and idempotent stores.
         let f = unsafe { &mut *f };
+        if stage == Stage::PostNat && f.reason == REASON_DEFERRED {
+            // The pod's veth deferred this flow and no DNAT changed it (no
+            // kube-proxy, or a local address without a NodePort): this is
+            // the post-DNAT point, where it is decided.
+            let _ = NETPOL_FLOWS.remove(&s.key);
+            return new_flow(ctx, s, ifindex, direction, family, &cfg, len, stage);
+        }
         // Idle time only needs coarse precision: the cheaper clock.
         let now = coarse_now_ns();
         // The coarse clock can lag the precise one the entry was created with
@@ -272,17 +434,20 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
             // timeout): forget it, and judge this packet as new.
             let _ = NETPOL_FLOWS.remove(&s.key);
             count(direction, REASON_EXPIRED);
-            return new_flow(ctx, s, ifindex, direction, family, &cfg, len);
+            return new_flow(ctx, s, ifindex, direction, family, &cfg, len, stage);
         }
         if f.state == FLOW_S_CLOSING && s.pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
             // A new connection on the 5-tuple of a closed one: a new flow,
             // decided (and logged) as such.
             let _ = NETPOL_FLOWS.remove(&s.key);
             count(direction, REASON_EXPIRED);
-            return new_flow(ctx, s, ifindex, direction, family, &cfg, len);
+            return new_flow(ctx, s, ifindex, direction, family, &cfg, len, stage);
         }
         if s.pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
             f.state = FLOW_S_CLOSING;
+        }
+        if stage == Stage::Veth && direction == DIR_EGRESS {
+            set_tag(ctx, f.sender_tag);
         }
         if f.generation == cfg.generation {
             f.last_seen_ns = now;
@@ -302,7 +467,7 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
             );
             return Ok(Verdict::Pass);
         }
-        let v = recheck(s, ifindex, direction, f, &cfg, len);
+        let v = recheck(s, ifindex, direction, f, &cfg, len, stage, tag_of(ctx));
         if s.pkt.frag == Frag::First {
             let verdict = if v == Verdict::Pass {
                 f.verdict
@@ -313,7 +478,7 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
         }
         return Ok(v);
     }
-    new_flow(ctx, s, ifindex, direction, family, &cfg, len)
+    new_flow(ctx, s, ifindex, direction, family, &cfg, len, stage)
 }
 
 /// 16 bytes equal, as two 64-bit words (no `memcmp` in BPF).
@@ -431,6 +596,19 @@ fn neighbor_discovery(
     if ty == ICMP6_ROUTER_ADVERT || ty == ICMP6_REDIRECT {
         return Err(ParseError(REASON_ROGUE_ROUTER));
     }
+    // On the link: a link-local or multicast destination, the node (the
+    // pod's gateway, unicast neighbour unreachability detection) or another
+    // pod of this node (a bridged neighbour). A "neighbour solicitation" to
+    // any other address would be routed off the link: a data channel, not
+    // neighbour discovery.
+    let d = &p.daddr;
+    if !(link_local6(d)
+        || d[0] == 0xff
+        || peer_flags(FAMILY_V6, d) & PEER_F_HOST != 0
+        || local_sender(FAMILY_V6, d).is_some())
+    {
+        return Err(ParseError(REASON_ND_INVALID));
+    }
     let Some(ep) = (unsafe { NETPOL_ENDPOINTS.get(&ifindex) }) else {
         return Err(ParseError(REASON_NO_ENDPOINT));
     };
@@ -521,12 +699,15 @@ pub(crate) fn idle_timeout_ns(f: &FlowValue, protocol: u8, cfg: &ConfigValue) ->
 /// whose first was decided under an older policy generation follows only a
 /// flow that is still allowed now.
 #[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "flat for the verifier")]
 fn later_fragment(
     s: &mut Scratch,
     ifindex: u32,
     direction: u8,
     cfg: &ConfigValue,
     len: u32,
+    stage: Stage,
+    tag: u16,
 ) -> Result<Verdict, ParseError> {
     fill_frag_key(&mut s.frag, ifindex, &s.pkt, direction);
     let Some(fv) = NETPOL_FRAGS.get_ptr_mut(&s.frag) else {
@@ -550,7 +731,7 @@ fn later_fragment(
         // SAFETY: valid for this program run.
         let f = unsafe { &mut *f };
         if f.generation != cfg.generation
-            && recheck(s, ifindex, direction, f, cfg, len) != Verdict::Pass
+            && recheck(s, ifindex, direction, f, cfg, len, stage, tag) != Verdict::Pass
         {
             return Ok(Verdict::Drop);
         }
@@ -563,6 +744,7 @@ fn later_fragment(
 /// A packet with no (live) flow entry: endpoint, policy, and for an allowed
 /// flow-opening packet a new entry.
 #[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "flat for the verifier")]
 fn new_flow(
     ctx: &TcContext,
     s: &mut Scratch,
@@ -571,11 +753,14 @@ fn new_flow(
     family: u8,
     cfg: &ConfigValue,
     len: u32,
+    stage: Stage,
 ) -> Result<Verdict, ParseError> {
     let cfg = *cfg;
     let now = now_ns();
     let ep_ptr = unsafe { NETPOL_ENDPOINTS.get(&ifindex) };
-    if let Some(ep) = ep_ptr {
+    if stage == Stage::Veth
+        && let Some(ep) = ep_ptr
+    {
         // Before anything is decided or recorded: the pod speaks only from
         // its own address and MAC, and hears only what is addressed to it.
         // The flow table, keyed on the pod's address, then never holds an
@@ -587,6 +772,12 @@ fn new_flow(
         } else if !for_pod(&s.pkt, ep) {
             return Err(ParseError(REASON_NOT_POD_ADDRESS));
         }
+    }
+    if stage == Stage::Veth
+        && direction == DIR_EGRESS
+        && let Some(ep) = ep_ptr
+    {
+        set_tag(ctx, ep.slot | SENDER_TAG);
     }
     let Some(ep) = ep_ptr.copied() else {
         // Programs are attached but the agent has not (or no longer) told
@@ -620,6 +811,7 @@ fn new_flow(
         remote(&s.pkt, direction),
         s.pkt.protocol,
         s.pkt.dport,
+        stage,
     );
     let (verdict, reason) = if d.allow {
         (VERDICT_ALLOW, d.reason)
@@ -630,10 +822,18 @@ fn new_flow(
     } else {
         (VERDICT_DENY, d.reason)
     };
+    if verdict != VERDICT_DENY
+        && direction == DIR_INGRESS
+        && stage == Stage::Veth
+        && sender_denies(s, &cfg, len, now, tag_of(ctx))
+    {
+        return Ok(Verdict::Drop);
+    }
     // The endpoint's share of the flow table (quota.rs): a packet that would
     // open an entry beyond it is refused, never another pod's flow evicted.
     let (verdict, reason) = crate::quota::gate(&s.key, &s.pkt, verdict, reason, &cfg);
-    if verdict != VERDICT_ALLOW || cfg.flags & CFG_F_LOG_ALLOWED != 0 {
+    if reason != REASON_DEFERRED && (verdict != VERDICT_ALLOW || cfg.flags & CFG_F_LOG_ALLOWED != 0)
+    {
         send_event(
             s,
             &cfg,
@@ -683,7 +883,8 @@ fn new_flow(
         v.reason = reason;
         v.origin = direction;
         v.state = FLOW_S_OPEN;
-        v._pad = [0; 4];
+        v.sender_tag = ep.slot | SENDER_TAG;
+        v._pad = [0; 2];
         bump_flow(v, direction, len);
         // BPF_NOEXIST: a packet of the other direction that created the
         // entry a moment earlier on another CPU keeps its origin.
@@ -693,6 +894,254 @@ fn new_flow(
         record_first_fragment(s, ifindex, direction, verdict);
     }
     Ok(Verdict::Pass)
+}
+
+/// After the DNAT, on a local pod's veth: a new flow from another local pod.
+/// The sender's veth may have deferred its egress verdict (it dialled a
+/// Service address and kube-proxy chose this pod): the sender's egress policy
+/// decides now, against this pod, its address and the port the packet is
+/// really sent to. A sender that dialled this pod's own address was judged
+/// the same way on its veth already: the same answer. Returns whether the
+/// sender's egress denies (counted and reported from the sender's side).
+#[inline(always)]
+fn sender_denies(s: &mut Scratch, cfg: &ConfigValue, len: u32, now: u64, tag: u16) -> bool {
+    let family = s.pkt.family;
+    let Some(src_if) = tagged_sender(tag, family, &s.pkt.saddr) else {
+        return false;
+    };
+    let Some(src_ep) = (unsafe { NETPOL_ENDPOINTS.get(&src_if) }).copied() else {
+        return false;
+    };
+    let d = decide(
+        &src_ep,
+        DIR_EGRESS,
+        family,
+        &s.pkt.daddr,
+        s.pkt.protocol,
+        s.pkt.dport,
+        Stage::PostNat,
+    );
+    if d.allow {
+        return false;
+    }
+    let audited = audit(&src_ep, cfg);
+    let (verdict, reason) = if audited {
+        (VERDICT_AUDIT, REASON_AUDIT)
+    } else {
+        (VERDICT_DENY, d.reason)
+    };
+    send_event(
+        s,
+        cfg,
+        src_if,
+        DIR_EGRESS,
+        &src_ep,
+        verdict,
+        reason,
+        0,
+        d.peer_identity,
+        len,
+        now,
+    );
+    count(DIR_EGRESS, reason);
+    !audited
+}
+
+/// `sender_denies` for a known flow under a newer policy generation: the
+/// flow into this pod (`s.key`, opened to `port`) came from another local
+/// pod whose egress no longer allows it.
+#[inline(always)]
+fn sender_revoked(s: &mut Scratch, cfg: &ConfigValue, port: u16, tag: u16) -> bool {
+    let family = s.key.family;
+    let Some(src_if) = tagged_sender(tag, family, &s.key.remote_addr) else {
+        return false;
+    };
+    let Some(src_ep) = (unsafe { NETPOL_ENDPOINTS.get(&src_if) }).copied() else {
+        return false;
+    };
+    let d = decide(
+        &src_ep,
+        DIR_EGRESS,
+        family,
+        &s.key.pod_addr,
+        s.key.protocol,
+        port,
+        Stage::PostNat,
+    );
+    !d.allow && !audit(&src_ep, cfg)
+}
+
+const SK_DROP: u32 = 0;
+const SK_PASS: u32 = 1;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+/// sk_lookup in the node's network namespace: a TCP connection (its SYN) or
+/// a UDP datagram about to be delivered to a socket on the node, after
+/// kube-proxy's DNAT. From a local pod it is judged by that pod's egress
+/// policy against the node address and port it really reaches (a
+/// hostNetwork backend, a NodePort served on the node, a node service).
+/// Anything else is the node's own business and passes.
+#[inline(always)]
+pub fn local_in(ctx: &SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    // SAFETY: the context is valid for the whole run; each read is a load of
+    // one field, of that field's size, which the verifier allows.
+    let (family_raw, protocol) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*l).family),
+            core::ptr::read_volatile(&raw const (*l).protocol),
+        )
+    };
+    let family = match family_raw {
+        AF_INET => FAMILY_V4,
+        AF_INET6 => FAMILY_V6,
+        _ => return SK_PASS,
+    };
+    let mut remote = [0u8; 16];
+    let mut local = [0u8; 16];
+    if family == FAMILY_V4 {
+        // SAFETY: as above.
+        let (r, lo) = unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*l).remote_ip4).to_ne_bytes(),
+                core::ptr::read_volatile(&raw const (*l).local_ip4).to_ne_bytes(),
+            )
+        };
+        remote[0] = r[0];
+        remote[1] = r[1];
+        remote[2] = r[2];
+        remote[3] = r[3];
+        local[0] = lo[0];
+        local[1] = lo[1];
+        local[2] = lo[2];
+        local[3] = lo[3];
+    } else {
+        let mut i = 0;
+        while i < 4 {
+            // SAFETY: as above; i < 4.
+            let (r, lo) = unsafe {
+                (
+                    core::ptr::read_volatile(&raw const (*l).remote_ip6[i]).to_ne_bytes(),
+                    core::ptr::read_volatile(&raw const (*l).local_ip6[i]).to_ne_bytes(),
+                )
+            };
+            remote[4 * i] = r[0];
+            remote[4 * i + 1] = r[1];
+            remote[4 * i + 2] = r[2];
+            remote[4 * i + 3] = r[3];
+            local[4 * i] = lo[0];
+            local[4 * i + 1] = lo[1];
+            local[4 * i + 2] = lo[2];
+            local[4 * i + 3] = lo[3];
+            i += 1;
+        }
+    }
+    let Some(ifindex) = local_sender(family, &remote) else {
+        count(DIR_EGRESS, REASON_NODE_TRAFFIC);
+        return SK_PASS;
+    };
+    // From here on the packet is a local pod's: every failure drops.
+    // SAFETY: as above.
+    let (remote_port, local_port) = unsafe {
+        (
+            u16::from_be(core::ptr::read_volatile(&raw const (*l).remote_port)),
+            core::ptr::read_volatile(&raw const (*l).local_port) as u16,
+        )
+    };
+    let Some(scratch) = NETPOL_SCRATCH.get_ptr_mut(0) else {
+        count(DIR_EGRESS, REASON_MALFORMED);
+        return SK_DROP;
+    };
+    // SAFETY: per-CPU slot, as in `handle`.
+    let s = unsafe { &mut *scratch };
+    s.pkt.family = family;
+    s.pkt.protocol = protocol as u8;
+    s.pkt.saddr = remote;
+    s.pkt.daddr = local;
+    s.pkt.sport = remote_port;
+    s.pkt.dport = local_port;
+    let cfg = config();
+    fill_flow_key(&mut s.key, ifindex, &s.pkt, DIR_EGRESS);
+    if let Some(f) = unsafe { NETPOL_FLOWS.get(&s.key) } {
+        if f.origin == DIR_INGRESS {
+            // A reply to a flow the node opened to the pod (an unconnected
+            // UDP socket on the node): replies pass statefully; the pod's
+            // veth re-checks the flow itself.
+            count(DIR_EGRESS, REASON_REPLY);
+            return SK_PASS;
+        }
+        if f.reason != REASON_DEFERRED
+            && f.generation == cfg.generation
+            && (f.verdict == VERDICT_ALLOW || f.verdict == VERDICT_AUDIT)
+        {
+            count(DIR_EGRESS, REASON_ESTABLISHED);
+            return SK_PASS;
+        }
+    }
+    let now = now_ns();
+    let Some(ep) = (unsafe { NETPOL_ENDPOINTS.get(&ifindex) }).copied() else {
+        count(DIR_EGRESS, REASON_NO_ENDPOINT);
+        return SK_DROP;
+    };
+    let d = decide(
+        &ep,
+        DIR_EGRESS,
+        family,
+        &s.pkt.daddr,
+        s.pkt.protocol,
+        s.pkt.dport,
+        Stage::PostNat,
+    );
+    let (verdict, reason) = if d.allow {
+        (VERDICT_ALLOW, d.reason)
+    } else if audit(&ep, &cfg) {
+        (VERDICT_AUDIT, REASON_AUDIT)
+    } else {
+        (VERDICT_DENY, d.reason)
+    };
+    if verdict != VERDICT_ALLOW || cfg.flags & CFG_F_LOG_ALLOWED != 0 {
+        send_event(
+            s,
+            &cfg,
+            ifindex,
+            DIR_EGRESS,
+            &ep,
+            verdict,
+            reason,
+            d.rule_id,
+            d.peer_identity,
+            0,
+            now,
+        );
+    }
+    count(DIR_EGRESS, reason);
+    if verdict == VERDICT_DENY {
+        // A deferred entry of the pod's veth for this very 5-tuple (no DNAT)
+        // must not let the next datagram through as "established".
+        let _ = NETPOL_FLOWS.remove(&s.key);
+        return SK_DROP;
+    }
+    // Recorded (replacing the veth's deferred entry for the same 5-tuple):
+    // the next datagrams of a UDP flow cost one lookup here, and a policy
+    // change re-decides them.
+    let v = &mut s.value;
+    v.created_ns = now;
+    v.last_seen_ns = now;
+    v.packets_from_pod = 0;
+    v.bytes_from_pod = 0;
+    v.packets_to_pod = 0;
+    v.bytes_to_pod = 0;
+    v.generation = cfg.generation;
+    v.rule_id = d.rule_id;
+    v.verdict = verdict;
+    v.reason = reason;
+    v.origin = DIR_EGRESS;
+    v.state = FLOW_S_OPEN;
+    v.sender_tag = ep.slot | SENDER_TAG;
+    v._pad = [0; 2];
+    let _ = NETPOL_FLOWS.insert(&s.key, &s.value, 0);
+    SK_PASS
 }
 
 /// Count a packet on a flow entry. The BPF target has no atomic
@@ -729,6 +1178,7 @@ fn record_first_fragment(s: &mut Scratch, ifindex: u32, direction: u8, verdict: 
 /// peer; the port is the one the opening packet was sent to). Still allowed:
 /// refresh. Now denied: drop this packet and forget the flow.
 #[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "flat for the verifier")]
 fn recheck(
     s: &mut Scratch,
     ifindex: u32,
@@ -736,6 +1186,8 @@ fn recheck(
     f: &mut FlowValue,
     cfg: &ConfigValue,
     len: u32,
+    stage: Stage,
+    tag: u16,
 ) -> Verdict {
     let now = now_ns();
     let Some(ep) = (unsafe { NETPOL_ENDPOINTS.get(&ifindex) }).copied() else {
@@ -756,9 +1208,16 @@ fn recheck(
         &s.key.remote_addr,
         s.key.protocol,
         port,
+        stage,
     );
-    if d.allow || audit(&ep, cfg) {
+    // A flow into this pod from another local pod: the sender's egress is
+    // part of the verdict (it may have dialled a Service, and been judged
+    // only here, after the DNAT).
+    let sender_ok =
+        origin != DIR_INGRESS || stage == Stage::PostNat || !sender_revoked(s, cfg, port, tag);
+    if sender_ok && (d.allow || audit(&ep, cfg)) {
         f.generation = cfg.generation;
+        f.reason = if d.allow { d.reason } else { REASON_AUDIT };
         f.rule_id = d.rule_id;
         f.verdict = if d.allow {
             VERDICT_ALLOW

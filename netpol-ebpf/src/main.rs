@@ -8,6 +8,12 @@
 //!   veth: it sees what the pod *receives*, judged by the pod's **ingress**
 //!   policy (`DIR_INGRESS`).
 //!
+//! - `netpol_post_nat` is attached to the TC **egress** hook of the node's
+//!   own devices, and `netpol_local_in` is the node netns's sk_lookup: they
+//!   see a pod's packets after kube-proxy's DNAT, where the egress verdict of
+//!   a flow to a Service is taken (against the backend it really goes to;
+//!   `netpol_to_pod` does the same for a backend on this node).
+//!
 //! Every packet to or from a pod crosses its veth whatever the CNI does, so
 //! enforcement does not depend on routing or bridging. Each entry is thin;
 //! the logic is in `try_handle`, and anything it cannot handle is dropped
@@ -32,12 +38,12 @@ mod quota;
 mod programs {
     use aya_ebpf::{
         bindings::{TC_ACT_OK, TC_ACT_SHOT},
-        macros::classifier,
-        programs::TcContext,
+        macros::{classifier, sk_lookup},
+        programs::{SkLookupContext, TcContext},
     };
     use netpol_common::{DIR_EGRESS, DIR_INGRESS};
 
-    use crate::conntrack::{Verdict, handle};
+    use crate::conntrack::{Verdict, handle, handle_post_nat, local_in};
 
     /// TC ingress of the host-side veth: packets the pod sends.
     #[classifier]
@@ -49,6 +55,21 @@ mod programs {
     #[classifier]
     pub fn netpol_to_pod(ctx: TcContext) -> i32 {
         to_action(handle(&ctx, DIR_INGRESS))
+    }
+
+    /// TC egress of the node's own devices (uplinks, tunnels): a local pod's
+    /// packets leaving the node after kube-proxy's DNAT, judged by the pod's
+    /// egress policy against the real destination.
+    #[classifier]
+    pub fn netpol_post_nat(ctx: TcContext) -> i32 {
+        to_action(handle_post_nat(&ctx))
+    }
+
+    /// sk_lookup of the node's network namespace: a local pod's new
+    /// connection to a socket on the node, after any DNAT.
+    #[sk_lookup]
+    pub fn netpol_local_in(ctx: SkLookupContext) -> u32 {
+        local_in(&ctx)
     }
 
     #[inline(always)]

@@ -7,8 +7,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use netpol_common::{
-    COUNTER_SLOTS, ConfigValue, EndpointValue, FlowKey, FlowValue, FragKey, FragValue, PeerValue,
-    PolicyKey, PolicyValue, RateState, VerdictEvent, sizes,
+    COUNTER_SLOTS, ConfigValue, EndpointValue, FlowKey, FlowValue, FragKey, FragValue, LocalKey,
+    PeerValue, PolicyKey, PolicyValue, RateState, VerdictEvent, sizes,
 };
 
 /// Local endpoints. Key: host-side veth ifindex. Value: the pod's compiled
@@ -71,6 +71,27 @@ pub static NETPOL_CONFIG: Array<ConfigValue, 1> = Array::new();
 #[btf_map]
 pub static NETPOL_SCRATCH: PerCpuArray<crate::conntrack::Scratch, 1> = PerCpuArray::new();
 
+/// Addresses of local pods -> the host-side veth ifindex of the pod (its
+/// `NETPOL_ENDPOINTS` key). The post-DNAT hooks find the sending pod by its
+/// source address. Written by the agent.
+#[btf_map]
+pub static NETPOL_LOCAL_ADDRS: HashMap<LocalKey, u32, { sizes::LOCAL_ADDRS as usize }> =
+    HashMap::new();
+
+/// IPv4 addresses kube-proxy may translate (Service CIDRs, external IPs):
+/// a pod's egress to them is judged after the DNAT. Written by the agent.
+#[btf_map]
+pub static NETPOL_DEFER_V4: LpmTrie<[u8; 4], u32, { sizes::DEFER_V4 as usize }> = LpmTrie::new();
+
+/// IPv6 addresses kube-proxy may translate, as `NETPOL_DEFER_V4`.
+#[btf_map]
+pub static NETPOL_DEFER_V6: LpmTrie<[u8; 16], u32, { sizes::DEFER_V6 as usize }> = LpmTrie::new();
+
+/// Endpoint slot -> the veth ifindex of the endpoint (its `NETPOL_ENDPOINTS`
+/// key): resolves the sender tag a pod's veth writes into `tc_index`.
+/// Written by the agent (before the endpoint that uses the slot).
+#[btf_map]
+pub static NETPOL_SLOTS: Array<u32, { netpol_common::SLOTS as usize }> = Array::new();
 /// Flow-table shares: how many entries an endpoint may create per CPU
 /// (`netpol_common::QuotaConfig`, 0 = off). Written by the agent.
 #[btf_map]

@@ -6,12 +6,26 @@
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use netpol_common::{
-    ACTION_ALLOW, DIR_INGRESS, EP_F_EGRESS_ISOLATED, EP_F_INGRESS_ISOLATED, EndpointValue,
-    FAMILY_V4, IDENTITY_ANY, PEER_F_HOST, POLICY_PREFIX_FULL, PolicyKey, REASON_HOST,
-    REASON_NOT_ISOLATED, REASON_POLICY_ALLOW, REASON_POLICY_DENY,
+    ACTION_ALLOW, DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ISOLATED, EP_F_INGRESS_ISOLATED,
+    EndpointValue, FAMILY_V4, IDENTITY_ANY, PEER_F_HOST, PEER_F_POD, POLICY_PREFIX_FULL,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, REASON_DEFERRED, REASON_HOST, REASON_NOT_ISOLATED,
+    REASON_POLICY_ALLOW, REASON_POLICY_DENY,
 };
 
-use crate::maps::{NETPOL_PEERS_V4, NETPOL_PEERS_V6, NETPOL_POLICY};
+use crate::maps::{
+    NETPOL_DEFER_V4, NETPOL_DEFER_V6, NETPOL_PEERS_V4, NETPOL_PEERS_V6, NETPOL_POLICY,
+};
+
+/// Where a decision is taken.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// On the pod's veth, before the node's netfilter: a pod's egress to an
+    /// address kube-proxy may translate is deferred (`REASON_DEFERRED`).
+    Veth,
+    /// After the DNAT (a local backend's veth, the node's devices, a local
+    /// socket): the destination is the real one, nothing is deferred.
+    PostNat,
+}
 
 /// Identity given to an address that no peer entry covers. The agent always
 /// installs /0 entries, so this only happens while maps are being filled;
@@ -38,8 +52,28 @@ pub fn peer_flags(family: u8, addr: &[u8; 16]) -> u32 {
     v.map_or(0, |v| v.flags)
 }
 
+/// Whether kube-proxy may translate `addr` (a Service frontend).
+#[inline(always)]
+fn service_frontend(family: u8, addr: &[u8; 16]) -> bool {
+    if family == FAMILY_V4 {
+        let key = Key::new(32, [addr[0], addr[1], addr[2], addr[3]]);
+        NETPOL_DEFER_V4.get(&key).is_some()
+    } else {
+        let key = Key::new(128, *addr);
+        NETPOL_DEFER_V6.get(&key).is_some()
+    }
+}
+
 /// Decide traffic of `ep` in `direction` (the pod's point of view) with the
 /// peer at `peer` (the remote address), on `protocol`/`port`.
+///
+/// At `Stage::Veth`, a pod's egress to a Service frontend (the deferred
+/// destinations map), or to one of this node's own addresses (a NodePort),
+/// over a protocol kube-proxy translates, is not decided here: the address
+/// the pod dialled is not where the packet goes. The decision returns
+/// `REASON_DEFERRED` and is taken again, at `Stage::PostNat`, against the
+/// backend. A pod address is never translated, so pod destinations (the
+/// common case) cost no extra lookup.
 #[inline(always)]
 pub fn decide(
     ep: &EndpointValue,
@@ -48,6 +82,7 @@ pub fn decide(
     peer: &[u8; 16],
     protocol: u8,
     port: u16,
+    stage: Stage,
 ) -> Decision {
     let isolated_flag = if direction == DIR_INGRESS {
         EP_F_INGRESS_ISOLATED
@@ -81,6 +116,24 @@ pub fn decide(
         return Decision {
             allow: true,
             reason: REASON_HOST,
+            rule_id: 0,
+            peer_identity: identity,
+        };
+    }
+
+    // A node address is deferred for TCP and UDP only: after the DNAT it may
+    // be a socket on the node, which `netpol_local_in` (sk_lookup, TCP and
+    // UDP only) judges. SCTP to the node stays judged here, against the node.
+    if direction == DIR_EGRESS
+        && stage == Stage::Veth
+        && peer_flags & PEER_F_POD == 0
+        && ((peer_flags & PEER_F_HOST != 0 && matches!(protocol, PROTO_TCP | PROTO_UDP))
+            || (matches!(protocol, PROTO_TCP | PROTO_UDP | PROTO_SCTP)
+                && service_frontend(family, peer)))
+    {
+        return Decision {
+            allow: true,
+            reason: REASON_DEFERRED,
             rule_id: 0,
             peer_identity: identity,
         };

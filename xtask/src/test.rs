@@ -21,7 +21,7 @@ pub struct TestArgs {
 pub fn run(args: TestArgs) -> Result<()> {
     let root = workspace_root();
     // The lab's tests and the agent's lab tests start these binaries.
-    let bins = build_bins(&["netpol-agent", "netpol-lab"])?;
+    let bins = build_bins(&["netpol-agent", "netpol-lab", "netpol-cni"])?;
 
     println!("== Unit tests");
     exec(
@@ -47,7 +47,8 @@ pub fn run(args: TestArgs) -> Result<()> {
             .current_dir(&root)
             .args(["test", "--workspace", "--test", "*", "--"])
             .args(&args.filter)
-            .env("NETPOL_LAB_BIN", &bins[1]),
+            .env("NETPOL_LAB_BIN", &bins[1])
+            .env("NETPOL_CNI_BIN", &bins[2]),
     )?;
     if !args.filter.is_empty() {
         return Ok(());

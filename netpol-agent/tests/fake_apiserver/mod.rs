@@ -2,8 +2,8 @@
 //! speaking the real wire format over plain HTTP/1.1 on 127.0.0.1, so a
 //! `kube::Client` (and kube-runtime's watcher) can be tested against it.
 //!
-//! Served: `GET /api/v1/namespaces`, `/api/v1/pods` and
-//! `/apis/networking.k8s.io/v1/networkpolicies`, as
+//! Served: `GET /api/v1/namespaces`, `/api/v1/pods`, `/api/v1/services`,
+//! `/apis/networking.k8s.io/v1/networkpolicies` and `.../servicecidrs`, as
 //! - lists (`{"kind":"PodList","metadata":{"resourceVersion":"N"},"items":[…]}`),
 //!   paginated with `limit` / `continue` (every page of one list is a snapshot
 //!   at the same resourceVersion, like etcd's);
@@ -42,10 +42,18 @@ pub enum Res {
     Namespaces,
     Pods,
     NetworkPolicies,
+    Services,
+    ServiceCidrs,
 }
 
 impl Res {
-    pub const ALL: [Res; 3] = [Res::Namespaces, Res::Pods, Res::NetworkPolicies];
+    pub const ALL: [Res; 5] = [
+        Res::Namespaces,
+        Res::Pods,
+        Res::NetworkPolicies,
+        Res::Services,
+        Res::ServiceCidrs,
+    ];
 
     fn index(self) -> usize {
         self as usize
@@ -55,6 +63,8 @@ impl Res {
             Res::Namespaces => "/api/v1/namespaces",
             Res::Pods => "/api/v1/pods",
             Res::NetworkPolicies => "/apis/networking.k8s.io/v1/networkpolicies",
+            Res::Services => "/api/v1/services",
+            Res::ServiceCidrs => "/apis/networking.k8s.io/v1/servicecidrs",
         }
     }
     fn kind(self) -> &'static str {
@@ -62,11 +72,13 @@ impl Res {
             Res::Namespaces => "Namespace",
             Res::Pods => "Pod",
             Res::NetworkPolicies => "NetworkPolicy",
+            Res::Services => "Service",
+            Res::ServiceCidrs => "ServiceCIDR",
         }
     }
     fn api_version(self) -> &'static str {
         match self {
-            Res::NetworkPolicies => "networking.k8s.io/v1",
+            Res::NetworkPolicies | Res::ServiceCidrs => "networking.k8s.io/v1",
             _ => "v1",
         }
     }
@@ -117,7 +129,7 @@ struct Paging {
 struct State {
     /// Last resourceVersion issued.
     rv: u64,
-    kinds: [KindState; 3],
+    kinds: [KindState; 5],
     pagings: HashMap<String, Paging>,
     next_token: u64,
     /// Delay before each list page is answered.
