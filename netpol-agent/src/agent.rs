@@ -76,6 +76,42 @@ pub struct Config {
     /// differs from what it wrote (drift: a write lost, an entry changed or
     /// removed by hand).
     pub reconcile: Duration,
+    /// Each endpoint's share of the flow table, in entries (`None`: the
+    /// table split over `max_pods`; `Some(0)`: no shares).
+    pub flows_per_endpoint: Option<u32>,
+    /// Pods this node may run (kubelet's `maxPods`): the default share
+    /// splits the flow table over them.
+    pub max_pods: u32,
+}
+
+/// `BPF_LRU`'s per-CPU free lists hold up to 128 free entries each
+/// (`LOCAL_FREE_TARGET`) that other CPUs cannot take without evicting: leave
+/// twice that per CPU out of the shares, so that the shares all fit without
+/// an eviction.
+const LRU_SLACK_PER_CPU: u32 = 256;
+
+/// The datapath's share setting: `per_endpoint` entries split over `cpus`
+/// (each CPU's ring is written by that CPU only, see netpol-ebpf's
+/// quota.rs), by default the flow table (less the LRU's per-CPU slack) split
+/// over `max_pods`. Every endpoint gets at least one entry per CPU.
+pub fn flow_quota(
+    flows: u32,
+    max_pods: u32,
+    per_endpoint: Option<u32>,
+    cpus: u32,
+) -> netpol_common::QuotaConfig {
+    let cpus = cpus.max(1);
+    let per_endpoint = per_endpoint.unwrap_or_else(|| {
+        flows.saturating_sub(LRU_SLACK_PER_CPU.saturating_mul(cpus)) / max_pods.max(1)
+    });
+    netpol_common::QuotaConfig {
+        slots_per_cpu: if per_endpoint == 0 {
+            0
+        } else {
+            (per_endpoint / cpus).max(1)
+        },
+        _pad: 0,
+    }
 }
 
 /// What `netpol-agent status` reads (written atomically after each sync).
@@ -143,7 +179,13 @@ struct Agent {
     pending: usize,
     missing: Vec<String>,
     flow_log: Box<dyn std::io::Write + Send>,
+    /// Flow entries per endpoint, last counted (walking the flow table costs
+    /// a syscall per entry: at most every [`FLOW_COUNT_EVERY`]).
+    flow_entries: BTreeMap<u32, u64>,
+    flow_counted: Option<Instant>,
 }
+
+const FLOW_COUNT_EVERY: Duration = Duration::from_secs(5);
 
 pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
     let pins = Pins::new(&cfg.bpffs_root);
@@ -171,6 +213,15 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         timeout_icmp_s: netpol_common::DEFAULT_TIMEOUT_ICMP_S,
         _pad: 0,
     })?;
+    let cpus = aya::util::nr_cpus().map_or(1, |n| n as u32);
+    let quota = flow_quota(cfg.sizes.flows, cfg.max_pods, cfg.flows_per_endpoint, cpus);
+    tracing::info!(
+        slots_per_cpu = quota.slots_per_cpu,
+        cpus,
+        "flow-table share per endpoint: {} entries",
+        quota.slots_per_cpu * cpus
+    );
+    dp.set_quota(quota)?;
     let applied = dp.read_maps().context("reading pinned maps")?;
     let endpoints = dp.read_endpoints().context("reading pinned endpoints")?;
     let local_addrs = dp
@@ -262,6 +313,8 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         pending: 0,
         missing: Vec::new(),
         flow_log,
+        flow_entries: BTreeMap::new(),
+        flow_counted: None,
     };
 
     let mut tick = tokio::time::interval(agent.cfg.poll);
@@ -901,7 +954,40 @@ impl Agent {
         }
     }
 
+    /// Each endpoint's flow-table pressure: entries it holds, and its
+    /// share's admitted, refused and reclaimed counts.
+    fn quota_rows(&mut self) -> (Vec<crate::metrics::QuotaRow>, u64) {
+        if self
+            .flow_counted
+            .is_none_or(|t| t.elapsed() >= FLOW_COUNT_EVERY)
+        {
+            self.flow_counted = Some(Instant::now());
+            match self.dp.flow_entries() {
+                Ok(e) => self.flow_entries = e,
+                Err(e) => tracing::warn!("counting flow entries: {e}"),
+            }
+        }
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n as u64);
+        let share = self.dp.quota().map_or(0, |q| q.slots_per_cpu as u64 * cpus);
+        let states = self.dp.quota_states().unwrap_or_default();
+        let rows = self
+            .endpoints
+            .keys()
+            .map(|ifindex| crate::metrics::QuotaRow {
+                endpoint: self
+                    .names
+                    .endpoints
+                    .get(ifindex)
+                    .map_or_else(|| format!("ifindex/{ifindex}"), |p| p.to_string()),
+                entries: self.flow_entries.get(ifindex).copied().unwrap_or(0),
+                state: states.get(ifindex).copied().unwrap_or_default(),
+            })
+            .collect();
+        (rows, share)
+    }
+
     fn write_status(&mut self) {
+        let (quota_rows, share) = self.quota_rows();
         let counters = self.dp.counters().unwrap_or_default();
         let mut named = BTreeMap::new();
         for dir in [DIR_INGRESS, DIR_EGRESS] {
@@ -964,6 +1050,7 @@ impl Agent {
             sh.metrics
                 .set_map("policy", self.applied.policy.len(), sizes.policy);
             sh.metrics.endpoints.set(self.endpoints.len() as i64);
+            sh.metrics.observe_quota(&quota_rows, share);
             sh.metrics.pending_endpoints.set(self.pending as i64);
             sh.metrics.generation.set(self.generation as i64);
             sh.metrics.source_errors.set(self.errors.len() as i64);
@@ -1028,5 +1115,28 @@ mod tests {
         assert_eq!(run(&[], &compiled).0, 0);
         // The pod is deleted: removed.
         assert_eq!(run(&[10], &BTreeMap::new()).0, 0);
+    }
+
+    #[test]
+    fn default_shares_fit_in_the_flow_table_with_the_lru_slack() {
+        for cpus in [1, 2, 8, 64] {
+            for max_pods in [1, 110, 250] {
+                let flows = netpol_common::sizes::FLOWS;
+                let q = flow_quota(flows, max_pods, None, cpus);
+                assert!(q.slots_per_cpu >= 1);
+                let all = q.slots_per_cpu as u64 * cpus as u64 * max_pods as u64;
+                assert!(
+                    all + (LRU_SLACK_PER_CPU * cpus) as u64 <= flows as u64,
+                    "{cpus} CPUs, {max_pods} pods: {all} entries in shares"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_explicit_share_is_split_over_the_cpus_and_zero_turns_shares_off() {
+        assert_eq!(flow_quota(1 << 20, 110, Some(64), 2).slots_per_cpu, 32);
+        assert_eq!(flow_quota(1 << 20, 110, Some(1), 4).slots_per_cpu, 1);
+        assert_eq!(flow_quota(1 << 20, 110, Some(0), 4).slots_per_cpu, 0);
     }
 }

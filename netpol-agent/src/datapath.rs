@@ -12,7 +12,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::{
         LinkOrder, SchedClassifier, SkLookup, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -20,8 +20,8 @@ use aya::{
     },
 };
 use netpol_common::{
-    COUNTER_SLOTS, ConfigValue, EndpointValue, LocalKey, PeerValue, PolicyKey, PolicyValue,
-    map_names, prog_names,
+    COUNTER_SLOTS, ConfigValue, EndpointValue, FlowKey, FlowValue, LocalKey, PeerValue, PolicyKey,
+    PolicyValue, QuotaConfig, QuotaSlotKey, QuotaState, map_names, prog_names,
 };
 
 use crate::pins::{Hook, Pins};
@@ -144,6 +144,9 @@ fn expected_layout(map: &str) -> Option<(u32, u32)> {
         map_names::DEFER_V4 => sz(4 + 4, 4),
         map_names::DEFER_V6 => sz(4 + 16, 4),
         map_names::SLOTS => sz(4, 4),
+        map_names::QUOTA_CONFIG => sz(4, size_of::<QuotaConfig>()),
+        map_names::QUOTA_SLOTS => sz(size_of::<QuotaSlotKey>(), size_of::<FlowKey>()),
+        map_names::QUOTA_STATE => sz(4, size_of::<QuotaState>()),
         _ => None, // the ring buffer has no key or value
     }
 }
@@ -197,7 +200,10 @@ impl Datapath {
             .map_max_entries(map_names::FLOWS, sizes.flows)
             .map_max_entries(map_names::FRAGS, sizes.frags)
             .map_max_entries(map_names::EVENTS, sizes.events_bytes)
-            .map_max_entries(map_names::LOCAL_ADDRS, sizes.endpoints.saturating_mul(2));
+            .map_max_entries(map_names::LOCAL_ADDRS, sizes.endpoints.saturating_mul(2))
+            // Every share's slots fit in as many entries as the flow table.
+            .map_max_entries(map_names::QUOTA_SLOTS, sizes.flows)
+            .map_max_entries(map_names::QUOTA_STATE, sizes.endpoints);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for hook in Hook::TC {
             let name = hook.program();
@@ -526,7 +532,8 @@ impl Datapath {
         match self.endpoints()?.remove(&ifindex) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(map_names::ENDPOINTS)(e)),
-        }
+        }?;
+        self.remove_quota(ifindex)
     }
 
     pub fn set_peer_v4(&mut self, addr: Ipv4Addr, prefix: u8, v: PeerValue) -> Result<()> {
@@ -655,6 +662,79 @@ impl Datapath {
         for kv in m.iter() {
             let (k, v) = kv.map_err(map_err(map_names::ENDPOINTS))?;
             out.insert(k, v);
+        }
+        Ok(out)
+    }
+
+    /// Set the flow-table share (`slots_per_cpu` entries per endpoint and
+    /// CPU; 0 = no shares).
+    pub fn set_quota(&mut self, v: QuotaConfig) -> Result<()> {
+        let mut m: Array<_, QuotaConfig> =
+            Array::try_from(self.ebpf.map_mut(map_names::QUOTA_CONFIG).expect("map"))
+                .map_err(map_err(map_names::QUOTA_CONFIG))?;
+        m.set(0, v, 0).map_err(map_err(map_names::QUOTA_CONFIG))
+    }
+
+    pub fn quota(&mut self) -> Result<QuotaConfig> {
+        let m: Array<_, QuotaConfig> =
+            Array::try_from(self.ebpf.map(map_names::QUOTA_CONFIG).expect("map"))
+                .map_err(map_err(map_names::QUOTA_CONFIG))?;
+        m.get(&0, 0).map_err(map_err(map_names::QUOTA_CONFIG))
+    }
+
+    /// Forget an endpoint's slot rings and counters (the endpoint is gone; a
+    /// pod that gets its ifindex later starts with a free share).
+    fn remove_quota(&mut self, ifindex: u32) -> Result<()> {
+        let slots = self.quota()?.slots_per_cpu;
+        let cpus = aya::util::nr_cpus().unwrap_or(1) as u32;
+        {
+            let mut m: HashMap<_, QuotaSlotKey, FlowKey> =
+                HashMap::try_from(self.ebpf.map_mut(map_names::QUOTA_SLOTS).expect("map"))
+                    .map_err(map_err(map_names::QUOTA_SLOTS))?;
+            for cpu in 0..cpus {
+                for slot in 0..slots {
+                    ignore_missing(
+                        m.remove(&QuotaSlotKey::new(ifindex, cpu, slot)),
+                        map_names::QUOTA_SLOTS,
+                    )?;
+                }
+            }
+        }
+        let mut m: PerCpuHashMap<_, u32, QuotaState> =
+            PerCpuHashMap::try_from(self.ebpf.map_mut(map_names::QUOTA_STATE).expect("map"))
+                .map_err(map_err(map_names::QUOTA_STATE))?;
+        ignore_missing(m.remove(&ifindex), map_names::QUOTA_STATE)
+    }
+
+    /// Each endpoint's share accounting, summed over CPUs, by ifindex.
+    pub fn quota_states(&mut self) -> Result<std::collections::BTreeMap<u32, QuotaState>> {
+        let m: PerCpuHashMap<_, u32, QuotaState> =
+            PerCpuHashMap::try_from(self.ebpf.map(map_names::QUOTA_STATE).expect("map"))
+                .map_err(map_err(map_names::QUOTA_STATE))?;
+        let mut out = std::collections::BTreeMap::new();
+        for kv in m.iter() {
+            let (ifindex, per_cpu) = kv.map_err(map_err(map_names::QUOTA_STATE))?;
+            let mut sum = QuotaState::default();
+            for s in per_cpu.iter() {
+                sum.admitted += s.admitted;
+                sum.refused += s.refused;
+                sum.reclaimed_gone += s.reclaimed_gone;
+                sum.reclaimed_expired += s.reclaimed_expired;
+            }
+            out.insert(ifindex, sum);
+        }
+        Ok(out)
+    }
+
+    /// Flow entries per endpoint (ifindex), counted in the flow table itself.
+    pub fn flow_entries(&mut self) -> Result<std::collections::BTreeMap<u32, u64>> {
+        let m: HashMap<_, FlowKey, FlowValue> =
+            HashMap::try_from(self.ebpf.map(map_names::FLOWS).expect("map"))
+                .map_err(map_err(map_names::FLOWS))?;
+        let mut out = std::collections::BTreeMap::new();
+        for k in m.keys() {
+            let k = k.map_err(map_err(map_names::FLOWS))?;
+            *out.entry(k.ifindex).or_insert(0) += 1;
         }
         Ok(out)
     }

@@ -138,6 +138,14 @@ struct RunArgs {
     max_policy: u32,
     #[arg(long, default_value_t = netpol_common::sizes::FLOWS)]
     max_flows: u32,
+    /// Flow-table entries one pod may hold (0: no shares); a new flow beyond
+    /// it is dropped as `flow_quota` rather than evict another pod's flow.
+    /// Default: the flow table split over --max-pods.
+    #[arg(long)]
+    flows_per_endpoint: Option<u32>,
+    /// Pods this node may run (kubelet's maxPods), for the default share.
+    #[arg(long, default_value_t = 110)]
+    max_pods: u32,
 }
 
 fn main() -> Result<()> {
@@ -195,6 +203,8 @@ fn main() -> Result<()> {
                 service_cidrs: a.service_cidr.clone(),
                 reconcile: std::time::Duration::from_secs(a.reconcile_secs.max(1)),
                 veth_prefixes: a.veth_prefixes,
+                flows_per_endpoint: a.flows_per_endpoint,
+                max_pods: a.max_pods,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -31,9 +31,27 @@ pub struct Metrics {
     pub source_errors: Gauge,
     /// API connections refused, by listener and reason.
     pub api_refused: Family<Labels, Counter>,
+    /// Flow-table entries each endpoint holds, and its share.
+    pub flow_entries: Family<Labels, Gauge>,
+    pub flow_share: Gauge,
+    /// Each endpoint's share accounting (admitted, refused, reclaimed).
+    pub flow_quota: Family<Labels, Counter>,
     /// Last value seen of each kernel counter slot (the kernel counts; we
     /// add the difference).
     last_counters: Vec<u64>,
+    /// Last share counts seen, by (endpoint, outcome).
+    last_quota: std::collections::BTreeMap<(String, &'static str), u64>,
+}
+
+/// One endpoint's flow-table pressure.
+#[derive(Clone, Debug)]
+pub struct QuotaRow {
+    /// `namespace/pod`.
+    pub endpoint: String,
+    /// Entries it holds in the flow table.
+    pub entries: u64,
+    /// Its share accounting, summed over CPUs.
+    pub state: netpol_common::QuotaState,
 }
 
 impl Default for Metrics {
@@ -65,6 +83,10 @@ impl Metrics {
             source_errors: Gauge::default(),
             api_refused: Family::default(),
             last_counters: Vec::new(),
+            flow_entries: Family::default(),
+            flow_share: Gauge::default(),
+            flow_quota: Family::default(),
+            last_quota: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -128,7 +150,69 @@ impl Metrics {
             "API requests refused: too large, too slow (timeout), malformed, or over the connection limit (busy)",
             m.api_refused.clone(),
         );
+        registry.register(
+            "flow_entries",
+            "Flow-table entries each local pod holds",
+            m.flow_entries.clone(),
+        );
+        registry.register(
+            "flow_share",
+            "Flow-table entries one pod may hold (0: no shares)",
+            m.flow_share.clone(),
+        );
+        registry.register(
+            "flow_quota",
+            "New flows by pod and outcome of its share: admitted, refused (dropped as flow_quota), \
+             reclaimed_gone (a slot whose flow had left the table) and reclaimed_expired \
+             (a slot whose flow was idle past its timeout)",
+            m.flow_quota.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Fold in each endpoint's flow-table pressure. Endpoints no longer
+    /// listed lose their entries gauge.
+    pub fn observe_quota(&mut self, rows: &[QuotaRow], share: u64) {
+        self.flow_share.set(share as i64);
+        let listed: std::collections::BTreeSet<&str> =
+            rows.iter().map(|r| r.endpoint.as_str()).collect();
+        let gone: std::collections::BTreeSet<String> = self
+            .last_quota
+            .keys()
+            .filter(|(e, _)| !listed.contains(e.as_str()))
+            .map(|(e, _)| e.clone())
+            .collect();
+        for e in gone {
+            self.flow_entries.remove(&vec![("endpoint".into(), e)]);
+        }
+        self.last_quota
+            .retain(|(e, _), _| listed.contains(e.as_str()));
+        for r in rows {
+            self.flow_entries
+                .get_or_create(&vec![("endpoint".into(), r.endpoint.clone())])
+                .set(r.entries as i64);
+            for (outcome, v) in [
+                ("admitted", r.state.admitted),
+                ("refused", r.state.refused),
+                ("reclaimed_gone", r.state.reclaimed_gone),
+                ("reclaimed_expired", r.state.reclaimed_expired),
+            ] {
+                let last = self
+                    .last_quota
+                    .entry((r.endpoint.clone(), outcome))
+                    .or_insert(0);
+                // A pod whose state was reset (removed, then a new pod on the
+                // ifindex) counts from zero again.
+                let d = v.saturating_sub(*last);
+                *last = v;
+                self.flow_quota
+                    .get_or_create(&vec![
+                        ("endpoint".into(), r.endpoint.clone()),
+                        ("outcome".into(), outcome.into()),
+                    ])
+                    .inc_by(d);
+            }
+        }
     }
 
     /// Fold in the kernel's counters (summed over CPUs, indexed by
@@ -235,6 +319,37 @@ mod tests {
         assert!(
             text.contains(r#"netpol_map_capacity{map="policy"} 100"#),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn flow_table_pressure_is_exported_per_pod() {
+        let mut m = Metrics::new();
+        let row = |refused| QuotaRow {
+            endpoint: "y/c".into(),
+            entries: 64,
+            state: QuotaState {
+                admitted: 64,
+                refused,
+                ..QuotaState::default()
+            },
+        };
+        m.observe_quota(&[row(500)], 64);
+        m.observe_quota(&[row(576)], 64);
+        let text = m.render();
+        for want in [
+            r#"netpol_flow_quota_total{endpoint="y/c",outcome="refused"} 576"#,
+            r#"netpol_flow_quota_total{endpoint="y/c",outcome="admitted"} 64"#,
+            r#"netpol_flow_entries{endpoint="y/c"} 64"#,
+            "netpol_flow_share 64",
+        ] {
+            assert!(text.contains(want), "{want} missing:\n{text}");
+        }
+        // The pod is gone: its entries gauge goes with it.
+        m.observe_quota(&[], 64);
+        assert!(
+            !m.render()
+                .contains(r#"netpol_flow_entries{endpoint="y/c"}"#)
         );
     }
 }

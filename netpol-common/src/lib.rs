@@ -47,7 +47,10 @@ pub mod map_names {
     pub const DEFER_V4: &str = "NETPOL_DEFER_V4";
     pub const DEFER_V6: &str = "NETPOL_DEFER_V6";
     pub const SLOTS: &str = "NETPOL_SLOTS";
-    pub const ALL: [&str; 14] = [
+    pub const QUOTA_CONFIG: &str = "NETPOL_QUOTA_CONFIG";
+    pub const QUOTA_SLOTS: &str = "NETPOL_QUOTA_SLOTS";
+    pub const QUOTA_STATE: &str = "NETPOL_QUOTA_STATE";
+    pub const ALL: [&str; 17] = [
         ENDPOINTS,
         PEERS_V4,
         PEERS_V6,
@@ -62,6 +65,9 @@ pub mod map_names {
         DEFER_V4,
         DEFER_V6,
         SLOTS,
+        QUOTA_CONFIG,
+        QUOTA_SLOTS,
+        QUOTA_STATE,
     ];
 }
 
@@ -707,4 +713,80 @@ mod tests {
             assert_eq!(ip_from(f, &b), ip);
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Flow-table shares: NETPOL_QUOTA_CONFIG, NETPOL_QUOTA_SLOTS and
+// NETPOL_QUOTA_STATE (see `netpol-ebpf/src/quota.rs` for why there is no
+// per-endpoint count that could drift).
+//
+// Every endpoint owns, on each CPU, a ring of `slots_per_cpu` slots. A new
+// flow entry is only created after it claimed a slot on the CPU that creates
+// it; a slot is free when the flow it names is no longer in NETPOL_FLOWS (or
+// is there but idle past its timeout). So an endpoint holds at most
+// `slots_per_cpu` entries per CPU, and never needs to evict another's.
+// ---------------------------------------------------------------------------
+
+/// Value of NETPOL_QUOTA_CONFIG (array of one). Written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QuotaConfig {
+    /// Flow entries one endpoint may create per CPU; 0 = no shares (the
+    /// shared LRU alone, as before).
+    pub slots_per_cpu: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<QuotaConfig>() == 8);
+
+/// Key of NETPOL_QUOTA_SLOTS: one slot of one endpoint's ring on one CPU.
+/// The value is the `FlowKey` of the flow that last claimed the slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QuotaSlotKey {
+    /// Host-side veth ifindex of the endpoint.
+    pub ifindex: u32,
+    /// `bpf_get_smp_processor_id()` of the CPU whose ring this is: only that
+    /// CPU writes it, so claims never race.
+    pub cpu: u32,
+    /// `0 .. slots_per_cpu`.
+    pub slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<QuotaSlotKey>() == 12);
+
+impl QuotaSlotKey {
+    pub const fn new(ifindex: u32, cpu: u32, slot: u32) -> Self {
+        Self { ifindex, cpu, slot }
+    }
+}
+
+/// Per-CPU value of NETPOL_QUOTA_STATE, keyed by endpoint ifindex: the ring's
+/// cursor and what happened on this CPU. Written by the datapath; the agent
+/// sums the counters over CPUs for its metrics. The counters only ever grow
+/// (events, not a level), so they cannot drift either.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QuotaState {
+    /// Next slot to try (modulo `slots_per_cpu`).
+    pub cursor: u32,
+    pub _pad: u32,
+    /// New flows that claimed a slot.
+    pub admitted: u64,
+    /// New flows refused: every slot tried named a live flow.
+    pub refused: u64,
+    /// Slots reclaimed because their flow was gone from NETPOL_FLOWS (closed,
+    /// expired on its own packet, revoked, or evicted by the LRU).
+    pub reclaimed_gone: u64,
+    /// Slots reclaimed because their flow was idle past its timeout (the
+    /// datapath removed the entry then).
+    pub reclaimed_expired: u64,
+}
+const _: () = assert!(core::mem::size_of::<QuotaState>() == 40);
+
+#[cfg(feature = "user")]
+mod quota_user {
+    use super::*;
+    // SAFETY: `#[repr(C)]`, integers only, explicit padding.
+    unsafe impl aya::Pod for QuotaConfig {}
+    unsafe impl aya::Pod for QuotaSlotKey {}
+    unsafe impl aya::Pod for QuotaState {}
 }

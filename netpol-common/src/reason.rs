@@ -82,8 +82,17 @@ pub const REASON_DEFERRED: u8 = 26;
 /// NetworkPolicy does not apply to it. Passes.
 pub const REASON_NODE_TRAFFIC: u8 = 27;
 
+// 28 and 29 are left free: the flow-quota work took 30 while 26..=29 were
+// reserved for the Service work.
+
+/// An allowed packet that would open a flow entry while its endpoint already
+/// holds its whole share of the flow table (`NETPOL_QUOTA_*`, see
+/// `netpol-ebpf/src/quota.rs`): dropped, so that one pod's flows never evict
+/// another pod's.
+pub const REASON_FLOW_QUOTA: u8 = 30;
+
 /// Number of reasons defined so far.
-pub const REASON_COUNT: u8 = 28;
+pub const REASON_COUNT: u8 = 31;
 
 /// Stable, metric-friendly name of a reason.
 pub const fn reason_name(reason: u8) -> &'static str {
@@ -116,6 +125,7 @@ pub const fn reason_name(reason: u8) -> &'static str {
         REASON_ND_INVALID => "nd_invalid",
         REASON_DEFERRED => "deferred",
         REASON_NODE_TRAFFIC => "node_traffic",
+        REASON_FLOW_QUOTA => "flow_quota",
         _ => "unknown",
     }
 }

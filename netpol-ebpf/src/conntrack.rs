@@ -677,7 +677,7 @@ fn related_error(
 
 /// The idle timeout of a flow entry: by protocol, and short once closing.
 #[inline(always)]
-fn idle_timeout_ns(f: &FlowValue, protocol: u8, cfg: &ConfigValue) -> u64 {
+pub(crate) fn idle_timeout_ns(f: &FlowValue, protocol: u8, cfg: &ConfigValue) -> u64 {
     let or = |v: u32, default: u32| if v == 0 { default } else { v };
     let secs = if protocol == PROTO_TCP {
         if f.state == FLOW_S_CLOSING {
@@ -829,6 +829,9 @@ fn new_flow(
     {
         return Ok(Verdict::Drop);
     }
+    // The endpoint's share of the flow table (quota.rs): a packet that would
+    // open an entry beyond it is refused, never another pod's flow evicted.
+    let (verdict, reason) = crate::quota::gate(&s.key, &s.pkt, verdict, reason, &cfg);
     if reason != REASON_DEFERRED && (verdict != VERDICT_ALLOW || cfg.flags & CFG_F_LOG_ALLOWED != 0)
     {
         send_event(

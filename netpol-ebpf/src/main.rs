@@ -31,6 +31,8 @@ mod maps;
 mod parse;
 #[cfg(target_arch = "bpf")]
 mod policy;
+#[cfg(target_arch = "bpf")]
+mod quota;
 
 #[cfg(target_arch = "bpf")]
 mod programs {

@@ -92,3 +92,31 @@ pub static NETPOL_DEFER_V6: LpmTrie<[u8; 16], u32, { sizes::DEFER_V6 as usize }>
 /// Written by the agent (before the endpoint that uses the slot).
 #[btf_map]
 pub static NETPOL_SLOTS: Array<u32, { netpol_common::SLOTS as usize }> = Array::new();
+/// Flow-table shares: how many entries an endpoint may create per CPU
+/// (`netpol_common::QuotaConfig`, 0 = off). Written by the agent.
+#[btf_map]
+pub static NETPOL_QUOTA_CONFIG: Array<netpol_common::QuotaConfig, 1> = Array::new();
+
+/// Each endpoint's per-CPU ring of flow slots: (ifindex, cpu, slot) -> the
+/// `FlowKey` that last claimed the slot. Written by the datapath (each ring
+/// only by its CPU), on the new-flow path only; the agent removes an
+/// endpoint's rings when the endpoint goes. Preallocated, like the flow
+/// table: claiming a slot takes no allocation on the packet path (without
+/// it, the datapath benchmark's new flow cost twice as much). See
+/// `quota.rs`.
+#[btf_map]
+pub static NETPOL_QUOTA_SLOTS: HashMap<
+    netpol_common::QuotaSlotKey,
+    FlowKey,
+    { sizes::FLOWS as usize },
+> = HashMap::new();
+
+/// Per endpoint (ifindex), per CPU: the ring cursor and the admitted,
+/// refused and reclaimed counts (`netpol_common::QuotaState`). Written by the
+/// datapath, read by the agent for its metrics.
+#[btf_map]
+pub static NETPOL_QUOTA_STATE: aya_ebpf::btf_maps::PerCpuHashMap<
+    u32,
+    netpol_common::QuotaState,
+    { sizes::ENDPOINTS as usize },
+> = aya_ebpf::btf_maps::PerCpuHashMap::new();

@@ -61,6 +61,11 @@ struct Args {
     /// Skip the second pass with `kernel.bpf_stats_enabled` on.
     #[arg(long)]
     no_kernel_stats: bool,
+    /// Flow-table share of the endpoint, in entries per CPU (0: no shares,
+    /// the default). To measure the new-flow path with shares on, give at
+    /// least `--flows` so that every new flow is admitted.
+    #[arg(long, default_value_t = 0)]
+    slots_per_cpu: u32,
 }
 
 /// The endpoint under test is keyed by ifindex 1: `BPF_PROG_TEST_RUN` runs
@@ -136,6 +141,9 @@ fn load(compiled: &Compiled) -> Result<Ebpf> {
 }
 
 /// The object with the compiled maps, `endpoint` as the pod on `IFINDEX`.
+/// `--slots-per-cpu`, for every object the benchmark loads.
+static SLOTS_PER_CPU: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 fn load_for(compiled: &Compiled, endpoint: &netpol_agent::model::PodRef) -> Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(map_names::FLOWS, 1 << 20)
@@ -185,6 +193,18 @@ fn load_for(compiled: &Compiled, endpoint: &netpol_agent::model::PodRef) -> Resu
             Array::try_from(ebpf.map_mut(map_names::CONFIG).expect("map"))?;
         // Events off: the benchmark measures the verdict, not the ring buffer.
         m.set(0, ConfigValue::default(), 0)?;
+    }
+    {
+        let mut m: Array<_, netpol_common::QuotaConfig> =
+            Array::try_from(ebpf.map_mut(map_names::QUOTA_CONFIG).expect("map"))?;
+        m.set(
+            0,
+            netpol_common::QuotaConfig {
+                slots_per_cpu: SLOTS_PER_CPU.load(std::sync::atomic::Ordering::Relaxed),
+                _pad: 0,
+            },
+            0,
+        )?;
     }
     Ok(ebpf)
 }
@@ -377,6 +397,7 @@ fn measure(args: &Args, n: usize, v6: bool) -> Result<Row> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    SLOTS_PER_CPU.store(args.slots_per_cpu, std::sync::atomic::Ordering::Relaxed);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the datapath benchmark runs eBPF programs: run it as root");
