@@ -47,6 +47,7 @@
 //! benchmarks that want a large cluster.)
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -179,13 +180,32 @@ pub struct Pair {
     pub server: PodState,
     pub client_node: NodeState,
     pub server_node: NodeState,
+    /// Clients dial this ClusterIP (of a Service for nginx's port in the
+    /// server pod; kube-proxy translates it) instead of the pod's address.
+    pub service_ip: Option<IpAddr>,
 }
 
 impl Pair {
-    /// nginx in the server pod.
+    /// nginx in the server pod: its address, or its Service's ClusterIP.
     pub fn http_addr(&self) -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(self.server.ip_v4), HTTP_PORT)
+        SocketAddr::new(
+            self.service_ip.unwrap_or(IpAddr::V4(self.server.ip_v4)),
+            HTTP_PORT,
+        )
     }
+}
+
+/// How clients reach servers, and what else is enforced.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LabOptions {
+    /// Through each server's Service (a control plane with kube-proxy in
+    /// iptables mode), not its pod address.
+    pub via_service: bool,
+    /// One more policy isolates the netpol (and peer) clients for egress,
+    /// allowing TCP to the servers' HTTP port: netpol then judges each new
+    /// connection's egress too (after kube-proxy's DNAT when dialled through
+    /// a Service). Part of every policy count but 0.
+    pub client_egress: bool,
 }
 
 /// How long applying `n` policies took.
@@ -205,6 +225,10 @@ pub struct PolicyTimes {
 /// The lab, its agents and nginx servers; everything goes when dropped.
 #[derive(Debug)]
 pub struct BenchLab {
+    pub options: LabOptions,
+    /// With [`LabOptions::via_service`]: each mode's server Service's IPv4
+    /// ClusterIP (port `HTTP_PORT`).
+    service_ips: BTreeMap<Mode, IpAddr>,
     // Dropped in this order: servers, agents, floor links, then the lab
     // (namespaces).
     nginx: Vec<Nginx>,
@@ -328,6 +352,17 @@ impl BenchLab {
         lab_bin: &Path,
         backend: iptables::Backend,
     ) -> Result<BenchLab> {
+        Self::up_with(name, modes, lab_bin, backend, LabOptions::default())
+    }
+
+    /// [`BenchLab::up`] with [`LabOptions`].
+    pub fn up_with(
+        name: &str,
+        modes: &[Mode],
+        lab_bin: &Path,
+        backend: iptables::Backend,
+        options: LabOptions,
+    ) -> Result<BenchLab> {
         let spec = spec(name, modes)?;
         let _ = netpol_lab::down(name);
         netpol_lab::agents::remove_agent_pins(name);
@@ -335,16 +370,24 @@ impl BenchLab {
             &spec,
             &UpOptions {
                 server_exe: Some(lab_bin.to_path_buf()),
-                control_plane: modes.contains(&Mode::Peer).then(|| ControlPlaneSpec {
-                    proxy_mode: ProxyMode::None,
-                    dns: false,
-                    ..ControlPlaneSpec::default()
+                control_plane: (modes.contains(&Mode::Peer) || options.via_service).then(|| {
+                    ControlPlaneSpec {
+                        proxy_mode: if options.via_service {
+                            ProxyMode::Iptables
+                        } else {
+                            ProxyMode::None
+                        },
+                        dns: false,
+                        ..ControlPlaneSpec::default()
+                    }
                 }),
                 ..UpOptions::default()
             },
         )
         .map_err(|e| anyhow!("lab up: {e}"))?;
         let mut lab = BenchLab {
+            options,
+            service_ips: BTreeMap::new(),
             nginx: Vec::new(),
             agents: Vec::new(),
             floor: Vec::new(),
@@ -356,6 +399,24 @@ impl BenchLab {
             policies: 0,
             unsupported: Vec::new(),
         };
+        if options.via_service {
+            for &m in modes {
+                let server = pod_name(m, true);
+                let svc = netpol_lab::services::create_service(
+                    &lab.lab,
+                    NAMESPACE,
+                    &format!("http-{server}"),
+                    &BTreeMap::from([("app".to_string(), server.clone())]),
+                    &[(HTTP_PORT, Protocol::Tcp)],
+                    netpol_lab::services::ServiceType::ClusterIp,
+                )
+                .map_err(|e| anyhow!("the Service of {server}: {e}"))?;
+                let ip = svc
+                    .cluster_ip(netpol_lab::Family::V4)
+                    .ok_or_else(|| anyhow!("the Service of {server} has no IPv4 ClusterIP"))?;
+                lab.service_ips.insert(m, ip);
+            }
+        }
         if modes.contains(&Mode::Floor) {
             lab.attach_floor()?;
         }
@@ -366,6 +427,28 @@ impl BenchLab {
             iptables::clear(&lab.pair(Mode::Iptables).server_node.netns_path(), backend)?;
         }
         Ok(lab)
+    }
+
+    /// The `n` bench policies, and the clients' egress policy with
+    /// [`LabOptions::client_egress`].
+    fn policy_objects(&self, n: usize) -> Vec<Value> {
+        let mut out: Vec<Value> = (0..n).map(|i| policy(i, n)).collect();
+        if self.options.client_egress && n > 0 {
+            out.push(json!({
+                "apiVersion": "networking.k8s.io/v1",
+                "kind": "NetworkPolicy",
+                "metadata": { "name": "bench-client-egress", "namespace": NAMESPACE },
+                "spec": {
+                    "podSelector": { "matchLabels": { "netpol": "client" } },
+                    "policyTypes": ["Egress"],
+                    "egress": [{
+                        "to": [{ "podSelector": { "matchLabels": { "netpol": "server" } } }],
+                        "ports": [{ "protocol": "TCP", "port": HTTP_PORT }],
+                    }],
+                },
+            }));
+        }
+        out
     }
 
     /// Loads the floor programs and attaches them to the TCX ingress and
@@ -460,6 +543,7 @@ impl BenchLab {
         let (client, server) = (pod(false), pod(true));
         Pair {
             mode,
+            service_ip: self.service_ips.get(&mode).copied(),
             client_node: self.lab.node_of(&client).clone(),
             server_node: self.lab.node_of(&server).clone(),
             client,
@@ -653,7 +737,7 @@ impl BenchLab {
                 let list = json!({
                     "apiVersion": "v1",
                     "kind": "List",
-                    "items": (0..n).map(|i| policy(i, n)).collect::<Vec<_>>(),
+                    "items": self.policy_objects(n),
                 });
                 write_atomic(&path, list.to_string().as_bytes()).map_err(|e| anyhow!("{e}"))?;
                 true
@@ -717,7 +801,7 @@ impl BenchLab {
                     )
                     .map_err(|e| anyhow!("{e}"))?;
             }
-            let objects: Vec<Value> = (0..n).map(|i| policy(i, n)).collect();
+            let objects: Vec<Value> = self.policy_objects(n);
             // One apply per 500 objects (a smaller request body, progress
             // the API server can take).
             for chunk in objects.chunks(500) {

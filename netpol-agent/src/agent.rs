@@ -90,6 +90,10 @@ pub struct Config {
 /// an eviction.
 const LRU_SLACK_PER_CPU: u32 = 256;
 
+/// The least default share per endpoint, in entries (an eighth of the table
+/// at most).
+const DEFAULT_MIN_SHARE: u32 = 16_384;
+
 /// The datapath's share setting: `per_endpoint` entries split over `cpus`
 /// (each CPU's ring is written by that CPU only, see netpol-ebpf's
 /// quota.rs), by default the flow table (less the LRU's per-CPU slack) split
@@ -102,7 +106,14 @@ pub fn flow_quota(
 ) -> netpol_common::QuotaConfig {
     let cpus = cpus.max(1);
     let per_endpoint = per_endpoint.unwrap_or_else(|| {
-        flows.saturating_sub(LRU_SLACK_PER_CPU.saturating_mul(cpus)) / max_pods.max(1)
+        let usable = flows.saturating_sub(LRU_SLACK_PER_CPU.saturating_mul(cpus));
+        // An equal split is a few thousand entries per pod: a busy client
+        // (80 new connections a second, each live 10 s after its FIN, two
+        // entries through a Service) fills it and has its SYNs refused. The
+        // default guarantees what matters, that no one pod takes more than
+        // an eighth of the table (so one flooding pod never evicts another's
+        // flows), and gives each pod at least DEFAULT_MIN_SHARE.
+        (usable / max_pods.max(1)).max(DEFAULT_MIN_SHARE.min(usable / 8))
     });
     netpol_common::QuotaConfig {
         slots_per_cpu: if per_endpoint == 0 {
@@ -1118,19 +1129,34 @@ mod tests {
     }
 
     #[test]
-    fn default_shares_fit_in_the_flow_table_with_the_lru_slack() {
+    fn default_shares_keep_a_pod_to_an_eighth_and_a_busy_pod_out_of_refusals() {
         for cpus in [1, 2, 8, 64] {
             for max_pods in [1, 110, 250] {
                 let flows = netpol_common::sizes::FLOWS;
+                let usable = flows - LRU_SLACK_PER_CPU * cpus;
                 let q = flow_quota(flows, max_pods, None, cpus);
                 assert!(q.slots_per_cpu >= 1);
-                let all = q.slots_per_cpu as u64 * cpus as u64 * max_pods as u64;
+                let share = q.slots_per_cpu * cpus;
+                // At least the equal split, and at least the minimum share
+                // (an eighth of the table at most).
                 assert!(
-                    all + (LRU_SLACK_PER_CPU * cpus) as u64 <= flows as u64,
-                    "{cpus} CPUs, {max_pods} pods: {all} entries in shares"
+                    share + cpus > usable / max_pods,
+                    "{cpus}/{max_pods}: {share}"
                 );
+                assert!(
+                    share + cpus > DEFAULT_MIN_SHARE.min(usable / 8),
+                    "{cpus}/{max_pods}: {share}"
+                );
+                // No more than an eighth of the table, unless fewer than
+                // eight pods split it.
+                if max_pods >= 8 {
+                    assert!(share <= usable / 8, "{cpus}/{max_pods}: {share}");
+                }
             }
         }
+        // An explicit share is taken as given; 0 turns shares off.
+        assert_eq!(flow_quota(1 << 18, 110, Some(4000), 2).slots_per_cpu, 2000);
+        assert_eq!(flow_quota(1 << 18, 110, Some(0), 2).slots_per_cpu, 0);
     }
 
     #[test]

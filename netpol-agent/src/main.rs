@@ -140,7 +140,8 @@ struct RunArgs {
     max_flows: u32,
     /// Flow-table entries one pod may hold (0: no shares); a new flow beyond
     /// it is dropped as `flow_quota` rather than evict another pod's flow.
-    /// Default: the flow table split over --max-pods.
+    /// Default: the flow table split over --max-pods, but at least 16,384
+    /// entries and at most an eighth of the table.
     #[arg(long)]
     flows_per_endpoint: Option<u32>,
     /// Pods this node may run (kubelet's maxPods), for the default share.

@@ -98,6 +98,17 @@ struct Args {
     /// nginx worker processes.
     #[arg(long, default_value_t = 1)]
     nginx_workers: usize,
+    /// How clients reach the server: `pod` (its address) or `service` (its
+    /// Service's ClusterIP, through kube-proxy in iptables mode, in a lab
+    /// with a control plane). `service` implies `--client-egress`.
+    #[arg(long, value_enum, default_value = "pod")]
+    via: Via,
+    /// One more policy isolates the clients for egress (allowing TCP to the
+    /// servers' HTTP port), so netpol judges each connection's egress too:
+    /// after kube-proxy's DNAT with `--via service`, on the client's veth
+    /// with `--via pod`. Compare the two runs for the post-DNAT verdict's cost.
+    #[arg(long)]
+    client_egress: bool,
     #[command(flatten)]
     bins: Binaries,
     /// Lab name.
@@ -109,6 +120,12 @@ struct Args {
     /// Write the overhead plot (SVG) here.
     #[arg(long)]
     svg: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Via {
+    Pod,
+    Service,
 }
 
 #[derive(Serialize)]
@@ -340,7 +357,24 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let mut setup = BTreeMap::new();
 
-    let mut lab = BenchLab::up(&args.lab, &modes, &lab_bin, args.iptables_backend)?;
+    let options = netpol_benches::benchlab::LabOptions {
+        via_service: args.via == Via::Service,
+        client_egress: args.client_egress || args.via == Via::Service,
+    };
+    println!(
+        "  clients dial the server's {}{}",
+        if options.via_service {
+            "Service ClusterIP (kube-proxy iptables mode)"
+        } else {
+            "pod address"
+        },
+        if options.client_egress {
+            "; one more policy isolates the clients for egress (allowing TCP to the servers' HTTP port)"
+        } else {
+            ""
+        }
+    );
+    let mut lab = BenchLab::up_with(&args.lab, &modes, &lab_bin, args.iptables_backend, options)?;
     setup.insert("lab_up_secs".to_string(), started.elapsed().as_secs_f64());
     let mut unsupported = BTreeMap::new();
     if modes.contains(&Mode::Peer) {
