@@ -450,6 +450,13 @@ fn keep_endpoints_on_transient_miss(
     kept
 }
 
+/// Whether this network namespace has an interface `ifindex` right now.
+fn interface_exists(ifindex: u32) -> bool {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `name` has IF_NAMESIZE bytes, as if_indextoname(3) requires.
+    !unsafe { libc::if_indextoname(ifindex, name.as_mut_ptr()) }.is_null()
+}
+
 /// The lowest slot no veth holds.
 fn free_slot(slots: &BTreeMap<u32, u16>) -> Option<u16> {
     let used: BTreeSet<u16> = slots.values().copied().collect();
@@ -529,7 +536,9 @@ impl Agent {
             }
         }
         for ifindex in self.dp.attached_post_nat() {
-            if !devices.contains_key(&ifindex) {
+            if !devices.contains_key(&ifindex)
+                && (view.veths.contains_key(&ifindex) || !interface_exists(ifindex))
+            {
                 self.dp.detach_post_nat(ifindex);
                 self.post_nat_this_run.remove(&ifindex);
             }
@@ -811,8 +820,15 @@ impl Agent {
                 self.endpoints.remove(&ifindex);
             }
         }
+        // Links go with their veth, or when the veth is no pod's. A veth
+        // that appeared after this sync read the node (a CNI plugin pinned
+        // its links meanwhile) is in neither list: it keeps them.
         for ifindex in self.dp.attached() {
-            if !pod_like.contains(&ifindex) {
+            let stale = match view.veths.get(&ifindex) {
+                Some(_) => !pod_like.contains(&ifindex),
+                None => !interface_exists(ifindex),
+            };
+            if stale {
                 self.dp.detach(ifindex);
                 self.attached_this_run.remove(&ifindex);
             }
