@@ -871,20 +871,7 @@ fn new_flow(
         // packet is decided again as a new flow (a reply of an evicted flow
         // is then judged as traffic of its own: fail closed).
         let v = &mut s.value;
-        v.created_ns = now;
-        v.last_seen_ns = now;
-        v.packets_from_pod = 0;
-        v.bytes_from_pod = 0;
-        v.packets_to_pod = 0;
-        v.bytes_to_pod = 0;
-        v.generation = cfg.generation;
-        v.rule_id = d.rule_id;
-        v.verdict = verdict;
-        v.reason = reason;
-        v.origin = direction;
-        v.state = FLOW_S_OPEN;
-        v.sender_tag = ep.slot | SENDER_TAG;
-        v._pad = [0; 2];
+        fresh_flow(v, now, &cfg, &ep, d.rule_id, verdict, reason, direction);
         bump_flow(v, direction, len);
         // BPF_NOEXIST: a packet of the other direction that created the
         // entry a moment earlier on another CPU keeps its origin.
@@ -1125,7 +1112,33 @@ pub fn local_in(ctx: &SkLookupContext) -> u32 {
     // Recorded (replacing the veth's deferred entry for the same 5-tuple):
     // the next datagrams of a UDP flow cost one lookup here, and a policy
     // change re-decides them.
-    let v = &mut s.value;
+    fresh_flow(
+        &mut s.value,
+        now,
+        &cfg,
+        &ep,
+        d.rule_id,
+        verdict,
+        reason,
+        DIR_EGRESS,
+    );
+    let _ = NETPOL_FLOWS.insert(&s.key, &s.value, 0);
+    SK_PASS
+}
+
+/// A new flow entry of `ep`, decided now, opened in `origin`.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "flat for the verifier")]
+fn fresh_flow(
+    v: &mut FlowValue,
+    now: u64,
+    cfg: &ConfigValue,
+    ep: &EndpointValue,
+    rule_id: u32,
+    verdict: u8,
+    reason: u8,
+    origin: u8,
+) {
     v.created_ns = now;
     v.last_seen_ns = now;
     v.packets_from_pod = 0;
@@ -1133,15 +1146,13 @@ pub fn local_in(ctx: &SkLookupContext) -> u32 {
     v.packets_to_pod = 0;
     v.bytes_to_pod = 0;
     v.generation = cfg.generation;
-    v.rule_id = d.rule_id;
+    v.rule_id = rule_id;
     v.verdict = verdict;
     v.reason = reason;
-    v.origin = DIR_EGRESS;
+    v.origin = origin;
     v.state = FLOW_S_OPEN;
     v.sender_tag = ep.slot | SENDER_TAG;
     v._pad = [0; 2];
-    let _ = NETPOL_FLOWS.insert(&s.key, &s.value, 0);
-    SK_PASS
 }
 
 /// Count a packet on a flow entry. The BPF target has no atomic
