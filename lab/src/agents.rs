@@ -223,6 +223,11 @@ impl AgentProc {
         serde_json::from_str(&text).ok()
     }
 
+    /// The agent's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     /// Whether the agent exited (and how).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child

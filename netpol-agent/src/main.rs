@@ -150,9 +150,16 @@ struct RunArgs {
 }
 
 fn main() -> Result<()> {
-    // `netpol-agent status | head` must not panic on a closed pipe.
-    // SAFETY: resetting SIGPIPE to its default before any thread starts.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let cli = Cli::parse();
+    // `netpol-agent status | head` must not panic on a closed pipe: the
+    // one-shot commands die quietly of SIGPIPE, as `cat` does. The daemon
+    // keeps Rust's SIG_IGN: with SIG_DFL, a write to a socket whose peer went
+    // away (a client of the API socket that hung up, an API server that was
+    // killed mid-request) killed the agent without a word.
+    if !matches!(cli.cmd, Cmd::Run(_)) {
+        // SAFETY: resetting SIGPIPE to its default before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -161,7 +168,7 @@ fn main() -> Result<()> {
         // Colour only for a terminal: container logs and files get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match Cli::parse().cmd {
+    match cli.cmd {
         Cmd::Run(a) => {
             let source: Box<dyn netpol_agent::source::ClusterSource> =
                 match a.source.strip_prefix("dir:") {

@@ -1379,9 +1379,10 @@ fn apiserver_down_keeps_last_state_enforced() {
             down_at.elapsed()
         );
         for a in &mut agents.agents {
+            let exited = a.exited();
             assert!(
-                a.exited().is_none(),
-                "{} exited:\n{}",
+                exited.is_none(),
+                "{} exited ({exited:?}):\n{}",
                 a.node,
                 a.log_tail(20)
             );

@@ -489,3 +489,58 @@ fn drift_in_the_pinned_maps_is_repaired() {
     }
     lab.down().expect("down");
 }
+
+/// A write to a socket whose peer is gone is an error to the agent, never a SIGPIPE: the
+/// daemon ignores SIGPIPE (Rust's default, which the agent once reset for all its commands).
+/// With SIGPIPE at its default action the agent died silently when kube-apiserver was killed
+/// mid-request: hyper writes TLS records with writev(2), which, unlike std's send(), has no
+/// MSG_NOSIGNAL. That needs a killed API server at the wrong moment, so the disposition is
+/// read from /proc; clients of the API socket that hang up before the answer are then sent
+/// too, and the agent must keep answering.
+#[test]
+fn api_clients_that_hang_up_do_not_kill_the_agent() {
+    use std::{io::Write, os::unix::net::UnixStream};
+    if !require_privileges("api_clients_that_hang_up_do_not_kill_the_agent") {
+        return;
+    }
+    let lab = common::lab::up('h', PORTS);
+    let mut agents = start_agents(&lab, Path::new(AGENT), &[]).expect("start agents");
+    apply_policies(&lab, &mut agents);
+    for a in &mut agents.agents {
+        let pid = a.pid().expect("the agent runs");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+        let ignored = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigIgn:"))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .expect("SigIgn in /proc/<pid>/status");
+        assert_ne!(
+            ignored & (1 << (libc::SIGPIPE - 1)),
+            0,
+            "{}: the agent does not ignore SIGPIPE (SigIgn {ignored:#x})",
+            a.node
+        );
+        let sock = netpol_agent::api::socket_path(&a.state_dir);
+        for i in 0..200 {
+            let mut s = UnixStream::connect(&sock)
+                .unwrap_or_else(|e| panic!("{}: connect {} (#{i}): {e}", a.node, sock.display()));
+            // The request is in the agent's buffer; we are gone before its answer.
+            s.write_all(b"GET /status HTTP/1.0\r\n\r\n").expect("write");
+            drop(s);
+        }
+        // The agent answers (and fails to write) after we hung up: give it a moment.
+        std::thread::sleep(Duration::from_millis(500));
+        let exited = a.exited();
+        assert!(
+            exited.is_none(),
+            "{} exited ({exited:?}) after clients hung up:\n{}",
+            a.node,
+            a.log_tail(20)
+        );
+        let (code, _) = netpol_agent::api::get(&a.state_dir, "/status")
+            .unwrap_or_else(|e| panic!("{}: the agent stopped answering: {e}", a.node));
+        assert_eq!(code, 200);
+    }
+    assert!(connects(&lab, ("y", "a"), ("x", "a")), "allowed");
+    assert!(!connects(&lab, ("y", "b"), ("x", "b")), "denied");
+}
