@@ -5,6 +5,7 @@ pub mod api;
 pub mod compiler;
 pub mod convert;
 pub mod datapath;
+pub mod epoch;
 pub mod explain;
 pub mod flowlog;
 pub mod kube_source;

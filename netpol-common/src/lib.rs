@@ -36,6 +36,10 @@ pub mod map_names {
     pub const ENDPOINTS: &str = "NETPOL_ENDPOINTS";
     pub const PEERS_V4: &str = "NETPOL_PEERS_V4";
     pub const PEERS_V6: &str = "NETPOL_PEERS_V6";
+    /// The peers of epoch 1 (`PEERS_V4`/`PEERS_V6` are epoch 0's). Names
+    /// fit the kernel's 15 characters, so `bpftool` tells them apart.
+    pub const PEERS_V4_E1: &str = "NETPOL_PEER1_V4";
+    pub const PEERS_V6_E1: &str = "NETPOL_PEER1_V6";
     pub const POLICY: &str = "NETPOL_POLICY";
     pub const FLOWS: &str = "NETPOL_FLOWS";
     pub const FRAGS: &str = "NETPOL_FRAGS";
@@ -50,10 +54,12 @@ pub mod map_names {
     pub const QUOTA_CONFIG: &str = "NETPOL_QUOTA_CONFIG";
     pub const QUOTA_SLOTS: &str = "NETPOL_QUOTA_SLOTS";
     pub const QUOTA_STATE: &str = "NETPOL_QUOTA_STATE";
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 19] = [
         ENDPOINTS,
         PEERS_V4,
         PEERS_V6,
+        PEERS_V4_E1,
+        PEERS_V6_E1,
         POLICY,
         FLOWS,
         FRAGS,
@@ -87,8 +93,13 @@ pub mod prog_names {
     pub const LOCAL_IN: &str = "netpol_local_in";
 }
 
-/// Default map sizes (the agent overrides them at load time from its flags).
+/// Default map sizes (the agent overrides them at load time from its flags),
+/// for one policy state. `NETPOL_ENDPOINTS` and `NETPOL_POLICY` hold both
+/// epochs, so they are created with [`EPOCHS`] times these; each peer trie
+/// holds one epoch.
 pub mod sizes {
+    /// Policy states the epoch maps hold at once.
+    pub const EPOCHS: u32 = 2;
     pub const ENDPOINTS: u32 = 4096;
     pub const PEERS_V4: u32 = 262_144;
     pub const PEERS_V6: u32 = 262_144;
@@ -100,6 +111,67 @@ pub mod sizes {
     pub const LOCAL_ADDRS: u32 = 2 * ENDPOINTS;
     pub const DEFER_V4: u32 = 4096;
     pub const DEFER_V6: u32 = 4096;
+}
+
+// ---------------------------------------------------------------------------
+// Epochs: the maps hold two complete policy states, and one CONFIG write
+// chooses which one the datapath reads (issue 13).
+//
+// The agent writes a new state into the epoch the datapath does not read,
+// then flips `ConfigValue::generation`, whose top bit is the active epoch.
+// Each program run reads CONFIG once and makes every lookup of that packet
+// in that epoch, so a packet sees the old state or the new one, never a mix.
+// What is tagged with the epoch:
+// - `NETPOL_ENDPOINTS` keys: `ifindex | epoch << 31` ([`endpoint_key`]);
+// - policy set ids: the top bit of `EndpointValue::policy_id` and of
+//   `PolicyKey::policy_id` ([`epoch_policy_id`]), so the two epochs' policy
+//   entries never meet in `NETPOL_POLICY` and `decide` knows the epoch from
+//   the endpoint it was given;
+// - peers: one LPM trie per epoch (`NETPOL_PEERS_V4` for epoch 0,
+//   `NETPOL_PEER1_V4` for epoch 1, and the same for IPv6), so peer keys keep
+//   their layout.
+// Epoch 0 is exactly the untagged layout: maps filled without epochs (tests,
+// benchmarks, a previous agent) are epoch 0 under a generation below 2^31.
+// Identities are not tagged: they are only ever looked up together with a
+// tagged policy id. The compiler's ids stay below [`EPOCH_BIT`].
+// ---------------------------------------------------------------------------
+
+/// The bit of `ConfigValue::generation`, of endpoint keys and of policy set
+/// ids that names the epoch.
+pub const EPOCH_BIT: u32 = 1 << 31;
+
+/// The epoch (0 or 1) the datapath reads under `generation`.
+pub const fn generation_epoch(generation: u32) -> u32 {
+    generation >> 31
+}
+
+/// The generation that flips to `epoch`: a new generation (established flows
+/// are re-checked) whose top bit is `epoch`. Both travel in one aligned u32,
+/// so no reader can see one without the other.
+pub const fn flip_generation(generation: u32, epoch: u32) -> u32 {
+    (generation.wrapping_add(1) & !EPOCH_BIT) | ((epoch & 1) << 31)
+}
+
+/// A new generation in the same epoch (a revocation outside the epoch maps,
+/// e.g. a deferred range that went).
+pub const fn bump_generation(generation: u32) -> u32 {
+    (generation.wrapping_add(1) & !EPOCH_BIT) | (generation & EPOCH_BIT)
+}
+
+/// The `NETPOL_ENDPOINTS` key of a veth in an epoch (ifindexes are positive
+/// `int`s: below 2^31).
+pub const fn endpoint_key(ifindex: u32, epoch: u32) -> u32 {
+    (ifindex & !EPOCH_BIT) | ((epoch & 1) << 31)
+}
+
+/// A policy set id as stored in an epoch.
+pub const fn epoch_policy_id(policy_id: u32, epoch: u32) -> u32 {
+    (policy_id & !EPOCH_BIT) | ((epoch & 1) << 31)
+}
+
+/// The epoch of a stored policy set id (or endpoint key).
+pub const fn id_epoch(id: u32) -> u32 {
+    id >> 31
 }
 
 // ---------------------------------------------------------------------------
@@ -488,7 +560,9 @@ pub const CFG_F_LOG_ALLOWED: u32 = 1 << 1;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConfigValue {
     /// Bumped by the agent when a change can revoke; flows decided under an
-    /// older generation are re-checked on their next packet.
+    /// older generation are re-checked on their next packet. The top bit is
+    /// the active epoch ([`generation_epoch`]): a flip is one write of this
+    /// field.
     pub generation: u32,
     /// Verdict events allowed per second per CPU (0 = no events).
     pub events_per_sec: u32,
@@ -703,6 +777,25 @@ mod tests {
     fn counter_slots_do_not_overlap() {
         assert!(counter_index(DIR_EGRESS, (REASON_SLOTS - 1) as u8) < COUNTER_EVENTS_SENT);
         assert_ne!(counter_index(DIR_INGRESS, 3), counter_index(DIR_EGRESS, 3));
+    }
+
+    #[test]
+    fn epochs_travel_in_the_generation_and_tag_keys_and_ids() {
+        let g = flip_generation(41, 1);
+        assert_eq!((generation_epoch(g), g & !EPOCH_BIT), (1, 42));
+        let g2 = flip_generation(g, 0);
+        assert_eq!((generation_epoch(g2), g2), (0, 43));
+        assert_eq!(bump_generation(g), g + 1, "a bump keeps the epoch");
+        assert_eq!(generation_epoch(flip_generation(u32::MAX, 1)), 1);
+        assert_ne!(
+            flip_generation(u32::MAX, 1),
+            u32::MAX,
+            "a flip always changes it"
+        );
+        assert_eq!(endpoint_key(7, 0), 7, "epoch 0 is the untagged layout");
+        assert_eq!(endpoint_key(7, 1), 7 | EPOCH_BIT);
+        assert_eq!(id_epoch(epoch_policy_id(5, 1)), 1);
+        assert_eq!(epoch_policy_id(epoch_policy_id(5, 1), 0), 5);
     }
 
     #[test]
