@@ -31,11 +31,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     api::{self, Shared, SharedRef},
-    compiler::{
-        Compiler, Maps, NodeInfo,
-        diff::{MapUpdate, diff_maps},
-    },
+    compiler::{Compiler, NodeInfo},
     datapath::{Datapath, MapSizes},
+    epoch::{Epochs, State, Write},
     flowlog::{self, Names},
     metrics::Metrics,
     netlink,
@@ -43,9 +41,10 @@ use crate::{
     source::ClusterSource,
 };
 
-/// A policy set id the compiler never assigns: no policy entry carries it,
-/// so an endpoint on it (isolated both ways) is denied everything.
-const LOCKDOWN_POLICY_ID: u32 = u32::MAX;
+/// A policy set id the compiler never assigns (its ids stay below, and the
+/// top bit is the epoch's): no policy entry carries it, so an endpoint on it
+/// (isolated both ways) is denied everything.
+const LOCKDOWN_POLICY_ID: u32 = !netpol_common::EPOCH_BIT;
 
 /// Settings of `netpol-agent run`.
 #[derive(Clone, Debug)]
@@ -160,10 +159,9 @@ struct Agent {
     dp: Datapath,
     source: Box<dyn ClusterSource>,
     compiler: Compiler,
-    /// Peer and policy entries as last written to the kernel (endpoints are
-    /// kept by ifindex in `endpoints`).
-    applied: Maps,
-    endpoints: BTreeMap<u32, EndpointValue>,
+    /// What both epochs of the kernel's policy maps hold (endpoints by
+    /// ifindex), from the writes that succeeded, and the generation.
+    epochs: Epochs<u32>,
     /// `NETPOL_LOCAL_ADDRS` as last written: local pod address -> veth.
     local_addrs: BTreeMap<IpAddr, u32>,
     /// `NETPOL_DEFER_V4`/`V6` as last written.
@@ -176,7 +174,6 @@ struct Agent {
     post_nat_this_run: BTreeSet<u32>,
     names: Arc<Names>,
     shared: SharedRef,
-    generation: u32,
     synced_revision: Option<u64>,
     /// The node as the last sync saw it.
     last_view: Option<netlink::NodeView>,
@@ -206,7 +203,9 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
 
     // Adopt what a previous agent left: the generation continues, and the
     // maps' current contents are the starting point of the first diff.
-    let old_cfg = dp.config().unwrap_or_default();
+    // The generation also says which epoch the datapath reads: a read
+    // failure must not be taken for "epoch 0".
+    let old_cfg = dp.config().context("reading the pinned CONFIG")?;
     let generation = old_cfg.generation;
     dp.set_config(ConfigValue {
         generation,
@@ -233,8 +232,9 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         quota.slots_per_cpu * cpus
     );
     dp.set_quota(quota)?;
-    let applied = dp.read_maps().context("reading pinned maps")?;
-    let endpoints = dp.read_endpoints().context("reading pinned endpoints")?;
+    // Both epochs as pinned: this agent writes into the one the datapath
+    // does not read, so its fresh numbering never mixes with the old one.
+    let epochs = Epochs::adopt(generation, dp.read_epochs().context("reading pinned maps")?);
     let local_addrs = dp
         .read_local_addrs()
         .context("reading pinned local addresses")?;
@@ -248,8 +248,9 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         .context("attaching netpol_local_in to the node's sk_lookup")?;
     tracing::info!(
         generation,
-        endpoints = endpoints.len(),
-        policy_entries = applied.policy.len(),
+        epoch = epochs.active(),
+        endpoints = epochs.current().endpoints.len(),
+        policy_entries = epochs.current().policy.len(),
         "datapath loaded (adopting pinned state where present)"
     );
 
@@ -305,8 +306,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         cfg,
         dp,
         compiler: Compiler::default(),
-        applied,
-        endpoints,
+        epochs,
         local_addrs,
         deferred,
         slots: BTreeMap::new(),
@@ -314,7 +314,6 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         post_nat_this_run: BTreeSet::new(),
         names: Arc::new(Names::default()),
         shared,
-        generation,
         synced_revision: None,
         last_view: None,
         retry: false,
@@ -405,6 +404,102 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
                 tracing::info!("interrupted: exiting; programs and maps stay pinned and enforcing");
                 return Ok(());
             }
+        }
+    }
+}
+
+/// One planned write to the kernel (see `epoch`).
+fn write(dp: &mut Datapath, w: &Write<u32>) -> Result<(), crate::datapath::DatapathError> {
+    match *w {
+        Write::Endpoint {
+            epoch,
+            key,
+            value: Some(v),
+        } => dp.set_endpoint(epoch, key, v),
+        Write::Endpoint {
+            epoch,
+            key,
+            value: None,
+        } => dp.remove_endpoint(epoch, key),
+        Write::PeerV4 {
+            epoch,
+            addr,
+            prefix_len,
+            value: Some(v),
+        } => dp.set_peer_v4(epoch, addr, prefix_len, v),
+        Write::PeerV4 {
+            epoch,
+            addr,
+            prefix_len,
+            value: None,
+        } => dp.remove_peer_v4(epoch, addr, prefix_len),
+        Write::PeerV6 {
+            epoch,
+            addr,
+            prefix_len,
+            value: Some(v),
+        } => dp.set_peer_v6(epoch, addr, prefix_len, v),
+        Write::PeerV6 {
+            epoch,
+            addr,
+            prefix_len,
+            value: None,
+        } => dp.remove_peer_v6(epoch, addr, prefix_len),
+        Write::Policy {
+            key,
+            prefix_len,
+            value: Some(v),
+        } => dp.set_policy(key, prefix_len, v),
+        Write::Policy {
+            key,
+            prefix_len,
+            value: None,
+        } => dp.remove_policy(key, prefix_len),
+        Write::Flip { generation } => dp.set_generation(generation),
+    }
+}
+
+/// A write as an error names it: the map and the key.
+fn describe(w: &Write<u32>) -> String {
+    use netpol_common::map_names;
+    let verb = |set: bool| if set { "set" } else { "delete" };
+    match w {
+        Write::Endpoint { epoch, key, value } => format!(
+            "{} {} veth ifindex {key} (epoch {epoch})",
+            map_names::ENDPOINTS,
+            verb(value.is_some())
+        ),
+        Write::PeerV4 {
+            epoch,
+            addr,
+            prefix_len,
+            value,
+        } => format!(
+            "{} {} {addr}/{prefix_len}",
+            crate::datapath::peers_v4_map(*epoch),
+            verb(value.is_some())
+        ),
+        Write::PeerV6 {
+            epoch,
+            addr,
+            prefix_len,
+            value,
+        } => format!(
+            "{} {} {addr}/{prefix_len}",
+            crate::datapath::peers_v6_map(*epoch),
+            verb(value.is_some())
+        ),
+        Write::Policy {
+            key,
+            prefix_len,
+            value,
+        } => format!(
+            "{} {} {key:?}/{prefix_len}",
+            map_names::POLICY,
+            verb(value.is_some())
+        ),
+        Write::Flip { generation } => {
+            format!("{} generation {generation:#x} (flip)", map_names::CONFIG)
         }
     }
 }
@@ -629,7 +724,7 @@ impl Agent {
         // goes or its pod is deleted.
         let kept = keep_endpoints_on_transient_miss(
             &self.names.endpoints,
-            &self.endpoints,
+            &self.epochs.current().endpoints,
             &pod_like,
             &compiled.maps.endpoints,
             &mut desired,
@@ -693,24 +788,7 @@ impl Agent {
             .collect();
         self.pending = pod_like.len() - desired.len().min(pod_like.len());
 
-        // Peer and policy updates (endpoints handled by ifindex below).
-        let mut new_maps = compiled.maps.clone();
-        new_maps.endpoints.clear();
-        let diff = diff_maps(&self.applied, &new_maps);
-        let (adds, deletes): (Vec<&MapUpdate>, Vec<&MapUpdate>) =
-            diff.updates.iter().partition(|u| !u.is_delete());
-        // A write counts only when it succeeded: `applied` mirrors the kernel,
-        // so a failed write stays in the next sync's diff and is retried.
-        for u in adds {
-            match self.apply(u) {
-                Ok(()) => self.applied.apply(std::slice::from_ref(u)),
-                Err(e) => {
-                    self.map_error(&e);
-                    errors.push(e.to_string());
-                }
-            }
-        }
-        let mut revokes = diff.revokes;
+        let mut revokes = false;
         // Where a pod's egress is judged after the DNAT: new ranges now (the
         // post-DNAT hooks are attached before any endpoint exists), old ones
         // at the end. Either way verdicts of existing flows may move: they
@@ -762,6 +840,8 @@ impl Agent {
                 Some(s) => Some(*s),
                 None => {
                     let adopted = self
+                        .epochs
+                        .current()
                         .endpoints
                         .get(ifindex)
                         .map(|e| e.slot)
@@ -791,33 +871,55 @@ impl Agent {
             }
         }
         self.slots.retain(|i, _| desired.contains_key(i));
-        for (ifindex, ep) in &desired {
-            if self.endpoints.get(ifindex) != Some(ep) {
-                revokes |= self.endpoints.contains_key(ifindex);
-                match self.dp.set_endpoint(*ifindex, *ep) {
-                    Ok(()) => {
-                        self.endpoints.insert(*ifindex, *ep);
-                    }
-                    Err(e) => errors.push(e.to_string()),
+        // The new state (peers, policy entries, endpoints): written into the
+        // epoch the datapath does not read, then one flip (see `epoch`).
+        let before: BTreeSet<u32> = self.epochs.current().endpoints.keys().copied().collect();
+        let plan = self
+            .epochs
+            .plan(&State::new(&compiled.maps, desired.clone()));
+        let mut flipped = false;
+        if !plan.is_empty() && self.epochs.needs_grace() {
+            let t = Instant::now();
+            match self.dp.grace_period() {
+                Ok(()) => {
+                    self.epochs.graced();
+                    tracing::debug!(secs = t.elapsed().as_secs_f64(), "grace period");
                 }
+                Err(e) => errors.push(format!(
+                    "waiting for a grace period before writing epoch {}: {e}; the change waits",
+                    self.epochs.inactive()
+                )),
             }
+        }
+        if !plan.is_empty() && !self.epochs.needs_grace() {
+            let writes = plan.len() - 1;
+            let dp = &mut self.dp;
+            let failed = self.epochs.execute(plan, |w| write(dp, w));
+            for f in &failed {
+                self.map_error(&f.error);
+                errors.push(format!("writing {}: {}", describe(&f.write), f.error));
+            }
+            flipped = failed.is_empty();
+            tracing::debug!(
+                writes,
+                failed = failed.len(),
+                epoch = self.epochs.active(),
+                generation = self.epochs.generation(),
+                "policy state written"
+            );
         }
         // Attach to every pod-like veth (endpoint written first).
         errors.extend(self.attach_pod_veths(&view, &pod_like));
         errors.extend(self.attach_post_nat(&view));
-        // Endpoints no longer wanted; veths gone or no longer a pod's.
-        let stale: Vec<u32> = self
-            .endpoints
-            .keys()
-            .filter(|i| !desired.contains_key(i))
-            .copied()
-            .collect();
-        for ifindex in stale {
-            revokes = true;
-            if let Err(e) = self.dp.remove_endpoint(ifindex) {
-                errors.push(e.to_string());
-            } else {
-                self.endpoints.remove(&ifindex);
+        // Endpoints the enforced state no longer has (veths gone or no
+        // longer a pod's): their flow-table shares go. Their entries stay in
+        // the inactive epoch, which no packet reads, until the next change.
+        if flipped {
+            let now: BTreeSet<u32> = self.epochs.current().endpoints.keys().copied().collect();
+            for ifindex in before.difference(&now) {
+                if let Err(e) = self.dp.forget_endpoint(*ifindex) {
+                    errors.push(e.to_string());
+                }
             }
         }
         // Links go with their veth, or when the veth is no pod's. A veth
@@ -858,20 +960,14 @@ impl Agent {
                 Err(e) => errors.push(e.to_string()),
             }
         }
-        for u in deletes {
-            match self.apply(u) {
-                Ok(()) => self.applied.apply(std::slice::from_ref(u)),
-                Err(e) => {
-                    self.map_error(&e);
-                    errors.push(e.to_string());
-                }
-            }
-        }
+        // A revocation outside the epoch maps (a deferred range gone): a new
+        // generation in the same epoch re-checks established flows.
         if revokes {
-            self.generation = self.generation.wrapping_add(1);
-            let mut c = self.dp.config().unwrap_or_default();
-            c.generation = self.generation;
-            self.dp.set_config(c)?;
+            let generation = self.epochs.bumped();
+            match self.dp.set_generation(generation) {
+                Ok(()) => self.epochs.set_generation(generation),
+                Err(e) => errors.push(e.to_string()),
+            }
         }
         for e in &errors {
             if !self.errors.contains(e) {
@@ -913,18 +1009,12 @@ impl Agent {
             a.iter().filter(|(k, v)| b.get(k) != Some(v)).count()
                 + b.keys().filter(|k| !a.contains_key(k)).count()
         }
-        let maps = self.dp.read_maps()?;
-        let endpoints = self.dp.read_endpoints()?;
+        let held = self.dp.read_epochs()?;
         let local = self.dp.read_local_addrs()?;
         let deferred = self.dp.read_deferred()?;
-        let n = differ(&self.applied.peers_v4, &maps.peers_v4)
-            + differ(&self.applied.peers_v6, &maps.peers_v6)
-            + differ(&self.applied.policy, &maps.policy)
-            + differ(&self.endpoints, &endpoints)
+        let n = self.epochs.reread(held)
             + differ(&self.local_addrs, &local)
             + self.deferred.symmetric_difference(&deferred).count();
-        self.applied = maps;
-        self.endpoints = endpoints;
         self.local_addrs = local;
         self.deferred = deferred;
         Ok(n)
@@ -945,42 +1035,6 @@ impl Agent {
             .map_error(map);
     }
 
-    fn apply(&mut self, u: &MapUpdate) -> Result<(), crate::datapath::DatapathError> {
-        match u {
-            MapUpdate::Endpoint { .. } => Ok(()),
-            MapUpdate::PeerV4 {
-                addr,
-                prefix_len,
-                value: Some(v),
-            } => self.dp.set_peer_v4(*addr, *prefix_len, *v),
-            MapUpdate::PeerV4 {
-                addr,
-                prefix_len,
-                value: None,
-            } => self.dp.remove_peer_v4(*addr, *prefix_len),
-            MapUpdate::PeerV6 {
-                addr,
-                prefix_len,
-                value: Some(v),
-            } => self.dp.set_peer_v6(*addr, *prefix_len, *v),
-            MapUpdate::PeerV6 {
-                addr,
-                prefix_len,
-                value: None,
-            } => self.dp.remove_peer_v6(*addr, *prefix_len),
-            MapUpdate::Policy {
-                key,
-                prefix_len,
-                value: Some(v),
-            } => self.dp.set_policy(*key, *prefix_len, *v),
-            MapUpdate::Policy {
-                key,
-                prefix_len,
-                value: None,
-            } => self.dp.remove_policy(*key, *prefix_len),
-        }
-    }
-
     /// Each endpoint's flow-table pressure: entries it holds, and its
     /// share's admitted, refused and reclaimed counts.
     fn quota_rows(&mut self) -> (Vec<crate::metrics::QuotaRow>, u64) {
@@ -998,6 +1052,8 @@ impl Agent {
         let share = self.dp.quota().map_or(0, |q| q.slots_per_cpu as u64 * cpus);
         let states = self.dp.quota_states().unwrap_or_default();
         let rows = self
+            .epochs
+            .current()
             .endpoints
             .keys()
             .map(|ifindex| crate::metrics::QuotaRow {
@@ -1046,15 +1102,18 @@ impl Agent {
             pid: std::process::id(),
             synced: self.synced_revision == Some(self.source.revision()),
             source_revision: self.source.revision(),
-            generation: self.generation,
-            endpoints: self.endpoints.len(),
+            generation: self.epochs.generation(),
+            endpoints: self.epochs.current().endpoints.len(),
             pending: self.pending,
             missing_veths: self.missing.clone(),
             map_entries: BTreeMap::from([
-                ("endpoints".to_string(), self.endpoints.len()),
-                ("peers_v4".to_string(), self.applied.peers_v4.len()),
-                ("peers_v6".to_string(), self.applied.peers_v6.len()),
-                ("policy".to_string(), self.applied.policy.len()),
+                (
+                    "endpoints".to_string(),
+                    self.epochs.current().endpoints.len(),
+                ),
+                ("peers_v4".to_string(), self.epochs.current().peers_v4.len()),
+                ("peers_v6".to_string(), self.epochs.current().peers_v6.len()),
+                ("policy".to_string(), self.epochs.current().policy.len()),
             ]),
             counters: named,
             errors: self.errors.clone(),
@@ -1068,18 +1127,29 @@ impl Agent {
             let mut sh = self.shared.lock().expect("api state lock");
             sh.metrics.observe_counters(&counters);
             let sizes = self.dp.sizes();
+            sh.metrics.set_map(
+                "endpoints",
+                self.epochs.current().endpoints.len(),
+                sizes.endpoints,
+            );
+            sh.metrics.set_map(
+                "peers_v4",
+                self.epochs.current().peers_v4.len(),
+                sizes.peers_v4,
+            );
+            sh.metrics.set_map(
+                "peers_v6",
+                self.epochs.current().peers_v6.len(),
+                sizes.peers_v6,
+            );
             sh.metrics
-                .set_map("endpoints", self.endpoints.len(), sizes.endpoints);
+                .set_map("policy", self.epochs.current().policy.len(), sizes.policy);
             sh.metrics
-                .set_map("peers_v4", self.applied.peers_v4.len(), sizes.peers_v4);
-            sh.metrics
-                .set_map("peers_v6", self.applied.peers_v6.len(), sizes.peers_v6);
-            sh.metrics
-                .set_map("policy", self.applied.policy.len(), sizes.policy);
-            sh.metrics.endpoints.set(self.endpoints.len() as i64);
+                .endpoints
+                .set(self.epochs.current().endpoints.len() as i64);
             sh.metrics.observe_quota(&quota_rows, share);
             sh.metrics.pending_endpoints.set(self.pending as i64);
-            sh.metrics.generation.set(self.generation as i64);
+            sh.metrics.generation.set(self.epochs.generation() as i64);
             sh.metrics.source_errors.set(self.errors.len() as i64);
             sh.metrics
                 .last_sync

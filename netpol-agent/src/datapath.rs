@@ -79,8 +79,10 @@ pub enum DatapathError {
 
 type Result<T> = std::result::Result<T, DatapathError>;
 
-/// Map sizes (max entries), set at load time. A map that is already pinned
-/// keeps the size it was created with.
+/// Map sizes (max entries), set at load time, for one policy state: the maps
+/// that hold both epochs (`NETPOL_ENDPOINTS`, `NETPOL_POLICY`) are created
+/// twice as big, and each epoch has its own peer tries of these sizes. A map
+/// that is already pinned keeps the size it was created with.
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
     pub endpoints: u32,
@@ -134,6 +136,8 @@ fn expected_layout(map: &str) -> Option<(u32, u32)> {
         map_names::ENDPOINTS => sz(4, size_of::<EndpointValue>()),
         map_names::PEERS_V4 => sz(4 + 4, size_of::<PeerValue>()),
         map_names::PEERS_V6 => sz(4 + 16, size_of::<PeerValue>()),
+        map_names::PEERS_V4_E1 => sz(4 + 4, size_of::<PeerValue>()),
+        map_names::PEERS_V6_E1 => sz(4 + 16, size_of::<PeerValue>()),
         map_names::POLICY => sz(4 + size_of::<PolicyKey>(), size_of::<PolicyValue>()),
         map_names::FLOWS => sz(size_of::<FlowKey>(), size_of::<FlowValue>()),
         map_names::FRAGS => sz(size_of::<FragKey>(), size_of::<FragValue>()),
@@ -192,11 +196,14 @@ impl Datapath {
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        let epochs = netpol_common::sizes::EPOCHS;
         loader
-            .map_max_entries(map_names::ENDPOINTS, sizes.endpoints)
+            .map_max_entries(map_names::ENDPOINTS, sizes.endpoints.saturating_mul(epochs))
             .map_max_entries(map_names::PEERS_V4, sizes.peers_v4)
             .map_max_entries(map_names::PEERS_V6, sizes.peers_v6)
-            .map_max_entries(map_names::POLICY, sizes.policy)
+            .map_max_entries(map_names::PEERS_V4_E1, sizes.peers_v4)
+            .map_max_entries(map_names::PEERS_V6_E1, sizes.peers_v6)
+            .map_max_entries(map_names::POLICY, sizes.policy.saturating_mul(epochs))
             .map_max_entries(map_names::FLOWS, sizes.flows)
             .map_max_entries(map_names::FRAGS, sizes.frags)
             .map_max_entries(map_names::EVENTS, sizes.events_bytes)
@@ -513,14 +520,19 @@ impl Datapath {
         .map_err(map_err(map_names::ENDPOINTS))
     }
 
-    pub fn set_endpoint(&mut self, ifindex: u32, v: EndpointValue) -> Result<()> {
-        let cap = self.sizes.endpoints;
-        self.endpoints()?.insert(ifindex, v, 0).map_err(|e| {
+    /// An endpoint in an epoch (`v.policy_id` already carries the epoch).
+    pub fn set_endpoint(&mut self, epoch: u32, ifindex: u32, v: EndpointValue) -> Result<()> {
+        let cap = self
+            .sizes
+            .endpoints
+            .saturating_mul(netpol_common::sizes::EPOCHS);
+        let key = netpol_common::endpoint_key(ifindex, epoch);
+        self.endpoints()?.insert(key, v, 0).map_err(|e| {
             if is_full(&e) {
                 DatapathError::MapFull {
                     map: map_names::ENDPOINTS,
                     capacity: cap,
-                    what: format!("endpoint ifindex {ifindex}"),
+                    what: format!("endpoint ifindex {ifindex} (epoch {epoch})"),
                 }
             } else {
                 map_err(map_names::ENDPOINTS)(e)
@@ -528,54 +540,73 @@ impl Datapath {
         })
     }
 
-    pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<()> {
-        match self.endpoints()?.remove(&ifindex) {
+    /// Removes an endpoint from one epoch.
+    pub fn remove_endpoint(&mut self, epoch: u32, ifindex: u32) -> Result<()> {
+        let key = netpol_common::endpoint_key(ifindex, epoch);
+        match self.endpoints()?.remove(&key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(map_names::ENDPOINTS)(e)),
-        }?;
+        }
+    }
+
+    /// An endpoint is gone from the enforced state: forget its flow-table
+    /// share (a pod that gets its ifindex later starts with a free one).
+    pub fn forget_endpoint(&mut self, ifindex: u32) -> Result<()> {
         self.remove_quota(ifindex)
     }
 
-    pub fn set_peer_v4(&mut self, addr: Ipv4Addr, prefix: u8, v: PeerValue) -> Result<()> {
+    /// A peer entry in an epoch's trie.
+    pub fn set_peer_v4(
+        &mut self,
+        epoch: u32,
+        addr: Ipv4Addr,
+        prefix: u8,
+        v: PeerValue,
+    ) -> Result<()> {
         let cap = self.sizes.peers_v4;
+        let name = peers_v4_map(epoch);
         let mut m: LpmTrie<_, [u8; 4], PeerValue> =
-            LpmTrie::try_from(self.ebpf.map_mut(map_names::PEERS_V4).expect("map"))
-                .map_err(map_err(map_names::PEERS_V4))?;
+            LpmTrie::try_from(self.ebpf.map_mut(name).expect("map")).map_err(map_err(name))?;
         m.insert(&Key::new(prefix as u32, addr.octets()), v, 0)
-            .map_err(|e| full_or(e, map_names::PEERS_V4, cap, format!("{addr}/{prefix}")))
+            .map_err(|e| full_or(e, name, cap, format!("{addr}/{prefix}")))
     }
 
-    pub fn remove_peer_v4(&mut self, addr: Ipv4Addr, prefix: u8) -> Result<()> {
+    pub fn remove_peer_v4(&mut self, epoch: u32, addr: Ipv4Addr, prefix: u8) -> Result<()> {
+        let name = peers_v4_map(epoch);
         let mut m: LpmTrie<_, [u8; 4], PeerValue> =
-            LpmTrie::try_from(self.ebpf.map_mut(map_names::PEERS_V4).expect("map"))
-                .map_err(map_err(map_names::PEERS_V4))?;
-        ignore_missing(
-            m.remove(&Key::new(prefix as u32, addr.octets())),
-            map_names::PEERS_V4,
-        )
+            LpmTrie::try_from(self.ebpf.map_mut(name).expect("map")).map_err(map_err(name))?;
+        ignore_missing(m.remove(&Key::new(prefix as u32, addr.octets())), name)
     }
 
-    pub fn set_peer_v6(&mut self, addr: Ipv6Addr, prefix: u8, v: PeerValue) -> Result<()> {
+    /// A peer entry in an epoch's trie.
+    pub fn set_peer_v6(
+        &mut self,
+        epoch: u32,
+        addr: Ipv6Addr,
+        prefix: u8,
+        v: PeerValue,
+    ) -> Result<()> {
         let cap = self.sizes.peers_v6;
+        let name = peers_v6_map(epoch);
         let mut m: LpmTrie<_, [u8; 16], PeerValue> =
-            LpmTrie::try_from(self.ebpf.map_mut(map_names::PEERS_V6).expect("map"))
-                .map_err(map_err(map_names::PEERS_V6))?;
+            LpmTrie::try_from(self.ebpf.map_mut(name).expect("map")).map_err(map_err(name))?;
         m.insert(&Key::new(prefix as u32, addr.octets()), v, 0)
-            .map_err(|e| full_or(e, map_names::PEERS_V6, cap, format!("{addr}/{prefix}")))
+            .map_err(|e| full_or(e, name, cap, format!("{addr}/{prefix}")))
     }
 
-    pub fn remove_peer_v6(&mut self, addr: Ipv6Addr, prefix: u8) -> Result<()> {
+    pub fn remove_peer_v6(&mut self, epoch: u32, addr: Ipv6Addr, prefix: u8) -> Result<()> {
+        let name = peers_v6_map(epoch);
         let mut m: LpmTrie<_, [u8; 16], PeerValue> =
-            LpmTrie::try_from(self.ebpf.map_mut(map_names::PEERS_V6).expect("map"))
-                .map_err(map_err(map_names::PEERS_V6))?;
-        ignore_missing(
-            m.remove(&Key::new(prefix as u32, addr.octets())),
-            map_names::PEERS_V6,
-        )
+            LpmTrie::try_from(self.ebpf.map_mut(name).expect("map")).map_err(map_err(name))?;
+        ignore_missing(m.remove(&Key::new(prefix as u32, addr.octets())), name)
     }
 
+    /// A policy entry (its policy set id carries its epoch).
     pub fn set_policy(&mut self, key: PolicyKey, prefix: u32, v: PolicyValue) -> Result<()> {
-        let cap = self.sizes.policy;
+        let cap = self
+            .sizes
+            .policy
+            .saturating_mul(netpol_common::sizes::EPOCHS);
         let mut m: LpmTrie<_, PolicyKey, PolicyValue> =
             LpmTrie::try_from(self.ebpf.map_mut(map_names::POLICY).expect("map"))
                 .map_err(map_err(map_names::POLICY))?;
@@ -619,51 +650,88 @@ impl Datapath {
         Ok(out)
     }
 
-    /// The peer and policy entries currently in the kernel maps (endpoints
-    /// are read separately, by ifindex).
-    pub fn read_maps(&mut self) -> Result<crate::compiler::Maps> {
-        let mut out = crate::compiler::Maps::default();
-        {
+    /// What both epochs of the kernel maps hold, untagged
+    /// (`crate::epoch::split`), with endpoints keyed by veth ifindex.
+    pub fn read_epochs(&mut self) -> Result<[crate::epoch::State<u32>; 2]> {
+        let mut v4 = [
+            std::collections::BTreeMap::new(),
+            std::collections::BTreeMap::new(),
+        ];
+        let mut v6 = [
+            std::collections::BTreeMap::new(),
+            std::collections::BTreeMap::new(),
+        ];
+        for epoch in 0..2u32 {
+            let name = peers_v4_map(epoch);
             let m: LpmTrie<_, [u8; 4], PeerValue> =
-                LpmTrie::try_from(self.ebpf.map(map_names::PEERS_V4).expect("map"))
-                    .map_err(map_err(map_names::PEERS_V4))?;
+                LpmTrie::try_from(self.ebpf.map(name).expect("map")).map_err(map_err(name))?;
             for kv in m.iter() {
-                let (k, v) = kv.map_err(map_err(map_names::PEERS_V4))?;
-                out.peers_v4
-                    .insert((Ipv4Addr::from(k.data()), k.prefix_len() as u8), v);
+                let (k, v) = kv.map_err(map_err(name))?;
+                v4[epoch as usize].insert((Ipv4Addr::from(k.data()), k.prefix_len() as u8), v);
             }
-        }
-        {
+            let name = peers_v6_map(epoch);
             let m: LpmTrie<_, [u8; 16], PeerValue> =
-                LpmTrie::try_from(self.ebpf.map(map_names::PEERS_V6).expect("map"))
-                    .map_err(map_err(map_names::PEERS_V6))?;
+                LpmTrie::try_from(self.ebpf.map(name).expect("map")).map_err(map_err(name))?;
             for kv in m.iter() {
-                let (k, v) = kv.map_err(map_err(map_names::PEERS_V6))?;
-                out.peers_v6
-                    .insert((Ipv6Addr::from(k.data()), k.prefix_len() as u8), v);
+                let (k, v) = kv.map_err(map_err(name))?;
+                v6[epoch as usize].insert((Ipv6Addr::from(k.data()), k.prefix_len() as u8), v);
             }
         }
+        let mut policy = Vec::new();
         {
             let m: LpmTrie<_, PolicyKey, PolicyValue> =
                 LpmTrie::try_from(self.ebpf.map(map_names::POLICY).expect("map"))
                     .map_err(map_err(map_names::POLICY))?;
             for kv in m.iter() {
                 let (k, v) = kv.map_err(map_err(map_names::POLICY))?;
-                out.policy.insert((k.data(), k.prefix_len()), v);
+                policy.push(((k.data(), k.prefix_len()), v));
             }
         }
-        Ok(out)
+        let mut endpoints = Vec::new();
+        {
+            let m = self.endpoints()?;
+            for kv in m.iter() {
+                let (k, v) = kv.map_err(map_err(map_names::ENDPOINTS))?;
+                endpoints.push((
+                    (k & !netpol_common::EPOCH_BIT, netpol_common::id_epoch(k)),
+                    v,
+                ));
+            }
+        }
+        Ok(crate::epoch::split(endpoints, v4, v6, policy))
     }
 
-    /// The endpoint entries currently in the kernel map.
-    pub fn read_endpoints(&mut self) -> Result<std::collections::BTreeMap<u32, EndpointValue>> {
-        let m = self.endpoints()?;
-        let mut out = std::collections::BTreeMap::new();
-        for kv in m.iter() {
-            let (k, v) = kv.map_err(map_err(map_names::ENDPOINTS))?;
-            out.insert(k, v);
+    /// Waits for a grace period: every program run that started before
+    /// this call has finished. TC and sk_lookup programs run inside an RCU
+    /// read-side critical section (softirq or `rcu_read_lock()` with
+    /// preemption or bottom halves disabled), and
+    /// `membarrier(MEMBARRIER_CMD_GLOBAL)` is `synchronize_rcu()` in the
+    /// kernel, so after it no run still reads an epoch that stopped being
+    /// active before the call. Kernels that refuse it (`nohz_full` CPUs)
+    /// get a delay instead, far longer than a program run; on one CPU
+    /// membarrier returns at once, which is right there too: while this
+    /// thread runs, no non-preemptible program run is in progress.
+    pub fn grace_period(&self) -> std::io::Result<()> {
+        const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+        // SAFETY: membarrier takes two integers and touches no memory of ours.
+        let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+        if r == 0 {
+            return Ok(());
         }
-        Ok(out)
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINVAL) {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            return Ok(());
+        }
+        Err(e)
+    }
+
+    /// Writes the generation (a flip when its epoch bit changes), keeping
+    /// the rest of CONFIG: one `u32` the datapath reads once per run.
+    pub fn set_generation(&mut self, generation: u32) -> Result<()> {
+        let mut c = self.config()?;
+        c.generation = generation;
+        self.set_config(c)
     }
 
     /// Set the flow-table share (`slots_per_cpu` entries per endpoint and
@@ -743,6 +811,24 @@ impl Datapath {
     pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
         let map = self.ebpf.take_map(map_names::EVENTS)?;
         aya::maps::RingBuf::try_from(map).ok()
+    }
+}
+
+/// The IPv4 peer trie of an epoch.
+pub fn peers_v4_map(epoch: u32) -> &'static str {
+    if epoch & 1 == 0 {
+        map_names::PEERS_V4
+    } else {
+        map_names::PEERS_V4_E1
+    }
+}
+
+/// The IPv6 peer trie of an epoch.
+pub fn peers_v6_map(epoch: u32) -> &'static str {
+    if epoch & 1 == 0 {
+        map_names::PEERS_V6
+    } else {
+        map_names::PEERS_V6_E1
     }
 }
 

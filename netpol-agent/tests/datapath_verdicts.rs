@@ -3338,3 +3338,105 @@ fn flow_keys_are_the_pods_side_of_the_flow_byte_for_byte() {
     want.sort();
     assert_eq!(keys, want);
 }
+
+// ---------------------------------------------------------------------------
+// Epochs (issue 13): the maps hold two states, and one CONFIG write chooses
+// the one every lookup of a packet reads.
+// ---------------------------------------------------------------------------
+
+impl Dp {
+    /// Give the addresses of `cidr` an identity in epoch 1's peer trie.
+    fn peer_in_epoch_1(&mut self, cidr: &str, identity: u32) {
+        let (addr, prefix) = cidr.split_once('/').unwrap_or((cidr, "32"));
+        let IpAddr::V4(a) = ip(addr) else {
+            panic!("IPv4 only")
+        };
+        let mut m: LpmTrie<_, [u8; 4], PeerValue> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::PEERS_V4_E1).unwrap()).unwrap();
+        m.insert(
+            &Key::new(prefix.parse().unwrap(), a.octets()),
+            PeerValue::new(identity, 0),
+            0,
+        )
+        .unwrap();
+    }
+
+    /// Write the generation that makes the datapath read `epoch`.
+    fn flip_to(&mut self, epoch: u32) {
+        self.config.generation = netpol_common::flip_generation(self.config.generation, epoch);
+        self.write_config();
+    }
+}
+
+#[test]
+fn every_lookup_of_a_packet_is_in_the_epoch_config_names() {
+    use netpol_common::{EPOCH_BIT, epoch_policy_id};
+    let mut dp = load_or_skip!("every_lookup_of_a_packet_is_in_the_epoch_config_names");
+    // Epoch 0 (generation 1, as loaded): PEER has PEER_ID, and the pod's
+    // set may reach it on TCP/80.
+    dp.peer(PEER, PEER_ID);
+    dp.endpoint(LO, endpoint(POLICY).isolated());
+    dp.allow(egress(POLICY).to(PEER_ID).tcp(80).rule(41));
+    // Epoch 1, written while epoch 0 is read: PEER has OTHER_ID in epoch 1's
+    // trie, and the same set, tagged, may reach it on TCP/81 only.
+    let set1 = epoch_policy_id(POLICY, 1);
+    dp.peer_in_epoch_1("0.0.0.0/0", WORLD_ID);
+    dp.peer_in_epoch_1(PEER, OTHER_ID);
+    dp.endpoint(LO | EPOCH_BIT, endpoint(set1).isolated());
+    dp.allow(egress(set1).to(OTHER_ID).tcp(81).rule(42));
+    // Entries that only a mix of the two states would reach: epoch 1's
+    // identity with epoch 0's set (TCP/82), epoch 0's identity with epoch 1's
+    // set (TCP/83).
+    dp.allow(egress(POLICY).to(OTHER_ID).tcp(82).rule(43));
+    dp.allow(egress(set1).to(PEER_ID).tcp(83).rule(44));
+
+    let f80 = tcp(&at(POD, 40080), &at(PEER, 80)).syn();
+    let f81 = tcp(&at(POD, 40081), &at(PEER, 81)).syn();
+    let f82 = tcp(&at(POD, 40082), &at(PEER, 82)).syn();
+    let f83 = tcp(&at(POD, 40083), &at(PEER, 83)).syn();
+    dp.from_pod(&f80).passed(DIR_EGRESS, REASON_POLICY_ALLOW);
+    dp.from_pod(&f81).dropped(DIR_EGRESS, REASON_POLICY_DENY);
+    dp.from_pod(&f82).dropped(DIR_EGRESS, REASON_POLICY_DENY);
+    dp.from_pod(&f83).dropped(DIR_EGRESS, REASON_POLICY_DENY);
+
+    // One write: the datapath reads epoch 1 whole.
+    dp.flip_to(1);
+    let out = dp.from_pod(&f81);
+    out.passed(DIR_EGRESS, REASON_POLICY_ALLOW);
+    out.event()
+        .rule(42)
+        .endpoint(set1, ENDPOINT_ID)
+        .peer_identity(OTHER_ID);
+    dp.from_pod(&f82).dropped(DIR_EGRESS, REASON_POLICY_DENY);
+    dp.from_pod(&f83).dropped(DIR_EGRESS, REASON_POLICY_DENY);
+    // The flow epoch 0 allowed is decided again under epoch 1 (the flip is
+    // a new generation): revoked.
+    dp.from_pod(&f80.clone().ack())
+        .dropped(DIR_EGRESS, REASON_REVOKED);
+    // The reply side of the pod's veth reads epoch 1's endpoint too.
+    dp.to_pod(&f81.reversed()).passed(DIR_INGRESS, REASON_REPLY);
+
+    // And back: epoch 0 as it was, untouched by the writes to epoch 1.
+    dp.flip_to(0);
+    dp.from_pod(&tcp(&at(POD, 40180), &at(PEER, 80)).syn())
+        .passed(DIR_EGRESS, REASON_POLICY_ALLOW);
+    dp.from_pod(&f81.clone().ack())
+        .dropped(DIR_EGRESS, REASON_REVOKED);
+}
+
+#[test]
+fn a_packet_on_a_veth_with_no_endpoint_in_the_active_epoch_is_dropped() {
+    use netpol_common::EPOCH_BIT;
+    let mut dp =
+        load_or_skip!("a_packet_on_a_veth_with_no_endpoint_in_the_active_epoch_is_dropped");
+    dp.peer(PEER, PEER_ID);
+    // The endpoint is only in epoch 1 (the state the agent is writing).
+    dp.endpoint(
+        LO | EPOCH_BIT,
+        endpoint(netpol_common::epoch_policy_id(POLICY, 1)),
+    );
+    let f = tcp(&at(POD, 40000), &at(PEER, 80)).syn();
+    dp.from_pod(&f).dropped(DIR_EGRESS, REASON_NO_ENDPOINT);
+    dp.flip_to(1);
+    dp.from_pod(&f).passed(DIR_EGRESS, REASON_NOT_ISOLATED);
+}

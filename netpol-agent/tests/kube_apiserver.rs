@@ -398,6 +398,9 @@ struct PinnedMaps {
     endpoints: BTreeMap<u32, EndpointValue>,
     peers_v4: BTreeMap<([u8; 4], u32), PeerValue>,
     peers_v6: BTreeMap<([u8; 16], u32), PeerValue>,
+    /// Epoch 1's peer tries (the maps hold two policy states).
+    peers1_v4: BTreeMap<([u8; 4], u32), PeerValue>,
+    peers1_v6: BTreeMap<([u8; 16], u32), PeerValue>,
     policy: BTreeMap<(PolicyKey, u32), PolicyValue>,
 }
 
@@ -413,9 +416,23 @@ impl PinnedMaps {
             LpmTrie::try_from(Map::LpmTrie(data(map_names::PEERS_V4))).expect("peers v4");
         let peers_v6: LpmTrie<MapData, [u8; 16], PeerValue> =
             LpmTrie::try_from(Map::LpmTrie(data(map_names::PEERS_V6))).expect("peers v6");
+        let peers1_v4: LpmTrie<MapData, [u8; 4], PeerValue> =
+            LpmTrie::try_from(Map::LpmTrie(data(map_names::PEERS_V4_E1))).expect("peers v4");
+        let peers1_v6: LpmTrie<MapData, [u8; 16], PeerValue> =
+            LpmTrie::try_from(Map::LpmTrie(data(map_names::PEERS_V6_E1))).expect("peers v6");
         let policy: LpmTrie<MapData, PolicyKey, PolicyValue> =
             LpmTrie::try_from(Map::LpmTrie(data(map_names::POLICY))).expect("policy");
         PinnedMaps {
+            peers1_v4: peers1_v4
+                .iter()
+                .map(|kv| kv.expect("peer"))
+                .map(|(k, v)| ((k.data(), k.prefix_len()), v))
+                .collect(),
+            peers1_v6: peers1_v6
+                .iter()
+                .map(|kv| kv.expect("peer"))
+                .map(|(k, v)| ((k.data(), k.prefix_len()), v))
+                .collect(),
             endpoints: endpoints.iter().map(|kv| kv.expect("endpoint")).collect(),
             peers_v4: peers_v4
                 .iter()

@@ -449,22 +449,32 @@ fn drift_in_the_pinned_maps_is_repaired() {
     let data = aya::maps::MapData::from_pin(&pin).expect("pinned endpoints map");
     let mut m: aya::maps::HashMap<_, u32, netpol_common::EndpointValue> =
         aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).expect("a hash map");
-    let keys: Vec<u32> = m.keys().map(|k| k.expect("key")).collect();
+    let config_pin = agent.bpffs_root.join("maps").join("NETPOL_CONFIG");
+    let config: aya::maps::Array<_, netpol_common::ConfigValue> = aya::maps::Array::try_from(
+        aya::maps::Map::Array(aya::maps::MapData::from_pin(&config_pin).expect("pinned CONFIG")),
+    )
+    .expect("an array");
     let ip = lab.pod("x", "a").unwrap().ip_v4;
-    let key = *keys
-        .iter()
-        .find(|k| m.get(k, 0).is_ok_and(|v| v.addr_v4 == ip.octets()))
-        .expect("x/a's endpoint entry");
+    // x/a's entry in the epoch the datapath reads (the maps hold two).
+    let active_key = |m: &aya::maps::HashMap<_, u32, netpol_common::EndpointValue>| {
+        let epoch = netpol_common::generation_epoch(config.get(&0, 0).expect("CONFIG").generation);
+        m.keys().map(|k| k.expect("key")).find(|k| {
+            netpol_common::id_epoch(*k) == epoch
+                && m.get(k, 0).is_ok_and(|v| v.addr_v4 == ip.octets())
+        })
+    };
+    let key = active_key(&m).expect("x/a's endpoint entry");
     let before = agent.status().expect("status")["drift_repaired"]
         .as_u64()
         .unwrap_or(0);
     m.remove(&key).expect("remove the entry");
     let t0 = Instant::now();
     // Repaired within a few read-back periods: allowed again, and the
-    // status counts the repair.
+    // status counts the repair (the repaired state may be in the other
+    // epoch, flipped to).
     let deadline = t0 + Duration::from_secs(10);
     loop {
-        let repaired = m.get(&key, 0).is_ok();
+        let repaired = active_key(&m).is_some();
         if repaired && connects(&lab, ("y", "a"), ("x", "a")) {
             break;
         }

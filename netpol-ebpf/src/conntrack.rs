@@ -15,7 +15,10 @@ use netpol_common::{
     REASON_TCP_NO_FLOW, REASON_UNSUPPORTED_ETHERTYPE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
     VerdictEvent,
 };
-use netpol_common::{FAMILY_V4, PEER_F_HOST, REASON_DEFERRED, REASON_NODE_TRAFFIC, SENDER_TAG};
+use netpol_common::{
+    FAMILY_V4, PEER_F_HOST, REASON_DEFERRED, REASON_NODE_TRAFFIC, SENDER_TAG, endpoint_key,
+    generation_epoch,
+};
 
 use crate::{
     events::{coarse_now_ns, count, emit, now_ns},
@@ -68,8 +71,10 @@ pub fn handle(ctx: &TcContext, direction: u8) -> Verdict {
     // SAFETY: per-CPU slot; a TC program runs to completion on one CPU
     // without preemption by another run of itself.
     let s = unsafe { &mut *scratch };
-    let r = try_handle(ctx, direction, s);
-    finish(ctx, direction, s, r)
+    // Read once: every lookup of this packet is in its epoch.
+    let cfg = config();
+    let r = try_handle(ctx, direction, s, &cfg);
+    finish(ctx, direction, s, r, &cfg)
 }
 
 /// A packet leaving the node through one of its own devices (TC egress of
@@ -85,8 +90,9 @@ pub fn handle_post_nat(ctx: &TcContext) -> Verdict {
     };
     // SAFETY: as in `handle`.
     let s = unsafe { &mut *scratch };
-    let r = try_post_nat(ctx, s);
-    finish(ctx, DIR_EGRESS, s, r)
+    let cfg = config();
+    let r = try_post_nat(ctx, s, &cfg);
+    finish(ctx, DIR_EGRESS, s, r, &cfg)
 }
 
 /// The verdict of a handler, with the accounting of its error path: every
@@ -97,12 +103,12 @@ fn finish(
     direction: u8,
     s: &mut Scratch,
     r: Result<Verdict, ParseError>,
+    cfg: &ConfigValue,
 ) -> Verdict {
     match r {
         Ok(v) => v,
         Err(ParseError(reason)) => {
             count(direction, reason);
-            let cfg = config();
             let ev = &mut s.event;
             ev.timestamp_ns = now_ns();
             ev.ifindex = ifindex(ctx);
@@ -151,9 +157,25 @@ fn set_tag(ctx: &TcContext, tag: u16) {
     unsafe { (*ctx.skb.skb).tc_classid = u32::from(tag) };
 }
 
+/// CONFIG, read once per program run: its generation's top bit is the epoch
+/// of every map lookup of the run (see `netpol_common`'s "Epochs").
 #[inline(always)]
 fn config() -> ConfigValue {
     NETPOL_CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// The endpoint of a veth in the epoch of the run's CONFIG.
+#[inline(always)]
+fn endpoint(ifindex: u32, cfg: &ConfigValue) -> Option<&'static EndpointValue> {
+    let key = endpoint_key(ifindex, generation_epoch(cfg.generation));
+    // SAFETY: a map value is valid for the program run.
+    unsafe { NETPOL_ENDPOINTS.get(&key) }
+}
+
+/// The epoch of the run's CONFIG.
+#[inline(always)]
+const fn epoch(cfg: &ConfigValue) -> u32 {
+    generation_epoch(cfg.generation)
 }
 
 #[inline(always)]
@@ -256,7 +278,12 @@ fn send_event(
 }
 
 #[inline(always)]
-fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict, ParseError> {
+fn try_handle(
+    ctx: &TcContext,
+    direction: u8,
+    s: &mut Scratch,
+    cfg: &ConfigValue,
+) -> Result<Verdict, ParseError> {
     // Start from a clean packet so that an early error reports zeros, not
     // the previous packet's addresses.
     s.pkt.family = 0;
@@ -283,7 +310,7 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
     let Some(family) = family_of(ethertype) else {
         if ethertype == ETH_P_ARP {
             if direction == DIR_EGRESS {
-                arp_from_pod(ctx, ifindex)?;
+                arp_from_pod(ctx, ifindex, cfg)?;
             }
             // ARP is not IP: NetworkPolicy does not apply to it, and without
             // it no IPv4 traffic (allowed or not) could flow at all. What a
@@ -303,12 +330,12 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
         // (the IPv6 equivalent of ARP): without them no IPv6 traffic could
         // flow at all. Only what RFC 4861/2710 lets a link carry passes, and
         // a pod speaks only for itself and is no router.
-        neighbor_discovery(ctx, &s.pkt, ifindex, direction)?;
+        neighbor_discovery(ctx, &s.pkt, ifindex, direction, cfg)?;
         count(direction, REASON_NEIGHBOR_DISCOVERY);
         return Ok(Verdict::Pass);
     }
 
-    flow_path(ctx, s, ifindex, direction, family, Stage::Veth)
+    flow_path(ctx, s, ifindex, direction, family, Stage::Veth, cfg)
 }
 
 /// The local pod that sent a packet, by its source address: the ifindex of
@@ -325,18 +352,18 @@ fn local_sender(family: u8, saddr: &[u8; 16]) -> Option<u32> {
 /// source is that pod's address or one of this node's own (masqueraded),
 /// else by the source address.
 #[inline(always)]
-fn tagged_sender(tag: u16, family: u8, saddr: &[u8; 16]) -> Option<u32> {
+fn tagged_sender(tag: u16, family: u8, saddr: &[u8; 16], cfg: &ConfigValue) -> Option<u32> {
     if tag & SENDER_TAG != 0
         && let Some(&ifp) = NETPOL_SLOTS.get(u32::from(tag & !SENDER_TAG))
         && ifp != 0
-        && let Some(ep) = unsafe { NETPOL_ENDPOINTS.get(&ifp) }
+        && let Some(ep) = endpoint(ifp, cfg)
     {
         let own = if family == FAMILY_V6 {
             ep.flags & EP_F_HAS_V6 != 0 && eq16(saddr, &ep.addr_v6)
         } else {
             ep.flags & EP_F_HAS_V4 != 0 && eq4(saddr, &ep.addr_v4)
         };
-        if own || peer_flags(family, saddr) & PEER_F_HOST != 0 {
+        if own || peer_flags(epoch(cfg), family, saddr) & PEER_F_HOST != 0 {
             return Some(ifp);
         }
     }
@@ -344,7 +371,11 @@ fn tagged_sender(tag: u16, family: u8, saddr: &[u8; 16]) -> Option<u32> {
 }
 
 #[inline(always)]
-fn try_post_nat(ctx: &TcContext, s: &mut Scratch) -> Result<Verdict, ParseError> {
+fn try_post_nat(
+    ctx: &TcContext,
+    s: &mut Scratch,
+    cfg: &ConfigValue,
+) -> Result<Verdict, ParseError> {
     s.pkt.family = 0;
     s.pkt.protocol = 0;
     s.pkt.sport = 0;
@@ -377,7 +408,7 @@ fn try_post_nat(ctx: &TcContext, s: &mut Scratch) -> Result<Verdict, ParseError>
         load_into(ctx, ETH_HLEN + 8, &mut saddr)
     };
     let sender = match read {
-        Ok(()) => tagged_sender(tag_of(ctx), family, &saddr),
+        Ok(()) => tagged_sender(tag_of(ctx), family, &saddr, cfg),
         Err(_) => None,
     };
     let Some(ifindex) = sender else {
@@ -391,7 +422,7 @@ fn try_post_nat(ctx: &TcContext, s: &mut Scratch) -> Result<Verdict, ParseError>
         count(DIR_EGRESS, REASON_NEIGHBOR_DISCOVERY);
         return Ok(Verdict::Pass);
     }
-    flow_path(ctx, s, ifindex, DIR_EGRESS, family, Stage::PostNat)
+    flow_path(ctx, s, ifindex, DIR_EGRESS, family, Stage::PostNat, cfg)
 }
 
 /// The flow table and, for a new flow, the policy: for the endpoint on
@@ -405,8 +436,9 @@ fn flow_path(
     direction: u8,
     family: u8,
     stage: Stage,
+    cfg: &ConfigValue,
 ) -> Result<Verdict, ParseError> {
-    let cfg = config();
+    let cfg = *cfg;
     let len = ctx.len();
 
     if s.pkt.frag == Frag::Later {
@@ -455,7 +487,7 @@ fn flow_path(
             let verdict = f.verdict;
             let reply = f.origin != direction;
             if s.pkt.frag == Frag::First {
-                record_first_fragment(s, ifindex, direction, verdict);
+                record_first_fragment(s, ifindex, direction, verdict, &cfg);
             }
             count(
                 direction,
@@ -474,7 +506,7 @@ fn flow_path(
             } else {
                 VERDICT_DENY
             };
-            record_first_fragment(s, ifindex, direction, verdict);
+            record_first_fragment(s, ifindex, direction, verdict, &cfg);
         }
         return Ok(v);
     }
@@ -549,8 +581,8 @@ fn for_pod(p: &Packet, ep: &EndpointValue) -> bool {
 /// address, or 0.0.0.0 in a probe) with the pod's MAC. A gratuitous ARP
 /// claiming another pod's or the gateway's address is spoofing.
 #[inline(always)]
-fn arp_from_pod(ctx: &TcContext, ifindex: u32) -> Result<(), ParseError> {
-    let Some(ep) = (unsafe { NETPOL_ENDPOINTS.get(&ifindex) }) else {
+fn arp_from_pod(ctx: &TcContext, ifindex: u32, cfg: &ConfigValue) -> Result<(), ParseError> {
+    let Some(ep) = endpoint(ifindex, cfg) else {
         return Err(ParseError(REASON_NO_ENDPOINT));
     };
     // htype 1 (Ethernet), ptype 0x0800 (IPv4), hlen 6, plen 4.
@@ -584,6 +616,7 @@ fn neighbor_discovery(
     p: &Packet,
     ifindex: u32,
     direction: u8,
+    cfg: &ConfigValue,
 ) -> Result<(), ParseError> {
     let ty = p.icmp_type;
     let mld = matches!(ty, 130..=132 | 143);
@@ -604,12 +637,12 @@ fn neighbor_discovery(
     let d = &p.daddr;
     if !(link_local6(d)
         || d[0] == 0xff
-        || peer_flags(FAMILY_V6, d) & PEER_F_HOST != 0
+        || peer_flags(epoch(cfg), FAMILY_V6, d) & PEER_F_HOST != 0
         || local_sender(FAMILY_V6, d).is_some())
     {
         return Err(ParseError(REASON_ND_INVALID));
     }
-    let Some(ep) = (unsafe { NETPOL_ENDPOINTS.get(&ifindex) }) else {
+    let Some(ep) = endpoint(ifindex, cfg) else {
         return Err(ParseError(REASON_NO_ENDPOINT));
     };
     let unspecified = p.saddr[0] == 0 && eq16(&p.saddr, &[0; 16]);
@@ -664,7 +697,8 @@ fn related_error(
     // on this pod's flow is a forgery. A pod sends errors only to the flow's
     // far end: never "about its DNS flow" to a third host.
     if !eq16(&s.inner.daddr, &s.pkt.saddr)
-        && (direction == DIR_EGRESS || peer_flags(family, &s.pkt.saddr) & PEER_F_POD != 0)
+        && (direction == DIR_EGRESS
+            || peer_flags(epoch(cfg), family, &s.pkt.saddr) & PEER_F_POD != 0)
     {
         return false;
     }
@@ -757,7 +791,7 @@ fn new_flow(
 ) -> Result<Verdict, ParseError> {
     let cfg = *cfg;
     let now = now_ns();
-    let ep_ptr = unsafe { NETPOL_ENDPOINTS.get(&ifindex) };
+    let ep_ptr = endpoint(ifindex, &cfg);
     if stage == Stage::Veth
         && let Some(ep) = ep_ptr
     {
@@ -853,7 +887,7 @@ fn new_flow(
         if s.pkt.frag == Frag::First {
             // Later fragments of a denied datagram must not follow an older
             // allow recorded under a reused id.
-            record_first_fragment(s, ifindex, direction, VERDICT_DENY);
+            record_first_fragment(s, ifindex, direction, VERDICT_DENY, &cfg);
         }
         return Ok(Verdict::Drop);
     }
@@ -878,7 +912,7 @@ fn new_flow(
         let _ = NETPOL_FLOWS.insert(&s.key, &s.value, BPF_NOEXIST);
     }
     if s.pkt.frag == Frag::First {
-        record_first_fragment(s, ifindex, direction, verdict);
+        record_first_fragment(s, ifindex, direction, verdict, &cfg);
     }
     Ok(Verdict::Pass)
 }
@@ -893,10 +927,10 @@ fn new_flow(
 #[inline(always)]
 fn sender_denies(s: &mut Scratch, cfg: &ConfigValue, len: u32, now: u64, tag: u16) -> bool {
     let family = s.pkt.family;
-    let Some(src_if) = tagged_sender(tag, family, &s.pkt.saddr) else {
+    let Some(src_if) = tagged_sender(tag, family, &s.pkt.saddr, cfg) else {
         return false;
     };
-    let Some(src_ep) = (unsafe { NETPOL_ENDPOINTS.get(&src_if) }).copied() else {
+    let Some(src_ep) = endpoint(src_if, cfg).copied() else {
         return false;
     };
     let d = decide(
@@ -940,10 +974,10 @@ fn sender_denies(s: &mut Scratch, cfg: &ConfigValue, len: u32, now: u64, tag: u1
 #[inline(always)]
 fn sender_revoked(s: &mut Scratch, cfg: &ConfigValue, port: u16, tag: u16) -> bool {
     let family = s.key.family;
-    let Some(src_if) = tagged_sender(tag, family, &s.key.remote_addr) else {
+    let Some(src_if) = tagged_sender(tag, family, &s.key.remote_addr, cfg) else {
         return false;
     };
-    let Some(src_ep) = (unsafe { NETPOL_ENDPOINTS.get(&src_if) }).copied() else {
+    let Some(src_ep) = endpoint(src_if, cfg).copied() else {
         return false;
     };
     let d = decide(
@@ -1067,7 +1101,7 @@ pub fn local_in(ctx: &SkLookupContext) -> u32 {
         }
     }
     let now = now_ns();
-    let Some(ep) = (unsafe { NETPOL_ENDPOINTS.get(&ifindex) }).copied() else {
+    let Some(ep) = endpoint(ifindex, &cfg).copied() else {
         count(DIR_EGRESS, REASON_NO_ENDPOINT);
         return SK_DROP;
     };
@@ -1171,12 +1205,20 @@ fn bump_flow(f: &mut FlowValue, direction: u8, len: u32) {
 }
 
 #[inline(always)]
-fn record_first_fragment(s: &mut Scratch, ifindex: u32, direction: u8, verdict: u8) {
+fn record_first_fragment(
+    s: &mut Scratch,
+    ifindex: u32,
+    direction: u8,
+    verdict: u8,
+    cfg: &ConfigValue,
+) {
     fill_frag_key(&mut s.frag, ifindex, &s.pkt, direction);
     let fv = FragValue {
         sport: s.pkt.sport,
         dport: s.pkt.dport,
-        generation: config().generation,
+        // The run's generation, not a second read: a verdict is recorded
+        // under the generation (and epoch) it was decided in.
+        generation: cfg.generation,
         verdict,
         protocol: s.pkt.protocol,
         _pad: [0; 2],
@@ -1201,7 +1243,7 @@ fn recheck(
     tag: u16,
 ) -> Verdict {
     let now = now_ns();
-    let Some(ep) = (unsafe { NETPOL_ENDPOINTS.get(&ifindex) }).copied() else {
+    let Some(ep) = endpoint(ifindex, cfg).copied() else {
         let _ = NETPOL_FLOWS.remove(&s.key);
         count(direction, REASON_NO_ENDPOINT);
         return Verdict::Drop;

@@ -11,11 +11,16 @@ use netpol_common::{
     PeerValue, PolicyKey, PolicyValue, RateState, VerdictEvent, sizes,
 };
 
-/// Local endpoints. Key: host-side veth ifindex. Value: the pod's compiled
-/// policy set, isolation and audit flags. Written by the agent.
+/// Local endpoints. Key: host-side veth ifindex, with the epoch in the top
+/// bit (`netpol_common::endpoint_key`). Value: the pod's compiled policy set
+/// (its id tagged with the same epoch), isolation and audit flags. Holds
+/// both epochs. Written by the agent.
 #[btf_map]
-pub static NETPOL_ENDPOINTS: HashMap<u32, EndpointValue, { sizes::ENDPOINTS as usize }> =
-    HashMap::new();
+pub static NETPOL_ENDPOINTS: HashMap<
+    u32,
+    EndpointValue,
+    { (sizes::EPOCHS * sizes::ENDPOINTS) as usize },
+> = HashMap::new();
 
 /// IPv4 peer address (LPM, network byte order) -> identity. Pod IPs are /32,
 /// ipBlock CIDRs and excepts are prefixes, 0.0.0.0/0 is always present.
@@ -29,12 +34,25 @@ pub static NETPOL_PEERS_V4: LpmTrie<[u8; 4], PeerValue, { sizes::PEERS_V4 as usi
 pub static NETPOL_PEERS_V6: LpmTrie<[u8; 16], PeerValue, { sizes::PEERS_V6 as usize }> =
     LpmTrie::new();
 
-/// (policy set, peer identity, direction, protocol, port prefix) -> allow and
-/// the rule id. See `netpol_common::PolicyKey` for the wildcard rules.
-/// Written by the agent.
+/// The peers of epoch 1 (`NETPOL_PEERS_V4` holds epoch 0's), same layout.
 #[btf_map]
-pub static NETPOL_POLICY: LpmTrie<PolicyKey, PolicyValue, { sizes::POLICY as usize }> =
+pub static NETPOL_PEER1_V4: LpmTrie<[u8; 4], PeerValue, { sizes::PEERS_V4 as usize }> =
     LpmTrie::new();
+
+/// The IPv6 peers of epoch 1.
+#[btf_map]
+pub static NETPOL_PEER1_V6: LpmTrie<[u8; 16], PeerValue, { sizes::PEERS_V6 as usize }> =
+    LpmTrie::new();
+
+/// (policy set, peer identity, direction, protocol, port prefix) -> allow and
+/// the rule id. See `netpol_common::PolicyKey` for the wildcard rules. Holds
+/// both epochs (policy set ids carry the epoch bit). Written by the agent.
+#[btf_map]
+pub static NETPOL_POLICY: LpmTrie<
+    PolicyKey,
+    PolicyValue,
+    { (sizes::EPOCHS * sizes::POLICY) as usize },
+> = LpmTrie::new();
 
 /// Established flows, one entry per flow serving both directions of travel
 /// (keyed from the pod's side, see `netpol_common::FlowKey`).
@@ -63,7 +81,8 @@ pub static NETPOL_EVENTS: RingBuf<VerdictEvent, { sizes::EVENTS_BYTES as usize }
 #[btf_map]
 pub static NETPOL_EVENT_RATE: PerCpuArray<RateState, 1> = PerCpuArray::new();
 
-/// Generation, event rate and global flags. Written by the agent.
+/// Generation (its top bit: the epoch the datapath reads), event rate and
+/// global flags. Read once per program run. Written by the agent.
 #[btf_map]
 pub static NETPOL_CONFIG: Array<ConfigValue, 1> = Array::new();
 

@@ -8,12 +8,13 @@ use aya_ebpf::btf_maps::lpm_trie::Key;
 use netpol_common::{
     ACTION_ALLOW, DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ISOLATED, EP_F_INGRESS_ISOLATED,
     EndpointValue, FAMILY_V4, IDENTITY_ANY, PEER_F_HOST, PEER_F_POD, POLICY_PREFIX_FULL,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, REASON_DEFERRED, REASON_HOST, REASON_NOT_ISOLATED,
-    REASON_POLICY_ALLOW, REASON_POLICY_DENY,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerValue, PolicyKey, REASON_DEFERRED, REASON_HOST,
+    REASON_NOT_ISOLATED, REASON_POLICY_ALLOW, REASON_POLICY_DENY, id_epoch,
 };
 
 use crate::maps::{
-    NETPOL_DEFER_V4, NETPOL_DEFER_V6, NETPOL_PEERS_V4, NETPOL_PEERS_V6, NETPOL_POLICY,
+    NETPOL_DEFER_V4, NETPOL_DEFER_V6, NETPOL_PEER1_V4, NETPOL_PEER1_V6, NETPOL_PEERS_V4,
+    NETPOL_PEERS_V6, NETPOL_POLICY,
 };
 
 /// Where a decision is taken.
@@ -39,17 +40,32 @@ pub struct Decision {
     pub peer_identity: u32,
 }
 
-/// The `PEER_F_*` flags of an address (0 when it has no entry).
+/// The peer entry of an address in `epoch`'s tries (see `netpol_common`'s
+/// "Epochs": each epoch has its own).
 #[inline(always)]
-pub fn peer_flags(family: u8, addr: &[u8; 16]) -> u32 {
-    let v = if family == FAMILY_V4 {
+fn peer(epoch: u32, family: u8, addr: &[u8; 16]) -> Option<PeerValue> {
+    if family == FAMILY_V4 {
         let key = Key::new(32, [addr[0], addr[1], addr[2], addr[3]]);
-        NETPOL_PEERS_V4.get(&key).copied()
+        if epoch == 0 {
+            NETPOL_PEERS_V4.get(&key).copied()
+        } else {
+            NETPOL_PEER1_V4.get(&key).copied()
+        }
     } else {
         let key = Key::new(128, *addr);
-        NETPOL_PEERS_V6.get(&key).copied()
-    };
-    v.map_or(0, |v| v.flags)
+        if epoch == 0 {
+            NETPOL_PEERS_V6.get(&key).copied()
+        } else {
+            NETPOL_PEER1_V6.get(&key).copied()
+        }
+    }
+}
+
+/// The `PEER_F_*` flags of an address in `epoch` (the epoch of the CONFIG
+/// value the packet's run read; 0 when the address has no entry).
+#[inline(always)]
+pub fn peer_flags(epoch: u32, family: u8, addr: &[u8; 16]) -> u32 {
+    peer(epoch, family, addr).map_or(0, |v| v.flags)
 }
 
 /// Whether kube-proxy may translate `addr` (a Service frontend).
@@ -66,6 +82,9 @@ fn service_frontend(family: u8, addr: &[u8; 16]) -> bool {
 
 /// Decide traffic of `ep` in `direction` (the pod's point of view) with the
 /// peer at `peer` (the remote address), on `protocol`/`port`.
+///
+/// Every lookup is in the epoch of `ep`, which the caller looked up in the
+/// epoch its run read from CONFIG: the endpoint's policy set id carries it.
 ///
 /// At `Stage::Veth`, a pod's egress to a Service frontend (the deferred
 /// destinations map), or to one of this node's own addresses (a NodePort),
@@ -98,13 +117,7 @@ pub fn decide(
         };
     }
 
-    let peer_value = if family == FAMILY_V4 {
-        let key = Key::new(32, [peer[0], peer[1], peer[2], peer[3]]);
-        NETPOL_PEERS_V4.get(&key).copied()
-    } else {
-        let key = Key::new(128, *peer);
-        NETPOL_PEERS_V6.get(&key).copied()
-    };
+    let peer_value = self::peer(id_epoch(ep.policy_id), family, peer);
     let (identity, cidr_identity, peer_flags) = match peer_value {
         Some(v) => (v.identity, v.cidr_identity, v.flags),
         None => (IDENTITY_UNKNOWN, 0, 0),

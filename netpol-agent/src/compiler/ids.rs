@@ -21,7 +21,13 @@ impl Default for IdAlloc {
 impl IdAlloc {
     pub(crate) fn next(&mut self) -> u32 {
         let id = self.next;
-        self.next = self.next.checked_add(1).expect("u32 id space exhausted");
+        // The top bit of a stored policy set id is its epoch, and the
+        // agent's lockdown set is the largest id below it.
+        assert!(
+            id < !netpol_common::EPOCH_BIT,
+            "id space exhausted (ids stay below 2^31 - 1)"
+        );
+        self.next += 1;
         id
     }
 }
