@@ -894,7 +894,17 @@ impl Agent {
         if !plan.is_empty() && !self.epochs.needs_grace() {
             let writes = plan.len() - 1;
             let dp = &mut self.dp;
-            let failed = self.epochs.execute(plan, |w| write(dp, w));
+            let t = Instant::now();
+            let mut flip_secs = 0.0;
+            let failed = self.epochs.execute(plan, |w| {
+                let t = Instant::now();
+                let r = write(dp, w);
+                if matches!(w, Write::Flip { .. }) {
+                    flip_secs = t.elapsed().as_secs_f64();
+                }
+                r
+            });
+            let write_secs = t.elapsed().as_secs_f64();
             for f in &failed {
                 self.map_error(&f.error);
                 errors.push(format!("writing {}: {}", describe(&f.write), f.error));
@@ -902,6 +912,8 @@ impl Agent {
             flipped = failed.is_empty();
             tracing::debug!(
                 writes,
+                write_secs,
+                flip_secs,
                 failed = failed.len(),
                 epoch = self.epochs.active(),
                 generation = self.epochs.generation(),

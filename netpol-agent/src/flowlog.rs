@@ -126,7 +126,10 @@ pub fn describe(ev: &VerdictEvent, names: &Names, time: SystemTime) -> FlowLog {
         ));
     } else if ev.reason == REASON_POLICY_DENY || ev.reason == netpol_common::REASON_AUDIT {
         policy = Some("default-deny".to_string());
-        if let Some(set) = names.compiled.policy_sets.get(&ev.policy_id) {
+        // The event carries the set id as the datapath stores it, with its
+        // epoch bit; the compiler's id is without.
+        let set_id = netpol_common::epoch_policy_id(ev.policy_id, 0);
+        if let Some(set) = names.compiled.policy_sets.get(&set_id) {
             let list: &[PolicyRef] = if ev.direction == DIR_EGRESS {
                 &set.egress
             } else {
@@ -348,6 +351,14 @@ mod tests {
         assert_eq!(l.isolated_by, vec!["y/deny-all".to_string()]);
         let json = serde_json::to_string(&l).unwrap();
         assert!(json.contains("\"reason\":\"policy_deny\""), "{json}");
+    }
+
+    #[test]
+    fn a_deny_in_epoch_1_names_the_isolating_policies_too() {
+        let mut ev = event(VERDICT_DENY, REASON_POLICY_DENY, 0);
+        ev.policy_id = netpol_common::epoch_policy_id(3, 1);
+        let l = describe(&ev, &names(), SystemTime::UNIX_EPOCH);
+        assert_eq!(l.isolated_by, vec!["y/deny-all".to_string()]);
     }
 
     fn temp_dir(name: &str) -> PathBuf {

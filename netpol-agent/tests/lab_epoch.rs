@@ -205,6 +205,17 @@ fn changes_made_while_the_agents_are_down_never_mix_old_and_new_verdicts() {
         "[measure] {TEST}: restarted agents enforce the new state {:?} after the restart",
         t0.elapsed()
     );
+    // With RUST_LOG=netpol_agent=debug the agents log each state they
+    // write (writes, their time, the flip's) and each grace period.
+    for a in &agents.agents {
+        for line in a
+            .log_tail(200)
+            .lines()
+            .filter(|l| l.contains("policy state written") || l.contains("grace period"))
+        {
+            eprintln!("[measure] {TEST}: {}: {line}", a.node);
+        }
+    }
     // Probe the new state for a while too (later syncs flip epochs again
     // only if something changes; a flip must not disturb the streams).
     std::thread::sleep(Duration::from_millis(1000));
