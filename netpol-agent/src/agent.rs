@@ -2,15 +2,19 @@
 //! attachments, ring buffer -> flow logs, and a status file.
 //!
 //! Ordering rules that keep enforcement without gaps:
-//! - map entries are written before the endpoint that uses them, and
-//!   removed after the endpoint stops using them;
-//! - a pod's endpoint entry is written before its veth gets programs;
+//! - a new policy state (endpoints, peers, policy entries) is written whole
+//!   into the epoch the datapath does not read, then one CONFIG write flips
+//!   to it, so every packet is judged by the old state or the new one (see
+//!   [`crate::epoch`]); a state with a failed write is never flipped to;
+//! - a pod's endpoint entry is in the enforced state before its veth gets
+//!   programs;
 //! - a veth that looks like a pod's (a host route to it, or a bridge port)
 //!   but whose pod the agent does not know yet gets the programs with no
 //!   endpoint entry: the datapath drops its traffic (`no_endpoint`) until
 //!   the pod is known ("pending = deny");
-//! - after any update that can revoke, the policy generation is bumped so
-//!   established flows are re-checked on their next packet.
+//! - every flip is a new policy generation, and so is any other update that
+//!   can revoke (a deferred range gone): established flows are re-checked on
+//!   their next packet.
 
 use std::{
     collections::{BTreeMap, BTreeSet},

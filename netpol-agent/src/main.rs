@@ -128,12 +128,18 @@ struct RunArgs {
     /// Poll interval of the source and the node, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
+    /// Endpoints of one policy state (the map holds two: the enforced state
+    /// and the one being written, so it is created twice as big).
     #[arg(long, default_value_t = netpol_common::sizes::ENDPOINTS)]
     max_endpoints: u32,
+    /// Peer entries of one policy state (each state has its own trie).
     #[arg(long, default_value_t = netpol_common::sizes::PEERS_V4)]
     max_peers_v4: u32,
+    /// As --max-peers-v4, for IPv6.
     #[arg(long, default_value_t = netpol_common::sizes::PEERS_V6)]
     max_peers_v6: u32,
+    /// Policy entries of one policy state (the map holds two, and is
+    /// created twice as big).
     #[arg(long, default_value_t = netpol_common::sizes::POLICY)]
     max_policy: u32,
     #[arg(long, default_value_t = netpol_common::sizes::FLOWS)]
