@@ -1026,11 +1026,18 @@ impl Agent {
                 + b.keys().filter(|k| !a.contains_key(k)).count()
         }
         let held = self.dp.read_epochs()?;
+        let generation = self.dp.config()?.generation;
         let local = self.dp.read_local_addrs()?;
         let deferred = self.dp.read_deferred()?;
-        let n = self.epochs.reread(held)
+        let mut n = self.epochs.reread(held)
             + differ(&self.local_addrs, &local)
             + self.deferred.symmetric_difference(&deferred).count();
+        if generation != self.epochs.generation() {
+            // CONFIG changed by hand: the next sync writes the epoch packets
+            // do not read and flips to it, under a new generation.
+            self.epochs.config_drifted(generation);
+            n += 1;
+        }
         self.local_addrs = local;
         self.deferred = deferred;
         Ok(n)

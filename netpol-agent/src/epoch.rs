@@ -249,6 +249,18 @@ impl<K: Ord + Clone> Epochs<K> {
         n
     }
 
+    /// CONFIG's generation in the kernel is not the one this agent wrote
+    /// (changed by hand): believe its epoch bit (that is the state packets
+    /// read now), keep the larger count (so the next flip is a generation no
+    /// flow was ever cached under), and wait for a grace period before
+    /// writing the other epoch, which packets may just have been reading.
+    pub fn config_drifted(&mut self, kernel_generation: u32) {
+        let count = (kernel_generation & !netpol_common::EPOCH_BIT)
+            .max(self.generation & !netpol_common::EPOCH_BIT);
+        self.generation = count | (kernel_generation & netpol_common::EPOCH_BIT);
+        self.grace_pending = true;
+    }
+
     /// Whether a grace period must pass before the inactive epoch is written.
     pub fn needs_grace(&self) -> bool {
         self.grace_pending
@@ -535,6 +547,28 @@ mod tests {
         );
         assert!(e.execute::<()>(retry, |_| Ok(())).is_empty());
         assert_eq!(e.current(), &state(2, 2));
+    }
+
+    #[test]
+    fn a_generation_changed_by_hand_is_repaired_by_writing_the_other_epoch() {
+        let mut e = Epochs::adopt(0, [State::default(), State::default()]);
+        e.graced();
+        let plan = e.plan(&state(2, 2));
+        assert!(e.execute::<()>(plan, |_| Ok(())).is_empty());
+        assert_eq!(e.generation(), 1 | EPOCH_BIT);
+        // Someone writes generation 0 (epoch 0, the stale empty state).
+        e.config_drifted(0);
+        assert_eq!((e.active(), e.current()), (0, &State::default()));
+        assert!(e.needs_grace(), "packets may be reading epoch 1 right now");
+        e.graced();
+        let plan = e.plan(&state(2, 2));
+        assert_eq!(
+            plan,
+            vec![Write::Flip {
+                generation: 2 | EPOCH_BIT
+            }],
+            "epoch 1 holds the state already; the flip's generation is new"
+        );
     }
 
     #[test]
