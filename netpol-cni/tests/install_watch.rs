@@ -131,13 +131,13 @@ fn a_one_shot_install_without_a_configuration_fails_clearly() {
     fs::remove_dir_all(&root).unwrap();
 }
 
-/// deploy/daemonset.yaml's install-cni container: a native sidecar whose `--bin-dir` and
+/// deploy/base/daemonset.yaml's install-cni container: a native sidecar whose `--bin-dir` and
 /// `--conf-dir` are the mounts of the host's /opt/cni/bin and /etc/cni/net.d, and whose
 /// command, run here with those two directories moved to a scratch place and without
 /// `--watch`, chains the plugin with the agent's bpffs root.
 #[test]
 fn the_daemonsets_installer_works_as_written() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base/daemonset.yaml");
     let ds: serde_yaml::Value =
         serde_yaml::from_str(&fs::read_to_string(&path).unwrap()).expect("daemonset.yaml");
     let pod = &ds["spec"]["template"]["spec"];

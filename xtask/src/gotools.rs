@@ -47,6 +47,10 @@ pub struct Module {
     /// `-X` to the module's version, as Kubernetes' `hack/lib/version.sh`
     /// does; without them the binaries say `v0.0.0-master`.
     pub version_vars: &'static [&'static str],
+    /// Variables set with `-X` to the module's version itself, as projects
+    /// other than Kubernetes stamp theirs (helm's Makefile:
+    /// `internal/version.version`).
+    pub version_strings: &'static [&'static str],
     /// How long the first `cargo xtask setup` takes to build it on 2 cores:
     /// measured with an empty Go build cache, building the modules in the
     /// order of [`MODULES`] (later ones reuse packages of earlier ones).
@@ -59,6 +63,7 @@ pub const MODULES: &[Module] = &[
         upstream: "go.etcd.io/etcd/server/v3",
         bins: &[("go.etcd.io/etcd/server/v3", "etcd")],
         version_vars: &[],
+        version_strings: &[],
         first_build: "~2 minutes",
     },
     Module {
@@ -77,6 +82,7 @@ pub const MODULES: &[Module] = &[
             "k8s.io/client-go/pkg/version",
             "k8s.io/component-base/version",
         ],
+        version_strings: &[],
         first_build: "~12 minutes",
     },
     Module {
@@ -84,6 +90,7 @@ pub const MODULES: &[Module] = &[
         upstream: "github.com/coredns/coredns",
         bins: &[("github.com/coredns/coredns", "coredns")],
         version_vars: &[],
+        version_strings: &[],
         first_build: "~3 minutes",
     },
     Module {
@@ -94,7 +101,16 @@ pub const MODULES: &[Module] = &[
             "kube-network-policies",
         )],
         version_vars: &[],
+        version_strings: &[],
         first_build: "~4 minutes",
+    },
+    Module {
+        dir: "helm",
+        upstream: "helm.sh/helm/v4",
+        bins: &[("helm.sh/helm/v4/cmd/helm", "helm")],
+        version_vars: &[],
+        version_strings: &["helm.sh/helm/v4/internal/version.version"],
+        first_build: "~2 minutes",
     },
 ];
 
@@ -470,6 +486,9 @@ fn build_flags(module: &Module, version: &str) -> Vec<String> {
             }
         }
     }
+    for var in module.version_strings {
+        ldflags.push_str(&format!(" -X {var}={version}"));
+    }
     BUILD_FLAGS
         .iter()
         .map(|f| (*f).to_owned())
@@ -561,7 +580,7 @@ mod tests {
     }
 
     #[test]
-    fn build_flags_stamp_kubernetes_versions_only() {
+    fn build_flags_stamp_versions_only() {
         let etcd = &MODULES[0];
         assert_eq!(
             build_flags(etcd, "v3.6.16"),
@@ -585,6 +604,12 @@ mod tests {
                 );
             }
         }
+        let helm = MODULES.iter().find(|m| m.dir == "helm").expect("helm");
+        assert_eq!(
+            build_flags(helm, "v4.3.2").last().map(String::as_str),
+            Some("-ldflags=-s -w -X helm.sh/helm/v4/internal/version.version=v4.3.2"),
+            "`helm version` says v4.3.2, as upstream's build does"
+        );
     }
 
     #[test]
@@ -699,7 +724,8 @@ mod tests {
                 "kube-proxy",
                 "kubectl",
                 "coredns",
-                "kube-network-policies"
+                "kube-network-policies",
+                "helm"
             ]
         );
     }
