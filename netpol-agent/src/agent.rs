@@ -791,12 +791,15 @@ impl Agent {
             }
         }
         self.slots.retain(|i, _| desired.contains_key(i));
+        let mut fresh = Vec::new();
         for (ifindex, ep) in &desired {
             if self.endpoints.get(ifindex) != Some(ep) {
                 revokes |= self.endpoints.contains_key(ifindex);
                 match self.dp.set_endpoint(*ifindex, *ep) {
                     Ok(()) => {
-                        self.endpoints.insert(*ifindex, *ep);
+                        if self.endpoints.insert(*ifindex, *ep).is_none() {
+                            fresh.push(*ifindex);
+                        }
                     }
                     Err(e) => errors.push(e.to_string()),
                 }
@@ -805,6 +808,22 @@ impl Agent {
         // Attach to every pod-like veth (endpoint written first).
         errors.extend(self.attach_pod_veths(&view, &pod_like));
         errors.extend(self.attach_post_nat(&view));
+        // A pod known from now on: what resolved nothing while its veth
+        // dropped everything is asked again (see `neigh`).
+        for ifindex in fresh {
+            if let (Some(veth), Some(ep)) = (view.veths.get(&ifindex), self.endpoints.get(&ifindex))
+            {
+                match crate::neigh::announce(veth, endpoint_ips(ep).collect()) {
+                    Ok(a) => tracing::debug!(
+                        veth = %veth.name,
+                        announced = a.announcements,
+                        resolicited = ?a.resolicited,
+                        "neighbours told of a newly enforced pod"
+                    ),
+                    Err(e) => tracing::debug!(veth = %veth.name, "neighbour announcement: {e}"),
+                }
+            }
+        }
         // Endpoints no longer wanted; veths gone or no longer a pod's.
         let stale: Vec<u32> = self
             .endpoints

@@ -11,6 +11,7 @@ pub mod kube_source;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
+pub mod neigh;
 pub mod netlink;
 pub mod pins;
 pub mod source;

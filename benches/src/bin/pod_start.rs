@@ -141,6 +141,8 @@ struct Run {
     leak_window_ms: Option<(f64, f64)>,
     /// When node-a's agent was started again (down modes), after creation.
     agent_back_ms: Option<f64>,
+    /// When every agent reported the pod's state synced, after creation.
+    synced_ms: f64,
 }
 
 #[derive(Serialize)]
@@ -276,6 +278,7 @@ fn main() -> Result<()> {
             agents
                 .wait_synced(&[], Duration::from_secs(30))
                 .map_err(|e| anyhow!("{e}"))?;
+            let synced = clock::now_ns();
             std::thread::sleep(Duration::from_millis(args.settle_ms));
             let allowed = allowed.finish()?;
             let denied = denied.finish()?;
@@ -313,6 +316,7 @@ fn main() -> Result<()> {
                     .zip(leaks.last())
                     .map(|(a, b)| (ms(*a), ms(*b))),
                 agent_back_ms: agent_back.map(|t| ms(t - t0)),
+                synced_ms: ms(synced - t0),
             };
             eprintln!(
                 "[pod_start] {mode:<12} run {}/{}: created in {:.1} ms, reachable by y/a after {}, \
@@ -327,6 +331,12 @@ fn main() -> Result<()> {
                 run.leak_window_ms
                     .map_or(String::new(), |(a, b)| format!(" ({a:.1}-{b:.1} ms)"))
             );
+            if let Some(back) = run.agent_back_ms {
+                eprintln!(
+                    "[pod_start] {mode:<12}   agent started again at {back:.0} ms, synced by {:.0} ms",
+                    run.synced_ms
+                );
+            }
             runs.push(run);
         }
     }
