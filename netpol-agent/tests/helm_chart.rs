@@ -19,10 +19,10 @@ use std::{
 };
 
 use netpol_lab::{
-    AgentSource, Lab, LabState, Protocol, UpOptions, connect,
-    controlplane::{ControlPlaneSpec, ProxyMode, token_kubeconfig},
-    cp_ops, require_privileges, start_agents_with,
-    tools::{CONTROL_PLANE_TOOLS, require_tools, tool},
+    AgentSource, LabState, Protocol, connect,
+    controlplane::token_kubeconfig,
+    cp_ops, fixtures, start_agents_with,
+    tools::{require_tools, tool},
 };
 
 mod common {
@@ -218,14 +218,6 @@ fn values_reach_the_rendered_objects() {
 
 const PORTS: &str = "[{port: 80, protocol: TCP}]";
 
-const DENY_X: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-all, namespace: x}
-spec:
-  podSelector: {}
-"#;
-
 fn connects(lab: &LabState, from: (&str, &str), to: (&str, &str)) -> bool {
     let to = lab.pod(to.0, to.1).expect("to pod").ip_v4;
     let from = lab.pod(from.0, from.1).expect("from pod");
@@ -246,25 +238,12 @@ fn connects(lab: &LabState, from: (&str, &str), to: (&str, &str)) -> bool {
 #[test]
 fn the_chart_installs_into_the_lab_and_its_agents_enforce() {
     const TEST: &str = "the_chart_installs_into_the_lab_and_its_agents_enforce";
-    if !require_privileges(TEST) || !require_tools(TEST, CONTROL_PLANE_TOOLS) {
-        return;
-    }
     if !require_tools(TEST, &["helm"]) {
         return;
     }
-    let name = format!("hc{}", std::process::id() % 100_000);
-    let lab = Lab::up(
-        &common::lab::cluster(&name, PORTS),
-        &UpOptions {
-            control_plane: Some(ControlPlaneSpec {
-                proxy_mode: ProxyMode::None,
-                dns: false,
-                ..ControlPlaneSpec::default()
-            }),
-            ..UpOptions::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("lab up {name}: {e}"));
+    let Some(lab) = common::lab::control_plane_up(TEST, "hc", PORTS) else {
+        return;
+    };
     let cp = cp_ops::control_plane(&lab.name).unwrap_or_else(|e| panic!("{e}"));
     let kubectl = cp.kubectl().expect("kubectl");
     kubectl
@@ -310,7 +289,7 @@ fn the_chart_installs_into_the_lab_and_its_agents_enforce() {
         "open before a policy"
     );
     let revisions = agents.revisions();
-    cp_ops::apply(&cp, DENY_X).unwrap_or_else(|e| panic!("kubectl apply: {e}"));
+    cp_ops::apply(&cp, fixtures::DENY_ALL_X).unwrap_or_else(|e| panic!("kubectl apply: {e}"));
     agents
         .wait_synced(&revisions, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}"));

@@ -43,10 +43,8 @@ use aya::maps::{HashMap as BpfHashMap, Map, MapData, lpm_trie::LpmTrie};
 use netpol_common::{EndpointValue, PeerValue, PolicyKey, PolicyValue, map_names};
 use netpol_lab::{
     AgentProc, AgentSource, Agents, Family, Lab, LabState, PodSpec, PortSpec, ProbeSpec, Protocol,
-    TableKey, TruthTable, UpOptions, connect,
-    controlplane::{ControlPlaneSpec, ControlPlaneState, ProxyMode},
-    cp_ops, require_privileges, run_in_netns, start_agents_with,
-    tools::{CONTROL_PLANE_TOOLS, require_tools},
+    TableKey, TruthTable, connect, controlplane::ControlPlaneState, cp_ops, run_in_netns,
+    start_agents_with,
 };
 
 mod common {
@@ -162,28 +160,7 @@ y/b .   X   .   .
 /// A control-plane lab of [`common::lab::cluster`] (no kube-proxy, no DNS: the tests dial pod
 /// IPs), or `None` after a loud skip.
 fn lab_up(test: &str, prefix: char) -> Option<Lab> {
-    if !require_privileges(test) || !require_tools(test, CONTROL_PLANE_TOOLS) {
-        return None;
-    }
-    let name = format!("k{prefix}{}", std::process::id() % 100_000);
-    let started = Instant::now();
-    let lab = Lab::up(
-        &common::lab::cluster(&name, PORTS),
-        &UpOptions {
-            control_plane: Some(ControlPlaneSpec {
-                proxy_mode: ProxyMode::None,
-                dns: false,
-                ..ControlPlaneSpec::default()
-            }),
-            ..UpOptions::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{test}: lab up {name}: {e}"));
-    eprintln!(
-        "[measure] {test}: control-plane lab {name} up in {:.1?}",
-        started.elapsed()
-    );
-    Some(lab)
+    common::lab::control_plane_up(test, &format!("k{prefix}"), PORTS)
 }
 
 fn cp(lab: &LabState) -> ControlPlaneState {

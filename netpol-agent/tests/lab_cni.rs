@@ -22,7 +22,7 @@ use std::{
 use netpol_common::{DIR_EGRESS, DIR_INGRESS, REASON_NO_ENDPOINT, counter_index, map_names};
 use netpol_lab::{
     AddPodOptions, Agents, Lab, LabState, PodSpec, PortSpec, Protocol, agents::agent_paths,
-    cni::cni_exe, connect, require_privileges, start_agents,
+    cni::cni_exe, connect, fixtures, require_privileges, start_agents,
 };
 
 mod common {
@@ -35,32 +35,8 @@ const PORTS: &str = "[{port: 80, protocol: TCP}]";
 
 /// x is ingress-isolated; x's pods labelled pod=a take TCP 80 from y/a only.
 const POLICIES: [(&str, &str); 2] = [
-    (
-        "deny-all.yaml",
-        r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-all, namespace: x}
-spec:
-  podSelector: {}
-"#,
-    ),
-    (
-        "allow-ya.yaml",
-        r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: allow-ya, namespace: x}
-spec:
-  podSelector: {matchLabels: {pod: a}}
-  ingress:
-    - from:
-        - namespaceSelector: {matchLabels: {ns: y}}
-          podSelector: {matchLabels: {pod: a}}
-      ports:
-        - {protocol: TCP, port: 80}
-"#,
-    ),
+    ("deny-all.yaml", fixtures::DENY_ALL_X),
+    ("allow-ya.yaml", fixtures::ALLOW_YA_TO_XA_80),
 ];
 
 fn plugin() -> PathBuf {

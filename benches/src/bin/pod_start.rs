@@ -2,7 +2,7 @@
 //! by its policy, in the style of kubernetes perf-tests'
 //! `pod-creation-reachability-latency`, and with what slips through before.
 //!
-//! A two-node lab (node-a routed, node-b bridged) with the directory source:
+//! The two-node lab of `netpol_lab::fixtures` with the directory source:
 //! namespace x is default-deny for ingress, and x's pods labelled `pod: a`
 //! take TCP 80 from y/a only. For each run a new pod x/p<k> (`pod: a`) is
 //! created on node-a at a fixed address, while two probers (see
@@ -50,7 +50,9 @@ use netpol_benches::{
     write_json,
 };
 use netpol_lab::{
-    AddPodOptions, ClusterSpec, Lab, PodSpec, PortSpec, Protocol, UpOptions, start_agents,
+    AddPodOptions, Lab, PodSpec, PortSpec, Protocol, UpOptions,
+    fixtures::{ALLOW_YA_TO_XA_80, DENY_ALL_X, two_node_cluster},
+    start_agents,
     state::write_atomic,
 };
 use serde::Serialize;
@@ -88,40 +90,6 @@ struct Args {
     #[arg(long)]
     json: Option<PathBuf>,
 }
-
-const CLUSTER: &str = r#"
-name: NAME
-nodes:
-  - {name: node-a, attachment: routed, podCIDR: 10.244.1.0/24, podCIDRv6: "fd00:244:1::/64"}
-  - {name: node-b, attachment: bridged, podCIDR: 10.244.2.0/24, podCIDRv6: "fd00:244:2::/64"}
-namespaces:
-  - {name: x, labels: {ns: x}}
-  - {name: y, labels: {ns: y}}
-pods:
-  - {namespace: x, name: a, node: node-a, labels: {pod: a}, ports: [{port: 80, protocol: TCP}]}
-  - {namespace: y, name: a, node: node-b, labels: {pod: a}, ports: [{port: 80, protocol: TCP}]}
-  - {namespace: y, name: b, node: node-a, labels: {pod: b}, ports: [{port: 80, protocol: TCP}]}
-"#;
-
-const POLICY: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-all, namespace: x}
-spec:
-  podSelector: {}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: allow-ya, namespace: x}
-spec:
-  podSelector: {matchLabels: {pod: a}}
-  ingress:
-    - from:
-        - namespaceSelector: {matchLabels: {ns: y}}
-          podSelector: {matchLabels: {pod: a}}
-      ports:
-        - {protocol: TCP, port: 80}
-"#;
 
 #[derive(Debug, Clone, Serialize)]
 struct Run {
@@ -202,7 +170,8 @@ fn main() -> Result<()> {
     let machine = Machine::describe();
     let name = format!("ps{}", std::process::id() % 100_000);
     eprintln!("[pod_start] lab {name} up ...");
-    let spec = ClusterSpec::from_yaml(&CLUSTER.replace("NAME", &name))?;
+    // x/b and y/a's ports, as every pod's; the new pods are on node-a.
+    let spec = two_node_cluster(&name, "[{port: 80, protocol: TCP}]")?;
     let mut lab = Lab::up(
         &spec,
         &UpOptions {
@@ -215,8 +184,11 @@ fn main() -> Result<()> {
     agents
         .change(
             || {
-                write_atomic(&lab.manifests_dir.join("policy.yaml"), POLICY.as_bytes())
-                    .expect("write policy")
+                write_atomic(
+                    &lab.manifests_dir.join("policy.yaml"),
+                    format!("{DENY_ALL_X}---{ALLOW_YA_TO_XA_80}").as_bytes(),
+                )
+                .expect("write policy")
             },
             Duration::from_secs(30),
         )
