@@ -36,7 +36,8 @@ spec:
   podSelector: {}
 "#;
 
-/// x's pods labelled `pod: a` take TCP 80 from y's `pod: a` pods.
+/// x's pods labelled `pod: a` take TCP 80 from y's `pod: a` pods. (`"y"` is
+/// quoted: kubectl reads YAML 1.1, where a bare `y` is a boolean.)
 pub const ALLOW_YA_TO_XA_80: &str = r#"
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -45,7 +46,7 @@ spec:
   podSelector: {matchLabels: {pod: a}}
   ingress:
     - from:
-        - namespaceSelector: {matchLabels: {ns: y}}
+        - namespaceSelector: {matchLabels: {ns: "y"}}
           podSelector: {matchLabels: {pod: a}}
       ports:
         - {protocol: TCP, port: 80}

@@ -66,13 +66,7 @@ const CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
 // (bridged); pods labelled pod=<name>, namespaces ns=<name>. kubectl reads YAML 1.1, where
 // a bare `y` is a boolean: the namespace's name is quoted wherever it is a value.
 
-const DENY_ALL_X: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-all, namespace: x}
-spec:
-  podSelector: {}
-"#;
+const DENY_ALL_X: &str = netpol_lab::fixtures::DENY_ALL_X;
 
 /// x/a admits y/a (pod=a in namespace ns=y) on TCP 80.
 const ALLOW_YA_TO_XA: &str = r#"
