@@ -420,6 +420,23 @@ impl ClusterSource for KubeSource {
     fn describe(&self) -> String {
         format!("kube:{}", self.server)
     }
+
+    fn health(&self) -> crate::health::SourceHealth {
+        let failing = self
+            .store()
+            .failing_since
+            .iter()
+            .zip(Kind::ALL)
+            .filter_map(|(since, kind)| Some((kind.to_string(), (*since)?.elapsed())))
+            .collect();
+        let stopped = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.is_finished())
+            .map(|(kind, _)| kind.to_string())
+            .collect();
+        crate::health::SourceHealth { failing, stopped }
+    }
 }
 
 fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
@@ -437,6 +454,9 @@ struct Store {
     errors: [BTreeMap<ObjectRef, Vec<String>>; Kind::ALL.len()],
     /// Whether each kind's initial list has completed.
     listed: [bool; Kind::ALL.len()],
+    /// Since when each kind's watch has been failing (cleared by the first
+    /// object the API server delivers again).
+    failing_since: [Option<std::time::Instant>; Kind::ALL.len()],
     revision: u64,
 }
 
@@ -718,6 +738,9 @@ fn converted<T>(r: Result<convert::Converted<T>, convert::ConvertError>) -> Entr
     }
 }
 
+/// How often a failing watch's kind is probed with a small list.
+const PROBE_EVERY: Duration = Duration::from_secs(10);
+
 /// One kind's watcher task: list, then watch, relisting when the API server
 /// says the resume point is gone; runs until aborted.
 async fn watch<K: Watched>(client: Client, options: Options, store: Arc<Mutex<Store>>) {
@@ -732,11 +755,32 @@ async fn watch<K: Watched>(client: Client, options: Options, store: Arc<Mutex<St
         }),
     };
     let backoff = ProgressBackoff(Arc::new(Mutex::new(backoff)));
-    let mut events =
-        std::pin::pin!(watcher(Api::<K>::all(client), config).backoff(backoff.clone()));
+    let api = Api::<K>::all(client);
+    let mut events = std::pin::pin!(watcher(api.clone(), config).backoff(backoff.clone()));
     let mut relist: Option<Relist<K>> = None;
     let mut failing = false;
-    while let Some(event) = events.next().await {
+    // A watch that resumes from its resource version yields nothing until
+    // an object changes: no event says it is back. While the watch fails,
+    // a small list (one object's metadata, served from the API server's
+    // watch cache) every PROBE_EVERY tells whether this kind can be read
+    // again, so readiness does not stay down on a quiet cluster.
+    let mut probe = tokio::time::interval(PROBE_EVERY);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let event = tokio::select! {
+            event = events.next() => event,
+            _ = probe.tick(), if failing => {
+                if api.list_metadata(&kube::api::ListParams::default().limit(1)).await.is_ok() {
+                    failing = false;
+                    lock(&store).failing_since[kind.index()] = None;
+                    tracing::info!(%kind, "the API server answers again: watch recovered");
+                }
+                continue;
+            }
+        };
+        let Some(event) = event else {
+            break;
+        };
         match event {
             Ok(event) => {
                 // `Init` comes before every list attempt: only what the API
@@ -744,6 +788,7 @@ async fn watch<K: Watched>(client: Client, options: Options, store: Arc<Mutex<St
                 if !matches!(event, Event::Init | Event::InitApply(_))
                     && std::mem::take(&mut failing)
                 {
+                    lock(&store).failing_since[kind.index()] = None;
                     tracing::info!(%kind, "watch recovered");
                 }
                 match event {
@@ -782,7 +827,13 @@ async fn watch<K: Watched>(client: Client, options: Options, store: Arc<Mutex<St
                 tracing::info!(%kind, "watch expired (410 Gone): relisting; the last state stays in force");
             }
             Err(e) => {
+                if !failing {
+                    // The first probe one period after the failure.
+                    probe.reset();
+                }
                 failing = true;
+                lock(&store).failing_since[kind.index()]
+                    .get_or_insert_with(std::time::Instant::now);
                 tracing::warn!(%kind, "watch failed, retrying with backoff; the last state stays in force: {e}");
             }
         }

@@ -7,6 +7,7 @@ pub mod convert;
 pub mod datapath;
 pub mod explain;
 pub mod flowlog;
+pub mod health;
 pub mod kube_source;
 pub mod manifest;
 pub mod metrics;

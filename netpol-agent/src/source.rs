@@ -70,6 +70,11 @@ pub trait ClusterSource: Send {
     }
     /// For logs: what this source reads.
     fn describe(&self) -> String;
+    /// What has been failing to read, and for how long (readiness). The
+    /// default: nothing fails.
+    fn health(&self) -> crate::health::SourceHealth {
+        crate::health::SourceHealth::default()
+    }
 }
 
 /// The cluster a source describes, with every problem found reading it.

@@ -1400,3 +1400,87 @@ fn apiserver_down_keeps_last_state_enforced() {
         observed.join("\n  ")
     );
 }
+
+/// Readiness follows the source: with `--stale-after-secs 3`, an API server that stays down
+/// makes `/readyz` answer 503 naming the failing watches (the status says the same), while
+/// the last state stays enforced; once the API server is back and their watches have
+/// delivered again, the agents are ready again.
+#[test]
+fn readiness_goes_while_the_apiserver_is_away_too_long_and_comes_back() {
+    const TEST: &str = "readiness_goes_while_the_apiserver_is_away_too_long_and_comes_back";
+    let Some(lab) = lab_up(TEST, 'r') else {
+        return;
+    };
+    apply(&lab, &format!("{DENY_ALL_X}\n---\n{ALLOW_YA_TO_XA}"));
+    let source = AgentSource::kube(&lab, Path::new(DEPLOY))
+        .unwrap_or_else(|e| panic!("install deploy/: {e}"));
+    let mut args = agent_args();
+    args.extend(["--stale-after-secs".to_owned(), "3".to_owned()]);
+    let mut agents = start_agents_with(&lab, Path::new(AGENT), &source, &args).expect("agents");
+    agents
+        .wait_synced(&[], Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for a in &agents.agents {
+        assert_eq!(agent_http(&lab, &a.node, "/readyz").0, 200, "{}", a.node);
+    }
+    let command = cp_ops::kill_apiserver(&lab.name).unwrap_or_else(|e| panic!("{e}"));
+    let down_at = Instant::now();
+    for a in &agents.agents {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let body = loop {
+            let (code, body) = agent_http(&lab, &a.node, "/readyz");
+            if code == 503 {
+                break body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: /readyz still {code} {:.0?} into the outage",
+                a.node,
+                down_at.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        };
+        assert!(body.contains("watch has failed for"), "{}: {body}", a.node);
+        let st = a.status().expect("status");
+        assert!(
+            st["not_ready"].as_array().is_some_and(|r| r
+                .iter()
+                .any(|w| w.as_str().is_some_and(|w| w.contains("watch has failed")))),
+            "{}: {st}",
+            a.node
+        );
+        eprintln!(
+            "[measure] {TEST}: {} not ready {:.1?} into the outage: {}",
+            a.node,
+            down_at.elapsed(),
+            body.trim()
+        );
+    }
+    expect_table(&lab, YA_TO_XA_ONLY, "while not ready");
+    cp_ops::start_apiserver(&lab.name, &command).unwrap_or_else(|e| panic!("{e}"));
+    let back_at = Instant::now();
+    for a in &agents.agents {
+        // Watch retries back off as client-go's reflectors do (kube-runtime's default: 0.8 s
+        // doubling to 30 s, plus up to 100% jitter), so after an outage of about 20 s the
+        // last retry may come a minute later.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (code, body) = agent_http(&lab, &a.node, "/readyz");
+            if code == 200 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: not ready 120 s after the API server came back: {body}\n{}",
+                a.node,
+                a.log_tail(80)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        eprintln!(
+            "[measure] {TEST}: {} ready again {:.1?} after the API server was started",
+            a.node,
+            back_at.elapsed()
+        );
+    }
+}
