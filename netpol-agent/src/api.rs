@@ -148,7 +148,7 @@ fn route(shared: &SharedRef, listener: Listener, path: &str) -> Response {
             if crate::health::stuck(written, now) {
                 err(
                     503,
-                    &format!(
+                    format!(
                         "the run loop is stuck: no status for {} s",
                         now.saturating_sub(written) / 1000
                     ),
@@ -162,7 +162,7 @@ fn route(shared: &SharedRef, listener: Listener, path: &str) -> Response {
             if !st.synced {
                 err(503, "not synced yet")
             } else if !st.not_ready.is_empty() {
-                err(503, &st.not_ready.join("\n"))
+                err(503, st.not_ready.join("\n"))
             } else {
                 ok("text/plain", "ready\n".into())
             }

@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Enforce NetworkPolicy for this node's pods.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the agent's status (synced, endpoints, generation, counters).
     Status {
         #[arg(long, default_value = "/run/netpol")]
