@@ -997,7 +997,7 @@ pub mod build {
         CnpPeer::Networks(cidrs.into_iter().map(parse_net).collect())
     }
     /// CNP peer: nodes (egress).
-    pub fn nodes(selector: LabelSelector) -> CnpPeer {
+    pub fn peer_nodes(selector: LabelSelector) -> CnpPeer {
         CnpPeer::Nodes(selector)
     }
     /// CNP protocol entry: one port.
