@@ -388,6 +388,7 @@ fn rbac_is_read_only_on_pods_namespaces_and_policies() {
         ("", "services"),
         ("networking.k8s.io", "networkpolicies"),
         ("networking.k8s.io", "servicecidrs"),
+        ("policy.networking.k8s.io", "clusternetworkpolicies"),
     ] {
         for v in ["get", "list", "watch"] {
             wanted.insert((g, res, v));
@@ -395,7 +396,7 @@ fn rbac_is_read_only_on_pods_namespaces_and_policies() {
     }
     assert_eq!(
         granted, wanted,
-        "exactly get/list/watch on the five resources"
+        "exactly get/list/watch on the six resources"
     );
 }
 
