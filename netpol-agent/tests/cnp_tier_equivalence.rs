@@ -6,6 +6,11 @@
 //! reference ([`reference::decide`]): same tier, policy, rule and action,
 //! not just the same verdict.
 //!
+//! And fail closed: a CNP written as JSON converts back to the same model,
+//! and the same object made invalid in one place (an unknown peer field from
+//! a newer CRD, domainNames, port 0, a bad subject, tier or priority) never
+//! allows a probe that the valid object denies.
+//!
 //! Cases: `NETPOL_PROPTEST_CASES` (default below). proptest draws a new seed
 //! per run and shrinks a failure to a minimal cluster.
 
@@ -22,6 +27,7 @@ use netpol_agent::{
 };
 use netpol_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use proptest::{prelude::*, sample::select, test_runner::Config};
+use serde_json::json;
 
 const DEFAULT_CASES: u32 = 500;
 
@@ -459,5 +465,263 @@ fn the_generated_clusters_exercise_every_kind_of_decision() {
         "OwnNode",
     ] {
         assert!(seen.contains(want), "never decided {want:?}: {seen:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Fail closed: an object with an invalid or unknown field never allows more
+// than the object it was meant to be.
+// ---------------------------------------------------------------------------
+
+fn selector_json(s: &LabelSelector) -> serde_json::Value {
+    let exprs: Vec<serde_json::Value> = s
+        .match_expressions
+        .iter()
+        .map(|r| {
+            let (op, values): (&str, Vec<String>) = match &r.operator {
+                Operator::In(v) => ("In", v.iter().cloned().collect()),
+                Operator::NotIn(v) => ("NotIn", v.iter().cloned().collect()),
+                Operator::Exists => ("Exists", vec![]),
+                Operator::DoesNotExist => ("DoesNotExist", vec![]),
+            };
+            if values.is_empty() {
+                json!({"key": r.key, "operator": op})
+            } else {
+                json!({"key": r.key, "operator": op, "values": values})
+            }
+        })
+        .collect();
+    json!({"matchLabels": s.match_labels, "matchExpressions": exprs})
+}
+
+fn peer_json(p: &CnpPeer) -> serde_json::Value {
+    match p {
+        CnpPeer::Namespaces(s) => json!({"namespaces": selector_json(s)}),
+        CnpPeer::Pods {
+            namespace_selector,
+            pod_selector,
+        } => json!({"pods": {
+            "namespaceSelector": selector_json(namespace_selector),
+            "podSelector": selector_json(pod_selector),
+        }}),
+        CnpPeer::Networks(n) => {
+            json!({"networks": n.iter().map(ToString::to_string).collect::<Vec<_>>()})
+        }
+        CnpPeer::Nodes(s) => json!({"nodes": selector_json(s)}),
+        CnpPeer::Everything => unreachable!("not generated for round trips"),
+    }
+}
+
+fn port_json(p: &CnpPort) -> serde_json::Value {
+    match p {
+        CnpPort::Named(n) => json!({"destinationNamedPort": n}),
+        CnpPort::Range {
+            protocol,
+            start,
+            end,
+        } => {
+            let port = if start == end {
+                json!({"number": start})
+            } else {
+                json!({"range": {"start": start, "end": end}})
+            };
+            let key = protocol.to_string().to_lowercase();
+            json!({ key: {"destinationPort": port} })
+        }
+    }
+}
+
+/// The object a user would write for `p` (which must be expressible: no
+/// `Everything` peer, no empty peer list, no range with start == end + k
+/// written as a number).
+fn cnp_json(p: &ClusterNetworkPolicy) -> serde_json::Value {
+    let subject = match p.subject.as_ref().expect("subject") {
+        Subject::Namespaces(s) => json!({"namespaces": selector_json(s)}),
+        Subject::Pods {
+            namespace_selector,
+            pod_selector,
+        } => json!({"pods": {
+            "namespaceSelector": selector_json(namespace_selector),
+            "podSelector": selector_json(pod_selector),
+        }}),
+    };
+    let rules = |rules: &[CnpRule], peers: &str| -> Vec<serde_json::Value> {
+        rules
+            .iter()
+            .map(|r| {
+                let mut v = json!({
+                    "name": r.name,
+                    "action": r.action.to_string(),
+                    peers: r.peers.iter().map(peer_json).collect::<Vec<_>>(),
+                });
+                if !r.protocols.is_empty() {
+                    v["protocols"] = r.protocols.iter().map(port_json).collect();
+                }
+                v
+            })
+            .collect()
+    };
+    json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha2",
+        "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": p.name},
+        "spec": {
+            "tier": p.tier.to_string(),
+            "priority": p.priority,
+            "subject": subject,
+            "ingress": rules(&p.ingress, "from"),
+            "egress": rules(&p.egress, "to"),
+        },
+    })
+}
+
+/// Whether the rule survives a JSON round trip unchanged: users cannot write
+/// `Everything`, an empty peer list, a one-port range (it is a number) or a
+/// `networks` peer whose CIDRs are not sorted and distinct.
+fn expressible(r: &CnpRule) -> bool {
+    !r.peers.is_empty()
+        && r.peers.iter().all(|p| match p {
+            CnpPeer::Everything => false,
+            CnpPeer::Networks(n) => n.windows(2).all(|w| w[0] < w[1]),
+            _ => true,
+        })
+        && !(r
+            .peers
+            .iter()
+            .any(|p| matches!(p, CnpPeer::Networks(_) | CnpPeer::Nodes(_)))
+            && r.protocols.iter().any(|p| matches!(p, CnpPort::Named(_))))
+        && r.protocols.iter().all(|p| match p {
+            CnpPort::Range { start, end, .. } => start <= end,
+            CnpPort::Named(_) => true,
+        })
+}
+
+/// Ways an object can be wrong.
+#[derive(Clone, Copy, Debug)]
+enum Corruption {
+    /// A peer with a field of a newer CRD.
+    UnknownPeerField,
+    /// A protocol entry with port 0.
+    PortZero,
+    /// A peer with domainNames (not implemented).
+    DomainNames,
+    /// A subject selector with an unknown operator.
+    BadSubject,
+    /// An unknown tier.
+    BadTier,
+    /// A priority out of range.
+    BadPriority,
+}
+
+fn corrupt(mut v: serde_json::Value, how: Corruption, dir: &str, rule: usize) -> serde_json::Value {
+    let peers = if dir == "ingress" { "from" } else { "to" };
+    let spec = &mut v["spec"];
+    match how {
+        Corruption::UnknownPeerField => {
+            if let Some(r) = spec[dir].get_mut(rule) {
+                r[peers]
+                    .as_array_mut()
+                    .expect("peers")
+                    .push(json!({"serviceAccounts": {"names": ["x"]}}));
+            }
+        }
+        Corruption::PortZero => {
+            if let Some(r) = spec[dir].get_mut(rule) {
+                r["protocols"] = json!([{"tcp": {"destinationPort": {"number": 0}}}]);
+            }
+        }
+        Corruption::DomainNames => {
+            if let Some(r) = spec[dir].get_mut(rule) {
+                r[peers]
+                    .as_array_mut()
+                    .expect("peers")
+                    .push(json!({"domainNames": ["example.com"]}));
+            }
+        }
+        Corruption::BadSubject => {
+            spec["subject"] = json!({"namespaces": {
+                "matchExpressions": [{"key": "env", "operator": "Near"}],
+            }});
+        }
+        Corruption::BadTier => spec["tier"] = json!("Middle"),
+        Corruption::BadPriority => spec["priority"] = json!(5000),
+    }
+    v
+}
+
+fn corruption_strategy() -> impl Strategy<Value = Corruption> {
+    prop_oneof![
+        Just(Corruption::UnknownPeerField),
+        Just(Corruption::PortZero),
+        Just(Corruption::DomainNames),
+        Just(Corruption::BadSubject),
+        Just(Corruption::BadTier),
+        Just(Corruption::BadPriority),
+    ]
+}
+
+fn convert(v: serde_json::Value) -> netpol_agent::convert::Converted<ClusterNetworkPolicy> {
+    let obj: netpol_agent::crd::ClusterNetworkPolicy =
+        serde_json::from_value(v).expect("the wire types take any object");
+    netpol_agent::convert::cluster_network_policy(&obj).expect("named")
+}
+
+proptest! {
+    #![proptest_config(Config {
+        cases: cases() / 2,
+        failure_persistence: None,
+        ..Config::default()
+    })]
+
+    /// Valid objects convert back to what was written, and an object made
+    /// invalid in one place never allows a probe the valid one denies.
+    #[test]
+    fn an_invalid_cnp_never_allows_more_than_the_valid_one(
+        cluster in cluster_strategy(),
+        how in corruption_strategy(),
+        pick in 0..4usize,
+        egress in any::<bool>(),
+        rule in 0..3usize,
+    ) {
+        let names: Vec<String> = cluster.cluster_policies.keys().cloned().collect();
+        prop_assume!(!names.is_empty());
+        let name = &names[pick % names.len()];
+        let mut valid = cluster.clone();
+        let cnp = valid.cluster_policies.get_mut(name).expect("picked");
+        cnp.ingress.retain(expressible);
+        cnp.egress.retain(expressible);
+        let cnp = cnp.clone();
+
+        // Round trip: what a user writes is what the model holds.
+        let written = cnp_json(&cnp);
+        let read = convert(written.clone());
+        prop_assert!(read.errors.is_empty(), "{:?}", read.errors);
+        prop_assert_eq!(&read.value, &cnp);
+
+        let dir = if egress { "egress" } else { "ingress" };
+        let broken = convert(corrupt(written, how, dir, rule));
+        prop_assume!(!broken.errors.is_empty());
+        prop_assert!(broken.value.invalid);
+        let mut weakened = valid.clone();
+        weakened.upsert_cluster_policy(broken.value.clone());
+
+        let nodes = node_infos();
+        for family_v4 in [true, false] {
+            let pool = address_pool(family_v4);
+            for &src in &pool {
+                for &dst in &pool {
+                    for (proto, port) in PROBES {
+                        let proto = if proto == PROTO_ICMP && !family_v4 { PROTO_ICMPV6 } else { proto };
+                        if reference::allowed_with_tiers(&weakened, &nodes, src, dst, proto, port) {
+                            prop_assert!(
+                                reference::allowed_with_tiers(&valid, &nodes, src, dst, proto, port),
+                                "{how:?} in {dir}[{rule}] of {name} allowed {src} -> {dst} {proto}/{port}: {:?}",
+                                broken.value
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }
