@@ -95,6 +95,10 @@ pub enum Problem {
         "domainNames peers are not implemented by netpol: the rule fails closed (an Accept rule matches nothing, Deny and Pass deny everything)"
     )]
     DomainNamesNotImplemented,
+    #[error(
+        "no field set: a peer of a newer CRD version whose field the API server pruned? The rule fails closed (an Accept rule matches nothing, Deny and Pass deny everything)"
+    )]
+    EmptyCnpPeer,
     #[error("range start {start} must be less than end {end}")]
     RangeNotIncreasing { start: i64, end: i64 },
     #[error("destinationNamedPort cannot be used with networks or nodes peers")]
@@ -717,6 +721,13 @@ fn cnp_peer(cx: &mut Ctx, path: &str, p: &crd::Peer, ingress: bool) -> Option<Cn
         );
         return None;
     }
+    if found.is_empty() {
+        // Upstream: "If an implementation sees no fields are set then it can infer that the
+        // deployed CRD is of an incompatible version with an unknown field" (the API server
+        // prunes fields its CRD does not know, e.g. `nodes` under the standard channel).
+        cx.error(path, Problem::EmptyCnpPeer);
+        return None;
+    }
     if found.len() != 1 {
         cx.error(
             path,
@@ -1242,6 +1253,7 @@ mod cnp_tests {
             "{}",
             c.errors[0]
         );
+        assert_eq!(c.errors[2].problem, Problem::EmptyCnpPeer, "a pruned peer");
         let p = c.value;
         assert!(p.invalid);
         assert_eq!(p.egress[0].action, Action::Accept);
