@@ -4,6 +4,7 @@ pub mod agent;
 pub mod api;
 pub mod compiler;
 pub mod convert;
+pub mod crd;
 pub mod datapath;
 pub mod explain;
 pub mod flowlog;

@@ -393,6 +393,7 @@ fn rbac_is_read_only_on_pods_namespaces_and_policies() {
         ("", "services"),
         ("networking.k8s.io", "networkpolicies"),
         ("networking.k8s.io", "servicecidrs"),
+        ("policy.networking.k8s.io", "clusternetworkpolicies"),
     ] {
         for v in ["get", "list", "watch"] {
             wanted.insert((g, res, v));
@@ -400,7 +401,7 @@ fn rbac_is_read_only_on_pods_namespaces_and_policies() {
     }
     assert_eq!(
         granted, wanted,
-        "exactly get/list/watch on the five resources"
+        "exactly get/list/watch on the six resources"
     );
 }
 

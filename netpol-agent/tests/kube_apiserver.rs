@@ -524,7 +524,15 @@ fn initial_list_is_enforced_once_synced() {
         assert_eq!(policy_entries > 0, a.node == "node-a", "{}: {st}", a.node);
         let log = log_of(a);
         assert!(
-            log.contains("watching namespaces, pods, network policies, service CIDRs and services"),
+            log.contains(
+                "watching namespaces, pods, network policies, service CIDRs, services and cluster network policies"
+            ),
+            "{}:\n{log}",
+            a.node
+        );
+        // This lab has no ClusterNetworkPolicy CRD: said once, and ready anyway.
+        assert!(
+            log.contains("does not serve ClusterNetworkPolicy"),
             "{}:\n{log}",
             a.node
         );
