@@ -23,6 +23,7 @@ pub mod iptables;
 pub mod kstats;
 pub mod machine;
 pub mod nginx;
+pub mod prober;
 pub mod stats;
 pub mod svg;
 
@@ -85,10 +86,9 @@ pub fn sibling_exe(name: &str) -> Result<PathBuf> {
     bail!(
         "{name} not found next to {}: build it (`cargo build --release -p {}`) or pass its path",
         me.display(),
-        if name == "netpol-agent" {
-            "netpol-agent"
-        } else {
-            "netpol-lab"
+        match name {
+            "netpol-agent" | "netpol-cni" => name,
+            _ => "netpol-lab",
         }
     )
 }

@@ -146,10 +146,14 @@ pub enum Started {
 impl Backend {
     /// A planned lab with its manifests written to a fresh scratch directory.
     pub fn plan(spec: &netpol_lab::ClusterSpec) -> Result<Backend> {
+        // One directory per plan: two plans of one process (the tests run
+        // them side by side) must not write each other's manifests.
+        static PLANS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
-            "netpol-conformance-{}-{}",
+            "netpol-conformance-{}-{}-{}",
             spec.name,
-            std::process::id()
+            std::process::id(),
+            PLANS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         if dir.exists() {
             std::fs::remove_dir_all(&dir)

@@ -221,11 +221,18 @@ impl Case {
     }
 }
 
+/// `(namespace, name)` of a policy manifest: a NetworkPolicy, or a ClusterNetworkPolicy
+/// (`policy.networking.k8s.io/v1alpha2`, cluster-scoped: namespace `""`).
 fn policy_ref(manifest: &serde_yaml::Value) -> Result<(String, String)> {
-    ensure!(
-        manifest.get("kind").and_then(|k| k.as_str()) == Some("NetworkPolicy"),
-        "kind must be NetworkPolicy"
-    );
+    let kind = manifest.get("kind").and_then(|k| k.as_str());
+    let api_version = manifest.get("apiVersion").and_then(|k| k.as_str());
+    let cluster_scoped = match (kind, api_version) {
+        (Some("NetworkPolicy"), _) => false,
+        (Some("ClusterNetworkPolicy"), Some("policy.networking.k8s.io/v1alpha2")) => true,
+        _ => bail!(
+            "kind must be NetworkPolicy or ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2)"
+        ),
+    };
     let meta = manifest
         .get("metadata")
         .ok_or_else(|| anyhow!("no metadata"))?;
@@ -235,7 +242,12 @@ fn policy_ref(manifest: &serde_yaml::Value) -> Result<(String, String)> {
             .map(str::to_owned)
             .ok_or_else(|| anyhow!("metadata.{f} is missing"))
     };
-    Ok((field("namespace")?, field("name")?))
+    let namespace = if cluster_scoped {
+        String::new()
+    } else {
+        field("namespace")?
+    };
+    Ok((namespace, field("name")?))
 }
 
 /// Loads every case of `dir` (files `*.yaml`, in name order; documents in file order).

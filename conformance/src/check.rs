@@ -67,7 +67,8 @@ pub fn proto_number(p: Protocol) -> u8 {
     }
 }
 
-/// Whether a new connection `from -> to` is allowed by the reference evaluator.
+/// Whether a new connection `from -> to` is allowed by the reference evaluator, with the
+/// ClusterNetworkPolicy tiers (without any, exactly NetworkPolicy's answer).
 pub fn reference_allows(
     cluster: &Cluster,
     nodes: &[NodeInfo],
@@ -76,7 +77,7 @@ pub fn reference_allows(
     protocol: Protocol,
     port: u16,
 ) -> bool {
-    reference::allowed(cluster, nodes, from, to, proto_number(protocol), port)
+    reference::allowed_with_tiers(cluster, nodes, from, to, proto_number(protocol), port)
 }
 
 /// What the reference evaluator says for every judged cell of `expected` under `key`.

@@ -370,15 +370,19 @@ fn create_pod(node: &NodeState, pod: &PodState) -> Result<(), LabError> {
             )?;
             ip!("-n {node_ns} addr add {gw6}/64 dev {veth} nodad")?;
             ip!("-n {node_ns} link set {veth} up")?;
-            ip!("-n {node_ns} route add {ip4}/32 dev {veth} scope link")?;
-            ip!("-n {node_ns} -6 route add {ip6}/128 dev {veth}")?;
 
             ip!("-n {ns} addr add {ip4}/32 dev eth0")?;
             ip!("-n {ns} addr add {ip6}/128 dev eth0 nodad")?;
             ip!("-n {ns} link set eth0 up")?;
             ip!("-n {ns} route add {gw4} dev eth0 scope link")?;
             ip!("-n {ns} route add default via {gw4} dev eth0")?;
-            ip!("-n {ns} -6 route add default via {gw6} dev eth0")
+            ip!("-n {ns} -6 route add default via {gw6} dev eth0")?;
+            // The node's routes to the pod last, as the ptp plugin does: until then its
+            // addresses hit the node's blackhole route. Routed before the pod's side was up,
+            // traffic already on its way (a client retrying) left an unanswered ARP behind,
+            // and the pod was unreachable until the kernel's next try, up to a second later.
+            ip!("-n {node_ns} route add {ip4}/32 dev {veth} scope link")?;
+            ip!("-n {node_ns} -6 route add {ip6}/128 dev {veth}")
         }
         Attachment::Bridged => {
             let (len4, len6) = (node.pod_cidr_v4.prefix_len(), node.pod_cidr_v6.prefix_len());

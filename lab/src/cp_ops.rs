@@ -257,6 +257,25 @@ pub fn apply(cp: &ControlPlaneState, manifests: &str) -> Result<String, CpOpsErr
     Ok(kubectl.run(&["apply", "-f", "-"], Some(manifests))?)
 }
 
+/// Installs the ClusterNetworkPolicy CRD ([`crate::tools::CNP_CRD`], from the
+/// network-policy-api module) with `kubectl apply`, and waits until the API server serves it
+/// (`Established`).
+pub fn install_cnp_crd(cp: &ControlPlaneState) -> Result<String, CpOpsError> {
+    let crd = crate::tools::manifest(crate::tools::CNP_CRD).map_err(ControlPlaneError::from)?;
+    let kubectl = cp.kubectl().map_err(ControlPlaneError::from)?;
+    let mut out = kubectl.apply_file(&crd)?;
+    out.push_str(&kubectl.run(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/clusternetworkpolicies.policy.networking.k8s.io",
+        ],
+        None,
+    )?);
+    Ok(out)
+}
+
 /// `kubectl delete <kind> <name> --namespace <ns>` (waits for the object to be gone).
 pub fn delete(
     cp: &ControlPlaneState,

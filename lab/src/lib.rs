@@ -17,6 +17,7 @@ pub mod cluster;
 pub mod cni;
 pub mod controlplane;
 pub mod cp_ops;
+pub mod fixtures;
 pub mod kube;
 pub mod manifests;
 pub mod netns;

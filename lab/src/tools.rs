@@ -2,7 +2,8 @@
 //! kube-controller-manager, kube-proxy, kubectl, CoreDNS, kube-network-policies), built from
 //! their Go modules by `cargo xtask setup` (see `lab/tools/README.md`).
 //!
-//! They live in `$NETPOL_TOOLS_DIR/bin` (default `/var/cache/netpol/tools/bin`).
+//! They live in `$NETPOL_TOOLS_DIR/bin` (default `/var/cache/netpol/tools/bin`); manifests taken
+//! from Go modules (the ClusterNetworkPolicy CRD) in `$NETPOL_TOOLS_DIR/manifests`.
 
 use std::path::PathBuf;
 
@@ -40,15 +41,51 @@ pub fn tool(name: &str) -> Result<PathBuf, MissingTool> {
     }
 }
 
+/// The ClusterNetworkPolicy CRD of sigs.k8s.io/network-policy-api (experimental channel: it has
+/// the `nodes` and `domainNames` peers), under `$NETPOL_TOOLS_DIR/manifests`.
+pub const CNP_CRD: &str = "network-policy-api/experimental/clusternetworkpolicies.yaml";
+
+/// The path of a manifest `cargo xtask setup` copied from a Go module, or an error saying how
+/// to get it.
+pub fn manifest(name: &str) -> Result<PathBuf, MissingTool> {
+    let path = tools_dir().join("manifests").join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(MissingTool {
+            tool: name.to_owned(),
+            path,
+        })
+    }
+}
+
+/// [`require_tools`] for manifests ([`manifest`]).
+pub fn require_manifests(test: &str, names: &[&str]) -> bool {
+    require(
+        test,
+        names
+            .iter()
+            .filter_map(|n| manifest(n).err())
+            .map(|e| e.to_string())
+            .collect(),
+    )
+}
+
 /// For tests that need the control-plane tools: true if they are all built. Otherwise prints a
 /// loud `SKIPPED` line naming the test and what is missing and returns false, or, when
 /// `CI=true`, panics: CI must run these tests (its setup builds the tools).
 pub fn require_tools(test: &str, tools: &[&str]) -> bool {
-    let missing: Vec<String> = tools
-        .iter()
-        .filter_map(|t| tool(t).err())
-        .map(|e| e.to_string())
-        .collect();
+    require(
+        test,
+        tools
+            .iter()
+            .filter_map(|t| tool(t).err())
+            .map(|e| e.to_string())
+            .collect(),
+    )
+}
+
+fn require(test: &str, missing: Vec<String>) -> bool {
     if missing.is_empty() {
         return true;
     }

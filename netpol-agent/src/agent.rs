@@ -85,6 +85,9 @@ pub struct Config {
     /// Pods this node may run (kubelet's `maxPods`): the default share
     /// splits the flow table over them.
     pub max_pods: u32,
+    /// A source failing for longer than this makes the agent not ready: the
+    /// cluster may have moved on without it (see `health`).
+    pub stale_after: Duration,
 }
 
 /// `BPF_LRU`'s per-CPU free lists hold up to 128 free entries each
@@ -147,11 +150,29 @@ pub struct Status {
     pub map_entries: BTreeMap<String, usize>,
     pub counters: BTreeMap<String, u64>,
     pub errors: Vec<String>,
+    /// When a sync last applied everything (0: not yet).
     pub last_sync_unix_ms: u64,
     /// Map entries the periodic read-back found different from what the
     /// agent wrote (and rewrote), since it started.
     #[serde(default)]
     pub drift_repaired: u64,
+    /// Why the agent is not ready (`/readyz`); empty when it is.
+    #[serde(default)]
+    pub not_ready: Vec<String>,
+    /// Pod veths without the programs (the last sync's count).
+    #[serde(default)]
+    pub veths_without_programs: usize,
+    /// When this status was written: the run loop writes it at least once a
+    /// second (`/healthz`).
+    #[serde(default)]
+    pub written_unix_ms: u64,
+}
+
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 pub fn status_path(state_dir: &std::path::Path) -> PathBuf {
@@ -187,6 +208,12 @@ struct Agent {
     last_reconcile: Instant,
     /// Entries found different from what was written, since start.
     drift_repaired: u64,
+    /// Map writes that failed in the last sync.
+    failed_writes: usize,
+    /// Pod veths the last sync found without the programs.
+    veths_without_programs: Vec<String>,
+    /// When a sync last applied everything (0: not yet).
+    last_good_sync_unix_ms: u64,
     errors: Vec<String>,
     pending: usize,
     missing: Vec<String>,
@@ -323,6 +350,9 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         retry: false,
         last_reconcile: Instant::now(),
         drift_repaired: 0,
+        failed_writes: 0,
+        veths_without_programs: Vec::new(),
+        last_good_sync_unix_ms: 0,
         errors: Vec::new(),
         pending: 0,
         missing: Vec::new(),
@@ -937,6 +967,25 @@ impl Agent {
                     errors.push(e.to_string());
                 }
             }
+            // A pod known from now on: what resolved nothing while its veth
+            // dropped everything is asked again (see `neigh`).
+            for ifindex in now.difference(&before) {
+                let (Some(veth), Some(ep)) = (
+                    view.veths.get(ifindex),
+                    self.epochs.current().endpoints.get(ifindex),
+                ) else {
+                    continue;
+                };
+                match crate::neigh::announce(veth, endpoint_ips(ep).collect()) {
+                    Ok(a) => tracing::debug!(
+                        veth = %veth.name,
+                        announced = a.announcements,
+                        resolicited = ?a.resolicited,
+                        "neighbours told of a newly enforced pod"
+                    ),
+                    Err(e) => tracing::debug!(veth = %veth.name, "neighbour announcement: {e}"),
+                }
+            }
         }
         // Links go with their veth, or when the veth is no pod's. A veth
         // that appeared after this sync read the node (a CNI plugin pinned
@@ -991,6 +1040,20 @@ impl Agent {
             }
         }
         let datapath_errors = errors.len() > source_errors;
+        self.failed_writes = errors.len() - source_errors;
+        if !datapath_errors {
+            self.last_good_sync_unix_ms = unix_ms_now();
+        }
+        let attached = self.dp.attached();
+        self.veths_without_programs = pod_like
+            .iter()
+            .filter(|i| !attached.contains(i))
+            .map(|i| {
+                view.veths
+                    .get(i)
+                    .map_or_else(|| i.to_string(), |v| v.name.clone())
+            })
+            .collect();
         self.errors = errors;
         {
             let sh = self.shared.lock().expect("api state lock");
@@ -1120,10 +1183,19 @@ impl Agent {
                 counters.get(slot as usize).copied().unwrap_or(0),
             );
         }
+        let synced = self.synced_revision == Some(self.source.revision());
+        let source_health = self.source.health();
+        let not_ready = crate::health::not_ready(&crate::health::Inputs {
+            synced,
+            source: &source_health,
+            stale_after: self.cfg.stale_after,
+            failed_writes: self.failed_writes,
+            veths_without_programs: &self.veths_without_programs,
+        });
         let status = Status {
             node: self.cfg.node.clone(),
             pid: std::process::id(),
-            synced: self.synced_revision == Some(self.source.revision()),
+            synced,
             source_revision: self.source.revision(),
             generation: self.epochs.generation(),
             endpoints: self.epochs.current().endpoints.len(),
@@ -1141,10 +1213,10 @@ impl Agent {
             counters: named,
             errors: self.errors.clone(),
             drift_repaired: self.drift_repaired,
-            last_sync_unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            last_sync_unix_ms: self.last_good_sync_unix_ms,
+            not_ready,
+            veths_without_programs: self.veths_without_programs.len(),
+            written_unix_ms: unix_ms_now(),
         };
         {
             let mut sh = self.shared.lock().expect("api state lock");
@@ -1177,6 +1249,10 @@ impl Agent {
             sh.metrics
                 .last_sync
                 .set(status.last_sync_unix_ms as f64 / 1000.0);
+            sh.metrics
+                .veths_without_programs
+                .set(status.veths_without_programs as i64);
+            sh.metrics.ready.set(i64::from(status.not_ready.is_empty()));
             sh.status = status.clone();
         }
         let path = status_path(&self.cfg.state_dir);

@@ -140,12 +140,31 @@ fn route(shared: &SharedRef, listener: Listener, path: &str) -> Response {
     // it after every sync.
     let lock = || shared.lock().expect("api state lock");
     match (listener, path) {
-        (_, "/healthz") => ok("text/plain", "ok\n".into()),
-        (_, "/readyz") => {
-            if lock().status.synced {
-                ok("text/plain", "ready\n".into())
+        (_, "/healthz") => {
+            let written = lock().status.written_unix_ms;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            if crate::health::stuck(written, now) {
+                err(
+                    503,
+                    format!(
+                        "the run loop is stuck: no status for {} s",
+                        now.saturating_sub(written) / 1000
+                    ),
+                )
             } else {
+                ok("text/plain", "ok\n".into())
+            }
+        }
+        (_, "/readyz") => {
+            let st = lock().status.clone();
+            if !st.synced {
                 err(503, "not synced yet")
+            } else if !st.not_ready.is_empty() {
+                err(503, st.not_ready.join("\n"))
+            } else {
+                ok("text/plain", "ready\n".into())
             }
         }
         (_, "/metrics") => ok(

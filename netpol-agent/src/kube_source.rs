@@ -58,7 +58,7 @@ use thiserror::Error;
 use tokio::task::JoinHandle;
 
 use crate::{
-    convert,
+    convert, crd,
     model::{self, Cluster, ObjectRef},
     source::{ClusterSource, Snapshot},
 };
@@ -73,16 +73,20 @@ pub enum Kind {
     ServiceCidr,
     /// Services, for their external and load-balancer IPs.
     Service,
+    /// policy.networking.k8s.io/v1alpha2 ClusterNetworkPolicy, a CRD that
+    /// may not be installed: then there are none (see [`watch`]).
+    ClusterNetworkPolicy,
 }
 
 impl Kind {
     /// Every watched kind, in the order their problems are reported.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::NetworkPolicy,
         Kind::ServiceCidr,
         Kind::Service,
+        Kind::ClusterNetworkPolicy,
     ];
 
     fn index(self) -> usize {
@@ -98,6 +102,7 @@ impl fmt::Display for Kind {
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::ServiceCidr => "ServiceCIDR",
             Kind::Service => "Service",
+            Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
         })
     }
 }
@@ -175,6 +180,13 @@ pub struct Options {
     /// default): kube-runtime's `default_backoff()` (0.8 s doubling to 30 s,
     /// jittered, reset after two minutes without errors).
     pub retry: Option<Retry>,
+    /// How long a watcher of an optional kind (a CRD: ClusterNetworkPolicy)
+    /// waits before it lists again after the API server said the resource
+    /// does not exist, on top of the retry delay. Every node's agent asks,
+    /// so on a cluster without the CRD this bounds the load of 404s. Default
+    /// one minute: a CNP created after its CRD is installed is seen within
+    /// about that.
+    pub absent_recheck: Duration,
 }
 
 impl Default for Options {
@@ -182,6 +194,7 @@ impl Default for Options {
         Self {
             page_size: 500,
             retry: None,
+            absent_recheck: Duration::from_secs(60),
         }
     }
 }
@@ -349,6 +362,14 @@ impl KubeSource {
             (
                 Kind::Service,
                 runtime.spawn(watch::<core::Service>(
+                    client.clone(),
+                    self.options.clone(),
+                    self.store.clone(),
+                )),
+            ),
+            (
+                Kind::ClusterNetworkPolicy,
+                runtime.spawn(watch::<crd::ClusterNetworkPolicy>(
                     client,
                     self.options.clone(),
                     self.store.clone(),
@@ -357,7 +378,7 @@ impl KubeSource {
         ];
         tracing::info!(
             server = %self.server,
-            "watching namespaces, pods, network policies, service CIDRs and services"
+            "watching namespaces, pods, network policies, service CIDRs, services and cluster network policies"
         );
         Ok(())
     }
@@ -399,16 +420,19 @@ impl ClusterSource for KubeSource {
     }
 
     /// The model and every object's conversion problems (namespaces, then
-    /// pods, then policies).
+    /// pods, then policies), and one line per ClusterNetworkPolicy saying it
+    /// is not enforced yet.
     fn snapshot(&self) -> Snapshot {
         let store = self.store();
+        let mut errors: Vec<String> = store
+            .errors
+            .iter()
+            .flat_map(|by_object| by_object.values().flatten().cloned())
+            .collect();
+        errors.extend(crate::source::not_enforced(&store.cluster));
         Snapshot {
             cluster: store.cluster.clone(),
-            errors: store
-                .errors
-                .iter()
-                .flat_map(|by_object| by_object.values().flatten().cloned())
-                .collect(),
+            errors,
         }
     }
 
@@ -419,6 +443,23 @@ impl ClusterSource for KubeSource {
 
     fn describe(&self) -> String {
         format!("kube:{}", self.server)
+    }
+
+    fn health(&self) -> crate::health::SourceHealth {
+        let failing = self
+            .store()
+            .failing_since
+            .iter()
+            .zip(Kind::ALL)
+            .filter_map(|(since, kind)| Some((kind.to_string(), (*since)?.elapsed())))
+            .collect();
+        let stopped = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.is_finished())
+            .map(|(kind, _)| kind.to_string())
+            .collect();
+        crate::health::SourceHealth { failing, stopped }
     }
 }
 
@@ -437,6 +478,9 @@ struct Store {
     errors: [BTreeMap<ObjectRef, Vec<String>>; Kind::ALL.len()],
     /// Whether each kind's initial list has completed.
     listed: [bool; Kind::ALL.len()],
+    /// Since when each kind's watch has been failing (cleared by the first
+    /// object the API server delivers again).
+    failing_since: [Option<std::time::Instant>; Kind::ALL.len()],
     revision: u64,
 }
 
@@ -560,6 +604,10 @@ trait Watched:
     Resource<DynamicType = ()> + Clone + DeserializeOwned + fmt::Debug + Send + Sync + 'static
 {
     const KIND: Kind;
+    /// A kind served by a CRD that may not be installed: a list answered
+    /// with 404 means there are no such objects (the kind counts as listed,
+    /// empty), and the watcher keeps checking with its backoff.
+    const OPTIONAL: bool = false;
     /// Key of the model's map for this kind.
     type Key: Ord + Clone + Send + 'static;
     /// The model's value for this kind.
@@ -705,6 +753,34 @@ impl Watched for core::Service {
     }
 }
 
+impl Watched for crd::ClusterNetworkPolicy {
+    const KIND: Kind = Kind::ClusterNetworkPolicy;
+    const OPTIONAL: bool = true;
+    type Key = String;
+    type Light = model::ClusterNetworkPolicy;
+    fn objects(cluster: &mut Cluster) -> &mut BTreeMap<String, model::ClusterNetworkPolicy> {
+        &mut cluster.cluster_policies
+    }
+    fn key(id: &ObjectRef) -> String {
+        id.name.clone()
+    }
+    fn light(&self) -> Entry<model::ClusterNetworkPolicy> {
+        converted(convert::cluster_network_policy(self))
+    }
+}
+
+/// Whether a watcher error says the resource does not exist on the API
+/// server (its CRD is not installed).
+fn not_found(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code == 404,
+        watcher::Error::WatchError(status) => status.code == 404,
+        _ => false,
+    }
+}
+
 fn converted<T>(r: Result<convert::Converted<T>, convert::ConvertError>) -> Entry<T> {
     match r {
         Ok(c) => Entry {
@@ -717,6 +793,9 @@ fn converted<T>(r: Result<convert::Converted<T>, convert::ConvertError>) -> Entr
         },
     }
 }
+
+/// How often a failing watch's kind is probed with a small list.
+const PROBE_EVERY: Duration = Duration::from_secs(10);
 
 /// One kind's watcher task: list, then watch, relisting when the API server
 /// says the resume point is gone; runs until aborted.
@@ -732,11 +811,34 @@ async fn watch<K: Watched>(client: Client, options: Options, store: Arc<Mutex<St
         }),
     };
     let backoff = ProgressBackoff(Arc::new(Mutex::new(backoff)));
-    let mut events =
-        std::pin::pin!(watcher(Api::<K>::all(client), config).backoff(backoff.clone()));
+    let api = Api::<K>::all(client);
+    let mut events = std::pin::pin!(watcher(api.clone(), config).backoff(backoff.clone()));
     let mut relist: Option<Relist<K>> = None;
     let mut failing = false;
-    while let Some(event) = events.next().await {
+    // An optional kind whose resource is absent (logged once per absence).
+    let mut absent = false;
+    // A watch that resumes from its resource version yields nothing until
+    // an object changes: no event says it is back. While the watch fails,
+    // a small list (one object's metadata, served from the API server's
+    // watch cache) every PROBE_EVERY tells whether this kind can be read
+    // again, so readiness does not stay down on a quiet cluster.
+    let mut probe = tokio::time::interval(PROBE_EVERY);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let event = tokio::select! {
+            event = events.next() => event,
+            _ = probe.tick(), if failing => {
+                if api.list_metadata(&kube::api::ListParams::default().limit(1)).await.is_ok() {
+                    failing = false;
+                    lock(&store).failing_since[kind.index()] = None;
+                    tracing::info!(%kind, "the API server answers again: watch recovered");
+                }
+                continue;
+            }
+        };
+        let Some(event) = event else {
+            break;
+        };
         match event {
             Ok(event) => {
                 // `Init` comes before every list attempt: only what the API
@@ -744,7 +846,11 @@ async fn watch<K: Watched>(client: Client, options: Options, store: Arc<Mutex<St
                 if !matches!(event, Event::Init | Event::InitApply(_))
                     && std::mem::take(&mut failing)
                 {
+                    lock(&store).failing_since[kind.index()] = None;
                     tracing::info!(%kind, "watch recovered");
+                }
+                if matches!(event, Event::InitDone) && std::mem::take(&mut absent) {
+                    tracing::info!(%kind, "the resource is served now (its CRD was installed)");
                 }
                 match event {
                     Event::Init => {
@@ -778,11 +884,37 @@ async fn watch<K: Watched>(client: Client, options: Options, store: Arc<Mutex<St
                     }
                 }
             }
+            Err(e) if K::OPTIONAL && not_found(&e) => {
+                // No CRD, no such objects: the kind counts as listed and
+                // empty, so readiness does not wait for a CRD that a
+                // cluster may never install. The backoff keeps listing, and
+                // a list that succeeds once the CRD is installed replaces
+                // the empty state.
+                relist = None;
+                let (changed, old) = lock(&store).replace(Relist::<K>::default());
+                drop(old);
+                if !std::mem::replace(&mut absent, true) {
+                    tracing::warn!(
+                        %kind,
+                        changed,
+                        recheck = ?options.absent_recheck,
+                        "the API server does not serve {kind} (404: its CRD is not installed): none apply; checking again periodically"
+                    );
+                }
+                // The stream is pulled: while we sleep it sends nothing.
+                tokio::time::sleep(options.absent_recheck).await;
+            }
             Err(watcher::Error::WatchError(status)) if status.code == 410 => {
                 tracing::info!(%kind, "watch expired (410 Gone): relisting; the last state stays in force");
             }
             Err(e) => {
+                if !failing {
+                    // The first probe one period after the failure.
+                    probe.reset();
+                }
                 failing = true;
+                lock(&store).failing_since[kind.index()]
+                    .get_or_insert_with(std::time::Instant::now);
                 tracing::warn!(%kind, "watch failed, retrying with backoff; the last state stays in force: {e}");
             }
         }

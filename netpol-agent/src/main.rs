@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Enforce NetworkPolicy for this node's pods.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the agent's status (synced, endpoints, generation, counters).
     Status {
         #[arg(long, default_value = "/run/netpol")]
@@ -125,6 +125,10 @@ struct RunArgs {
     /// rewrites whatever differs from the compiled state.
     #[arg(long, default_value_t = 30)]
     reconcile_secs: u64,
+    /// The agent is not ready (`/readyz`) while its source has been failing
+    /// for longer than this many seconds: the cluster may have moved on.
+    #[arg(long, default_value_t = 60)]
+    stale_after_secs: u64,
     /// Poll interval of the source and the node, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
@@ -219,6 +223,7 @@ fn main() -> Result<()> {
                 veth_prefixes: a.veth_prefixes,
                 flows_per_endpoint: a.flows_per_endpoint,
                 max_pods: a.max_pods,
+                stale_after: std::time::Duration::from_secs(a.stale_after_secs),
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -10,6 +10,8 @@ use k8s_openapi::api::{
 };
 use serde::Deserialize as _;
 
+use crate::crd;
+
 /// One object the agent cares about.
 #[derive(Clone, Debug)]
 pub enum Object {
@@ -17,6 +19,7 @@ pub enum Object {
     Pod(Box<Pod>),
     NetworkPolicy(Box<NetworkPolicy>),
     Node(Box<Node>),
+    ClusterNetworkPolicy(Box<crd::ClusterNetworkPolicy>),
 }
 
 /// A document that could not be read, with where it is.
@@ -113,6 +116,20 @@ fn collect(
             typed(serde_yaml::from_value(v).map(|o| Object::NetworkPolicy(Box::new(o))))
         }
         "Node" => typed(serde_yaml::from_value(v).map(|o| Object::Node(Box::new(o)))),
+        "ClusterNetworkPolicy" => {
+            let api_version = v.get("apiVersion").and_then(|a| a.as_str()).unwrap_or("");
+            if api_version == <crd::ClusterNetworkPolicy as k8s_openapi::Resource>::API_VERSION {
+                typed(serde_yaml::from_value(v).map(|o| Object::ClusterNetworkPolicy(Box::new(o))))
+            } else {
+                Err(err(
+                    file,
+                    line,
+                    format!(
+                        "{kind} {name}: apiVersion {api_version:?} is not supported (want policy.networking.k8s.io/v1alpha2)"
+                    ),
+                ))
+            }
+        }
         k if k.ends_with("List") => {
             match v.get("items").and_then(|i| i.as_sequence()) {
                 Some(items) => {
@@ -161,6 +178,23 @@ mod tests {
         let (objs, errs) = parse(Path::new("l.json"), text);
         assert!(errs.is_empty(), "{errs:?}");
         assert_eq!(objs.len(), 2);
+    }
+
+    #[test]
+    fn cluster_network_policies_are_read_in_v1alpha2_only() {
+        let text = "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\n\
+                    metadata:\n  name: deny-metadata\nspec:\n  tier: Admin\n  priority: 1\n\
+                    ---\napiVersion: policy.networking.k8s.io/v1alpha1\nkind: ClusterNetworkPolicy\n\
+                    metadata:\n  name: old\n";
+        let (objs, errs) = parse(Path::new("cnp.yaml"), text);
+        assert_eq!(objs.len(), 1, "{errs:?}");
+        let Object::ClusterNetworkPolicy(cnp) = &objs[0] else {
+            panic!("{:?}", objs[0]);
+        };
+        assert_eq!(cnp.metadata.name.as_deref(), Some("deny-metadata"));
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].line, 9);
+        assert!(errs[0].message.contains("v1alpha1"), "{}", errs[0].message);
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub last_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub endpoints: Gauge,
     pub pending_endpoints: Gauge,
+    /// Pod veths the last sync found without the programs.
+    pub veths_without_programs: Gauge,
+    /// 1 when `/readyz` says ready.
+    pub ready: Gauge,
     pub generation: Gauge,
     pub source_errors: Gauge,
     /// API connections refused, by listener and reason.
@@ -79,6 +83,8 @@ impl Metrics {
             last_sync: Gauge::default(),
             endpoints: Gauge::default(),
             pending_endpoints: Gauge::default(),
+            veths_without_programs: Gauge::default(),
+            ready: Gauge::default(),
             generation: Gauge::default(),
             source_errors: Gauge::default(),
             api_refused: Family::default(),
@@ -126,10 +132,20 @@ impl Metrics {
         );
         registry.register(
             "last_sync_timestamp_seconds",
-            "Unix time of the last completed sync",
+            "Unix time of the last sync that applied everything (map writes all succeeded)",
             m.last_sync.clone(),
         );
         registry.register("endpoints", "Local pods enforced", m.endpoints.clone());
+        registry.register(
+            "veths_without_programs",
+            "Pod veths without the agent's programs (after the last sync)",
+            m.veths_without_programs.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 when the agent enforces the current state (/readyz), else 0",
+            m.ready.clone(),
+        );
         registry.register(
             "pending_endpoints",
             "Pod veths whose pod is not known yet (traffic denied)",

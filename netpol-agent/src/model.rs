@@ -69,6 +69,13 @@ pub struct Cluster {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<PodRef, Pod>,
     pub policies: BTreeMap<PolicyRef, NetworkPolicy>,
+    /// ClusterNetworkPolicies (policy.networking.k8s.io/v1alpha2), by name.
+    /// Read, validated and evaluated by the reference; not yet enforced by
+    /// the datapath.
+    pub cluster_policies: BTreeMap<String, ClusterNetworkPolicy>,
+    /// Nodes, by name: labels and addresses (what a CNP `nodes` peer
+    /// matches). Only the sources that read Node objects fill it.
+    pub nodes: BTreeMap<String, Node>,
     /// Service frontends kube-proxy translates, by ServiceCIDR object: its
     /// CIDRs. A pod's egress to them is judged after the DNAT. Not an input
     /// of the policy compiler.
@@ -90,6 +97,14 @@ impl Cluster {
     /// Insert or replace a policy.
     pub fn upsert_policy(&mut self, policy: NetworkPolicy) {
         self.policies.insert(policy.policy_ref(), policy);
+    }
+    /// Insert or replace a ClusterNetworkPolicy.
+    pub fn upsert_cluster_policy(&mut self, cnp: ClusterNetworkPolicy) {
+        self.cluster_policies.insert(cnp.name.clone(), cnp);
+    }
+    /// Insert or replace a node.
+    pub fn upsert_node(&mut self, node: Node) {
+        self.nodes.insert(node.name.clone(), node);
     }
     pub fn remove_namespace(&mut self, name: &str) -> Option<Namespace> {
         self.namespaces.remove(name)
@@ -136,6 +151,36 @@ impl Cluster {
     }
     pub fn policy(mut self, policy: NetworkPolicy) -> Self {
         self.upsert_policy(policy);
+        self
+    }
+    pub fn cluster_policy(mut self, cnp: ClusterNetworkPolicy) -> Self {
+        self.upsert_cluster_policy(cnp);
+        self
+    }
+    pub fn node(mut self, node: Node) -> Self {
+        self.upsert_node(node);
+        self
+    }
+}
+
+/// A node: its labels (for CNP `nodes` peers) and the addresses of
+/// `status.addresses` that are IPs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    pub labels: Labels,
+    pub addresses: Vec<IpAddr>,
+}
+
+impl Node {
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+    /// Adds an address (panics on a malformed address: fixtures only).
+    pub fn address(mut self, ip: &str) -> Self {
+        self.addresses
+            .push(ip.parse().unwrap_or_else(|e| panic!("bad IP {ip:?}: {e}")));
         self
     }
 }
@@ -566,6 +611,194 @@ impl NetworkPolicy {
     }
 }
 
+/// `spec.tier` of a ClusterNetworkPolicy. Evaluation order: Admin, then
+/// NetworkPolicy, then Baseline, then the default (allow).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Tier {
+    #[default]
+    Admin,
+    Baseline,
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Tier::Admin => "Admin",
+            Tier::Baseline => "Baseline",
+        })
+    }
+}
+
+/// A CNP rule's `action`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Action {
+    /// Allowed; no later CNP rule or NetworkPolicy of this direction applies.
+    #[default]
+    Accept,
+    /// Dropped; nothing later applies.
+    Deny,
+    /// Skips the rest of the policy's tier: from Admin to NetworkPolicy,
+    /// from Baseline to the default (allow).
+    Pass,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Accept => "Accept",
+            Action::Deny => "Deny",
+            Action::Pass => "Pass",
+        })
+    }
+}
+
+/// `spec.subject`: the pods a CNP applies to (never hostNetwork pods).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Subject {
+    /// Every pod of the namespaces the selector matches.
+    Namespaces(LabelSelector),
+    /// Pods matching `pod_selector` in namespaces matching
+    /// `namespace_selector` (empty selectors match everything).
+    Pods {
+        namespace_selector: LabelSelector,
+        pod_selector: LabelSelector,
+    },
+}
+
+impl Subject {
+    /// Whether the (live) pod is selected; `namespace_labels` are its
+    /// namespace's labels.
+    pub fn matches(&self, pod: &Pod, namespace_labels: &Labels) -> bool {
+        match self {
+            Subject::Namespaces(ns) => ns.matches(namespace_labels),
+            Subject::Pods {
+                namespace_selector,
+                pod_selector,
+            } => namespace_selector.matches(namespace_labels) && pod_selector.matches(&pod.labels),
+        }
+    }
+}
+
+/// One entry of a CNP rule's `from` / `to`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CnpPeer {
+    /// Every (non-hostNetwork) pod of the namespaces the selector matches.
+    Namespaces(LabelSelector),
+    /// Pods matching `pod_selector` in namespaces matching
+    /// `namespace_selector`.
+    Pods {
+        namespace_selector: LabelSelector,
+        pod_selector: LabelSelector,
+    },
+    /// Egress only: addresses in any of the CIDRs, pod IPs included.
+    Networks(Vec<IpNet>),
+    /// Egress only: the addresses of the nodes the selector matches.
+    Nodes(LabelSelector),
+    /// Every address. Never written by users: the fail-closed form of a
+    /// Deny or Pass rule [`crate::convert`] could not read (an unknown peer
+    /// field from a newer CRD, domainNames, an invalid field).
+    Everything,
+}
+
+/// One entry of a CNP rule's `protocols`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CnpPort {
+    /// `tcp`/`udp`/`sctp` `destinationPort`: `start..=end` (`end == start`
+    /// for a single number).
+    Range {
+        protocol: Protocol,
+        start: u16,
+        end: u16,
+    },
+    /// `destinationNamedPort`: a container port of the destination pod with
+    /// that name, whatever its protocol (the container port says which).
+    Named(String),
+}
+
+/// A CNP ingress or egress rule. `peers` match if any entry matches; an
+/// empty `peers` matches nothing (the API requires at least one, and an
+/// Accept rule that could not be read is kept with none). An empty
+/// `protocols` matches every protocol and port (ICMP included).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CnpRule {
+    /// `name` (for logs and explain; may be empty).
+    pub name: String,
+    pub action: Action,
+    pub peers: Vec<CnpPeer>,
+    pub protocols: Vec<CnpPort>,
+}
+
+impl CnpRule {
+    pub fn peer(mut self, peer: CnpPeer) -> Self {
+        self.peers.push(peer);
+        self
+    }
+    pub fn port(mut self, port: CnpPort) -> Self {
+        self.protocols.push(port);
+        self
+    }
+    pub fn named(mut self, name: &str) -> Self {
+        self.name = name.into();
+        self
+    }
+}
+
+/// A ClusterNetworkPolicy in validated form (see [`crate::convert`] for how
+/// an invalid object is reduced so that it never allows more than it says).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterNetworkPolicy {
+    pub name: String,
+    pub tier: Tier,
+    /// 0..=1000; lower is evaluated first within the tier.
+    pub priority: u32,
+    pub subject: Option<Subject>,
+    /// In order: the first rule that matches decides.
+    pub ingress: Vec<CnpRule>,
+    pub egress: Vec<CnpRule>,
+    /// The object had invalid fields and was reduced (fail closed).
+    pub invalid: bool,
+}
+
+impl ClusterNetworkPolicy {
+    /// Whether the policy applies to the pod: a live pod (never a
+    /// hostNetwork one) that its subject selects.
+    pub fn selects(&self, pod: &Pod, namespace_labels: &Labels) -> bool {
+        pod.is_live()
+            && self
+                .subject
+                .as_ref()
+                .is_some_and(|s| s.matches(pod, namespace_labels))
+    }
+
+    /// The rules of one direction (`DIR_*`).
+    pub fn rules(&self, direction: u8) -> &[CnpRule] {
+        if direction == netpol_common::DIR_INGRESS {
+            &self.ingress
+        } else {
+            &self.egress
+        }
+    }
+
+    // Builder-style helpers for fixtures.
+
+    pub fn priority(mut self, priority: u32) -> Self {
+        self.priority = priority;
+        self
+    }
+    pub fn subject(mut self, subject: Subject) -> Self {
+        self.subject = Some(subject);
+        self
+    }
+    pub fn ingress(mut self, rule: CnpRule) -> Self {
+        self.ingress.push(rule);
+        self
+    }
+    pub fn egress(mut self, rule: CnpRule) -> Self {
+        self.egress.push(rule);
+        self
+    }
+}
+
 fn to_labels<'a>(labels: impl IntoIterator<Item = (&'a str, &'a str)>) -> Labels {
     labels
         .into_iter()
@@ -697,6 +930,95 @@ pub mod build {
             protocol,
             port: PortMatch::All,
         }
+    }
+
+    /// A node without labels or addresses.
+    pub fn node(name: &str) -> Node {
+        Node {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+    /// An Admin tier ClusterNetworkPolicy (priority 0, no subject yet).
+    pub fn admin(name: &str) -> ClusterNetworkPolicy {
+        ClusterNetworkPolicy {
+            name: name.into(),
+            tier: Tier::Admin,
+            ..Default::default()
+        }
+    }
+    /// A Baseline tier ClusterNetworkPolicy (priority 0, no subject yet).
+    pub fn baseline(name: &str) -> ClusterNetworkPolicy {
+        ClusterNetworkPolicy {
+            name: name.into(),
+            tier: Tier::Baseline,
+            ..Default::default()
+        }
+    }
+    /// Subject: every pod of the namespaces `selector` matches.
+    pub fn in_namespaces(selector: LabelSelector) -> Subject {
+        Subject::Namespaces(selector)
+    }
+    /// Subject: pods `pods` in namespaces `namespaces`.
+    pub fn pods_of(namespaces: LabelSelector, pods: LabelSelector) -> Subject {
+        Subject::Pods {
+            namespace_selector: namespaces,
+            pod_selector: pods,
+        }
+    }
+    pub fn accept() -> CnpRule {
+        rule(Action::Accept)
+    }
+    pub fn deny() -> CnpRule {
+        rule(Action::Deny)
+    }
+    pub fn pass() -> CnpRule {
+        rule(Action::Pass)
+    }
+    fn rule(action: Action) -> CnpRule {
+        CnpRule {
+            action,
+            ..Default::default()
+        }
+    }
+    /// CNP peer: every pod of the namespaces `selector` matches.
+    pub fn peer_namespaces(selector: LabelSelector) -> CnpPeer {
+        CnpPeer::Namespaces(selector)
+    }
+    /// CNP peer: pods `pods` in namespaces `namespaces`.
+    pub fn peer_pods(namespaces: LabelSelector, pods: LabelSelector) -> CnpPeer {
+        CnpPeer::Pods {
+            namespace_selector: namespaces,
+            pod_selector: pods,
+        }
+    }
+    /// CNP peer: CIDRs (egress).
+    pub fn networks<'a>(cidrs: impl IntoIterator<Item = &'a str>) -> CnpPeer {
+        CnpPeer::Networks(cidrs.into_iter().map(parse_net).collect())
+    }
+    /// CNP peer: nodes (egress).
+    pub fn peer_nodes(selector: LabelSelector) -> CnpPeer {
+        CnpPeer::Nodes(selector)
+    }
+    /// CNP protocol entry: one port.
+    pub fn dport(protocol: Protocol, port: u16) -> CnpPort {
+        CnpPort::Range {
+            protocol,
+            start: port,
+            end: port,
+        }
+    }
+    /// CNP protocol entry: a port range.
+    pub fn dports(protocol: Protocol, start: u16, end: u16) -> CnpPort {
+        CnpPort::Range {
+            protocol,
+            start,
+            end,
+        }
+    }
+    /// CNP protocol entry: a destination named port.
+    pub fn named_dport(name: &str) -> CnpPort {
+        CnpPort::Named(name.into())
     }
 }
 

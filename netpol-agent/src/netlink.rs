@@ -24,6 +24,7 @@ use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressMessage, AddressScope},
     link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    neighbour::NeighbourMessage,
     nsid::{NsidAttribute, NsidMessage},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
 };
@@ -213,6 +214,22 @@ impl Rtnl {
             .collect())
     }
 
+    /// The neighbour tables (ARP and NDP) of every interface.
+    pub fn neighbours(&mut self) -> Result<Vec<NeighbourMessage>> {
+        let msgs = self.request(
+            RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()),
+            true,
+            "neighbour dump",
+        )?;
+        Ok(msgs
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n) => Some(n),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// The id this netns gives to the netns behind `fd` (None: unassigned).
     pub fn nsid_of_fd(&mut self, fd: i32) -> Result<Option<i32>> {
         let mut req = NsidMessage::default();
@@ -293,7 +310,7 @@ fn address_of(a: &AddressMessage) -> Option<IpAddr> {
 
 /// Every network namespace file we can see: named ones first, then those
 /// of running processes (deduplicated by inode).
-fn netns_candidates() -> Vec<PathBuf> {
+pub(crate) fn netns_candidates() -> Vec<PathBuf> {
     use std::os::unix::fs::MetadataExt as _;
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();

@@ -70,6 +70,11 @@ pub trait ClusterSource: Send {
     }
     /// For logs: what this source reads.
     fn describe(&self) -> String;
+    /// What has been failing to read, and for how long (readiness). The
+    /// default: nothing fails.
+    fn health(&self) -> crate::health::SourceHealth {
+        crate::health::SourceHealth::default()
+    }
 }
 
 /// The cluster a source describes, with every problem found reading it.
@@ -79,6 +84,18 @@ pub struct Snapshot {
     /// Files or documents that did not parse, and objects with invalid
     /// fields (an invalid policy still isolates what it selects).
     pub errors: Vec<String>,
+}
+
+/// One line per ClusterNetworkPolicy the source read: the datapath does not
+/// enforce them yet, and the agent must not let a user believe it does. The
+/// agent logs each line once and reports it in its status.
+pub fn not_enforced(cluster: &Cluster) -> impl Iterator<Item = String> + '_ {
+    cluster.cluster_policies.values().map(|p| {
+        format!(
+            "ClusterNetworkPolicy {} ({} tier, priority {}): read but NOT ENFORCED: this netpol version does not program ClusterNetworkPolicy into the datapath yet",
+            p.name, p.tier, p.priority
+        )
+    })
 }
 
 /// What identifies one version of a file: a rename into place changes the
@@ -665,10 +682,26 @@ impl ClusterSource for DirSource {
                         }
                         Err(e) => snap.errors.push(e.to_string()),
                     },
-                    Object::Node(_) => {}
+                    Object::Node(n) => match convert::node(n) {
+                        Ok(c) => {
+                            snap.errors.extend(c.errors.iter().map(|e| e.to_string()));
+                            snap.cluster.upsert_node(c.value);
+                        }
+                        Err(e) => snap.errors.push(e.to_string()),
+                    },
+                    Object::ClusterNetworkPolicy(cnp) => {
+                        match convert::cluster_network_policy(cnp) {
+                            Ok(c) => {
+                                snap.errors.extend(c.errors.iter().map(|e| e.to_string()));
+                                snap.cluster.upsert_cluster_policy(c.value);
+                            }
+                            Err(e) => snap.errors.push(e.to_string()),
+                        }
+                    }
                 }
             }
         }
+        snap.errors.extend(not_enforced(&snap.cluster));
         snap
     }
 }
@@ -775,6 +808,58 @@ spec:
             "a directory that cannot be listed is an error"
         );
         assert!(!missing.ready());
+    }
+
+    #[test]
+    fn a_cluster_network_policy_is_read_and_reported_as_not_enforced() {
+        let d = Dir::new("cnp");
+        d.write("ns.yaml", NAMESPACE);
+        d.write(
+            "node.yaml",
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: n1\n  labels:\n    zone: a\n\
+             status:\n  addresses:\n  - type: InternalIP\n    address: 192.168.0.1\n",
+        );
+        d.write(
+            "cnp.yaml",
+            r#"apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata:
+  name: deny-metadata
+spec:
+  tier: Admin
+  priority: 5
+  subject:
+    namespaces: {}
+  egress:
+  - action: Deny
+    to:
+    - networks: [169.254.169.254/32]
+  - action: Accept
+    to:
+    - domainNames: [example.com]
+"#,
+        );
+        let mut src = DirSource::new(&d.0);
+        src.poll().expect("poll");
+        let snap = src.snapshot();
+        let cnp = &snap.cluster.cluster_policies["deny-metadata"];
+        assert_eq!(cnp.priority, 5);
+        assert_eq!(cnp.egress.len(), 2);
+        assert_eq!(snap.cluster.nodes["n1"].addresses.len(), 1);
+        let notices: Vec<_> = snap
+            .errors
+            .iter()
+            .filter(|e| e.contains("NOT ENFORCED"))
+            .collect();
+        assert_eq!(notices.len(), 1, "one line per policy: {:?}", snap.errors);
+        assert!(notices[0].contains("deny-metadata"), "{}", notices[0]);
+        assert!(
+            snap.errors
+                .iter()
+                .any(|e| e.contains("spec.egress[1].to[0].domainNames")),
+            "{:?}",
+            snap.errors
+        );
     }
 
     #[test]

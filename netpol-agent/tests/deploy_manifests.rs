@@ -1,4 +1,4 @@
-//! `deploy/`: loads what `deploy/kustomization.yaml` lists into the
+//! `deploy/`: loads what `deploy/base/kustomization.yaml` lists into the
 //! Kubernetes API types, applies the kustomization's namespace and image
 //! the way kustomize does, and checks what the agent needs to work on a node
 //! and what it may do in the cluster.
@@ -73,9 +73,14 @@ fn typed<T: DeserializeOwned + serde::Serialize>(file: &str, doc: serde_yaml::Va
 }
 
 fn load() -> (Kustomization, Deployment) {
-    let dir = deploy_dir();
-    let k: Kustomization = serde_yaml::from_str(&read(&dir.join("kustomization.yaml")))
+    // `kubectl apply -k deploy/` is the base, as it is.
+    let top: Kustomization = serde_yaml::from_str(&read(&deploy_dir().join("kustomization.yaml")))
         .unwrap_or_else(|e| panic!("deploy/kustomization.yaml: {e}"));
+    assert_eq!(top.resources, ["base"], "deploy/ applies deploy/base/");
+    assert!(top.namespace.is_none() && top.images.is_empty());
+    let dir = deploy_dir().join("base");
+    let k: Kustomization = serde_yaml::from_str(&read(&dir.join("kustomization.yaml")))
+        .unwrap_or_else(|e| panic!("deploy/base/kustomization.yaml: {e}"));
     assert_eq!(k.api_version, "kustomize.config.k8s.io/v1beta1");
     assert_eq!(k.kind, "Kustomization");
     let mut d = Deployment::default();
@@ -83,7 +88,7 @@ fn load() -> (Kustomization, Deployment) {
         let text = read(&dir.join(file));
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let doc = serde_yaml::Value::deserialize(doc)
-                .unwrap_or_else(|e| panic!("deploy/{file}: {e}"));
+                .unwrap_or_else(|e| panic!("deploy/base/{file}: {e}"));
             if doc.is_null() {
                 continue;
             }
@@ -92,7 +97,7 @@ fn load() -> (Kustomization, Deployment) {
                 Some("ServiceAccount") => d.service_accounts.push(typed(file, doc)),
                 Some("ClusterRole") => d.cluster_roles.push(typed(file, doc)),
                 Some("ClusterRoleBinding") => d.cluster_role_bindings.push(typed(file, doc)),
-                other => panic!("deploy/{file}: unexpected kind {other:?}"),
+                other => panic!("deploy/base/{file}: unexpected kind {other:?}"),
             }
         }
     }
@@ -388,6 +393,7 @@ fn rbac_is_read_only_on_pods_namespaces_and_policies() {
         ("", "services"),
         ("networking.k8s.io", "networkpolicies"),
         ("networking.k8s.io", "servicecidrs"),
+        ("policy.networking.k8s.io", "clusternetworkpolicies"),
     ] {
         for v in ["get", "list", "watch"] {
             wanted.insert((g, res, v));
@@ -395,7 +401,7 @@ fn rbac_is_read_only_on_pods_namespaces_and_policies() {
     }
     assert_eq!(
         granted, wanted,
-        "exactly get/list/watch on the five resources"
+        "exactly get/list/watch on the six resources"
     );
 }
 

@@ -43,10 +43,8 @@ use aya::maps::{HashMap as BpfHashMap, Map, MapData, lpm_trie::LpmTrie};
 use netpol_common::{EndpointValue, PeerValue, PolicyKey, PolicyValue, map_names};
 use netpol_lab::{
     AgentProc, AgentSource, Agents, Family, Lab, LabState, PodSpec, PortSpec, ProbeSpec, Protocol,
-    TableKey, TruthTable, UpOptions, connect,
-    controlplane::{ControlPlaneSpec, ControlPlaneState, ProxyMode},
-    cp_ops, require_privileges, run_in_netns, start_agents_with,
-    tools::{CONTROL_PLANE_TOOLS, require_tools},
+    TableKey, TruthTable, connect, controlplane::ControlPlaneState, cp_ops, run_in_netns,
+    start_agents_with,
 };
 
 mod common {
@@ -68,13 +66,7 @@ const CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
 // (bridged); pods labelled pod=<name>, namespaces ns=<name>. kubectl reads YAML 1.1, where
 // a bare `y` is a boolean: the namespace's name is quoted wherever it is a value.
 
-const DENY_ALL_X: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-all, namespace: x}
-spec:
-  podSelector: {}
-"#;
+const DENY_ALL_X: &str = netpol_lab::fixtures::DENY_ALL_X;
 
 /// x/a admits y/a (pod=a in namespace ns=y) on TCP 80.
 const ALLOW_YA_TO_XA: &str = r#"
@@ -162,28 +154,7 @@ y/b .   X   .   .
 /// A control-plane lab of [`common::lab::cluster`] (no kube-proxy, no DNS: the tests dial pod
 /// IPs), or `None` after a loud skip.
 fn lab_up(test: &str, prefix: char) -> Option<Lab> {
-    if !require_privileges(test) || !require_tools(test, CONTROL_PLANE_TOOLS) {
-        return None;
-    }
-    let name = format!("k{prefix}{}", std::process::id() % 100_000);
-    let started = Instant::now();
-    let lab = Lab::up(
-        &common::lab::cluster(&name, PORTS),
-        &UpOptions {
-            control_plane: Some(ControlPlaneSpec {
-                proxy_mode: ProxyMode::None,
-                dns: false,
-                ..ControlPlaneSpec::default()
-            }),
-            ..UpOptions::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{test}: lab up {name}: {e}"));
-    eprintln!(
-        "[measure] {test}: control-plane lab {name} up in {:.1?}",
-        started.elapsed()
-    );
-    Some(lab)
+    common::lab::control_plane_up(test, &format!("k{prefix}"), PORTS)
 }
 
 fn cp(lab: &LabState) -> ControlPlaneState {
@@ -570,7 +541,15 @@ fn initial_list_is_enforced_once_synced() {
         assert_eq!(policy_entries > 0, a.node == "node-a", "{}: {st}", a.node);
         let log = log_of(a);
         assert!(
-            log.contains("watching namespaces, pods, network policies, service CIDRs and services"),
+            log.contains(
+                "watching namespaces, pods, network policies, service CIDRs, services and cluster network policies"
+            ),
+            "{}:\n{log}",
+            a.node
+        );
+        // This lab has no ClusterNetworkPolicy CRD: said once, and ready anyway.
+        assert!(
+            log.contains("does not serve ClusterNetworkPolicy"),
             "{}:\n{log}",
             a.node
         );
@@ -1445,4 +1424,88 @@ fn apiserver_down_keeps_last_state_enforced() {
         "[measure] {TEST}: what the agents reported during the outage:\n  {}",
         observed.join("\n  ")
     );
+}
+
+/// Readiness follows the source: with `--stale-after-secs 3`, an API server that stays down
+/// makes `/readyz` answer 503 naming the failing watches (the status says the same), while
+/// the last state stays enforced; once the API server is back and their watches have
+/// delivered again, the agents are ready again.
+#[test]
+fn readiness_goes_while_the_apiserver_is_away_too_long_and_comes_back() {
+    const TEST: &str = "readiness_goes_while_the_apiserver_is_away_too_long_and_comes_back";
+    let Some(lab) = lab_up(TEST, 'r') else {
+        return;
+    };
+    apply(&lab, &format!("{DENY_ALL_X}\n---\n{ALLOW_YA_TO_XA}"));
+    let source = AgentSource::kube(&lab, Path::new(DEPLOY))
+        .unwrap_or_else(|e| panic!("install deploy/: {e}"));
+    let mut args = agent_args();
+    args.extend(["--stale-after-secs".to_owned(), "3".to_owned()]);
+    let mut agents = start_agents_with(&lab, Path::new(AGENT), &source, &args).expect("agents");
+    agents
+        .wait_synced(&[], Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for a in &agents.agents {
+        assert_eq!(agent_http(&lab, &a.node, "/readyz").0, 200, "{}", a.node);
+    }
+    let command = cp_ops::kill_apiserver(&lab.name).unwrap_or_else(|e| panic!("{e}"));
+    let down_at = Instant::now();
+    for a in &agents.agents {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let body = loop {
+            let (code, body) = agent_http(&lab, &a.node, "/readyz");
+            if code == 503 {
+                break body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: /readyz still {code} {:.0?} into the outage",
+                a.node,
+                down_at.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        };
+        assert!(body.contains("watch has failed for"), "{}: {body}", a.node);
+        let st = a.status().expect("status");
+        assert!(
+            st["not_ready"].as_array().is_some_and(|r| r
+                .iter()
+                .any(|w| w.as_str().is_some_and(|w| w.contains("watch has failed")))),
+            "{}: {st}",
+            a.node
+        );
+        eprintln!(
+            "[measure] {TEST}: {} not ready {:.1?} into the outage: {}",
+            a.node,
+            down_at.elapsed(),
+            body.trim()
+        );
+    }
+    expect_table(&lab, YA_TO_XA_ONLY, "while not ready");
+    cp_ops::start_apiserver(&lab.name, &command).unwrap_or_else(|e| panic!("{e}"));
+    let back_at = Instant::now();
+    for a in &agents.agents {
+        // Watch retries back off as client-go's reflectors do (kube-runtime's default: 0.8 s
+        // doubling to 30 s, plus up to 100% jitter), so after an outage of about 20 s the
+        // last retry may come a minute later.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (code, body) = agent_http(&lab, &a.node, "/readyz");
+            if code == 200 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: not ready 120 s after the API server came back: {body}\n{}",
+                a.node,
+                a.log_tail(80)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        eprintln!(
+            "[measure] {TEST}: {} ready again {:.1?} after the API server was started",
+            a.node,
+            back_at.elapsed()
+        );
+    }
 }

@@ -121,6 +121,7 @@ fn source(server: &FakeApiServer, page_size: u32) -> KubeSource {
                 first: Duration::from_millis(20),
                 max: Duration::from_millis(200),
             }),
+            absent_recheck: Duration::from_millis(50),
         },
     );
     s.start().expect("starting the watchers");
@@ -582,4 +583,80 @@ fn poll_outside_a_runtime_is_an_error() {
     let err = src.poll().expect_err("no runtime");
     assert!(err.to_string().contains("tokio runtime"), "{err}");
     assert!(!src.ready());
+}
+
+/// An Admin ClusterNetworkPolicy denying egress to the metadata address.
+fn cnp(name: &str) -> Value {
+    json!({
+        "kind": "ClusterNetworkPolicy",
+        "apiVersion": "policy.networking.k8s.io/v1alpha2",
+        "metadata": {"name": name},
+        "spec": {
+            "tier": "Admin",
+            "priority": 7,
+            "subject": {"namespaces": {}},
+            "egress": [{"name": "no-metadata", "action": "Deny",
+                        "to": [{"networks": ["169.254.169.254/32"]}]}],
+        },
+    })
+}
+
+fn not_enforced_lines(src: &KubeSource) -> Vec<String> {
+    src.snapshot()
+        .errors
+        .into_iter()
+        .filter(|e| e.contains("NOT ENFORCED"))
+        .collect()
+}
+
+/// A cluster without the ClusterNetworkPolicy CRD (lists answered 404):
+/// the source still becomes ready, with no CNP, and picks CNPs up once the
+/// CRD is installed. Each CNP is reported as not enforced.
+#[test]
+fn a_missing_cnp_crd_means_no_cnps_and_is_checked_again() {
+    run(async {
+        let server = populated(1).await;
+        server.fail_lists(Res::ClusterNetworkPolicies, Some(404));
+        let mut src = source(&server, 500);
+        wait_for(&mut src, "readiness without the CRD", KubeSource::ready).await;
+        assert!(cluster(&src).cluster_policies.is_empty());
+        assert!(not_enforced_lines(&src).is_empty());
+
+        // The CRD is installed and a CNP created.
+        server.apply(cnp("deny-metadata"));
+        server.fail_lists(Res::ClusterNetworkPolicies, None);
+        wait_for(&mut src, "the CNP", |s| {
+            cluster(s).cluster_policies.contains_key("deny-metadata")
+        })
+        .await;
+        let lines = not_enforced_lines(&src);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains("deny-metadata"), "{}", lines[0]);
+        // Watched like any kind from then on.
+        server.delete(Res::ClusterNetworkPolicies, "", "deny-metadata");
+        wait_for(&mut src, "the deletion", |s| {
+            cluster(s).cluster_policies.is_empty()
+        })
+        .await;
+        assert!(not_enforced_lines(&src).is_empty());
+    });
+}
+
+/// Only "not found" means "no CNPs": an API server that fails the list
+/// otherwise keeps the source unready (it may hold Deny policies).
+#[test]
+fn a_failing_cnp_list_is_not_taken_for_a_missing_crd() {
+    run(async {
+        let server = populated(1).await;
+        server.fail_lists(Res::ClusterNetworkPolicies, Some(500));
+        let mut src = source(&server, 500);
+        wait_server("failed CNP lists", 3, || {
+            server.failed_lists(Res::ClusterNetworkPolicies)
+        })
+        .await;
+        src.poll().expect("polling");
+        assert!(!src.ready(), "a 500 is not an absent CRD");
+        server.fail_lists(Res::ClusterNetworkPolicies, None);
+        wait_for(&mut src, "readiness", KubeSource::ready).await;
+    });
 }

@@ -51,13 +51,7 @@ y/a .   .   .   .
 y/b .   .   .   .
 ";
 
-const DENY_ALL_X: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-all, namespace: x}
-spec:
-  podSelector: {}
-"#;
+const DENY_ALL_X: &str = netpol_lab::fixtures::DENY_ALL_X;
 
 const ALLOW_Y_TO_XA: &str = r#"
 apiVersion: networking.k8s.io/v1

@@ -135,12 +135,7 @@ fn the_agent_enforces_with_only_the_overlays_capabilities() {
     agents
         .change(
             || {
-                write_policy(
-                    &lab,
-                    "deny-all.yaml",
-                    "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
-                     metadata: {name: deny-all, namespace: x}\nspec:\n  podSelector: {}\n",
-                );
+                write_policy(&lab, "deny-all.yaml", netpol_lab::fixtures::DENY_ALL_X);
                 write_policy(
                     &lab,
                     "allow-ya.yaml",

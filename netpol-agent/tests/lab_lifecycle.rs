@@ -30,16 +30,7 @@ const PORTS: &str = "[{port: 80, protocol: TCP}]";
 /// x is default-deny; y/a may reach x/a on the stream ports (TCP 9100,
 /// UDP 9101) and on 80.
 const POLICIES: [(&str, &str); 2] = [
-    (
-        "deny-all.yaml",
-        r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-all, namespace: x}
-spec:
-  podSelector: {}
-"#,
-    ),
+    ("deny-all.yaml", netpol_lab::fixtures::DENY_ALL_X),
     (
         "allow-ya.yaml",
         r#"

@@ -299,3 +299,45 @@ fn slow_clients_time_out_and_cannot_hold_every_connection() {
         "{m}"
     );
 }
+
+/// `/readyz` names why the agent is not ready (what the status says); `/healthz` fails once
+/// the run loop has not written a status for longer than `health::STUCK_AFTER`.
+#[test]
+fn readiness_names_its_reasons_and_health_sees_a_stuck_loop() {
+    let agent = Agent::start("health", limits());
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    {
+        let mut sh = agent.shared.lock().unwrap();
+        sh.status.written_unix_ms = now_ms;
+        sh.status.not_ready = vec![
+            "the Pod watch has failed for 75s (more than 60s): the enforced state may be stale"
+                .into(),
+            "1 pod veths carry no programs: cali1".into(),
+        ];
+    }
+    let (code, body) = agent.tcp_get("/readyz");
+    assert_eq!(code, 503);
+    assert!(body.contains("Pod watch has failed for 75s"), "{body}");
+    assert!(body.contains("no programs: cali1"), "{body}");
+    assert_eq!(
+        agent.tcp_get("/healthz").0,
+        200,
+        "a fresh status: the loop turns"
+    );
+
+    agent.shared.lock().unwrap().status.not_ready.clear();
+    assert_eq!(agent.tcp_get("/readyz").0, 200);
+    agent.shared.lock().unwrap().status.synced = false;
+    let (code, body) = agent.tcp_get("/readyz");
+    assert_eq!(code, 503);
+    assert!(body.contains("not synced"), "{body}");
+
+    let stale = now_ms - netpol_agent::health::STUCK_AFTER.as_millis() as u64 - 5_000;
+    agent.shared.lock().unwrap().status.written_unix_ms = stale;
+    let (code, body) = agent.tcp_get("/healthz");
+    assert_eq!(code, 503);
+    assert!(body.contains("run loop is stuck"), "{body}");
+}

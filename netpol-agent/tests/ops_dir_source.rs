@@ -24,26 +24,8 @@ use common::lab::{AGENT, write_policy};
 const PORTS: &str = "[{port: 80, protocol: TCP}]";
 
 /// x is default-deny; y/a may reach x/a on 80.
-const DENY_ALL: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-all, namespace: x}
-spec:
-  podSelector: {}
-"#;
-
-const ALLOW_YA: &str = r#"apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: allow-ya, namespace: x}
-spec:
-  podSelector: {matchLabels: {pod: a}}
-  ingress:
-    - from:
-        - namespaceSelector: {matchLabels: {ns: y}}
-          podSelector: {matchLabels: {pod: a}}
-      ports:
-        - {protocol: TCP, port: 80}
-"#;
+const DENY_ALL: &str = netpol_lab::fixtures::DENY_ALL_X;
+const ALLOW_YA: &str = netpol_lab::fixtures::ALLOW_YA_TO_XA_80;
 
 fn connects(lab: &LabState, from: (&str, &str), to: (&str, &str)) -> bool {
     let from = lab.pod(from.0, from.1).expect("from pod");

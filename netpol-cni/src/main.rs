@@ -16,11 +16,16 @@
 //!
 //! On a node without netpol (no pinned maps under `bpffsRoot`) every command
 //! passes through and logs that it did.
+//!
+//! Run with arguments, it installs itself instead (`netpol-cni install`,
+//! `netpol-cni uninstall`; see [`install`]): a runtime calls plugins without
+//! arguments, with `CNI_COMMAND` in the environment.
 
 mod attach;
 mod bpf;
 mod cni;
 mod host;
+mod install;
 mod log;
 mod state;
 
@@ -34,6 +39,10 @@ use crate::{
 };
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(cmd) = args.first() {
+        return installer(cmd, &args[1..]);
+    }
     let mut stdin = String::new();
     let read = std::io::stdin().read_to_string(&mut stdin);
     let env = Env::from_vars(|k| std::env::var(k).ok());
@@ -56,6 +65,45 @@ fn main() -> ExitCode {
         Err(e) => {
             log::error(format_args!("{e}"));
             println!("{}", e.to_json(&version));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `netpol-cni install|uninstall [options]`, from a DaemonSet container.
+fn installer(cmd: &str, args: &[String]) -> ExitCode {
+    let say = |line: String| eprintln!("netpol-cni {cmd}: {line}");
+    let result = install::Options::parse(args).and_then(|o| match cmd {
+        "install" => install::install(&o, &mut |l| say(l)),
+        "uninstall" => {
+            for path in install::unchain(&o.conf_dir)? {
+                say(format!("{}: netpol-cni removed", path.display()));
+            }
+            if o.remove_binary {
+                let bin = o.bin_dir.join(install::PLUGIN_TYPE);
+                match std::fs::remove_file(&bin) {
+                    Ok(()) => say(format!("removed {}", bin.display())),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => {
+                        return Err(install::InstallError::Io {
+                            path: bin,
+                            context: "removing the binary",
+                            source,
+                        });
+                    }
+                }
+            }
+            Ok(())
+        }
+        other => Err(install::InstallError::Usage(format!(
+            "unknown command {other}: expected install or uninstall \
+             (as a CNI plugin, it is run without arguments)"
+        ))),
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            say(format!("error: {e}"));
             ExitCode::FAILURE
         }
     }

@@ -1,10 +1,13 @@
 //! The lab's Go test tools: etcd, the Kubernetes binaries, CoreDNS and
 //! kube-network-policies, built by `cargo xtask setup` from the Go modules in
-//! `lab/tools/<module>` (see `lab/tools/README.md`).
+//! `lab/tools/<module>` (see `lab/tools/README.md`), and the
+//! ClusterNetworkPolicy CRD manifests, taken from the network-policy-api
+//! module's zip (nothing to build).
 //!
 //! The contract the lab relies on: each binary is at
 //! `$NETPOL_TOOLS_DIR/bin/<name>` ([`tools_dir`], default
-//! `/var/cache/netpol/tools`). A module is rebuilt only when its go.mod,
+//! `/var/cache/netpol/tools`), each file at
+//! `$NETPOL_TOOLS_DIR/manifests/<name>`. A module is rebuilt only when its go.mod,
 //! go.sum, the binaries it names or the Go toolchain change; the key of its
 //! last build is in `$NETPOL_TOOLS_DIR/stamps/<module>`. Binaries are built
 //! into a scratch directory next to `bin/` and renamed into place, so a
@@ -43,10 +46,17 @@ pub struct Module {
     pub upstream: &'static str,
     /// `(main package, binary name)` pairs.
     pub bins: &'static [(&'static str, &'static str)],
+    /// `(path inside the upstream module, name under manifests/)`: files
+    /// copied from the module as downloaded (verified against go.sum).
+    pub files: &'static [(&'static str, &'static str)],
     /// Packages whose `gitVersion`, `gitMajor` and `gitMinor` are set with
     /// `-X` to the module's version, as Kubernetes' `hack/lib/version.sh`
     /// does; without them the binaries say `v0.0.0-master`.
     pub version_vars: &'static [&'static str],
+    /// Variables set with `-X` to the module's version itself, as projects
+    /// other than Kubernetes stamp theirs (helm's Makefile:
+    /// `internal/version.version`).
+    pub version_strings: &'static [&'static str],
     /// How long the first `cargo xtask setup` takes to build it on 2 cores:
     /// measured with an empty Go build cache, building the modules in the
     /// order of [`MODULES`] (later ones reuse packages of earlier ones).
@@ -58,7 +68,9 @@ pub const MODULES: &[Module] = &[
         dir: "etcd",
         upstream: "go.etcd.io/etcd/server/v3",
         bins: &[("go.etcd.io/etcd/server/v3", "etcd")],
+        files: &[],
         version_vars: &[],
+        version_strings: &[],
         first_build: "~2 minutes",
     },
     Module {
@@ -73,17 +85,21 @@ pub const MODULES: &[Module] = &[
             ("k8s.io/kubernetes/cmd/kube-proxy", "kube-proxy"),
             ("k8s.io/kubernetes/cmd/kubectl", "kubectl"),
         ],
+        files: &[],
         version_vars: &[
             "k8s.io/client-go/pkg/version",
             "k8s.io/component-base/version",
         ],
+        version_strings: &[],
         first_build: "~12 minutes",
     },
     Module {
         dir: "coredns",
         upstream: "github.com/coredns/coredns",
         bins: &[("github.com/coredns/coredns", "coredns")],
+        files: &[],
         version_vars: &[],
+        version_strings: &[],
         first_build: "~3 minutes",
     },
     Module {
@@ -93,8 +109,39 @@ pub const MODULES: &[Module] = &[
             "sigs.k8s.io/kube-network-policies/cmd",
             "kube-network-policies",
         )],
+        files: &[],
         version_vars: &[],
+        version_strings: &[],
         first_build: "~4 minutes",
+    },
+    Module {
+        dir: "helm",
+        upstream: "helm.sh/helm/v4",
+        bins: &[("helm.sh/helm/v4/cmd/helm", "helm")],
+        files: &[],
+        version_vars: &[],
+        version_strings: &["helm.sh/helm/v4/internal/version.version"],
+        first_build: "~2 minutes",
+    },
+    Module {
+        dir: "network-policy-api",
+        upstream: "sigs.k8s.io/network-policy-api",
+        bins: &[],
+        // The standard channel is what most clusters install; the
+        // experimental one adds the `nodes` and `domainNames` peers.
+        files: &[
+            (
+                "config/crd/standard/policy.networking.k8s.io_clusternetworkpolicies.yaml",
+                "network-policy-api/standard/clusternetworkpolicies.yaml",
+            ),
+            (
+                "config/crd/experimental/policy.networking.k8s.io_clusternetworkpolicies.yaml",
+                "network-policy-api/experimental/clusternetworkpolicies.yaml",
+            ),
+        ],
+        version_vars: &[],
+        version_strings: &[],
+        first_build: "seconds (a module download)",
     },
 ];
 
@@ -103,6 +150,7 @@ impl Module {
         self.bins
             .iter()
             .map(|(_, name)| *name)
+            .chain(self.files.iter().map(|(_, name)| *name))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -120,11 +168,29 @@ pub fn tools_dir() -> PathBuf {
 /// Build every module whose stamp does not match or whose binaries are
 /// missing. `verbose` also prints the modules that are up to date.
 pub fn ensure(verbose: bool) -> Result<()> {
+    ensure_only(verbose, &[])
+}
+
+/// [`ensure`] for the modules named by directory (every module when `only`
+/// is empty): after changing one module, the others (which another
+/// checkout may have built from other pins into the same
+/// `$NETPOL_TOOLS_DIR`) are left alone.
+pub fn ensure_only(verbose: bool, only: &[String]) -> Result<()> {
+    if let Some(unknown) = only.iter().find(|m| !MODULES.iter().any(|x| x.dir == *m)) {
+        let known: Vec<&str> = MODULES.iter().map(|m| m.dir).collect();
+        bail!(
+            "no module lab/tools/{unknown} (known: {})",
+            known.join(", ")
+        );
+    }
     let modules_root = crate::workspace_root().join("lab/tools");
     let tools = tools_dir();
     let go = find_go(env::var_os("PATH").as_deref(), Path::new(FALLBACK_GO))
         .ok_or_else(|| anyhow::anyhow!(no_go_message()))?;
-    for module in MODULES {
+    for module in MODULES
+        .iter()
+        .filter(|m| only.is_empty() || only.iter().any(|o| o == m.dir))
+    {
         let dir = modules_root.join(module.dir);
         let go_mod = fs::read(dir.join("go.mod"))
             .with_context(|| format!("reading {}", dir.join("go.mod").display()))?;
@@ -140,13 +206,24 @@ pub fn ensure(verbose: bool) -> Result<()> {
             })?;
         let toolchain = go_toolchain(&go, &dir)?;
         let flags = build_flags(module, &version);
-        let key = cache_key(&toolchain, &flags, module.bins, &go_mod, &go_sum);
+        let key = cache_key(
+            &toolchain,
+            &flags,
+            module.bins,
+            module.files,
+            &go_mod,
+            &go_sum,
+        );
         let stamp = fs::read_to_string(stamp_path(&tools, module)).ok();
         let stamp_ok = stamp_matches(stamp.as_deref(), &key);
         let bins_ok = module
             .bins
             .iter()
-            .all(|(_, name)| tools.join("bin").join(name).is_file());
+            .all(|(_, name)| tools.join("bin").join(name).is_file())
+            && module
+                .files
+                .iter()
+                .all(|(_, name)| tools.join("manifests").join(name).is_file());
         if stamp_ok && bins_ok {
             if verbose {
                 eprintln!(
@@ -161,10 +238,15 @@ pub fn ensure(verbose: bool) -> Result<()> {
         let why = match (&stamp, stamp_ok) {
             (None, _) => "first build",
             (Some(_), false) => "go.mod, go.sum, Go or the build flags changed",
-            (Some(_), true) => "a binary is missing",
+            (Some(_), true) => "a binary or file is missing",
         };
         eprintln!(
-            "setup: building {} from {} {version} ({why}; the first time takes {} on 2 cores)",
+            "setup: {} {} from {} {version} ({why}; the first time takes {} on 2 cores)",
+            if module.bins.is_empty() {
+                "fetching"
+            } else {
+                "building"
+            },
             module.names(),
             module.upstream,
             module.first_build,
@@ -201,6 +283,10 @@ fn build(
     flags: &[String],
 ) -> Result<()> {
     download(go, dir, module, version)?;
+    copy_files(go, dir, tools, module, version)?;
+    if module.bins.is_empty() {
+        return Ok(());
+    }
 
     let scratch = tools
         .join("tmp")
@@ -249,6 +335,50 @@ fn build(
         })?;
     }
     remove_dir_if_exists(&scratch)
+}
+
+/// Copies the module's `files` from the module cache (where `go mod
+/// download` put them, checked against go.sum) into `manifests/`, each
+/// through a temporary file renamed into place.
+fn copy_files(go: &Path, dir: &Path, tools: &Path, module: &Module, version: &str) -> Result<()> {
+    if module.files.is_empty() {
+        return Ok(());
+    }
+    let out = Command::new(go)
+        .current_dir(dir)
+        .args(["list", "-m", "-f", "{{.Dir}}", module.upstream])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("starting {}", go.display()))?;
+    if !out.status.success() {
+        bail!(
+            "go list -m {} failed in lab/tools/{}:\n{}",
+            module.upstream,
+            module.dir,
+            tail(&String::from_utf8_lossy(&out.stderr), 15)
+        );
+    }
+    let module_dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    for (src, name) in module.files {
+        let from = module_dir.join(src);
+        let to = tools.join("manifests").join(name);
+        let contents = fs::read_to_string(&from).with_context(|| {
+            format!(
+                "reading {} from {} {version} (did the file move upstream?)",
+                from.display(),
+                module.upstream
+            )
+        })?;
+        let parent = to.parent().expect("a file under manifests/");
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        write_atomically(&to, &contents)?;
+        eprintln!(
+            "setup: {} <- {} {version}:{src}",
+            to.display(),
+            module.upstream
+        );
+    }
+    Ok(())
 }
 
 /// `go mod download` with go's stderr kept, to say what went wrong.
@@ -470,6 +600,9 @@ fn build_flags(module: &Module, version: &str) -> Vec<String> {
             }
         }
     }
+    for var in module.version_strings {
+        ldflags.push_str(&format!(" -X {var}={version}"));
+    }
     BUILD_FLAGS
         .iter()
         .map(|f| (*f).to_owned())
@@ -490,6 +623,7 @@ fn cache_key(
     toolchain: &str,
     flags: &[String],
     bins: &[(&str, &str)],
+    files: &[(&str, &str)],
     go_mod: &[u8],
     go_sum: &[u8],
 ) -> String {
@@ -501,6 +635,12 @@ fn cache_key(
     }
     for (pkg, name) in bins {
         hash.field(pkg.as_bytes());
+        hash.field(name.as_bytes());
+    }
+    // Nothing for modules without files: their keys stay what they were.
+    for (src, name) in files {
+        hash.field(b"file");
+        hash.field(src.as_bytes());
         hash.field(name.as_bytes());
     }
     hash.field(go_mod);
@@ -555,13 +695,15 @@ mod tests {
     use super::*;
 
     const BINS: &[(&str, &str)] = &[("k8s.io/kubernetes/cmd/kubectl", "kubectl")];
+    /// The key of the inputs below before modules could name files.
+    const KEY_BEFORE_FILES: &str = "30a509898775e7ec";
 
     fn flags() -> Vec<String> {
         build_flags(&MODULES[0], "v3.6.16")
     }
 
     #[test]
-    fn build_flags_stamp_kubernetes_versions_only() {
+    fn build_flags_stamp_versions_only() {
         let etcd = &MODULES[0];
         assert_eq!(
             build_flags(etcd, "v3.6.16"),
@@ -585,14 +727,34 @@ mod tests {
                 );
             }
         }
+        let helm = MODULES.iter().find(|m| m.dir == "helm").expect("helm");
+        assert_eq!(
+            build_flags(helm, "v4.3.2").last().map(String::as_str),
+            Some("-ldflags=-s -w -X helm.sh/helm/v4/internal/version.version=v4.3.2"),
+            "`helm version` says v4.3.2, as upstream's build does"
+        );
     }
 
     #[test]
     fn cache_key_changes_with_each_input() {
-        let base = cache_key("go1.26.8 linux/amd64 cgo=1", &flags(), BINS, b"mod", b"sum");
+        let base = cache_key(
+            "go1.26.8 linux/amd64 cgo=1",
+            &flags(),
+            BINS,
+            &[],
+            b"mod",
+            b"sum",
+        );
         assert_eq!(
             base,
-            cache_key("go1.26.8 linux/amd64 cgo=1", &flags(), BINS, b"mod", b"sum"),
+            cache_key(
+                "go1.26.8 linux/amd64 cgo=1",
+                &flags(),
+                BINS,
+                &[],
+                b"mod",
+                b"sum"
+            ),
             "the key is stable"
         );
         let others = [
@@ -600,6 +762,7 @@ mod tests {
                 "go1.26.8 linux/amd64 cgo=1",
                 &flags(),
                 BINS,
+                &[],
                 b"mod",
                 b"sum2",
             ),
@@ -607,15 +770,31 @@ mod tests {
                 "go1.26.8 linux/amd64 cgo=1",
                 &flags(),
                 BINS,
+                &[],
                 b"mod2",
                 b"sum",
             ),
-            cache_key("go1.26.9 linux/amd64 cgo=1", &flags(), BINS, b"mod", b"sum"),
-            cache_key("go1.26.8 linux/amd64 cgo=0", &flags(), BINS, b"mod", b"sum"),
+            cache_key(
+                "go1.26.9 linux/amd64 cgo=1",
+                &flags(),
+                BINS,
+                &[],
+                b"mod",
+                b"sum",
+            ),
+            cache_key(
+                "go1.26.8 linux/amd64 cgo=0",
+                &flags(),
+                BINS,
+                &[],
+                b"mod",
+                b"sum",
+            ),
             cache_key(
                 "go1.26.8 linux/amd64 cgo=1",
                 &["-ldflags=-s".to_owned()],
                 BINS,
+                &[],
                 b"mod",
                 b"sum",
             ),
@@ -623,15 +802,47 @@ mod tests {
                 "go1.26.8 linux/amd64 cgo=1",
                 &flags(),
                 &[("k8s.io/kubernetes/cmd/kubectl", "kctl")],
+                &[],
+                b"mod",
+                b"sum",
+            ),
+            cache_key(
+                "go1.26.8 linux/amd64 cgo=1",
+                &flags(),
+                BINS,
+                &[("config/crd.yaml", "crd.yaml")],
                 b"mod",
                 b"sum",
             ),
             // Moving bytes from go.mod to go.sum is a different input.
-            cache_key("go1.26.8 linux/amd64 cgo=1", &flags(), BINS, b"mo", b"dsum"),
+            cache_key(
+                "go1.26.8 linux/amd64 cgo=1",
+                &flags(),
+                BINS,
+                &[],
+                b"mo",
+                b"dsum",
+            ),
         ];
         for other in others {
             assert_ne!(base, other, "a changed input must change the key");
         }
+    }
+
+    #[test]
+    fn modules_without_files_keep_their_keys() {
+        // Pinned: adding `files` must not rebuild the Go tools.
+        assert_eq!(
+            cache_key(
+                "go1.26.8 linux/amd64 cgo=1",
+                &flags(),
+                BINS,
+                &[],
+                b"mod",
+                b"sum"
+            ),
+            KEY_BEFORE_FILES,
+        );
     }
 
     #[test]
@@ -650,13 +861,21 @@ mod tests {
 
     #[test]
     fn stamp_matches_only_its_key() {
-        let key = cache_key("go1.26.8 linux/amd64 cgo=1", &flags(), BINS, b"mod", b"sum");
+        let key = cache_key(
+            "go1.26.8 linux/amd64 cgo=1",
+            &flags(),
+            BINS,
+            &[],
+            b"mod",
+            b"sum",
+        );
         let stamp = stamp_contents(&key, "go1.26.8", "k8s.io/kubernetes", "v1.37.2");
         assert!(stamp_matches(Some(&stamp), &key));
         let other = cache_key(
             "go1.26.8 linux/amd64 cgo=1",
             &flags(),
             BINS,
+            &[],
             b"mod",
             b"sum2",
         );
@@ -699,7 +918,8 @@ mod tests {
                 "kube-proxy",
                 "kubectl",
                 "coredns",
-                "kube-network-policies"
+                "kube-network-policies",
+                "helm"
             ]
         );
     }

@@ -28,7 +28,12 @@ struct Cli {
 enum Cmd {
     /// Install what this machine lacks (apt packages, rust-src, bpf-linker)
     /// and build the lab's Go test tools into $NETPOL_TOOLS_DIR/bin.
-    Setup,
+    Setup {
+        /// Only these lab/tools modules (by directory, e.g.
+        /// `--module network-policy-api`); default every module.
+        #[arg(long = "module")]
+        modules: Vec<String>,
+    },
     /// Build the eBPF object and describe its programs and maps.
     BuildEbpf {
         /// Also load every program through the kernel verifier (root).
@@ -60,7 +65,7 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Setup => setup::setup(),
+        Cmd::Setup { modules } => setup::setup(&modules),
         Cmd::BuildEbpf { verify } => {
             setup::ensure(false)?;
             let obj = ebpf::build()?;

@@ -128,10 +128,10 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// `cargo xtask setup`: the toolchain ([`ensure`]), then the lab's Go test
-/// tools, printing what is present.
-pub fn setup() -> Result<()> {
+/// tools (only `modules` if any are named), printing what is present.
+pub fn setup(modules: &[String]) -> Result<()> {
     ensure(true)?;
-    crate::gotools::ensure(true)
+    crate::gotools::ensure_only(true, modules)
 }
 
 /// What `cargo xtask test` and `conformance` need: the toolchain and the

@@ -36,9 +36,7 @@
 
 use std::{
     collections::BTreeMap,
-    io,
     net::SocketAddr,
-    os::fd::AsRawFd,
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -55,17 +53,14 @@ use netpol_benches::{
     clock,
     iptables::Backend,
     machine::Machine,
+    prober::{Outcome, Probe, prober},
     require_root,
     stats::median_and,
     write_json,
 };
-use netpol_lab::{
-    netns::{enter_netns, open_netns},
-    state::write_atomic,
-};
+use netpol_lab::state::write_atomic;
 use serde::Serialize;
 use serde_json::json;
-use socket2::{Domain, Socket, Type};
 
 #[derive(Parser)]
 struct Args {
@@ -98,121 +93,6 @@ struct Args {
     /// Write the numbers as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-enum Outcome {
-    Allowed,
-    Denied,
-    /// RST, unreachable or another socket error (not expected).
-    Error,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Probe {
-    sent_ns: u64,
-    outcome: Outcome,
-}
-
-/// The prober (see the module docs); records every probe until `stop`.
-fn prober(
-    netns: PathBuf,
-    addr: SocketAddr,
-    interval_ns: u64,
-    timeout_ns: u64,
-    log: Arc<Mutex<Vec<Probe>>>,
-    stop: Arc<AtomicBool>,
-) -> io::Result<()> {
-    let fd = open_netns(&netns)?;
-    enter_netns(&fd)?;
-    clock::precise_timer_slack();
-    let mut inflight: Vec<(Socket, u64)> = Vec::new();
-    let start = clock::now_ns();
-    let mut next = start;
-    while !stop.load(Ordering::Relaxed) {
-        let now = clock::now_ns();
-        if now >= next {
-            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-            s.set_nonblocking(true)?;
-            s.set_linger(Some(Duration::ZERO))?;
-            let sent_ns = clock::now_ns();
-            match s.connect(&addr.into()) {
-                Ok(()) => log.lock().expect("log").push(Probe {
-                    sent_ns,
-                    outcome: Outcome::Allowed,
-                }),
-                Err(e)
-                    if e.raw_os_error() == Some(libc::EINPROGRESS)
-                        || e.kind() == io::ErrorKind::WouldBlock =>
-                {
-                    inflight.push((s, sent_ns))
-                }
-                Err(_) => log.lock().expect("log").push(Probe {
-                    sent_ns,
-                    outcome: Outcome::Error,
-                }),
-            }
-            // Never catch up in a burst after a stall: the next probe is
-            // due one interval from now at the latest.
-            next = (next + interval_ns).max(now);
-        }
-        let wait = next.saturating_sub(clock::now_ns());
-        let mut fds: Vec<libc::pollfd> = inflight
-            .iter()
-            .map(|(s, _)| libc::pollfd {
-                fd: s.as_raw_fd(),
-                events: libc::POLLOUT,
-                revents: 0,
-            })
-            .collect();
-        let ts = libc::timespec {
-            tv_sec: (wait / 1_000_000_000) as libc::time_t,
-            tv_nsec: (wait % 1_000_000_000) as libc::c_long,
-        };
-        // SAFETY: `fds` is a valid array of `fds.len()` pollfds; ppoll writes
-        // only their `revents`; no signal mask is passed.
-        let rc = unsafe {
-            libc::ppoll(
-                fds.as_mut_ptr(),
-                fds.len() as libc::nfds_t,
-                &ts,
-                std::ptr::null(),
-            )
-        };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
-        let now = clock::now_ns();
-        let mut done = Vec::new();
-        for (i, p) in fds.iter().enumerate() {
-            let (s, sent) = &inflight[i];
-            let outcome = if p.revents != 0 {
-                match s.take_error() {
-                    Ok(None) => Some(Outcome::Allowed),
-                    _ => Some(Outcome::Error),
-                }
-            } else if now - sent >= timeout_ns {
-                Some(Outcome::Denied)
-            } else {
-                None
-            };
-            if let Some(outcome) = outcome {
-                done.push(i);
-                log.lock().expect("log").push(Probe {
-                    sent_ns: *sent,
-                    outcome,
-                });
-            }
-        }
-        for i in done.into_iter().rev() {
-            inflight.swap_remove(i);
-        }
-    }
-    Ok(())
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -82,6 +82,7 @@ mod prefixes;
 pub mod reference;
 mod scope;
 pub mod sim;
+pub mod tiers;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},

@@ -12,23 +12,7 @@ pub const AGENT: &str = env!("CARGO_BIN_EXE_netpol-agent");
 /// b in each spread over both nodes, dual-stack, each serving `ports`
 /// (e.g. `[{port: 80, protocol: TCP}]`).
 pub fn cluster(name: &str, ports: &str) -> ClusterSpec {
-    ClusterSpec::from_yaml(&format!(
-        r#"
-name: {name}
-nodes:
-  - {{name: node-a, attachment: routed, podCIDR: 10.244.1.0/24, podCIDRv6: "fd00:244:1::/64"}}
-  - {{name: node-b, attachment: bridged, podCIDR: 10.244.2.0/24, podCIDRv6: "fd00:244:2::/64"}}
-namespaces:
-  - {{name: x, labels: {{ns: x}}}}
-  - {{name: y, labels: {{ns: y}}}}
-pods:
-  - {{namespace: x, name: a, node: node-a, labels: {{pod: a}}, ports: {ports}}}
-  - {{namespace: x, name: b, node: node-b, labels: {{pod: b}}, ports: {ports}}}
-  - {{namespace: y, name: a, node: node-b, labels: {{pod: a}}, ports: {ports}}}
-  - {{namespace: y, name: b, node: node-a, labels: {{pod: b}}, ports: {ports}}}
-"#
-    ))
-    .expect("test cluster parses")
+    netpol_lab::fixtures::two_node_cluster(name, ports).expect("test cluster parses")
 }
 
 /// Bring the cluster up under a name unique to this test process. The pod
@@ -46,4 +30,37 @@ pub fn write_policy(lab: &LabState, file: &str, yaml: &str) {
     let tmp = lab.manifests_dir.join(format!(".{file}.tmp"));
     std::fs::write(&tmp, yaml).expect("write policy");
     std::fs::rename(&tmp, lab.manifests_dir.join(file)).expect("rename policy");
+}
+
+/// A control-plane lab (real etcd, kube-apiserver, controller manager; no kube-proxy, no DNS)
+/// of [`cluster`], under a name unique to this test process; `None` (after a loud skip) without
+/// root or the tools.
+pub fn control_plane_up(test: &str, prefix: &str, ports: &str) -> Option<Lab> {
+    use netpol_lab::{
+        controlplane::{ControlPlaneSpec, ProxyMode},
+        require_privileges,
+        tools::{CONTROL_PLANE_TOOLS, require_tools},
+    };
+    if !require_privileges(test) || !require_tools(test, CONTROL_PLANE_TOOLS) {
+        return None;
+    }
+    let name = format!("{prefix}{}", std::process::id() % 100_000);
+    let started = std::time::Instant::now();
+    let lab = Lab::up(
+        &cluster(&name, ports),
+        &UpOptions {
+            control_plane: Some(ControlPlaneSpec {
+                proxy_mode: ProxyMode::None,
+                dns: false,
+                ..ControlPlaneSpec::default()
+            }),
+            ..UpOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{test}: lab up {name}: {e}"));
+    eprintln!(
+        "[measure] {test}: control-plane lab {name} up in {:.1?}",
+        started.elapsed()
+    );
+    Some(lab)
 }

@@ -3,7 +3,9 @@
 //! `kube::Client` (and kube-runtime's watcher) can be tested against it.
 //!
 //! Served: `GET /api/v1/namespaces`, `/api/v1/pods`, `/api/v1/services`,
-//! `/apis/networking.k8s.io/v1/networkpolicies` and `.../servicecidrs`, as
+//! `/apis/networking.k8s.io/v1/networkpolicies`, `.../servicecidrs` and
+//! `/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies` (a
+//! cluster without that CRD: [`FakeApiServer::fail_lists`] with 404), as
 //! - lists (`{"kind":"PodList","metadata":{"resourceVersion":"N"},"items":[…]}`),
 //!   paginated with `limit` / `continue` (every page of one list is a snapshot
 //!   at the same resourceVersion, like etcd's);
@@ -44,15 +46,17 @@ pub enum Res {
     NetworkPolicies,
     Services,
     ServiceCidrs,
+    ClusterNetworkPolicies,
 }
 
 impl Res {
-    pub const ALL: [Res; 5] = [
+    pub const ALL: [Res; 6] = [
         Res::Namespaces,
         Res::Pods,
         Res::NetworkPolicies,
         Res::Services,
         Res::ServiceCidrs,
+        Res::ClusterNetworkPolicies,
     ];
 
     fn index(self) -> usize {
@@ -65,6 +69,9 @@ impl Res {
             Res::NetworkPolicies => "/apis/networking.k8s.io/v1/networkpolicies",
             Res::Services => "/api/v1/services",
             Res::ServiceCidrs => "/apis/networking.k8s.io/v1/servicecidrs",
+            Res::ClusterNetworkPolicies => {
+                "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies"
+            }
         }
     }
     fn kind(self) -> &'static str {
@@ -74,11 +81,13 @@ impl Res {
             Res::NetworkPolicies => "NetworkPolicy",
             Res::Services => "Service",
             Res::ServiceCidrs => "ServiceCIDR",
+            Res::ClusterNetworkPolicies => "ClusterNetworkPolicy",
         }
     }
     fn api_version(self) -> &'static str {
         match self {
             Res::NetworkPolicies | Res::ServiceCidrs => "networking.k8s.io/v1",
+            Res::ClusterNetworkPolicies => "policy.networking.k8s.io/v1alpha2",
             _ => "v1",
         }
     }
@@ -129,7 +138,7 @@ struct Paging {
 struct State {
     /// Last resourceVersion issued.
     rv: u64,
-    kinds: [KindState; 5],
+    kinds: [KindState; Res::ALL.len()],
     pagings: HashMap<String, Paging>,
     next_token: u64,
     /// Delay before each list page is answered.
