@@ -130,6 +130,9 @@ impl AgentProc {
     ) -> std::io::Result<AgentProc> {
         let (bpffs_root, state_dir) = agent_paths(lab, node);
         std::fs::create_dir_all(&state_dir)?;
+        // A status left by an earlier agent on this node would read as this
+        // one's until it writes its own.
+        let _ = std::fs::remove_file(state_dir.join("status.json"));
         let mut extra_args = extra_args.to_vec();
         // A manifest directory has no ServiceCIDR objects: tell the agent the
         // lab's service ranges, as an operator would (the kube source reads

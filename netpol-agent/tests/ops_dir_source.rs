@@ -95,7 +95,20 @@ fn an_agent_restarted_on_an_empty_directory_keeps_enforcing_until_it_has_read_on
             })
             .collect(),
     };
-    // Several polls and rescans of nothing.
+    // Each new agent's first status (loading the programs takes a moment on a busy
+    // machine), then several polls and rescans of nothing.
+    for a in &mut restarted.agents {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while a.status().and_then(|s| s["pid"].as_u64()) != a.pid().map(u64::from) {
+            assert!(a.exited().is_none(), "{}:\n{}", a.node, a.log_tail(20));
+            assert!(
+                Instant::now() < deadline,
+                "{}: no status after 30 s",
+                a.node
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     std::thread::sleep(Duration::from_secs(3));
     for a in &mut restarted.agents {
         assert!(a.exited().is_none(), "{}:\n{}", a.node, a.log_tail(20));
