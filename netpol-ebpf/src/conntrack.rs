@@ -47,13 +47,13 @@ const BPF_NOEXIST: u64 = 1;
 /// event do not fit the 512-byte BPF stack together.
 #[repr(C)]
 pub struct Scratch {
-    pkt: Packet,
+    pub(crate) pkt: Packet,
     inner: Packet,
-    key: FlowKey,
+    pub(crate) key: FlowKey,
     /// The key of the flow an ICMP error quotes.
     rkey: FlowKey,
     value: FlowValue,
-    event: VerdictEvent,
+    pub(crate) event: VerdictEvent,
     frag: FragKey,
 }
 
@@ -152,7 +152,7 @@ fn set_tag(ctx: &TcContext, tag: u16) {
 }
 
 #[inline(always)]
-fn config() -> ConfigValue {
+pub(crate) fn config() -> ConfigValue {
     NETPOL_CONFIG.get(0).copied().unwrap_or_default()
 }
 
@@ -168,7 +168,7 @@ const fn flip(direction: u8) -> u8 {
 /// The flow's key from the pod's side: the pod is the source of what it
 /// sends (`DIR_EGRESS`) and the destination of what it receives.
 #[inline(always)]
-fn fill_flow_key(k: &mut FlowKey, ifindex: u32, p: &Packet, direction: u8) {
+pub(crate) fn fill_flow_key(k: &mut FlowKey, ifindex: u32, p: &Packet, direction: u8) {
     k.ifindex = ifindex;
     k.protocol = p.protocol;
     k.family = p.family;
@@ -213,14 +213,14 @@ fn remote(p: &Packet, direction: u8) -> &[u8; 16] {
 }
 
 #[inline(always)]
-fn audit(ep: &EndpointValue, cfg: &ConfigValue) -> bool {
+pub(crate) fn audit(ep: &EndpointValue, cfg: &ConfigValue) -> bool {
     ep.flags & EP_F_AUDIT != 0 || cfg.flags & CFG_F_AUDIT_ALL != 0
 }
 
 /// Fill `s.event` from the packet and send it (rate-limited).
 #[inline(always)]
 #[expect(clippy::too_many_arguments, reason = "flat for the verifier")]
-fn send_event(
+pub(crate) fn send_event(
     s: &mut Scratch,
     cfg: &ConfigValue,
     ifindex: u32,
@@ -315,7 +315,7 @@ fn try_handle(ctx: &TcContext, direction: u8, s: &mut Scratch) -> Result<Verdict
 /// its veth (its endpoint key). Anti-spoofing on every pod veth makes the
 /// answer trustworthy: only the pod (or the node itself) sends from it.
 #[inline(always)]
-fn local_sender(family: u8, saddr: &[u8; 16]) -> Option<u32> {
+pub(crate) fn local_sender(family: u8, saddr: &[u8; 16]) -> Option<u32> {
     let key = LocalKey::new(family, *saddr);
     unsafe { NETPOL_LOCAL_ADDRS.get(&key) }.copied()
 }
@@ -367,7 +367,7 @@ fn try_post_nat(ctx: &TcContext, s: &mut Scratch) -> Result<Verdict, ParseError>
     // local pod's, and need no more than this one lookup.
     let mut saddr = [0u8; 16];
     let read = if family == FAMILY_V4 {
-        load::<[u8; 4]>(ctx, ETH_HLEN + 12).map(|a| {
+        load::<[u8; 4], _>(ctx, ETH_HLEN + 12).map(|a| {
             saddr[0] = a[0];
             saddr[1] = a[1];
             saddr[2] = a[2];
