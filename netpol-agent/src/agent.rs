@@ -82,6 +82,8 @@ pub struct Config {
     /// Pods this node may run (kubelet's `maxPods`): the default share
     /// splits the flow table over them.
     pub max_pods: u32,
+    /// XDP on the node's uplinks (`crate::xdp`).
+    pub xdp: crate::xdp::XdpConfig,
 }
 
 /// `BPF_LRU`'s per-CPU free lists hold up to 128 free entries each
@@ -174,6 +176,8 @@ struct Agent {
     attached_this_run: BTreeSet<u32>,
     /// Node devices this process attached `netpol_post_nat` to.
     post_nat_this_run: BTreeSet<u32>,
+    /// Node devices this process attached (or adopted) XDP on.
+    xdp_this_run: BTreeSet<u32>,
     names: Arc<Names>,
     shared: SharedRef,
     generation: u32,
@@ -312,6 +316,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         slots: BTreeMap::new(),
         attached_this_run: BTreeSet::new(),
         post_nat_this_run: BTreeSet::new(),
+        xdp_this_run: BTreeSet::new(),
         names: Arc::new(Names::default()),
         shared,
         generation,
@@ -556,6 +561,11 @@ impl Agent {
                 let pod_like = self.pod_like(&view);
                 let mut errors = self.attach_pod_veths(&view, &pod_like);
                 errors.extend(self.attach_post_nat(&view));
+                errors.extend(crate::xdp::reconcile(
+                    &mut self.dp,
+                    &self.cfg.xdp,
+                    &mut self.xdp_this_run,
+                ));
                 for e in errors {
                     tracing::error!("attaching while the source is not ready: {e}");
                 }
@@ -805,6 +815,11 @@ impl Agent {
         // Attach to every pod-like veth (endpoint written first).
         errors.extend(self.attach_pod_veths(&view, &pod_like));
         errors.extend(self.attach_post_nat(&view));
+        errors.extend(crate::xdp::reconcile(
+            &mut self.dp,
+            &self.cfg.xdp,
+            &mut self.xdp_this_run,
+        ));
         // Endpoints no longer wanted; veths gone or no longer a pod's.
         let stale: Vec<u32> = self
             .endpoints

@@ -14,3 +14,4 @@ pub mod model;
 pub mod netlink;
 pub mod pins;
 pub mod source;
+pub mod xdp;
