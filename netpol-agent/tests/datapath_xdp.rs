@@ -270,11 +270,11 @@ impl Dp {
         self.run_frame(prog_names::XDP_UPLINK, frame)
     }
     /// The frame reaches the server's veth (what it receives).
-    fn to_pod(&mut self, frame: &[u8]) -> Outcome {
+    fn at_veth(&mut self, frame: &[u8]) -> Outcome {
         self.run_frame(prog_names::TO_POD, frame)
     }
     /// The server sends the frame.
-    fn from_pod(&mut self, frame: &[u8]) -> Outcome {
+    fn server_sends(&mut self, frame: &[u8]) -> Outcome {
         self.run_frame(prog_names::FROM_POD, frame)
     }
 
@@ -385,7 +385,7 @@ fn a_denied_new_flow_is_dropped_at_xdp_under_its_own_reason() {
     for p in denied_new_flows() {
         dp.uplink(&p.frame()).dropped_at_xdp();
         // The veth, without XDP in front, denies the same packet.
-        let tc = dp.to_pod(&p.frame());
+        let tc = dp.at_veth(&p.frame());
         assert_eq!(tc.action, TC_ACT_SHOT, "{p:?}");
         assert!(
             tc.moved
@@ -404,7 +404,7 @@ fn an_allowed_new_flow_passes_xdp_and_the_veth_opens_it() {
         let before = dp.flows();
         dp.uplink(&p.frame()).passed_untouched();
         assert_eq!(dp.flows(), before, "XDP wrote the flow table for {p:?}");
-        assert_eq!(dp.to_pod(&p.frame()).action, TC_ACT_OK, "{p:?}");
+        assert_eq!(dp.at_veth(&p.frame()).action, TC_ACT_OK, "{p:?}");
         assert_ne!(dp.flows(), before, "the veth opened no flow for {p:?}");
         // Its next packets are established: still passed.
         dp.uplink(&p.frame()).passed_untouched();
@@ -422,14 +422,14 @@ fn a_reply_to_a_connection_the_pod_opened_passes_though_ingress_denies_it() {
     // Before the server speaks, the attacker's datagram is a denied new flow.
     dp.uplink(&reply.frame()).dropped_at_xdp();
     dp.uplink(&reply6.frame()).dropped_at_xdp();
-    assert_eq!(dp.from_pod(&sent.frame()).action, TC_ACT_OK);
-    assert_eq!(dp.from_pod(&sent6.frame()).action, TC_ACT_OK);
+    assert_eq!(dp.server_sends(&sent.frame()).action, TC_ACT_OK);
+    assert_eq!(dp.server_sends(&sent6.frame()).action, TC_ACT_OK);
     dp.uplink(&reply.frame()).passed_untouched();
     dp.uplink(&reply6.frame()).passed_untouched();
-    assert_eq!(dp.to_pod(&reply.frame()).action, TC_ACT_OK);
+    assert_eq!(dp.at_veth(&reply.frame()).action, TC_ACT_OK);
     // A TCP connection the server opened: the SYN-ACK passes too.
     let syn = tcp(&at(SERVER, 41000), &at(ATTACKER, 8080)).syn();
-    assert_eq!(dp.from_pod(&syn.frame()).action, TC_ACT_OK);
+    assert_eq!(dp.server_sends(&syn.frame()).action, TC_ACT_OK);
     dp.uplink(&syn.reversed().syn_ack().frame())
         .passed_untouched();
 }
@@ -508,7 +508,7 @@ fn audit_mode_passes_to_the_veth() {
         ..ConfigValue::default()
     });
     dp.uplink(&denied.frame()).passed_untouched();
-    assert_eq!(dp.to_pod(&denied.frame()).action, TC_ACT_OK);
+    assert_eq!(dp.at_veth(&denied.frame()).action, TC_ACT_OK);
 }
 
 /// The same sequence of packets through two copies of the datapath: the
@@ -550,17 +550,17 @@ fn xdp_in_front_changes_no_verdict() {
         let f = p.frame();
         let (a, b) = if *dir == "out" {
             (
-                tc_only.from_pod(&f).action == TC_ACT_OK,
-                with_xdp.from_pod(&f).action == TC_ACT_OK,
+                tc_only.server_sends(&f).action == TC_ACT_OK,
+                with_xdp.server_sends(&f).action == TC_ACT_OK,
             )
         } else {
-            let a = tc_only.to_pod(&f).action == TC_ACT_OK;
+            let a = tc_only.at_veth(&f).action == TC_ACT_OK;
             let b = match with_xdp.uplink(&f).action {
                 XDP_DROP => {
                     xdp_drops += 1;
                     false
                 }
-                _ => with_xdp.to_pod(&f).action == TC_ACT_OK,
+                _ => with_xdp.at_veth(&f).action == TC_ACT_OK,
             };
             (a, b)
         };

@@ -8,6 +8,7 @@
 //! - x/b's connection to x/a:80 works;
 //! - x/a's own connection to y/a:80 works: its replies cross node-a's
 //!   uplink though x/a's ingress policy would deny y/a.
+//!
 //! With `--xdp off`, node-a's uplink has no XDP program, the same denied
 //! connection fails the same way, and `ingress_xdp_deny` stays at zero
 //! (the veth drops it as `policy_deny`).
