@@ -105,7 +105,7 @@ fn a_denied_flow_from_another_node_is_dropped_at_the_uplink() {
 
     let link = uplink_link(&lab, "node-a");
     assert!(
-        link.contains("prog/xdp") || link.contains("xdp"),
+        link.contains("prog/xdp"),
         "no XDP program on node-a's eth0:\n{link}"
     );
 
@@ -146,8 +146,49 @@ fn a_denied_flow_from_another_node_is_dropped_at_the_uplink() {
     let line = line.expect("a flow-log line with reason xdp_deny");
     assert_eq!(line["verdict"], "deny", "{line}");
     assert_eq!(line["endpoint"], "x/a", "{line}");
-    drop(agents);
+
+    // A restarted agent swaps its program into the pinned link: one XDP
+    // program on eth0, a new one.
+    let old = xdp_prog_id(&link).expect("an XDP program id");
+    for a in &mut agents.agents {
+        a.kill();
+    }
+    for a in &mut agents.agents {
+        a.restart(&lab).expect("restart the agent");
+    }
+    agents
+        .wait_synced(&[], Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let relinked = uplink_link(&lab, "node-a");
+    let new = xdp_prog_id(&relinked).unwrap_or_else(|| {
+        panic!(
+            "no XDP on eth0 after the restart:\n{relinked}\nnode-a's agent:\n{}",
+            agents.node("node-a").log_tail(30)
+        )
+    });
+    assert_ne!(old, new, "the restarted agent's program is not in the link");
+    assert_eq!(relinked.matches("prog/xdp").count(), 1, "{relinked}");
+
+    // cleanup detaches it.
+    for a in &mut agents.agents {
+        a.terminate();
+        a.cleanup_pins();
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while uplink_link(&lab, "node-a").contains("prog/xdp") {
+        assert!(
+            Instant::now() < deadline,
+            "cleanup left XDP on node-a's eth0"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     drop(lab);
+}
+
+/// The id in `ip -d link`'s `prog/xdp id N` (native or generic).
+fn xdp_prog_id(link: &str) -> Option<u32> {
+    let rest = link.split("prog/xdp").nth(1)?;
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[test]
