@@ -13,6 +13,11 @@
 //! connection fails the same way, and `ingress_xdp_deny` stays at zero
 //! (the veth drops it as `policy_deny`).
 //!
+//! In vxlan mode the flows between nodes are tunnelled: XDP (on `eth0`, not
+//! on the VXLAN devices) sees only outer packets addressed to the node and
+//! passes them; the veth judges the inner packet, so the verdicts are the
+//! same and `ingress_xdp_deny` does not move.
+//!
 //! Needs root; skips loudly without it (and fails under CI=true).
 
 mod common {
@@ -210,4 +215,39 @@ fn with_xdp_off_the_same_flows_get_the_same_verdicts_at_the_veth() {
     let after = wait_counter(&mut agents, "node-a", "ingress_policy_deny", |v| v > before);
     assert!(after > before, "the veth did not count the denied SYNs");
     assert_eq!(counter(&mut agents, "node-a", "ingress_xdp_deny"), 0);
+}
+
+#[test]
+fn tunnelled_traffic_passes_xdp_and_the_veth_decides() {
+    if !require_privileges("tunnelled_traffic_passes_xdp_and_the_veth_decides") {
+        return;
+    }
+    let name = format!("v{}", std::process::id() % 100_000);
+    let yaml = format!(
+        "{}fabric: {{mode: vxlan}}\n",
+        common::lab::cluster_yaml(&name, PORTS)
+    );
+    let spec = netpol_lab::ClusterSpec::from_yaml(&yaml).expect("vxlan cluster parses");
+    let lab = Lab::up(&spec, &netpol_lab::UpOptions::default())
+        .unwrap_or_else(|e| panic!("lab up {name}: {e}"));
+    let mut agents = setup(&lab, &[]);
+    let link = uplink_link(&lab, "node-a");
+    assert!(
+        link.contains("prog/xdp"),
+        "no XDP on node-a's eth0:\n{link}"
+    );
+    assert!(
+        connects(&lab, "x/b", "x/a"),
+        "x/b -> x/a:80 (allowed) failed"
+    );
+    assert!(connects(&lab, "x/a", "y/a"), "x/a -> y/a:80 failed");
+    let before = counter(&mut agents, "node-a", "ingress_policy_deny");
+    assert!(!connects(&lab, "y/a", "x/a"), "y/a -> x/a:80 connected");
+    let after = wait_counter(&mut agents, "node-a", "ingress_policy_deny", |v| v > before);
+    assert!(after > before, "the veth did not judge the tunnelled SYNs");
+    assert_eq!(
+        counter(&mut agents, "node-a", "ingress_xdp_deny"),
+        0,
+        "XDP judged a tunnelled packet"
+    );
 }

@@ -12,7 +12,12 @@ pub const AGENT: &str = env!("CARGO_BIN_EXE_netpol-agent");
 /// b in each spread over both nodes, dual-stack, each serving `ports`
 /// (e.g. `[{port: 80, protocol: TCP}]`).
 pub fn cluster(name: &str, ports: &str) -> ClusterSpec {
-    ClusterSpec::from_yaml(&format!(
+    ClusterSpec::from_yaml(&cluster_yaml(name, ports)).expect("test cluster parses")
+}
+
+/// The YAML of [`cluster`], for tests that add to it.
+pub fn cluster_yaml(name: &str, ports: &str) -> String {
+    format!(
         r#"
 name: {name}
 nodes:
@@ -27,8 +32,7 @@ pods:
   - {{namespace: y, name: a, node: node-b, labels: {{pod: a}}, ports: {ports}}}
   - {{namespace: y, name: b, node: node-a, labels: {{pod: b}}, ports: {ports}}}
 "#
-    ))
-    .expect("test cluster parses")
+    )
 }
 
 /// Bring the cluster up under a name unique to this test process. The pod
