@@ -192,6 +192,7 @@ impl Backend {
         enforcer: Enforcer,
         agent_bin: &Path,
         deploy_dir: &Path,
+        xdp: &str,
     ) -> Result<Started> {
         let Backend::Lab { running, lab } = self else {
             bail!("no lab to start {enforcer} in");
@@ -207,8 +208,13 @@ impl Backend {
                 } else {
                     AgentSource::dir(lab)
                 };
-                let mut agents = netpol_lab::start_agents_with(lab, agent_bin, &source, &[])
-                    .context("starting the agents")?;
+                let mut agents = netpol_lab::start_agents_with(
+                    lab,
+                    agent_bin,
+                    &source,
+                    &["--xdp".into(), xdp.into()],
+                )
+                .context("starting the agents")?;
                 agents
                     .wait_synced(&[], START_TIMEOUT)
                     .map_err(|e| anyhow!("{e}"))?;

@@ -162,6 +162,11 @@ pub struct ConformanceArgs {
     /// List the cases and the upstream tests they mirror, and exit.
     #[arg(long)]
     pub list: bool,
+    /// netpol agents' XDP on the nodes' uplinks (`--xdp` of `netpol-agent run`): off, native,
+    /// generic or auto (the agent's default). Run the suite with `--xdp off` and with `--xdp auto`
+    /// to check that XDP changes no verdict.
+    #[arg(long, default_value = "auto")]
+    pub xdp: String,
     /// Leave the lab and the last enforcer running afterwards (`cargo xtask lab down <name>`).
     #[arg(long)]
     pub keep: bool,
@@ -185,6 +190,7 @@ impl Default for ConformanceArgs {
             results: None,
             reference_only: false,
             list: false,
+            xdp: "auto".into(),
             keep: false,
         }
     }
@@ -320,7 +326,9 @@ pub fn run(args: ConformanceArgs) -> Result<()> {
     let mut disagreements = BTreeSet::new();
     for (i, &enforcer) in enforcers.iter().enumerate() {
         let start = Instant::now();
-        let started = runner.backend.start(enforcer, &agent_bin, &deploy_dir);
+        let started = runner
+            .backend
+            .start(enforcer, &agent_bin, &deploy_dir, &args.xdp);
         println!(
             "\n== {enforcer}: {} ({:.0} s)",
             match &started {

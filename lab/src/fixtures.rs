@@ -9,7 +9,12 @@ use crate::spec::{ClusterSpec, SpecError};
 /// `[{port: 80, protocol: TCP}]`). node-a's pods are in 10.244.1.0/24,
 /// node-b's in 10.244.2.0/24.
 pub fn two_node_cluster(name: &str, ports: &str) -> Result<ClusterSpec, SpecError> {
-    ClusterSpec::from_yaml(&format!(
+    ClusterSpec::from_yaml(&two_node_cluster_yaml(name, ports))
+}
+
+/// The YAML of [`two_node_cluster`], for tests that add to it.
+pub fn two_node_cluster_yaml(name: &str, ports: &str) -> String {
+    format!(
         r#"
 name: {name}
 nodes:
@@ -24,7 +29,7 @@ pods:
   - {{namespace: y, name: a, node: node-b, labels: {{pod: a}}, ports: {ports}}}
   - {{namespace: y, name: b, node: node-a, labels: {{pod: b}}, ports: {ports}}}
 "#
-    ))
+    )
 }
 
 /// Namespace x isolated for ingress, nothing allowed.

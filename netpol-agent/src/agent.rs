@@ -88,6 +88,8 @@ pub struct Config {
     /// A source failing for longer than this makes the agent not ready: the
     /// cluster may have moved on without it (see `health`).
     pub stale_after: Duration,
+    /// XDP on the node's uplinks (`crate::xdp`).
+    pub xdp: crate::xdp::XdpConfig,
 }
 
 /// `BPF_LRU`'s per-CPU free lists hold up to 128 free entries each
@@ -197,6 +199,8 @@ struct Agent {
     attached_this_run: BTreeSet<u32>,
     /// Node devices this process attached `netpol_post_nat` to.
     post_nat_this_run: BTreeSet<u32>,
+    /// Node devices this process attached (or adopted) XDP on.
+    xdp_this_run: BTreeSet<u32>,
     names: Arc<Names>,
     shared: SharedRef,
     synced_revision: Option<u64>,
@@ -343,6 +347,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         slots: BTreeMap::new(),
         attached_this_run: BTreeSet::new(),
         post_nat_this_run: BTreeSet::new(),
+        xdp_this_run: BTreeSet::new(),
         names: Arc::new(Names::default()),
         shared,
         synced_revision: None,
@@ -685,6 +690,11 @@ impl Agent {
                 let pod_like = self.pod_like(&view);
                 let mut errors = self.attach_pod_veths(&view, &pod_like);
                 errors.extend(self.attach_post_nat(&view));
+                errors.extend(crate::xdp::reconcile(
+                    &mut self.dp,
+                    &self.cfg.xdp,
+                    &mut self.xdp_this_run,
+                ));
                 for e in errors {
                     tracing::error!("attaching while the source is not ready: {e}");
                 }
@@ -957,6 +967,11 @@ impl Agent {
         // Attach to every pod-like veth (endpoint written first).
         errors.extend(self.attach_pod_veths(&view, &pod_like));
         errors.extend(self.attach_post_nat(&view));
+        errors.extend(crate::xdp::reconcile(
+            &mut self.dp,
+            &self.cfg.xdp,
+            &mut self.xdp_this_run,
+        ));
         // Endpoints the enforced state no longer has (veths gone or no
         // longer a pod's): their flow-table shares go. Their entries stay in
         // the inactive epoch, which no packet reads, until the next change.

@@ -230,7 +230,20 @@ impl Datapath {
             .map_err(|source| DatapathError::Program { name, source })?;
         prog.load()
             .map_err(|source| DatapathError::Program { name, source })?;
+        let name = prog_names::XDP_UPLINK;
+        let prog: &mut aya::programs::Xdp = ebpf
+            .program_mut(name)
+            .expect("program is in the object")
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| DatapathError::Program { name, source })?;
         Ok(Self { ebpf, pins, sizes })
+    }
+
+    /// The loaded object, for the XDP attachment (`crate::xdp`).
+    pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
     }
 
     pub fn pins(&self) -> &Pins {

@@ -18,3 +18,4 @@ pub mod neigh;
 pub mod netlink;
 pub mod pins;
 pub mod source;
+pub mod xdp;

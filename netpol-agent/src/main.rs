@@ -121,6 +121,15 @@ struct RunArgs {
     /// added; with a manifest directory this flag is the only source.
     #[arg(long, value_delimiter = ',')]
     service_cidr: Vec<ipnet::IpNet>,
+    /// XDP on the node's uplinks, an early drop of new flows a local pod's
+    /// ingress policy denies: off, native, generic, or auto (native where
+    /// the driver has it, generic elsewhere).
+    #[arg(long, default_value = "auto")]
+    xdp: netpol_agent::xdp::XdpMode,
+    /// Devices for XDP, comma-separated (default: those the default route
+    /// and the routes through a gateway leave by, tunnels excepted).
+    #[arg(long, value_delimiter = ',')]
+    xdp_devices: Vec<String>,
     /// Every this many seconds the agent reads its pinned maps back and
     /// rewrites whatever differs from the compiled state.
     #[arg(long, default_value_t = 30)]
@@ -224,6 +233,10 @@ fn main() -> Result<()> {
                 flows_per_endpoint: a.flows_per_endpoint,
                 max_pods: a.max_pods,
                 stale_after: std::time::Duration::from_secs(a.stale_after_secs),
+                xdp: netpol_agent::xdp::XdpConfig {
+                    mode: a.xdp,
+                    devices: a.xdp_devices,
+                },
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -5,6 +5,7 @@
 //! <root>/links/<ifindex>-<hook>            pinned TCX links, hook = from_pod | to_pod
 //!                                          (pod veths) | post_nat (node devices)
 //! <root>/links/netns-local_in              the sk_lookup link of the node's netns
+//! <root>/links/<ifindex>-xdp               XDP links on the node's uplinks
 //! ```
 //! A restarted agent adopts both: the maps keep their contents, and a new
 //! program replaces the old one inside each pinned link atomically.
@@ -77,6 +78,10 @@ impl Pins {
     /// The pinned sk_lookup link of the node's network namespace.
     pub fn local_in_link(&self) -> PathBuf {
         self.links_dir().join("netns-local_in")
+    }
+    /// The pinned XDP link of a node device (`crate::xdp`).
+    pub fn xdp_link(&self, ifindex: u32) -> PathBuf {
+        self.links_dir().join(format!("{ifindex}-xdp"))
     }
     /// Parse a link pin's file name back into (ifindex, hook).
     pub fn parse_link_name(name: &str) -> Option<(u32, Hook)> {

@@ -91,6 +91,9 @@ pub mod prog_names {
     /// connection to a socket on the node (after any DNAT), judged by the
     /// pod's egress policy.
     pub const LOCAL_IN: &str = "netpol_local_in";
+    /// XDP on the node's uplink devices: an early drop of new flows from
+    /// other nodes that the destination pod's ingress policy denies.
+    pub const XDP_UPLINK: &str = "netpol_xdp_uplink";
 }
 
 /// Default map sizes (the agent overrides them at load time from its flags),

@@ -91,8 +91,15 @@ pub const REASON_NODE_TRAFFIC: u8 = 27;
 /// another pod's.
 pub const REASON_FLOW_QUOTA: u8 = 30;
 
+/// A new flow from another node that the destination pod's ingress policy
+/// denies, dropped by the XDP program on the node's uplink
+/// (`netpol_xdp_uplink`) before the node built an skb for it. The pod's veth
+/// would have dropped it too (`REASON_POLICY_DENY`); counted in the ingress
+/// direction.
+pub const REASON_XDP_DENY: u8 = 31;
+
 /// Number of reasons defined so far.
-pub const REASON_COUNT: u8 = 31;
+pub const REASON_COUNT: u8 = 32;
 
 /// Stable, metric-friendly name of a reason.
 pub const fn reason_name(reason: u8) -> &'static str {
@@ -126,6 +133,7 @@ pub const fn reason_name(reason: u8) -> &'static str {
         REASON_DEFERRED => "deferred",
         REASON_NODE_TRAFFIC => "node_traffic",
         REASON_FLOW_QUOTA => "flow_quota",
+        REASON_XDP_DENY => "xdp_deny",
         _ => "unknown",
     }
 }

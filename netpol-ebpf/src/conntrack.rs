@@ -50,13 +50,13 @@ const BPF_NOEXIST: u64 = 1;
 /// event do not fit the 512-byte BPF stack together.
 #[repr(C)]
 pub struct Scratch {
-    pkt: Packet,
+    pub(crate) pkt: Packet,
     inner: Packet,
-    key: FlowKey,
+    pub(crate) key: FlowKey,
     /// The key of the flow an ICMP error quotes.
     rkey: FlowKey,
     value: FlowValue,
-    event: VerdictEvent,
+    pub(crate) event: VerdictEvent,
     frag: FragKey,
 }
 
@@ -160,13 +160,13 @@ fn set_tag(ctx: &TcContext, tag: u16) {
 /// CONFIG, read once per program run: its generation's top bit is the epoch
 /// of every map lookup of the run (see `netpol_common`'s "Epochs").
 #[inline(always)]
-fn config() -> ConfigValue {
+pub(crate) fn config() -> ConfigValue {
     NETPOL_CONFIG.get(0).copied().unwrap_or_default()
 }
 
 /// The endpoint of a veth in the epoch of the run's CONFIG.
 #[inline(always)]
-fn endpoint(ifindex: u32, cfg: &ConfigValue) -> Option<&'static EndpointValue> {
+pub(crate) fn endpoint(ifindex: u32, cfg: &ConfigValue) -> Option<&'static EndpointValue> {
     let key = endpoint_key(ifindex, generation_epoch(cfg.generation));
     // SAFETY: a map value is valid for the program run.
     unsafe { NETPOL_ENDPOINTS.get(&key) }
@@ -190,7 +190,7 @@ const fn flip(direction: u8) -> u8 {
 /// The flow's key from the pod's side: the pod is the source of what it
 /// sends (`DIR_EGRESS`) and the destination of what it receives.
 #[inline(always)]
-fn fill_flow_key(k: &mut FlowKey, ifindex: u32, p: &Packet, direction: u8) {
+pub(crate) fn fill_flow_key(k: &mut FlowKey, ifindex: u32, p: &Packet, direction: u8) {
     k.ifindex = ifindex;
     k.protocol = p.protocol;
     k.family = p.family;
@@ -235,14 +235,14 @@ fn remote(p: &Packet, direction: u8) -> &[u8; 16] {
 }
 
 #[inline(always)]
-fn audit(ep: &EndpointValue, cfg: &ConfigValue) -> bool {
+pub(crate) fn audit(ep: &EndpointValue, cfg: &ConfigValue) -> bool {
     ep.flags & EP_F_AUDIT != 0 || cfg.flags & CFG_F_AUDIT_ALL != 0
 }
 
 /// Fill `s.event` from the packet and send it (rate-limited).
 #[inline(always)]
 #[expect(clippy::too_many_arguments, reason = "flat for the verifier")]
-fn send_event(
+pub(crate) fn send_event(
     s: &mut Scratch,
     cfg: &ConfigValue,
     ifindex: u32,
@@ -342,7 +342,7 @@ fn try_handle(
 /// its veth (its endpoint key). Anti-spoofing on every pod veth makes the
 /// answer trustworthy: only the pod (or the node itself) sends from it.
 #[inline(always)]
-fn local_sender(family: u8, saddr: &[u8; 16]) -> Option<u32> {
+pub(crate) fn local_sender(family: u8, saddr: &[u8; 16]) -> Option<u32> {
     let key = LocalKey::new(family, *saddr);
     unsafe { NETPOL_LOCAL_ADDRS.get(&key) }.copied()
 }
@@ -398,7 +398,7 @@ fn try_post_nat(
     // local pod's, and need no more than this one lookup.
     let mut saddr = [0u8; 16];
     let read = if family == FAMILY_V4 {
-        load::<[u8; 4]>(ctx, ETH_HLEN + 12).map(|a| {
+        load::<[u8; 4], _>(ctx, ETH_HLEN + 12).map(|a| {
             saddr[0] = a[0];
             saddr[1] = a[1];
             saddr[2] = a[2];

@@ -14,6 +14,11 @@
 //!   a flow to a Service is taken (against the backend it really goes to;
 //!   `netpol_to_pod` does the same for a backend on this node).
 //!
+//! - `netpol_xdp_uplink` is attached (XDP) to the node's uplink devices: an
+//!   early drop of new flows from other nodes that the destination pod's
+//!   ingress policy denies. It passes everything else, and `netpol_to_pod`
+//!   still judges every packet that reaches a pod (see `xdp.rs`).
+//!
 //! Every packet to or from a pod crosses its veth whatever the CNI does, so
 //! enforcement does not depend on routing or bridging. Each entry is thin;
 //! the logic is in `try_handle`, and anything it cannot handle is dropped
@@ -33,13 +38,15 @@ mod parse;
 mod policy;
 #[cfg(target_arch = "bpf")]
 mod quota;
+#[cfg(target_arch = "bpf")]
+mod xdp;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
         bindings::{TC_ACT_OK, TC_ACT_SHOT},
-        macros::{classifier, sk_lookup},
-        programs::{SkLookupContext, TcContext},
+        macros::{classifier, sk_lookup, xdp},
+        programs::{SkLookupContext, TcContext, XdpContext},
     };
     use netpol_common::{DIR_EGRESS, DIR_INGRESS};
 
@@ -70,6 +77,13 @@ mod programs {
     #[sk_lookup]
     pub fn netpol_local_in(ctx: SkLookupContext) -> u32 {
         local_in(&ctx)
+    }
+
+    /// XDP on the node's uplinks: drops a new flow to a local pod that the
+    /// pod's ingress policy denies, passes everything else to the stack.
+    #[xdp]
+    pub fn netpol_xdp_uplink(ctx: XdpContext) -> u32 {
+        crate::xdp::handle_xdp(&ctx)
     }
 
     #[inline(always)]

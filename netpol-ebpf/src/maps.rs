@@ -90,6 +90,11 @@ pub static NETPOL_CONFIG: Array<ConfigValue, 1> = Array::new();
 #[btf_map]
 pub static NETPOL_SCRATCH: PerCpuArray<crate::conntrack::Scratch, 1> = PerCpuArray::new();
 
+/// Per-CPU working memory of the uplink's XDP program (not pinned, not
+/// shared): its own, so that it never shares a slot with a TC program.
+#[btf_map]
+pub static NETPOL_XDP_SCRATCH: PerCpuArray<crate::conntrack::Scratch, 1> = PerCpuArray::new();
+
 /// Addresses of local pods -> the host-side veth ifindex of the pod (its
 /// `NETPOL_ENDPOINTS` key). The post-DNAT hooks find the sending pod by its
 /// source address. Written by the agent.

@@ -1,9 +1,14 @@
 //! Packet parsing: Ethernet, IPv4 (with options), IPv6 (with extension
 //! headers walked to a fixed depth), the first bytes of TCP/UDP/SCTP and
-//! ICMP/ICMPv6. Every read goes through `bpf_skb_load_bytes` (`ctx.load`),
-//! so a truncated packet is an error, never a guess.
+//! ICMP/ICMPv6. Every read is bounds-checked (directly against `data_end`,
+//! else through `bpf_skb_load_bytes` on an skb), so a truncated packet is an
+//! error, never a guess. The parser takes any `PacketCtx`: the TC programs'
+//! skb and the uplink's XDP buffer (`xdp.rs`) share it.
 
-use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};
+use aya_ebpf::{
+    helpers::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
+    programs::{TcContext, XdpContext},
+};
 use netpol_common::{
     FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
     REASON_IPV6_EXT_TOO_DEEP, REASON_MALFORMED,
@@ -89,6 +94,99 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
+/// What the parser needs of a program's context: the linear packet data,
+/// the packet's length, and a slow path for bytes outside the linear part.
+pub trait PacketCtx {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// Length of the whole packet (linear part and any fragments).
+    fn len(&self) -> u32;
+    /// Read `T` at `off` when it is not in the linear part.
+    fn load_slow<T: Copy>(&self, off: usize) -> Result<T>;
+    /// Read 16 bytes at `off` into `dst` when they are not in the linear part.
+    fn load_into_slow(&self, off: usize, dst: &mut [u8; 16]) -> Result<()>;
+}
+
+impl PacketCtx for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        TcContext::len(self)
+    }
+    #[inline(always)]
+    fn load_slow<T: Copy>(&self, off: usize) -> Result<T> {
+        self.load::<T>(off)
+            .map_err(|_| ParseError(REASON_MALFORMED))
+    }
+    #[inline(always)]
+    fn load_into_slow(&self, off: usize, dst: &mut [u8; 16]) -> Result<()> {
+        // SAFETY: `dst` is 16 writable bytes; the helper bounds-checks the skb.
+        let ret = unsafe {
+            bpf_skb_load_bytes(self.skb.skb.cast(), off as u32, dst.as_mut_ptr().cast(), 16)
+        };
+        if ret < 0 {
+            Err(ParseError(REASON_MALFORMED))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The XDP buffer: a read outside the range the verifier can check goes
+/// through `bpf_xdp_load_bytes`, which fails past the end of the frame.
+/// (The program is loaded without `xdp.frags`: a multi-buffer frame never
+/// reaches it.)
+impl PacketCtx for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        (XdpContext::data_end(self) - XdpContext::data(self)) as u32
+    }
+    #[inline(always)]
+    fn load_slow<T: Copy>(&self, off: usize) -> Result<T> {
+        let mut v = core::mem::MaybeUninit::<T>::uninit();
+        // SAFETY: `v` is `size_of::<T>()` writable bytes; the helper
+        // bounds-checks the frame and fills all of them or fails.
+        let ret = unsafe {
+            bpf_xdp_load_bytes(
+                self.ctx,
+                off as u32,
+                v.as_mut_ptr().cast(),
+                core::mem::size_of::<T>() as u32,
+            )
+        };
+        if ret < 0 {
+            return Err(ParseError(REASON_MALFORMED));
+        }
+        // SAFETY: written in full by the helper.
+        Ok(unsafe { v.assume_init() })
+    }
+    #[inline(always)]
+    fn load_into_slow(&self, off: usize, dst: &mut [u8; 16]) -> Result<()> {
+        // SAFETY: `dst` is 16 writable bytes; the helper bounds-checks.
+        let ret = unsafe { bpf_xdp_load_bytes(self.ctx, off as u32, dst.as_mut_ptr().cast(), 16) };
+        if ret < 0 {
+            Err(ParseError(REASON_MALFORMED))
+        } else {
+            Ok(())
+        }
+    }
+}
+
 /// A parse failure, with the reason the datapath counts it under.
 pub struct ParseError(pub u8);
 
@@ -99,7 +197,7 @@ type Result<T> = core::result::Result<T, ParseError>;
 /// `bpf_skb_load_bytes` (headers in a non-linear part). Beyond the packet
 /// it is an error.
 #[inline(always)]
-pub fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T> {
+pub fn load<T: Copy, C: PacketCtx>(ctx: &C, off: usize) -> Result<T> {
     let start = ctx.data();
     let end = ctx.data_end();
     // The bound on `off` lets the verifier accept the pointer arithmetic
@@ -116,13 +214,13 @@ pub fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T> {
         // SAFETY: bounds checked against data_end just above.
         return Ok(unsafe { core::ptr::read_unaligned((start + off) as *const T) });
     }
-    ctx.load::<T>(off).map_err(|_| ParseError(REASON_MALFORMED))
+    ctx.load_slow::<T>(off)
 }
 
 /// Load an IPv6 address straight into `dst` (no stack temporary); fails
 /// unless all 16 bytes are in the packet.
 #[inline(always)]
-pub fn load_into(ctx: &TcContext, off: usize, dst: &mut [u8; 16]) -> Result<()> {
+pub fn load_into<C: PacketCtx>(ctx: &C, off: usize, dst: &mut [u8; 16]) -> Result<()> {
     let start = ctx.data();
     let end = ctx.data_end();
     if off < MAX_DIRECT_OFF && start + off + 16 <= end {
@@ -130,22 +228,15 @@ pub fn load_into(ctx: &TcContext, off: usize, dst: &mut [u8; 16]) -> Result<()> 
         *dst = unsafe { core::ptr::read_unaligned((start + off) as *const [u8; 16]) };
         return Ok(());
     }
-    // SAFETY: `dst` is 16 writable bytes; the helper bounds-checks the skb.
-    let ret =
-        unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), off as u32, dst.as_mut_ptr().cast(), 16) };
-    if ret < 0 {
-        Err(ParseError(REASON_MALFORMED))
-    } else {
-        Ok(())
-    }
+    ctx.load_into_slow(off, dst)
 }
 
 /// Parse the IP packet that starts at `l3` (either the outer packet, or the
 /// packet quoted in an ICMP error when `quoted` is true: then only the first
 /// 8 bytes of its L4 header are guaranteed to be there) into `p`.
 #[inline(always)]
-pub fn parse_ip(
-    ctx: &TcContext,
+pub fn parse_ip<C: PacketCtx>(
+    ctx: &C,
     family: u8,
     l3: usize,
     quoted: bool,
@@ -177,7 +268,7 @@ pub fn parse_ip(
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &TcContext, l3: usize, quoted: bool, p: &mut Packet) -> Result<()> {
+fn parse_v4<C: PacketCtx>(ctx: &C, l3: usize, quoted: bool, p: &mut Packet) -> Result<()> {
     let vihl: u8 = load(ctx, l3)?;
     if vihl >> 4 != 4 {
         return Err(ParseError(REASON_MALFORMED));
@@ -225,7 +316,7 @@ fn parse_v4(ctx: &TcContext, l3: usize, quoted: bool, p: &mut Packet) -> Result<
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &TcContext, l3: usize, quoted: bool, p: &mut Packet) -> Result<()> {
+fn parse_v6<C: PacketCtx>(ctx: &C, l3: usize, quoted: bool, p: &mut Packet) -> Result<()> {
     let v: u8 = load(ctx, l3)?;
     if v >> 4 != 6 {
         return Err(ParseError(REASON_MALFORMED));
@@ -307,7 +398,13 @@ fn parse_v6(ctx: &TcContext, l3: usize, quoted: bool, p: &mut Packet) -> Result<
 /// it must hold at least `min` bytes and, outside an ICMP quote (which is
 /// cut short on purpose), fit in the packet. Padding after it is ignored.
 #[inline(always)]
-fn datagram_end(ctx: &TcContext, l3: usize, len: usize, min: usize, quoted: bool) -> Result<usize> {
+fn datagram_end<C: PacketCtx>(
+    ctx: &C,
+    l3: usize,
+    len: usize,
+    min: usize,
+    quoted: bool,
+) -> Result<usize> {
     if len < min || (!quoted && l3 + len > ctx.len() as usize) {
         return Err(ParseError(REASON_MALFORMED));
     }
@@ -315,7 +412,7 @@ fn datagram_end(ctx: &TcContext, l3: usize, len: usize, min: usize, quoted: bool
 }
 
 #[inline(always)]
-fn parse_l4(ctx: &TcContext, p: &mut Packet, quoted: bool) -> Result<()> {
+fn parse_l4<C: PacketCtx>(ctx: &C, p: &mut Packet, quoted: bool) -> Result<()> {
     let off = p.l4_off;
     // Headers are judged only from bytes inside the datagram: link padding
     // after it must not complete a truncated L4 header.
@@ -389,7 +486,7 @@ fn parse_l4(ctx: &TcContext, p: &mut Packet, quoted: bool) -> Result<()> {
 
 /// The frame's ethertype.
 #[inline(always)]
-pub fn ethertype(ctx: &TcContext) -> Result<u16> {
+pub fn ethertype<C: PacketCtx>(ctx: &C) -> Result<u16> {
     let t: [u8; 2] = load(ctx, 12)?;
     Ok(u16::from_be_bytes(t))
 }

@@ -15,6 +15,11 @@ pub fn cluster(name: &str, ports: &str) -> ClusterSpec {
     netpol_lab::fixtures::two_node_cluster(name, ports).expect("test cluster parses")
 }
 
+/// The YAML of [`cluster`], for tests that add to it.
+pub fn cluster_yaml(name: &str, ports: &str) -> String {
+    netpol_lab::fixtures::two_node_cluster_yaml(name, ports)
+}
+
 /// Bring the cluster up under a name unique to this test process. The pod
 /// servers are the `netpol-lab` binary, found by the lab (`NETPOL_LAB_BIN`,
 /// or next to the test executable: `cargo xtask test` builds it).

@@ -1,0 +1,318 @@
+//! XDP on the node's uplinks (issue 17): `netpol_xdp_uplink` on the devices
+//! through which other nodes' pods and the rest of the world reach this
+//! node, an early drop of new flows a local pod's ingress policy denies
+//! (see `netpol-ebpf/src/xdp.rs`). The TC programs on the pod veths still
+//! judge every packet: with XDP off, no verdict changes.
+//!
+//! Which devices: those that the main table's default route and its routes
+//! through a gateway (host-gw routes to other nodes' pod CIDRs) leave by,
+//! unless `--xdp-devices` names them. Tunnel devices (VXLAN, Geneve) are
+//! left out: XDP would see their decapsulated packets only in generic mode,
+//! and the encapsulated packets on the underlay device are addressed to the
+//! node, so they pass XDP; the pod's veth judges the inner packet.
+//!
+//! Each attachment is a BPF link pinned at `<root>/links/<ifindex>-xdp`: a
+//! restarted agent swaps its program into the pinned link, and
+//! `netpol-agent cleanup` (which removes every pin) detaches it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    str::FromStr,
+};
+
+use aya::programs::{
+    Xdp,
+    links::{FdLink, PinnedLink},
+    xdp::XdpLink,
+};
+use netlink_packet_route::{
+    AddressFamily,
+    link::{InfoKind, LinkAttribute, LinkInfo},
+    route::{RouteAttribute, RouteHeader, RouteType},
+};
+use netpol_common::prog_names;
+
+use crate::{datapath::Datapath, netlink, pins::Pins};
+
+/// `--xdp`: where (and whether) the XDP program runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum XdpMode {
+    /// No XDP program; links a previous agent pinned are removed.
+    Off,
+    /// In the driver only; a device without native XDP is an error.
+    Native,
+    /// Generic XDP (after the skb is built: saves the stack, not the skb).
+    Generic,
+    /// Native where the driver has it, generic elsewhere.
+    #[default]
+    Auto,
+}
+
+impl FromStr for XdpMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(Self::Off),
+            "native" => Ok(Self::Native),
+            "generic" => Ok(Self::Generic),
+            "auto" => Ok(Self::Auto),
+            _ => Err(format!(
+                "--xdp {s:?}: expected off, native, generic or auto"
+            )),
+        }
+    }
+}
+
+/// The agent's XDP settings.
+#[derive(Clone, Debug, Default)]
+pub struct XdpConfig {
+    pub mode: XdpMode,
+    /// Device names that replace the ones found from the routes.
+    pub devices: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum XdpError {
+    #[error("reading routes and links through netlink: {0}")]
+    Netlink(#[from] netlink::NetlinkError),
+    #[error("attaching {program} to {ifname} (ifindex {ifindex}) in {mode:?} mode: {source}")]
+    Attach {
+        program: &'static str,
+        ifname: String,
+        ifindex: u32,
+        mode: XdpMode,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("--xdp-devices names {ifname}, which this node does not have")]
+    NoSuchDevice { ifname: String },
+}
+
+/// The devices to attach to: `cfg.devices` by name, else the uplinks.
+pub fn devices(cfg: &XdpConfig) -> Result<BTreeMap<u32, String>, XdpError> {
+    if cfg.devices.is_empty() {
+        return uplinks();
+    }
+    cfg.devices
+        .iter()
+        .map(|name| {
+            let c = std::ffi::CString::new(name.as_str()).map_err(|_| XdpError::NoSuchDevice {
+                ifname: name.clone(),
+            })?;
+            // SAFETY: a valid C string.
+            match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+                0 => Err(XdpError::NoSuchDevice {
+                    ifname: name.clone(),
+                }),
+                i => Ok((i, name.clone())),
+            }
+        })
+        .collect()
+}
+
+/// The devices the main table's default routes and gateway routes leave by,
+/// tunnels excepted.
+pub fn uplinks() -> Result<BTreeMap<u32, String>, XdpError> {
+    let mut rtnl = netlink::Rtnl::new()?;
+    let mut names = BTreeMap::new();
+    let mut tunnels = BTreeSet::new();
+    for l in rtnl.links()? {
+        for a in &l.attributes {
+            match a {
+                LinkAttribute::IfName(n) => {
+                    names.insert(l.header.index, n.clone());
+                }
+                LinkAttribute::LinkInfo(infos)
+                    if infos.iter().any(|i| {
+                        matches!(i, LinkInfo::Kind(InfoKind::Vxlan | InfoKind::Geneve))
+                    }) =>
+                {
+                    tunnels.insert(l.header.index);
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        for r in rtnl.routes(family)? {
+            let table = r
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Table(t) => Some(*t),
+                    _ => None,
+                })
+                .unwrap_or(u32::from(r.header.table));
+            if table != u32::from(RouteHeader::RT_TABLE_MAIN) || r.header.kind != RouteType::Unicast
+            {
+                continue;
+            }
+            let default = r.header.destination_prefix_length == 0;
+            let gateway = r
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Gateway(_)));
+            if !(default || gateway) {
+                continue;
+            }
+            let oif = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            });
+            if let Some(i) = oif
+                && !tunnels.contains(&i)
+                && let Some(name) = names.get(&i)
+            {
+                out.insert(i, name.clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Interfaces with a pinned XDP link under `pins`.
+pub fn attached(pins: &Pins) -> BTreeSet<u32> {
+    std::fs::read_dir(pins.links_dir())
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()?
+                        .strip_suffix("-xdp")?
+                        .parse::<u32>()
+                        .ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Remove the XDP program from `ifindex` (unpinning destroys the link).
+pub fn detach(pins: &Pins, ifindex: u32) {
+    let _ = std::fs::remove_file(pins.xdp_link(ifindex));
+}
+
+/// Attach `netpol_xdp_uplink` to `ifname`, or swap it into the link a
+/// previous agent pinned there. Returns the mode it runs in.
+pub fn attach(
+    dp: &mut Datapath,
+    ifindex: u32,
+    ifname: &str,
+    mode: XdpMode,
+) -> Result<XdpMode, XdpError> {
+    let path = dp.pins().xdp_link(ifindex);
+    let program = prog_names::XDP_UPLINK;
+    let err = |mode, source: Box<dyn std::error::Error + Send + Sync>| XdpError::Attach {
+        program,
+        ifname: ifname.to_string(),
+        ifindex,
+        mode,
+        source,
+    };
+    let prog: &mut Xdp = dp
+        .ebpf_mut()
+        .program_mut(program)
+        .expect("program is in the object")
+        .try_into()
+        .map_err(|e| err(mode, Box::new(e)))?;
+    if path.exists() {
+        let adopted = PinnedLink::from_pin(&path)
+            .map_err(|e| err(mode, Box::new(e)))
+            .and_then(|pinned| {
+                let link: XdpLink = FdLink::from(pinned)
+                    .try_into()
+                    .map_err(|e: aya::programs::links::LinkError| err(mode, Box::new(e)))?;
+                let id = prog
+                    .attach_to_link(link)
+                    .map_err(|e| err(mode, Box::new(e)))?;
+                // Ownership back out of the program, so that dropping the
+                // program never detaches; the pin keeps the link alive.
+                let link = prog.take_link(id).map_err(|e| err(mode, Box::new(e)))?;
+                drop(link);
+                Ok(())
+            });
+        match adopted {
+            // The pinned link keeps the mode it was created with.
+            Ok(()) => return Ok(mode),
+            Err(e) => {
+                tracing::warn!(ifname, ifindex, "stale XDP link pin: {e}");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    let tries: &[(XdpMode, aya::programs::XdpMode)] = match mode {
+        XdpMode::Off => return Ok(XdpMode::Off),
+        XdpMode::Native => &[(XdpMode::Native, aya::programs::XdpMode::Driver)],
+        XdpMode::Generic => &[(XdpMode::Generic, aya::programs::XdpMode::Skb)],
+        XdpMode::Auto => &[
+            (XdpMode::Native, aya::programs::XdpMode::Driver),
+            (XdpMode::Generic, aya::programs::XdpMode::Skb),
+        ],
+    };
+    let mut last = None;
+    for (ours, theirs) in tries {
+        match prog.attach_to_if_index(ifindex, *theirs) {
+            Ok(id) => {
+                let link = prog.take_link(id).map_err(|e| err(*ours, Box::new(e)))?;
+                let fd: FdLink = link
+                    .try_into()
+                    .map_err(|e: aya::programs::links::LinkError| err(*ours, Box::new(e)))?;
+                fd.pin(&path).map_err(|e| err(*ours, Box::new(e)))?;
+                return Ok(*ours);
+            }
+            Err(e) => last = Some(err(*ours, Box::new(e))),
+        }
+    }
+    Err(last.expect("at least one mode tried"))
+}
+
+/// Bring the node's XDP attachments in line with `cfg`: attach where
+/// missing (once per run, adopting pinned links), detach from devices no
+/// longer selected. Returns the errors, for the caller to log.
+pub fn reconcile(dp: &mut Datapath, cfg: &XdpConfig, this_run: &mut BTreeSet<u32>) -> Vec<String> {
+    let pins = dp.pins().clone();
+    let wanted = if cfg.mode == XdpMode::Off {
+        BTreeMap::new()
+    } else {
+        match devices(cfg) {
+            Ok(d) => d,
+            Err(e) => return vec![e.to_string()],
+        }
+    };
+    let mut errors = Vec::new();
+    for (ifindex, name) in &wanted {
+        if this_run.contains(ifindex) {
+            continue;
+        }
+        match attach(dp, *ifindex, name, cfg.mode) {
+            Ok(mode) => {
+                tracing::info!(ifname = %name, ifindex, ?mode, "XDP attached");
+                this_run.insert(*ifindex);
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    for ifindex in attached(&pins) {
+        if !wanted.contains_key(&ifindex) {
+            detach(&pins, ifindex);
+            this_run.remove(&ifindex);
+            tracing::info!(ifindex, "XDP detached");
+        }
+    }
+    errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse() {
+        assert_eq!("auto".parse::<XdpMode>(), Ok(XdpMode::Auto));
+        assert_eq!("off".parse::<XdpMode>(), Ok(XdpMode::Off));
+        assert_eq!("native".parse::<XdpMode>(), Ok(XdpMode::Native));
+        assert_eq!("generic".parse::<XdpMode>(), Ok(XdpMode::Generic));
+        assert!("on".parse::<XdpMode>().is_err());
+    }
+}
