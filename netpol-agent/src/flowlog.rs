@@ -124,7 +124,11 @@ pub fn describe(ev: &VerdictEvent, names: &Names, time: SystemTime) -> FlowLog {
             },
             r.index
         ));
-    } else if ev.reason == REASON_POLICY_DENY || ev.reason == netpol_common::REASON_AUDIT {
+    } else if matches!(
+        ev.reason,
+        REASON_POLICY_DENY | netpol_common::REASON_AUDIT | netpol_common::REASON_XDP_DENY
+    ) {
+        // The uplink's XDP drop is the same policy deny, taken earlier.
         policy = Some("default-deny".to_string());
         // The event carries the set id as the datapath stores it, with its
         // epoch bit; the compiler's id is without.
@@ -351,6 +355,19 @@ mod tests {
         assert_eq!(l.isolated_by, vec!["y/deny-all".to_string()]);
         let json = serde_json::to_string(&l).unwrap();
         assert!(json.contains("\"reason\":\"policy_deny\""), "{json}");
+    }
+
+    /// A new flow dropped on the uplink by XDP names the policies as the veth's drop would.
+    #[test]
+    fn an_xdp_drop_names_default_deny_and_the_isolating_policies() {
+        let l = describe(
+            &event(VERDICT_DENY, netpol_common::REASON_XDP_DENY, 0),
+            &names(),
+            SystemTime::UNIX_EPOCH,
+        );
+        assert_eq!(l.policy.as_deref(), Some("default-deny"));
+        assert_eq!(l.isolated_by, vec!["y/deny-all".to_string()]);
+        assert_eq!(l.reason, "xdp_deny");
     }
 
     #[test]
