@@ -56,3 +56,21 @@ spec:
       ports:
         - {protocol: TCP, port: 80}
 "#;
+
+/// [`ALLOW_YA_TO_XA_80`], and also the lab's stream ports (TCP 9100, UDP 9101:
+/// `start_stream`).
+pub const ALLOW_YA_TO_XA_STREAMS: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-ya, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+    - from:
+        - namespaceSelector: {matchLabels: {ns: "y"}}
+          podSelector: {matchLabels: {pod: a}}
+      ports:
+        - {protocol: TCP, port: 9100}
+        - {protocol: UDP, port: 9101}
+        - {protocol: TCP, port: 80}
+"#;

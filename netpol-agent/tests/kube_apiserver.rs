@@ -69,18 +69,7 @@ const CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
 const DENY_ALL_X: &str = netpol_lab::fixtures::DENY_ALL_X;
 
 /// x/a admits y/a (pod=a in namespace ns=y) on TCP 80.
-const ALLOW_YA_TO_XA: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: allow-ya, namespace: x}
-spec:
-  podSelector: {matchLabels: {pod: a}}
-  ingress:
-    - from:
-        - namespaceSelector: {matchLabels: {ns: "y"}}
-          podSelector: {matchLabels: {pod: a}}
-      ports: [{protocol: TCP, port: 80}]
-"#;
+const ALLOW_YA_TO_XA: &str = netpol_lab::fixtures::ALLOW_YA_TO_XA_80;
 
 /// x/a admits y/b (pod=b in namespace ns=y) on TCP 80.
 const ALLOW_YB_TO_XA: &str = r#"

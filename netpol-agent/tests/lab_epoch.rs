@@ -27,33 +27,10 @@ const PORTS: &str = "[{port: 80, protocol: TCP}]";
 
 /// x is default-deny; y/a may reach x/a on the stream ports and on 80.
 const BEFORE: [(&str, &str); 2] = [
-    (
-        "deny-all.yaml",
-        r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-all, namespace: x}
-spec:
-  podSelector: {}
-"#,
-    ),
+    ("deny-all.yaml", netpol_lab::fixtures::DENY_ALL_X),
     (
         "allow-ya.yaml",
-        r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: allow-ya, namespace: x}
-spec:
-  podSelector: {matchLabels: {pod: a}}
-  ingress:
-    - from:
-        - namespaceSelector: {matchLabels: {ns: y}}
-          podSelector: {matchLabels: {pod: a}}
-      ports:
-        - {protocol: TCP, port: 9100}
-        - {protocol: UDP, port: 9101}
-        - {protocol: TCP, port: 80}
-"#,
+        netpol_lab::fixtures::ALLOW_YA_TO_XA_STREAMS,
     ),
 ];
 

@@ -33,21 +33,7 @@ const POLICIES: [(&str, &str); 2] = [
     ("deny-all.yaml", netpol_lab::fixtures::DENY_ALL_X),
     (
         "allow-ya.yaml",
-        r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: allow-ya, namespace: x}
-spec:
-  podSelector: {matchLabels: {pod: a}}
-  ingress:
-    - from:
-        - namespaceSelector: {matchLabels: {ns: y}}
-          podSelector: {matchLabels: {pod: a}}
-      ports:
-        - {protocol: TCP, port: 9100}
-        - {protocol: UDP, port: 9101}
-        - {protocol: TCP, port: 80}
-"#,
+        netpol_lab::fixtures::ALLOW_YA_TO_XA_STREAMS,
     ),
 ];
 
