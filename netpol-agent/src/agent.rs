@@ -1258,6 +1258,7 @@ impl Agent {
                 .endpoints
                 .set(self.epochs.current().endpoints.len() as i64);
             sh.metrics.observe_quota(&quota_rows, share);
+            sh.metrics.observe_watcher_restarts(&source_health.restarts);
             sh.metrics.pending_endpoints.set(self.pending as i64);
             sh.metrics.generation.set(self.epochs.generation() as i64);
             sh.metrics.source_errors.set(self.errors.len() as i64);

@@ -14,7 +14,7 @@ use std::{
 
 use fake_apiserver::{FakeApiServer, Res};
 use netpol_agent::{
-    kube_source::{KubeSource, Options, Retry, load_config},
+    kube_source::{Kind, KubeSource, Options, Retry, load_config},
     model::{Cluster, ObjectRef, PodPhase, Protocol},
     source::ClusterSource,
 };
@@ -658,5 +658,45 @@ fn a_failing_cnp_list_is_not_taken_for_a_missing_crd() {
         assert!(!src.ready(), "a 500 is not an absent CRD");
         server.fail_lists(Res::ClusterNetworkPolicies, None);
         wait_for(&mut src, "readiness", KubeSource::ready).await;
+    });
+}
+
+#[test]
+fn a_stopped_watcher_is_reported_then_restarted_and_sees_changes() {
+    run(async {
+        let server = populated(1).await;
+        let mut src = ready_source(&server, 500).await;
+        let pods = server.lists_completed(Res::Pods);
+
+        // A watcher task that ends (as a panic would end it) leaves the
+        // last state in force and makes the source unhealthy ...
+        src.abort_watcher(Kind::Pod);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let health = src.health();
+        assert_eq!(health.stopped, vec!["Pod".to_string()]);
+        assert!(has_pod(&src, "a", "p0"), "the last state stays");
+
+        // ... until the poll spawns it again (after the first restart
+        // delay), which lists again and then sees new changes.
+        server.apply(pod("a", "while-stopped", "10.0.1.60"));
+        wait_for(&mut src, "the restarted pod watcher's relist", |s| {
+            has_pod(s, "a", "while-stopped")
+        })
+        .await;
+        assert!(
+            server.lists_completed(Res::Pods) > pods,
+            "the new watcher listed"
+        );
+        assert!(src.health().stopped.is_empty());
+        assert!(
+            src.health().restarts.contains(&("Pod".to_string(), 1)),
+            "one restart counted: {:?}",
+            src.health().restarts
+        );
+        server.apply(pod("a", "after", "10.0.1.61"));
+        wait_for(&mut src, "a pod added after the restart", |s| {
+            has_pod(s, "a", "after")
+        })
+        .await;
     });
 }
