@@ -259,7 +259,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         _pad: 0,
     })?;
     let cpus = aya::util::nr_cpus().map_or(1, |n| n as u32);
-    let quota = flow_quota(cfg.sizes.flows, cfg.max_pods, cfg.flows_per_endpoint, cpus);
+    let quota = flow_quota(dp.sizes().flows, cfg.max_pods, cfg.flows_per_endpoint, cpus);
     tracing::info!(
         slots_per_cpu = quota.slots_per_cpu,
         cpus,
