@@ -68,6 +68,9 @@ pub struct Config {
     /// Only veths whose name starts with one of these are pods' (empty: any
     /// veth whose peer is in another netns and that has no node address).
     pub veth_prefixes: Vec<String>,
+    /// Where to publish this node's ClusterNetworkPolicy report and from
+    /// where to write their `Programmed` conditions (`--source kube` only).
+    pub cnp_status: Option<crate::cnp_status::ReportConfig>,
     /// Where `/healthz`, `/readyz` and `/metrics` are served over TCP.
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Address ranges kube-proxy translates (the cluster's service CIDRs), in
@@ -317,6 +320,9 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         metrics: Metrics::new(),
         pins: dp.pins().clone(),
     }));
+    if let Some(report) = cfg.cnp_status.clone() {
+        tokio::spawn(crate::cnp_status::run(report, shared.clone()));
+    }
     let sock = api::socket_path(&cfg.state_dir);
     let api_shared = shared.clone();
     tokio::spawn(async move {
