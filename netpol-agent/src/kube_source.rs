@@ -76,17 +76,21 @@ pub enum Kind {
     /// policy.networking.k8s.io/v1alpha2 ClusterNetworkPolicy, a CRD that
     /// may not be installed: then there are none (see [`watch`]).
     ClusterNetworkPolicy,
+    /// Nodes, for their labels and addresses (ClusterNetworkPolicy `nodes`
+    /// peers).
+    Node,
 }
 
 impl Kind {
     /// Every watched kind, in the order their problems are reported.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::NetworkPolicy,
         Kind::ServiceCidr,
         Kind::Service,
         Kind::ClusterNetworkPolicy,
+        Kind::Node,
     ];
 
     fn index(self) -> usize {
@@ -103,6 +107,7 @@ impl fmt::Display for Kind {
             Kind::ServiceCidr => "ServiceCIDR",
             Kind::Service => "Service",
             Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
+            Kind::Node => "Node",
         })
     }
 }
@@ -328,6 +333,7 @@ fn spawn_watcher(
         Kind::ClusterNetworkPolicy => {
             runtime.spawn(watch::<crd::ClusterNetworkPolicy>(client, options, store))
         }
+        Kind::Node => runtime.spawn(watch::<core::Node>(client, options, store)),
     }
 }
 
@@ -394,7 +400,7 @@ impl KubeSource {
         self.runtime = Some((runtime, client));
         tracing::info!(
             server = %self.server,
-            "watching namespaces, pods, network policies, service CIDRs, services and cluster network policies"
+            "watching namespaces, pods, network policies, service CIDRs, services, cluster network policies and nodes"
         );
         Ok(())
     }
@@ -841,6 +847,21 @@ impl Watched for crd::ClusterNetworkPolicy {
     }
     fn light(&self) -> Entry<model::ClusterNetworkPolicy> {
         converted(convert::cluster_network_policy(self))
+    }
+}
+
+impl Watched for core::Node {
+    const KIND: Kind = Kind::Node;
+    type Key = String;
+    type Light = model::Node;
+    fn objects(cluster: &mut Cluster) -> &mut BTreeMap<String, model::Node> {
+        &mut cluster.nodes
+    }
+    fn key(id: &ObjectRef) -> String {
+        id.name.clone()
+    }
+    fn light(&self) -> Entry<model::Node> {
+        converted(convert::node(self))
     }
 }
 

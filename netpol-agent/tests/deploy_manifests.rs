@@ -397,6 +397,7 @@ fn rbac_is_read_only_but_for_cnp_status_and_the_node_reports() {
         ("", "pods"),
         ("", "namespaces"),
         ("", "services"),
+        ("", "nodes"),
         ("networking.k8s.io", "networkpolicies"),
         ("networking.k8s.io", "servicecidrs"),
         ("policy.networking.k8s.io", "clusternetworkpolicies"),
@@ -415,7 +416,7 @@ fn rbac_is_read_only_but_for_cnp_status_and_the_node_reports() {
     }
     assert_eq!(
         granted, wanted,
-        "exactly get/list/watch on the six resources, and the CNP status"
+        "exactly get/list/watch on the seven resources, and the CNP status"
     );
 
     // In the agents' own namespace: the node report Leases, nothing else.

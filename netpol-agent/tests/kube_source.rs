@@ -700,3 +700,66 @@ fn a_stopped_watcher_is_reported_then_restarted_and_sees_changes() {
         .await;
     });
 }
+
+fn node(name: &str, zone: &str, ips: &[&str]) -> Value {
+    json!({
+        "kind": "Node",
+        "apiVersion": "v1",
+        "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
+        "status": {
+            "addresses": ips
+                .iter()
+                .map(|ip| json!({"type": "InternalIP", "address": ip}))
+                .chain(std::iter::once(json!({"type": "Hostname", "address": name})))
+                .collect::<Vec<_>>(),
+            // Heartbeat-like fields the model does not keep.
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    })
+}
+
+#[test]
+fn nodes_are_watched_for_their_labels_and_addresses() {
+    run(async {
+        let server = populated(1).await;
+        server.apply(node("n1", "a", &["192.168.0.1", "fd00::1"]));
+        let mut src = ready_source(&server, 500).await;
+        let n1 = cluster(&src).nodes["n1"].clone();
+        assert_eq!(n1.labels["topology.kubernetes.io/zone"], "a");
+        assert_eq!(
+            n1.addresses,
+            [
+                "192.168.0.1".parse::<std::net::IpAddr>().unwrap(),
+                "fd00::1".parse().unwrap()
+            ],
+            "InternalIPs only, not the hostname"
+        );
+
+        // A relabel and a new node are seen; a status-only update is not a change.
+        server.apply(node("n1", "b", &["192.168.0.1", "fd00::1"]));
+        server.apply(node("n2", "a", &["192.168.0.2"]));
+        wait_for(&mut src, "the relabel and the new node", |s| {
+            let c = cluster(s);
+            c.nodes.get("n2").is_some()
+                && c.nodes["n1"].labels["topology.kubernetes.io/zone"] == "b"
+        })
+        .await;
+        let r = src.revision();
+        let mut heartbeat = node("n2", "a", &["192.168.0.2"]);
+        heartbeat["status"]["conditions"][0]["lastHeartbeatTime"] = json!("2026-12-07T00:00:00Z");
+        server.apply(heartbeat);
+        server.apply(pod("a", "marker", "10.0.1.99"));
+        wait_for(&mut src, "the marker pod", |s| has_pod(s, "a", "marker")).await;
+        assert_eq!(
+            src.revision(),
+            r + 1,
+            "only the marker pod changed the model"
+        );
+
+        assert!(server.delete(Res::Nodes, "", "n2"));
+        wait_for(&mut src, "the node's removal", |s| {
+            !cluster(s).nodes.contains_key("n2")
+        })
+        .await;
+    });
+}
