@@ -592,8 +592,8 @@ fn interface_exists(ifindex: u32) -> bool {
 }
 
 /// The lowest slot no veth holds.
-fn free_slot(slots: &BTreeMap<u32, u16>) -> Option<u16> {
-    let used: BTreeSet<u16> = slots.values().copied().collect();
+fn free_slot(slots: &BTreeMap<u32, u16>, held: &BTreeSet<u16>) -> Option<u16> {
+    let used: BTreeSet<u16> = slots.values().chain(held).copied().collect();
     (0..netpol_common::SLOTS as u16).find(|s| !used.contains(s))
 }
 
@@ -857,23 +857,48 @@ impl Agent {
                 }
             }
         }
-        // Local addresses before endpoints: a post-DNAT hook that finds the
-        // address but no endpoint denies; one that found no address would
-        // take the pod's packet for the node's own.
-        let want_local: BTreeMap<IpAddr, u32> = desired
-            .iter()
-            .flat_map(|(ifindex, ep)| endpoint_ips(ep).map(move |ip| (ip, *ifindex)))
-            .collect();
-        for (ip, ifindex) in &want_local {
-            if self.local_addrs.get(ip) != Some(ifindex) {
-                match self.dp.set_local_addr(*ip, *ifindex) {
-                    Ok(()) => {
-                        self.local_addrs.insert(*ip, *ifindex);
-                    }
-                    Err(e) => {
-                        self.map_error(&e);
-                        errors.push(e.to_string());
-                    }
+        // After a flip, a grace period before anything is written: the
+        // in-place maps below and the inactive epoch alike. Runs that read
+        // the epoch before the flip are over, so the two states any run can
+        // read from here on are the enforced one and the one written now.
+        if self.epochs.needs_grace() {
+            let t = Instant::now();
+            match self.dp.grace_period() {
+                Ok(()) => {
+                    self.epochs.graced();
+                    tracing::debug!(secs = t.elapsed().as_secs_f64(), "grace period");
+                }
+                Err(e) => errors.push(format!(
+                    "waiting for a grace period before writing epoch {}: {e}; the change waits",
+                    self.epochs.inactive()
+                )),
+            }
+        }
+        // Local addresses (written in place, outside the epochs) before the
+        // epoch writes: every address of the new state and of the enforced
+        // one names its veth in one of the two. The datapath believes an
+        // address's veth only if the endpoint of that veth in the epoch the
+        // run reads carries the address, and drops the packet otherwise:
+        // every verdict stays the old state's or the new one's (see
+        // `epoch`, "Maps outside the epochs").
+        let desired_state = State::new(&compiled.maps, desired.clone());
+        let local_writes = if self.epochs.needs_grace() {
+            Vec::new()
+        } else {
+            crate::epoch::local_addr_writes(
+                &self.local_addrs,
+                self.epochs.current(),
+                &desired_state,
+            )
+        };
+        for (ip, ifindex) in local_writes {
+            match self.dp.set_local_addr(ip, ifindex) {
+                Ok(()) => {
+                    self.local_addrs.insert(ip, ifindex);
+                }
+                Err(e) => {
+                    self.map_error(&e);
+                    errors.push(e.to_string());
                 }
             }
         }
@@ -890,7 +915,13 @@ impl Agent {
                         .get(ifindex)
                         .map(|e| e.slot)
                         .filter(|s| !self.slots.values().any(|u| u == s));
-                    let slot = adopted.or_else(|| free_slot(&self.slots));
+                    // A slot either epoch's endpoints still carry is not
+                    // handed out: a tag written by a run of the other epoch
+                    // must not name another pod.
+                    let held: BTreeSet<u16> = (0..2)
+                        .flat_map(|e| self.epochs.held(e).endpoints.values().map(|v| v.slot))
+                        .collect();
+                    let slot = adopted.or_else(|| free_slot(&self.slots, &held));
                     if let Some(slot) = slot {
                         match self.dp.set_slot(slot, *ifindex) {
                             Ok(()) => {
@@ -918,23 +949,9 @@ impl Agent {
         // The new state (peers, policy entries, endpoints): written into the
         // epoch the datapath does not read, then one flip (see `epoch`).
         let before: BTreeSet<u32> = self.epochs.current().endpoints.keys().copied().collect();
-        let plan = self
-            .epochs
-            .plan(&State::new(&compiled.maps, desired.clone()));
+        let desired_state = State::new(&compiled.maps, desired.clone());
+        let plan = self.epochs.plan(&desired_state);
         let mut flipped = false;
-        if !plan.is_empty() && self.epochs.needs_grace() {
-            let t = Instant::now();
-            match self.dp.grace_period() {
-                Ok(()) => {
-                    self.epochs.graced();
-                    tracing::debug!(secs = t.elapsed().as_secs_f64(), "grace period");
-                }
-                Err(e) => errors.push(format!(
-                    "waiting for a grace period before writing epoch {}: {e}; the change waits",
-                    self.epochs.inactive()
-                )),
-            }
-        }
         if !plan.is_empty() && !self.epochs.needs_grace() {
             let writes = plan.len() - 1;
             let dp = &mut self.dp;
@@ -963,6 +980,23 @@ impl Agent {
                 generation = self.epochs.generation(),
                 "policy state written"
             );
+        }
+        // No flip (a write failed, or nothing to write): the enforced state
+        // stays, and so must its addresses' veths; the new state's are
+        // written again with its next try.
+        if !flipped && !self.epochs.needs_grace() {
+            for (ip, ifindex) in crate::epoch::local_addr_writes(
+                &self.local_addrs,
+                self.epochs.current(),
+                self.epochs.current(),
+            ) {
+                match self.dp.set_local_addr(ip, ifindex) {
+                    Ok(()) => {
+                        self.local_addrs.insert(ip, ifindex);
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
         }
         // Attach to every pod-like veth (endpoint written first).
         errors.extend(self.attach_pod_veths(&view, &pod_like));
@@ -1015,12 +1049,12 @@ impl Agent {
                 self.attached_this_run.remove(&ifindex);
             }
         }
-        let gone: Vec<IpAddr> = self
-            .local_addrs
-            .keys()
-            .filter(|ip| !want_local.contains_key(ip))
-            .copied()
-            .collect();
+        // Addresses no epoch holds any more (see `epoch::stale_local_addrs`).
+        let gone = crate::epoch::stale_local_addrs(
+            &self.local_addrs,
+            [self.epochs.held(0), self.epochs.held(1)],
+            &desired_state,
+        );
         for ip in gone {
             match self.dp.remove_local_addr(ip) {
                 Ok(()) => {
@@ -1259,7 +1293,9 @@ impl Agent {
                 .set(self.epochs.current().endpoints.len() as i64);
             sh.metrics.observe_quota(&quota_rows, share);
             sh.metrics.pending_endpoints.set(self.pending as i64);
-            sh.metrics.generation.set(self.epochs.generation() as i64);
+            sh.metrics
+                .generation
+                .set(self.epochs.generation_count() as i64);
             sh.metrics.source_errors.set(self.errors.len() as i64);
             sh.metrics
                 .last_sync
