@@ -141,7 +141,12 @@ pub struct Status {
     /// At least one full sync completed with the current source revision.
     pub synced: bool,
     pub source_revision: u64,
+    /// The policy generation's count (CONFIG's generation without the
+    /// epoch bit).
     pub generation: u32,
+    /// The epoch packets read (CONFIG's generation's top bit; see `epoch`).
+    #[serde(default)]
+    pub epoch: u32,
     /// Local pods enforced (veth found, endpoint programmed).
     pub endpoints: usize,
     /// Pod-like veths whose pod is not known: programs attached, traffic
@@ -1246,7 +1251,8 @@ impl Agent {
             pid: std::process::id(),
             synced,
             source_revision: self.source.revision(),
-            generation: self.epochs.generation(),
+            generation: self.epochs.generation_count(),
+            epoch: self.epochs.active(),
             endpoints: self.epochs.current().endpoints.len(),
             pending: self.pending,
             missing_veths: self.missing.clone(),

@@ -144,6 +144,12 @@ use netpol_common::{
 
 use crate::compiler::Maps;
 
+/// A CONFIG generation's count, without the epoch in its top bit: the
+/// number status and metrics show (the epoch is shown apart).
+pub const fn generation_count(generation: u32) -> u32 {
+    generation & !netpol_common::EPOCH_BIT
+}
+
 /// One policy state as one epoch holds it, untagged (the compiler's ids).
 /// `K` keys endpoints: the veth's ifindex in the agent, the pod in tests.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -288,8 +294,16 @@ impl<K: Ord + Clone> Epochs<K> {
         }
     }
 
+    /// CONFIG's generation as written: the count with the active epoch in
+    /// its top bit.
     pub fn generation(&self) -> u32 {
         self.generation
+    }
+
+    /// The generation's count, without the epoch bit (what people read:
+    /// status, metrics).
+    pub fn generation_count(&self) -> u32 {
+        generation_count(self.generation)
     }
 
     /// The epoch the datapath reads.
@@ -758,6 +772,31 @@ mod tests {
             !local_addr_sequences(false).is_empty(),
             "the previous rule (new state's addresses only) was not caught"
         );
+    }
+
+    #[test]
+    fn status_shows_the_generation_without_the_epoch_bit_and_the_epoch_apart() {
+        // 2147483649 is generation 1 read in epoch 1.
+        let e = Epochs::<u32>::adopt(2_147_483_649, [State::default(), State::default()]);
+        assert_eq!((e.generation_count(), e.active()), (1, 1));
+        let e = Epochs::<u32>::adopt(5, [State::default(), State::default()]);
+        assert_eq!((e.generation_count(), e.active()), (5, 0));
+        assert_eq!(generation_count(flip_generation(5, 1)), 6);
+    }
+
+    fn state(policy_id: u32, identity: u32) -> State<u32> {
+        let mut s = State::default();
+        s.endpoints.insert(7, EndpointValue::new(policy_id, 1, 1));
+        s.peers_v4
+            .insert((Ipv4Addr::UNSPECIFIED, 0), PeerValue::new(identity, 0));
+        s.policy.insert(
+            (
+                PolicyKey::new(policy_id, identity, DIR_INGRESS, PROTO_TCP, 80),
+                96,
+            ),
+            PolicyValue::allow(3),
+        );
+        s
     }
 
     #[test]
