@@ -630,7 +630,7 @@ mod tests {
         let mut s = State::default();
         let mut used = BTreeSet::new();
         for veth in 1..=3u32 {
-            if next() % 4 == 0 {
+            if next().is_multiple_of(4) {
                 continue;
             }
             let ip = IpAddr::from([10, 0, 0, (next() % 4) as u8 + 1]);
@@ -720,7 +720,9 @@ mod tests {
                 // The epoch writes leave this map alone; the flip makes the
                 // new state readable.
                 let plan = epochs.plan(&desired);
-                let fail_at = (next() % 4 == 0).then(|| next() as usize % plan.len().max(1));
+                let fail_at = next()
+                    .is_multiple_of(4)
+                    .then(|| next() as usize % plan.len().max(1));
                 let mut i = 0;
                 let failed = epochs.execute(plan, |_| {
                     i += 1;
