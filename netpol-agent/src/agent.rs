@@ -188,6 +188,9 @@ pub fn status_path(state_dir: &std::path::Path) -> PathBuf {
 
 struct Agent {
     cfg: Config,
+    /// When this agent started (its first sync's log line says how long
+    /// after: the restart window).
+    started: Instant,
     dp: Datapath,
     source: Box<dyn ClusterSource>,
     compiler: Compiler,
@@ -236,8 +239,10 @@ struct Agent {
 const FLOW_COUNT_EVERY: Duration = Duration::from_secs(5);
 
 pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
+    let started = Instant::now();
     let pins = Pins::new(&cfg.bpffs_root);
     let mut dp = Datapath::load(pins, cfg.sizes).context("loading the datapath")?;
+    let load_secs = started.elapsed().as_secs_f64();
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
 
@@ -287,10 +292,11 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
     dp.attach_local_in()
         .context("attaching netpol_local_in to the node's sk_lookup")?;
     tracing::info!(
-        generation,
+        generation = epochs.generation_count(),
         epoch = epochs.active(),
         endpoints = epochs.current().endpoints.len(),
         policy_entries = epochs.current().policy.len(),
+        load_secs,
         "datapath loaded (adopting pinned state where present)"
     );
 
@@ -356,6 +362,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         names: Arc::new(Names::default()),
         shared,
         synced_revision: None,
+        started,
         last_view: None,
         retry: false,
         last_reconcile: Instant::now(),
@@ -1129,6 +1136,12 @@ impl Agent {
             cluster: snap.cluster,
         });
         self.shared.lock().expect("api state lock").names = self.names.clone();
+        if self.synced_revision.is_none() {
+            tracing::info!(
+                secs = self.started.elapsed().as_secs_f64(),
+                "first sync applied"
+            );
+        }
         self.synced_revision = Some(revision);
         self.retry = datapath_errors;
         self.last_view = Some(view);

@@ -182,14 +182,17 @@ fn changes_made_while_the_agents_are_down_never_mix_old_and_new_verdicts() {
         "[measure] {TEST}: restarted agents enforce the new state {:?} after the restart",
         t0.elapsed()
     );
-    // With RUST_LOG=netpol_agent=debug the agents log each state they
-    // write (writes, their time, the flip's) and each grace period.
+    // The restart window: how long loading took (the programs' verification
+    // is most of it) and when the first sync was applied, from each agent's
+    // start. With RUST_LOG=netpol_agent=debug the agents also log each state
+    // they write (writes, their time, the flip's) and each grace period.
     for a in &agents.agents {
-        for line in a
-            .log_tail(200)
-            .lines()
-            .filter(|l| l.contains("policy state written") || l.contains("grace period"))
-        {
+        for line in a.log_tail(200).lines().filter(|l| {
+            l.contains("policy state written")
+                || l.contains("grace period")
+                || l.contains("datapath loaded")
+                || l.contains("first sync applied")
+        }) {
             eprintln!("[measure] {TEST}: {}: {line}", a.node);
         }
     }
