@@ -241,10 +241,13 @@ const FLOW_COUNT_EVERY: Duration = Duration::from_secs(5);
 pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
     let started = Instant::now();
     let pins = Pins::new(&cfg.bpffs_root);
-    let mut dp = Datapath::load(pins, cfg.sizes).context("loading the datapath")?;
-    let load_secs = started.elapsed().as_secs_f64();
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    // A restart with the same eBPF object keeps the programs running in the
+    // pinned links and verifies its own only after its first sync.
+    let mut dp = Datapath::load_reusing(pins, cfg.sizes, Some(cfg.state_dir.join("programs")))
+        .context("loading the datapath")?;
+    let load_secs = started.elapsed().as_secs_f64();
 
     // Adopt what a previous agent left: the generation continues, and the
     // maps' current contents are the starting point of the first diff.
@@ -297,6 +300,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         endpoints = epochs.current().endpoints.len(),
         policy_entries = epochs.current().policy.len(),
         load_secs,
+        reusing_programs = dp.reusing_programs(),
         "datapath loaded (adopting pinned state where present)"
     );
 
@@ -417,6 +421,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
                         agent.errors = vec![format!("{e:#}")];
                     }
                     agent.write_status();
+                    agent.load_programs_if_reusing();
                 }
             }
             guard = nl.readable() => {
@@ -431,6 +436,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
                         agent.errors = vec![format!("{e:#}")];
                     }
                     agent.write_status();
+                    agent.load_programs_if_reusing();
                 } else {
                     agent.attach_only();
                 }
@@ -1146,6 +1152,23 @@ impl Agent {
         self.retry = datapath_errors;
         self.last_view = Some(view);
         Ok(())
+    }
+
+    /// After a sync and its status: if this agent adopted the previous
+    /// one's programs, load (verify) its own now, so that a new veth does not
+    /// wait for the verifier. The adopted links keep running theirs.
+    fn load_programs_if_reusing(&mut self) {
+        if self.synced_revision.is_none() || !self.dp.reusing_programs() {
+            return;
+        }
+        let t = Instant::now();
+        match self.dp.ensure_programs() {
+            Ok(()) => tracing::info!(
+                secs = t.elapsed().as_secs_f64(),
+                "programs loaded after the first sync"
+            ),
+            Err(e) => tracing::error!("loading the programs: {e}"),
+        }
     }
 
     /// Replace what the agent believes it wrote with what the kernel holds;
