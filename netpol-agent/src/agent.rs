@@ -144,7 +144,12 @@ pub struct Status {
     /// At least one full sync completed with the current source revision.
     pub synced: bool,
     pub source_revision: u64,
+    /// The policy generation's count (CONFIG's generation without the
+    /// epoch bit).
     pub generation: u32,
+    /// The epoch packets read (CONFIG's generation's top bit; see `epoch`).
+    #[serde(default)]
+    pub epoch: u32,
     /// Local pods enforced (veth found, endpoint programmed).
     pub endpoints: usize,
     /// Pod-like veths whose pod is not known: programs attached, traffic
@@ -186,6 +191,9 @@ pub fn status_path(state_dir: &std::path::Path) -> PathBuf {
 
 struct Agent {
     cfg: Config,
+    /// When this agent started (its first sync's log line says how long
+    /// after: the restart window).
+    started: Instant,
     dp: Datapath,
     source: Box<dyn ClusterSource>,
     compiler: Compiler,
@@ -234,10 +242,15 @@ struct Agent {
 const FLOW_COUNT_EVERY: Duration = Duration::from_secs(5);
 
 pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
+    let started = Instant::now();
     let pins = Pins::new(&cfg.bpffs_root);
-    let mut dp = Datapath::load(pins, cfg.sizes).context("loading the datapath")?;
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    // A restart with the same eBPF object keeps the programs running in the
+    // pinned links and verifies its own only after its first sync.
+    let mut dp = Datapath::load_reusing(pins, cfg.sizes, Some(cfg.state_dir.join("programs")))
+        .context("loading the datapath")?;
+    let load_secs = started.elapsed().as_secs_f64();
 
     // Adopt what a previous agent left: the generation continues, and the
     // maps' current contents are the starting point of the first diff.
@@ -285,10 +298,12 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
     dp.attach_local_in()
         .context("attaching netpol_local_in to the node's sk_lookup")?;
     tracing::info!(
-        generation,
+        generation = epochs.generation_count(),
         epoch = epochs.active(),
         endpoints = epochs.current().endpoints.len(),
         policy_entries = epochs.current().policy.len(),
+        load_secs,
+        reusing_programs = dp.reusing_programs(),
         "datapath loaded (adopting pinned state where present)"
     );
 
@@ -357,6 +372,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         names: Arc::new(Names::default()),
         shared,
         synced_revision: None,
+        started,
         last_view: None,
         retry: false,
         last_reconcile: Instant::now(),
@@ -411,6 +427,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
                         agent.errors = vec![format!("{e:#}")];
                     }
                     agent.write_status();
+                    agent.load_programs_if_reusing();
                 }
             }
             guard = nl.readable() => {
@@ -425,6 +442,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
                         agent.errors = vec![format!("{e:#}")];
                     }
                     agent.write_status();
+                    agent.load_programs_if_reusing();
                 } else {
                     agent.attach_only();
                 }
@@ -598,8 +616,8 @@ fn interface_exists(ifindex: u32) -> bool {
 }
 
 /// The lowest slot no veth holds.
-fn free_slot(slots: &BTreeMap<u32, u16>) -> Option<u16> {
-    let used: BTreeSet<u16> = slots.values().copied().collect();
+fn free_slot(slots: &BTreeMap<u32, u16>, held: &BTreeSet<u16>) -> Option<u16> {
+    let used: BTreeSet<u16> = slots.values().chain(held).copied().collect();
     (0..netpol_common::SLOTS as u16).find(|s| !used.contains(s))
 }
 
@@ -863,23 +881,48 @@ impl Agent {
                 }
             }
         }
-        // Local addresses before endpoints: a post-DNAT hook that finds the
-        // address but no endpoint denies; one that found no address would
-        // take the pod's packet for the node's own.
-        let want_local: BTreeMap<IpAddr, u32> = desired
-            .iter()
-            .flat_map(|(ifindex, ep)| endpoint_ips(ep).map(move |ip| (ip, *ifindex)))
-            .collect();
-        for (ip, ifindex) in &want_local {
-            if self.local_addrs.get(ip) != Some(ifindex) {
-                match self.dp.set_local_addr(*ip, *ifindex) {
-                    Ok(()) => {
-                        self.local_addrs.insert(*ip, *ifindex);
-                    }
-                    Err(e) => {
-                        self.map_error(&e);
-                        errors.push(e.to_string());
-                    }
+        // After a flip, a grace period before anything is written: the
+        // in-place maps below and the inactive epoch alike. Runs that read
+        // the epoch before the flip are over, so the two states any run can
+        // read from here on are the enforced one and the one written now.
+        if self.epochs.needs_grace() {
+            let t = Instant::now();
+            match self.dp.grace_period() {
+                Ok(()) => {
+                    self.epochs.graced();
+                    tracing::debug!(secs = t.elapsed().as_secs_f64(), "grace period");
+                }
+                Err(e) => errors.push(format!(
+                    "waiting for a grace period before writing epoch {}: {e}; the change waits",
+                    self.epochs.inactive()
+                )),
+            }
+        }
+        // Local addresses (written in place, outside the epochs) before the
+        // epoch writes: every address of the new state and of the enforced
+        // one names its veth in one of the two. The datapath believes an
+        // address's veth only if the endpoint of that veth in the epoch the
+        // run reads carries the address, and drops the packet otherwise:
+        // every verdict stays the old state's or the new one's (see
+        // `epoch`, "Maps outside the epochs").
+        let desired_state = State::new(&compiled.maps, desired.clone());
+        let local_writes = if self.epochs.needs_grace() {
+            Vec::new()
+        } else {
+            crate::epoch::local_addr_writes(
+                &self.local_addrs,
+                self.epochs.current(),
+                &desired_state,
+            )
+        };
+        for (ip, ifindex) in local_writes {
+            match self.dp.set_local_addr(ip, ifindex) {
+                Ok(()) => {
+                    self.local_addrs.insert(ip, ifindex);
+                }
+                Err(e) => {
+                    self.map_error(&e);
+                    errors.push(e.to_string());
                 }
             }
         }
@@ -896,7 +939,13 @@ impl Agent {
                         .get(ifindex)
                         .map(|e| e.slot)
                         .filter(|s| !self.slots.values().any(|u| u == s));
-                    let slot = adopted.or_else(|| free_slot(&self.slots));
+                    // A slot either epoch's endpoints still carry is not
+                    // handed out: a tag written by a run of the other epoch
+                    // must not name another pod.
+                    let held: BTreeSet<u16> = (0..2)
+                        .flat_map(|e| self.epochs.held(e).endpoints.values().map(|v| v.slot))
+                        .collect();
+                    let slot = adopted.or_else(|| free_slot(&self.slots, &held));
                     if let Some(slot) = slot {
                         match self.dp.set_slot(slot, *ifindex) {
                             Ok(()) => {
@@ -924,23 +973,9 @@ impl Agent {
         // The new state (peers, policy entries, endpoints): written into the
         // epoch the datapath does not read, then one flip (see `epoch`).
         let before: BTreeSet<u32> = self.epochs.current().endpoints.keys().copied().collect();
-        let plan = self
-            .epochs
-            .plan(&State::new(&compiled.maps, desired.clone()));
+        let desired_state = State::new(&compiled.maps, desired.clone());
+        let plan = self.epochs.plan(&desired_state);
         let mut flipped = false;
-        if !plan.is_empty() && self.epochs.needs_grace() {
-            let t = Instant::now();
-            match self.dp.grace_period() {
-                Ok(()) => {
-                    self.epochs.graced();
-                    tracing::debug!(secs = t.elapsed().as_secs_f64(), "grace period");
-                }
-                Err(e) => errors.push(format!(
-                    "waiting for a grace period before writing epoch {}: {e}; the change waits",
-                    self.epochs.inactive()
-                )),
-            }
-        }
         if !plan.is_empty() && !self.epochs.needs_grace() {
             let writes = plan.len() - 1;
             let dp = &mut self.dp;
@@ -969,6 +1004,23 @@ impl Agent {
                 generation = self.epochs.generation(),
                 "policy state written"
             );
+        }
+        // No flip (a write failed, or nothing to write): the enforced state
+        // stays, and so must its addresses' veths; the new state's are
+        // written again with its next try.
+        if !flipped && !self.epochs.needs_grace() {
+            for (ip, ifindex) in crate::epoch::local_addr_writes(
+                &self.local_addrs,
+                self.epochs.current(),
+                self.epochs.current(),
+            ) {
+                match self.dp.set_local_addr(ip, ifindex) {
+                    Ok(()) => {
+                        self.local_addrs.insert(ip, ifindex);
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
         }
         // Attach to every pod-like veth (endpoint written first).
         errors.extend(self.attach_pod_veths(&view, &pod_like));
@@ -1021,12 +1073,12 @@ impl Agent {
                 self.attached_this_run.remove(&ifindex);
             }
         }
-        let gone: Vec<IpAddr> = self
-            .local_addrs
-            .keys()
-            .filter(|ip| !want_local.contains_key(ip))
-            .copied()
-            .collect();
+        // Addresses no epoch holds any more (see `epoch::stale_local_addrs`).
+        let gone = crate::epoch::stale_local_addrs(
+            &self.local_addrs,
+            [self.epochs.held(0), self.epochs.held(1)],
+            &desired_state,
+        );
         for ip in gone {
             match self.dp.remove_local_addr(ip) {
                 Ok(()) => {
@@ -1096,10 +1148,33 @@ impl Agent {
             cluster: snap.cluster,
         });
         self.shared.lock().expect("api state lock").names = self.names.clone();
+        if self.synced_revision.is_none() {
+            tracing::info!(
+                secs = self.started.elapsed().as_secs_f64(),
+                "first sync applied"
+            );
+        }
         self.synced_revision = Some(revision);
         self.retry = datapath_errors;
         self.last_view = Some(view);
         Ok(())
+    }
+
+    /// After a sync and its status: if this agent adopted the previous
+    /// one's programs, load (verify) its own now, so that a new veth does not
+    /// wait for the verifier. The adopted links keep running theirs.
+    fn load_programs_if_reusing(&mut self) {
+        if self.synced_revision.is_none() || !self.dp.reusing_programs() {
+            return;
+        }
+        let t = Instant::now();
+        match self.dp.ensure_programs() {
+            Ok(()) => tracing::info!(
+                secs = t.elapsed().as_secs_f64(),
+                "programs loaded after the first sync"
+            ),
+            Err(e) => tracing::error!("loading the programs: {e}"),
+        }
     }
 
     /// Replace what the agent believes it wrote with what the kernel holds;
@@ -1218,7 +1293,8 @@ impl Agent {
             pid: std::process::id(),
             synced,
             source_revision: self.source.revision(),
-            generation: self.epochs.generation(),
+            generation: self.epochs.generation_count(),
+            epoch: self.epochs.active(),
             endpoints: self.epochs.current().endpoints.len(),
             pending: self.pending,
             missing_veths: self.missing.clone(),
@@ -1266,7 +1342,9 @@ impl Agent {
             sh.metrics.observe_quota(&quota_rows, share);
             sh.metrics.observe_watcher_restarts(&source_health.restarts);
             sh.metrics.pending_endpoints.set(self.pending as i64);
-            sh.metrics.generation.set(self.epochs.generation() as i64);
+            sh.metrics
+                .generation
+                .set(self.epochs.generation_count() as i64);
             sh.metrics.source_errors.set(self.errors.len() as i64);
             sh.metrics
                 .last_sync

@@ -5,9 +5,9 @@
 //! map entries.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, Ipv6Addr},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use aya::{
@@ -113,6 +113,91 @@ pub struct Datapath {
     ebpf: Ebpf,
     pins: Pins,
     sizes: MapSizes,
+    /// This process loaded (and the verifier checked) the object's programs.
+    programs_loaded: bool,
+    /// Programs loaded from this same object (by earlier agents, and by
+    /// this one once it has), by name -> ids: a pinned link that runs one of
+    /// them is adopted as it is (see `Datapath::load`).
+    reused: BTreeMap<String, BTreeSet<u32>>,
+    /// Where that is recorded (a file in the agent's state directory: the
+    /// BPF filesystem holds no plain files); `None`: nothing is reused.
+    record: Option<PathBuf>,
+}
+
+/// Every program of the object.
+const PROGRAMS: [&str; 5] = [
+    prog_names::FROM_POD,
+    prog_names::TO_POD,
+    prog_names::POST_NAT,
+    prog_names::LOCAL_IN,
+    prog_names::XDP_UPLINK,
+];
+
+/// What identifies the programs a load produces: the object's bytes and the
+/// map sizes (a hash, with Rust's fixed-key SipHash: stable for one build
+/// of the agent, and a different build at worst loads again).
+fn fingerprint(sizes: MapSizes) -> String {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    EBPF_OBJECT.hash(&mut h);
+    format!("{sizes:?}").hash(&mut h);
+    format!("{:016x}-{}", h.finish(), EBPF_OBJECT.len())
+}
+
+/// The programs record at `path`, if it is for `fingerprint` and names
+/// every program: `object <fingerprint>`, then `<program> <id>` lines.
+fn read_record(path: &Path, fingerprint: &str) -> Option<BTreeMap<String, BTreeSet<u32>>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut lines = text.lines();
+    if lines.next()? != format!("object {fingerprint}") {
+        return None;
+    }
+    let mut ids: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+    for l in lines {
+        if let Some((name, id)) = l.split_once(' ')
+            && let Ok(id) = id.parse()
+        {
+            ids.entry(name.to_string()).or_default().insert(id);
+        }
+    }
+    PROGRAMS.iter().all(|p| ids.contains_key(*p)).then_some(ids)
+}
+
+/// Load (verify) every program of the object.
+fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
+    for hook in Hook::TC {
+        let name = hook.program();
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .expect("program is in the object")
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| DatapathError::Program { name, source })?;
+    }
+    let name = prog_names::LOCAL_IN;
+    let prog: &mut SkLookup = ebpf
+        .program_mut(name)
+        .expect("program is in the object")
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })?;
+    prog.load()
+        .map_err(|source| DatapathError::Program { name, source })?;
+    let name = prog_names::XDP_UPLINK;
+    let prog: &mut aya::programs::Xdp = ebpf
+        .program_mut(name)
+        .expect("program is in the object")
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })?;
+    prog.load()
+        .map_err(|source| DatapathError::Program { name, source })?;
+    Ok(())
+}
+
+/// The id of the program a pinned link runs.
+fn link_program(path: &Path) -> Option<u32> {
+    let pinned = PinnedLink::from_pin(path).ok()?;
+    FdLink::from(pinned).info().ok().map(|i| i.program_id())
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
@@ -223,6 +308,12 @@ impl Datapath {
     /// Load the object, creating or adopting the pinned maps, and load both
     /// programs into the kernel (not attached yet).
     pub fn load(pins: Pins, sizes: MapSizes) -> Result<Self> {
+        Self::load_reusing(pins, sizes, None)
+    }
+
+    /// [`Datapath::load`], reusing the programs that run in the pinned links
+    /// when `record` says they come from this same object (see below).
+    pub fn load_reusing(pins: Pins, sizes: MapSizes, record: Option<PathBuf>) -> Result<Self> {
         pins.prepare().map_err(|source| DatapathError::Bpffs {
             path: pins.root().display().to_string(),
             source,
@@ -249,39 +340,100 @@ impl Datapath {
             // Every share's slots fit in as many entries as the flow table.
             .map_max_entries(map_names::QUOTA_SLOTS, sizes.flows)
             .map_max_entries(map_names::QUOTA_STATE, sizes.endpoints);
-        let mut ebpf = loader.load(EBPF_OBJECT)?;
-        for hook in Hook::TC {
-            let name = hook.program();
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .expect("program is in the object")
-                .try_into()
-                .map_err(|source| DatapathError::Program { name, source })?;
-            prog.load()
-                .map_err(|source| DatapathError::Program { name, source })?;
-        }
-        let name = prog_names::LOCAL_IN;
-        let prog: &mut SkLookup = ebpf
-            .program_mut(name)
-            .expect("program is in the object")
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
-        prog.load()
-            .map_err(|source| DatapathError::Program { name, source })?;
-        let name = prog_names::XDP_UPLINK;
-        let prog: &mut aya::programs::Xdp = ebpf
-            .program_mut(name)
-            .expect("program is in the object")
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
-        prog.load()
-            .map_err(|source| DatapathError::Program { name, source })?;
+        let ebpf = loader.load(EBPF_OBJECT)?;
+        // From here on, the sizes are the pinned maps' (which an earlier
+        // agent may have created with other flags).
         let sizes = pinned_sizes(&pins, sizes)?;
-        Ok(Self { ebpf, pins, sizes })
+        // A restart with the same object: the programs in the pinned links
+        // (recorded with their ids) are the ones this load would produce,
+        // over the same pinned maps. They are adopted as they are, and the
+        // verifier (nearly all of a restart's time before its first sync)
+        // runs later (`ensure_programs`). Otherwise the programs are loaded
+        // now and the record names this object's; links running another
+        // object's programs get ours swapped in as before.
+        let fp = fingerprint(sizes);
+        let reused = record
+            .as_deref()
+            .and_then(|r| read_record(r, &fp))
+            .unwrap_or_default();
+        let mut dp = Self {
+            ebpf,
+            pins,
+            sizes,
+            programs_loaded: false,
+            reused,
+            record,
+        };
+        if dp.reused.is_empty() {
+            dp.ensure_programs()?;
+        }
+        Ok(dp)
+    }
+
+    /// The record, written atomically: the fingerprint, then every program
+    /// id known to come from this object.
+    fn write_record(&self) {
+        let Some(path) = &self.record else {
+            return;
+        };
+        let mut text = format!("object {}\n", fingerprint(self.sizes));
+        for (name, ids) in &self.reused {
+            for id in ids {
+                text.push_str(&format!("{name} {id}\n"));
+            }
+        }
+        let tmp = path.with_extension("tmp");
+        let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            // Only the next restart's speed depends on it.
+            tracing::warn!(path = %path.display(), "recording the programs: {e}");
+        }
+    }
+
+    /// Load the programs if this process has not (a restart that adopted a
+    /// previous agent's): before a new link is made, and right after the
+    /// first sync, so that a new pod's veth does not wait for the verifier.
+    /// Their ids join the record.
+    pub fn ensure_programs(&mut self) -> Result<()> {
+        if self.programs_loaded {
+            return Ok(());
+        }
+        load_programs(&mut self.ebpf)?;
+        self.programs_loaded = true;
+        for name in PROGRAMS {
+            if let Some(Ok(info)) = self.ebpf.program(name).map(|p| p.info()) {
+                self.reused
+                    .entry(name.to_string())
+                    .or_default()
+                    .insert(info.id());
+            }
+        }
+        self.write_record();
+        Ok(())
+    }
+
+    /// Whether the pinned link at `path` runs a `program` of this same
+    /// object (an earlier agent's, or ours): then it is adopted as it is,
+    /// with no swap (the programs are the same code over the same maps).
+    pub(crate) fn adoptable(&self, path: &Path, program: &str) -> bool {
+        path.exists()
+            && self
+                .reused
+                .get(program)
+                .is_some_and(|ids| link_program(path).is_some_and(|id| ids.contains(&id)))
+    }
+
+    /// Whether this process runs on programs a previous agent loaded (no
+    /// verifier run yet).
+    pub fn reusing_programs(&self) -> bool {
+        !self.programs_loaded
     }
 
     /// The loaded object, for the XDP attachment (`crate::xdp`).
     pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
+        if let Err(e) = self.ensure_programs() {
+            tracing::error!("loading the programs: {e}");
+        }
         &mut self.ebpf
     }
 
@@ -317,6 +469,10 @@ impl Datapath {
     pub fn attach_local_in(&mut self) -> Result<()> {
         let path = self.pins.local_in_link();
         let name = prog_names::LOCAL_IN;
+        if self.adoptable(&path, name) {
+            return Ok(());
+        }
+        self.ensure_programs()?;
         let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
             ifname: "sk_lookup".to_string(),
             ifindex: 0,
@@ -346,6 +502,10 @@ impl Datapath {
         {
             let path = self.pins.link(ifindex, hook);
             let name = hook.program();
+            if self.adoptable(&path, name) {
+                return Ok(());
+            }
+            self.ensure_programs()?;
             let attach_err =
                 |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
                     ifname: ifname.to_string(),
@@ -952,4 +1112,46 @@ pub fn cleanup(root: &Path) -> std::io::Result<usize> {
     }
     let _ = std::fs::remove_dir(root);
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(text: &str) -> (PathBuf, Option<BTreeMap<String, BTreeSet<u32>>>) {
+        let path = std::env::temp_dir().join(format!(
+            "netpol-programs-record-{}-{}",
+            std::process::id(),
+            text.len()
+        ));
+        std::fs::write(&path, text).unwrap();
+        let r = read_record(&path, "fp");
+        let _ = std::fs::remove_file(&path);
+        (path, r)
+    }
+
+    /// The programs in the pinned links are reused only on the word of a
+    /// record made for this very object that names every program; anything
+    /// else loads (and verifies) the programs again.
+    #[test]
+    fn a_programs_record_is_believed_only_for_this_object_and_whole() {
+        let all: String = PROGRAMS.iter().map(|p| format!("{p} 7\n")).collect();
+        let (_, r) = record(&format!("object fp\n{all}{} 9\n", prog_names::TO_POD));
+        let r = r.expect("a whole record for this object");
+        assert_eq!(r[prog_names::TO_POD], BTreeSet::from([7, 9]));
+        assert_eq!(r[prog_names::XDP_UPLINK], BTreeSet::from([7]));
+        // Another object (an upgrade): not believed.
+        assert!(record(&format!("object other\n{all}")).1.is_none());
+        // A program missing: not believed.
+        let partial: String = PROGRAMS[1..].iter().map(|p| format!("{p} 7\n")).collect();
+        assert!(record(&format!("object fp\n{partial}")).1.is_none());
+        // No record at all.
+        assert!(read_record(Path::new("/nonexistent/netpol/programs"), "fp").is_none());
+        // The fingerprint follows the map sizes too.
+        let mut sizes = MapSizes::default();
+        let a = fingerprint(sizes);
+        sizes.flows += 1;
+        assert_ne!(a, fingerprint(sizes));
+        assert_eq!(a, fingerprint(MapSizes::default()));
+    }
 }

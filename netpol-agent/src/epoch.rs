@@ -55,14 +55,86 @@
 //!   works in the other one: its new numbering never meets the old one in
 //!   the epoch the datapath reads.
 //!
-//! What this does not cover: maps outside the epochs (`NETPOL_LOCAL_ADDRS`,
-//! `NETPOL_SLOTS`, the deferred ranges) are written in place, in an order
-//! that fails closed; and a packet judged by two programs (the sender's
-//! veth, then a local receiver's) can meet a flip between them.
+//! # A packet judged by two programs
+//!
+//! A packet between two pods of one node is judged by the sender's veth
+//! (its egress) and then by the receiver's (its ingress), two runs that may
+//! read different epochs: a flip can fall between them, and even two flips
+//! and the rewrite of the epoch the sender's run read (the packet may wait
+//! in a neighbour queue, outside any RCU read-side section, so no grace
+//! period covers it). The receiver never trusts the sender's verdict across
+//! that gap: for every new flow into a pod from a local pod, and for every
+//! re-check of such a flow, the receiver's run judges the sender's egress
+//! again, in its own epoch, besides the receiver's ingress
+//! (`sender_denies`/`sender_revoked` in `netpol-ebpf/src/conntrack.rs`,
+//! the same check that judges a Service's local backend after the DNAT). A
+//! flow entry on the receiver's veth records the generation both were
+//! judged in. So, for a packet whose sender's run read state `S` and whose
+//! receiver's run read `T`:
+//!
+//! * delivered means the sender's veth passed it under `S` and the
+//!   receiver's run found both the egress and the ingress allowed under `T`:
+//!   `T` delivers it;
+//! * dropped means `S` denied the egress (the sender's veth dropped it), or
+//!   `T` denied the egress or the ingress: `S` or `T` drops it.
+//!
+//! The receiver finds the sender by the tag its veth wrote (`tc_index`) or
+//! by the source address (`NETPOL_LOCAL_ADDRS`), and believes either only if
+//! the sender's endpoint *in the receiver's epoch* carries the packet's
+//! source address (or, for the tag, the source is the node's own: a
+//! masquerade). A local address whose veth has no endpoint carrying it in
+//! that epoch is dropped (`no_endpoint`, counted on the sender's egress):
+//! under `T` that veth's own program drops the packet (no endpoint, or
+//! spoofed), or, if the address belongs to another veth in `T`, the map
+//! names its veth in the other state, where the real sender's program drops
+//! it (see below). Before this rule, a sender missing from `T` was trusted
+//! on its verdict under `S`, and `(S: egress allowed, ingress denied) ->
+//! (T: sender deleted, ingress allowed)` was delivered, which neither state
+//! does (`tests/datapath_epoch_paths.rs`).
+//!
+//! # Maps outside the epochs
+//!
+//! Three maps are written in place, not per epoch. Each is written so that
+//! every intermediate state still gives the old state's or the new one's
+//! verdict:
+//!
+//! * `NETPOL_LOCAL_ADDRS` (address -> veth). After a flip, the next sync
+//!   first waits for the grace period, so a run reads one of two states:
+//!   the enforced one and the one being written. The map is written so that
+//!   every address either state gives to a veth is present, naming that
+//!   veth or the address's veth in the other state
+//!   ([`local_addr_writes`] before the epoch writes, [`stale_local_addrs`]
+//!   after, which removes only addresses neither epoch holds). A run in
+//!   state `T` that finds the address's veth `v` believes it only if `v`'s
+//!   endpoint in `T` carries the address: then it judges exactly as `T`.
+//!   Otherwise it drops, and some state drops too: if `T` gives the address
+//!   to nobody, `T` drops whatever sends from it; if `T` gives it to `w`,
+//!   the other state gives it to `v`, not `w`, and drops what `w` sends,
+//!   while `T` drops what `v` sends. This holds for pods added, deleted
+//!   and re-addressed alike;
+//!   `tests::local_addresses_name_a_veth_of_the_old_or_the_new_state_at_every_write`
+//!   applies these writes one at a time over random pod changes with
+//!   failed writes, and catches the previous rule.
+//! * `NETPOL_SLOTS` (tag slot -> veth). A slot is never handed to another
+//!   veth while an endpoint of either epoch carries it, and a tag is
+//!   believed only as above, so a stale tag falls back to the address.
+//! * The deferred ranges (`NETPOL_DEFER_*`): they decide only *where* a
+//!   pod's egress is judged (on its veth, or after the DNAT against the
+//!   backend), never by which policy. New ranges go in before the epoch
+//!   writes, gone ones after, each followed by a new generation that
+//!   re-checks established flows. A deferred new flow is judged once, after
+//!   the DNAT, in the epoch of that run: one state's verdict. An address
+//!   that no DNAT translates gets the same verdict after the DNAT as on the
+//!   veth (the same destination, port and policy), so a range written
+//!   early or removed late changes no verdict for it.
+//!
+//! Node changes (a node's addresses, the host flag that defers NodePorts
+//! and lets kubelet probes in) are peer entries, inside the epochs; they
+//! change none of these three maps.
 
 use std::{
-    collections::BTreeMap,
-    net::{Ipv4Addr, Ipv6Addr},
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use netpol_common::{
@@ -71,6 +143,12 @@ use netpol_common::{
 };
 
 use crate::compiler::Maps;
+
+/// A CONFIG generation's count, without the epoch in its top bit: the
+/// number status and metrics show (the epoch is shown apart).
+pub const fn generation_count(generation: u32) -> u32 {
+    generation & !netpol_common::EPOCH_BIT
+}
 
 /// One policy state as one epoch holds it, untagged (the compiler's ids).
 /// `K` keys endpoints: the veth's ifindex in the agent, the pod in tests.
@@ -216,8 +294,16 @@ impl<K: Ord + Clone> Epochs<K> {
         }
     }
 
+    /// CONFIG's generation as written: the count with the active epoch in
+    /// its top bit.
     pub fn generation(&self) -> u32 {
         self.generation
+    }
+
+    /// The generation's count, without the epoch bit (what people read:
+    /// status, metrics).
+    pub fn generation_count(&self) -> u32 {
+        generation_count(self.generation)
     }
 
     /// The epoch the datapath reads.
@@ -477,11 +563,228 @@ fn count_differences<K: Ord>(a: &State<K>, b: &State<K>) -> usize {
         + differ(&a.policy, &b.policy)
 }
 
+/// The addresses an endpoint carries (its pod's IPv4 and IPv6).
+pub fn endpoint_addrs(ep: &EndpointValue) -> impl Iterator<Item = IpAddr> + use<> {
+    let v4 = (ep.flags & netpol_common::EP_F_HAS_V4 != 0).then(|| IpAddr::from(ep.addr_v4));
+    let v6 = (ep.flags & netpol_common::EP_F_HAS_V6 != 0).then(|| IpAddr::from(ep.addr_v6));
+    v4.into_iter().chain(v6)
+}
+
+/// Each address the state's endpoints carry, with its endpoint.
+pub fn owners<K: Ord + Clone>(state: &State<K>) -> BTreeMap<IpAddr, K> {
+    state
+        .endpoints
+        .iter()
+        .flat_map(|(k, ep)| endpoint_addrs(ep).map(move |ip| (ip, k.clone())))
+        .collect()
+}
+
+/// `NETPOL_LOCAL_ADDRS` (address -> veth) is written in place, outside the
+/// epochs. The writes to make before a change's epoch writes: every address
+/// of `desired` names its veth there, and every other address of the
+/// enforced state `current` names its veth in `current` (a value left by an
+/// earlier change that failed is put right). Nothing is removed here.
+pub fn local_addr_writes<K: Ord + Clone + PartialEq>(
+    map: &BTreeMap<IpAddr, K>,
+    current: &State<K>,
+    desired: &State<K>,
+) -> Vec<(IpAddr, K)> {
+    let mut want = owners(current);
+    want.extend(owners(desired));
+    want.into_iter()
+        .filter(|(ip, k)| map.get(ip) != Some(k))
+        .collect()
+}
+
+/// The addresses to remove from `NETPOL_LOCAL_ADDRS` after a change's epoch
+/// writes (and flip): those that neither epoch's endpoints nor `desired`
+/// carry. An address leaves the map only once no epoch holds it, so a run
+/// that read the epoch before the flip still finds it, and the next change
+/// (which waits for a grace period before it rewrites that epoch) is what
+/// makes it go.
+pub fn stale_local_addrs<K: Ord + Clone>(
+    map: &BTreeMap<IpAddr, K>,
+    held: [&State<K>; 2],
+    desired: &State<K>,
+) -> Vec<IpAddr> {
+    let keep: BTreeSet<IpAddr> = held
+        .into_iter()
+        .chain([desired])
+        .flat_map(|s| owners(s).into_keys())
+        .collect();
+    map.keys()
+        .filter(|ip| !keep.contains(ip))
+        .copied()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use netpol_common::{DIR_INGRESS, EPOCH_BIT, PROTO_TCP};
 
     use super::*;
+
+    /// A small random state: veths 1..=3, each maybe present, with one of
+    /// four addresses (distinct within the state, as pod IPs are).
+    fn random_pods(next: &mut impl FnMut() -> u64) -> State<u32> {
+        let mut s = State::default();
+        let mut used = BTreeSet::new();
+        for veth in 1..=3u32 {
+            if next().is_multiple_of(4) {
+                continue;
+            }
+            let ip = IpAddr::from([10, 0, 0, (next() % 4) as u8 + 1]);
+            if used.insert(ip) {
+                s.endpoints.insert(
+                    veth,
+                    EndpointValue::new(veth, veth, 0).with_addresses([ip], None),
+                );
+            }
+        }
+        s
+    }
+
+    /// Where `NETPOL_LOCAL_ADDRS` breaks the rule the datapath relies on:
+    /// every address that a state a run may read (`readable`) gives to a
+    /// veth is in the map, naming that veth or the address's veth in the
+    /// other state of the change (`old`, `new`).
+    fn local_addr_violations(
+        map: &BTreeMap<IpAddr, u32>,
+        readable: &[&State<u32>],
+        (old, new): (&State<u32>, &State<u32>),
+    ) -> Vec<String> {
+        let (o, n) = (owners(old), owners(new));
+        let mut out = Vec::new();
+        for s in readable {
+            for (ip, veth) in owners(s) {
+                let ok = map
+                    .get(&ip)
+                    .is_some_and(|v| *v == veth || o.get(&ip) == Some(v) || n.get(&ip) == Some(v));
+                if !ok {
+                    out.push(format!(
+                        "{ip}: map {:?}, veth {veth}, old {:?}, new {:?}",
+                        map.get(&ip),
+                        o.get(&ip),
+                        n.get(&ip)
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// Random pod changes (adds, deletes, address moves between veths), with
+    /// failed epoch writes, applied in the agent's order one write at a
+    /// time; after each write, the in-place address map is checked against
+    /// the states a run may read: the enforced one, and after the flip the
+    /// new one too (the grace period at the start of the next change ends
+    /// the old one). `keep_held: false` is the rule before this one (the new
+    /// state's addresses only, the rest removed after the flip, nothing put
+    /// back after a failed change): the check must catch it.
+    fn local_addr_sequences(keep_held: bool) -> Vec<String> {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut broken = Vec::new();
+        for seq in 0..300 {
+            let mut epochs = Epochs::<u32>::adopt(1, [State::default(), State::default()]);
+            let mut map: BTreeMap<IpAddr, u32> = BTreeMap::new();
+            for change in 0..8 {
+                let desired = random_pods(&mut next);
+                // The grace period: only the enforced state is read now.
+                epochs.graced();
+                let old = epochs.current().clone();
+                let mut check =
+                    |map: &BTreeMap<IpAddr, u32>, readable: &[&State<u32>], step: &str| {
+                        for v in local_addr_violations(map, readable, (&old, &desired)) {
+                            broken.push(format!("sequence {seq}, change {change}, {step}: {v}"));
+                        }
+                    };
+                check(&map, &[&old], "before the change");
+                let writes = if keep_held {
+                    local_addr_writes(&map, &old, &desired)
+                } else {
+                    owners(&desired)
+                        .into_iter()
+                        .filter(|(ip, k)| map.get(ip) != Some(k))
+                        .collect()
+                };
+                for (ip, veth) in writes {
+                    map.insert(ip, veth);
+                    check(&map, &[&old], "address written");
+                }
+                // The epoch writes leave this map alone; the flip makes the
+                // new state readable.
+                let plan = epochs.plan(&desired);
+                let fail_at = next()
+                    .is_multiple_of(4)
+                    .then(|| next() as usize % plan.len().max(1));
+                let mut i = 0;
+                let failed = epochs.execute(plan, |_| {
+                    i += 1;
+                    if Some(i - 1) == fail_at {
+                        Err(())
+                    } else {
+                        Ok(())
+                    }
+                });
+                let flipped = epochs.current() == &desired;
+                let readable: Vec<&State<u32>> = if flipped && failed.is_empty() {
+                    vec![&old, &desired]
+                } else {
+                    vec![&old]
+                };
+                check(&map, &readable, "epoch written");
+                if keep_held && !flipped {
+                    for (ip, veth) in local_addr_writes(&map, &old, &old) {
+                        map.insert(ip, veth);
+                        check(&map, &readable, "address put back");
+                    }
+                }
+                let gone = if keep_held {
+                    stale_local_addrs(&map, [epochs.held(0), epochs.held(1)], &desired)
+                } else if flipped {
+                    let want = owners(&desired);
+                    map.keys()
+                        .filter(|ip| !want.contains_key(ip))
+                        .copied()
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                for ip in gone {
+                    map.remove(&ip);
+                    check(&map, &readable, "address removed");
+                }
+            }
+        }
+        broken
+    }
+
+    #[test]
+    fn local_addresses_name_a_veth_of_the_old_or_the_new_state_at_every_write() {
+        let broken = local_addr_sequences(true);
+        assert!(broken.is_empty(), "{}", broken.join("\n"));
+        // The check can fail: the rule before this one breaks it.
+        assert!(
+            !local_addr_sequences(false).is_empty(),
+            "the previous rule (new state's addresses only) was not caught"
+        );
+    }
+
+    #[test]
+    fn status_shows_the_generation_without_the_epoch_bit_and_the_epoch_apart() {
+        // 2147483649 is generation 1 read in epoch 1.
+        let e = Epochs::<u32>::adopt(2_147_483_649, [State::default(), State::default()]);
+        assert_eq!((e.generation_count(), e.active()), (1, 1));
+        let e = Epochs::<u32>::adopt(5, [State::default(), State::default()]);
+        assert_eq!((e.generation_count(), e.active()), (5, 0));
+        assert_eq!(generation_count(flip_generation(5, 1)), 6);
+    }
 
     fn state(policy_id: u32, identity: u32) -> State<u32> {
         let mut s = State::default();

@@ -286,7 +286,7 @@ fn main() -> Result<()> {
                 "synced:      {} (source revision {})",
                 s.synced, s.source_revision
             );
-            println!("generation:  {}", s.generation);
+            println!("generation:  {} (epoch {})", s.generation, s.epoch);
             println!(
                 "endpoints:   {} enforced, {} pending (denied until known)",
                 s.endpoints, s.pending

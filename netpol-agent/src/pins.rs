@@ -8,7 +8,10 @@
 //! <root>/links/<ifindex>-xdp               XDP links on the node's uplinks
 //! ```
 //! A restarted agent adopts both: the maps keep their contents, and a new
-//! program replaces the old one inside each pinned link atomically.
+//! program replaces the old one inside each pinned link atomically, unless
+//! the link already runs a program of the same eBPF object (recorded, with
+//! the programs' ids, in `<state-dir>/programs`: a BPF filesystem holds no
+//! plain files), which is kept as it is.
 
 use std::path::{Path, PathBuf};
 

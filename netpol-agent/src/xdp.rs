@@ -210,6 +210,10 @@ pub fn attach(
         mode,
         source,
     };
+    // A link running this object's program (a restart): kept as it is.
+    if dp.adoptable(&path, program) {
+        return Ok(mode);
+    }
     let prog: &mut Xdp = dp
         .ebpf_mut()
         .program_mut(program)

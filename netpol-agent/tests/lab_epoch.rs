@@ -182,20 +182,26 @@ fn changes_made_while_the_agents_are_down_never_mix_old_and_new_verdicts() {
         "[measure] {TEST}: restarted agents enforce the new state {:?} after the restart",
         t0.elapsed()
     );
-    // With RUST_LOG=netpol_agent=debug the agents log each state they
-    // write (writes, their time, the flip's) and each grace period.
+    // The restart window: how long loading took (the programs' verification
+    // is most of it) and when the first sync was applied, from each agent's
+    // start. With RUST_LOG=netpol_agent=debug the agents also log each state
+    // they write (writes, their time, the flip's) and each grace period.
     for a in &agents.agents {
-        for line in a
-            .log_tail(200)
-            .lines()
-            .filter(|l| l.contains("policy state written") || l.contains("grace period"))
-        {
+        for line in a.log_tail(200).lines().filter(|l| {
+            l.contains("policy state written")
+                || l.contains("grace period")
+                || l.contains("datapath loaded")
+                || l.contains("first sync applied")
+                || l.contains("programs loaded after")
+        }) {
             eprintln!("[measure] {TEST}: {}: {line}", a.node);
         }
     }
     // Probe the new state for a while too (later syncs flip epochs again
-    // only if something changes; a flip must not disturb the streams).
-    std::thread::sleep(Duration::from_millis(1000));
+    // only if something changes; a flip must not disturb the streams). Long
+    // enough for several denied tries (each waits for its timeout) now that
+    // a restart that reuses the programs is over in a fraction of a second.
+    std::thread::sleep(Duration::from_millis(3000));
 
     let (denied_tries, leaks) = denied.stop();
     let (allowed_tries, allowed_ok) = allowed.stop();

@@ -155,8 +155,9 @@ fn attached_programs(bpffs_root: &Path) -> BTreeMap<String, u32> {
 
 /// kill -9 both agents while a TCP and a UDP stream flow through an allowed
 /// path and a denied path is probed: no allowed packet is lost, no denied
-/// connection gets through, and the restarted agents swap their programs
-/// into the pinned links.
+/// connection gets through, and the restarted agents keep the same
+/// object's programs in the pinned links (or, after an upgrade, swap theirs
+/// in).
 #[test]
 fn agent_kill_and_restart_leaves_no_gap() {
     if !require_privileges("agent_kill_and_restart_leaves_no_gap") {
@@ -213,7 +214,39 @@ fn agent_kill_and_restart_leaves_no_gap() {
         "{leaks} of {tries} denied connections got through"
     );
 
-    // Same links (same pins), new programs inside them.
+    // Same links (same pins). The object did not change, so the restarted
+    // agents reuse the programs inside them (recorded in their state
+    // directory): no verifier run before the first sync.
+    for (a, before) in agents.agents.iter().zip(&before) {
+        let after = attached_programs(&a.bpffs_root);
+        assert_eq!(
+            &after, before,
+            "{}: the same object's programs stay in the same links",
+            a.node
+        );
+    }
+
+    // An upgrade: the record names another object. The next agents load
+    // their own programs and swap them into the same links.
+    for a in &mut agents.agents {
+        std::fs::write(a.state_dir.join("programs"), "object another-build\n")
+            .expect("write the programs record");
+        a.kill();
+    }
+    for a in &mut agents.agents {
+        a.restart(&lab).expect("restart agent");
+    }
+    agents
+        .wait_synced(&[], Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        connects(&lab, ("y", "a"), ("x", "a")),
+        "allowed path works after the upgrade"
+    );
+    assert!(
+        !connects(&lab, ("y", "b"), ("x", "b")),
+        "denied path denied after the upgrade"
+    );
     for (a, before) in agents.agents.iter().zip(before) {
         let after = attached_programs(&a.bpffs_root);
         assert_eq!(
@@ -225,7 +258,7 @@ fn agent_kill_and_restart_leaves_no_gap() {
         for (link, prog) in &after {
             assert_ne!(
                 *prog, before[link],
-                "{}: {link} still runs the killed agent's program",
+                "{}: {link} still runs the killed agent's program after an upgrade",
                 a.node
             );
         }

@@ -152,10 +152,14 @@ fn a_denied_flow_from_another_node_is_dropped_at_the_uplink() {
     assert_eq!(line["verdict"], "deny", "{line}");
     assert_eq!(line["endpoint"], "x/a", "{line}");
 
-    // A restarted agent swaps its program into the pinned link: one XDP
-    // program on eth0, a new one.
+    // A restarted agent of another build (its programs record names
+    // another object; the same object's programs would be kept as they
+    // are) swaps its program into the pinned link: one XDP program on eth0,
+    // a new one.
     let old = xdp_prog_id(&link).expect("an XDP program id");
     for a in &mut agents.agents {
+        std::fs::write(a.state_dir.join("programs"), "object another-build\n")
+            .expect("write the programs record");
         a.kill();
     }
     for a in &mut agents.agents {

@@ -11,6 +11,15 @@
 //! every (source, destination, protocol, port), comparing with the reference
 //! evaluator's answers for the old and the new cluster.
 //!
+//! A packet between two local pods is judged twice: by the sender's veth
+//! (egress) in the state its run read, and by the receiver's (ingress, and
+//! the sender's egress again) in the state its run read, which may be the
+//! next one (a flip between the runs). Each step also checks every such
+//! probe with the sender's run in the old state and the receiver's in the
+//! new one, as the datapath judges it (`Receiver::Rejudges`); the model
+//! where the receiver trusts the sender's verdict (`Receiver::Trusts`) must
+//! be caught.
+//!
 //! Cases: `NETPOL_INVARIANT_CASES` (default 200), first seed
 //! `NETPOL_INVARIANT_SEED`. A failure prints its seed; rerun just that one
 //! with `NETPOL_INVARIANT_SEED=<seed> NETPOL_INVARIANT_CASES=1`.
@@ -29,8 +38,8 @@ use netpol_agent::{
     },
 };
 use netpol_common::{
-    EndpointValue, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PeerValue, PolicyKey,
-    PolicyValue, generation_epoch,
+    DIR_EGRESS, DIR_INGRESS, EndpointValue, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    PeerValue, PolicyKey, PolicyValue, generation_epoch,
 };
 
 // ---------------------------------------------------------------------------
@@ -429,12 +438,60 @@ fn violation(maps: &Maps, e: &Expect) -> Option<String> {
         })
 }
 
+/// How the receiver's program treats a packet from a local sender.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Receiver {
+    /// It judges the sender's egress again, in its own state (the
+    /// datapath's `sender_denies`).
+    Rejudges,
+    /// It takes the sender's verdict as given (a model that breaks the
+    /// invariant; the test must catch it).
+    Trusts,
+}
+
+/// The first probe between two local pods whose verdict, with the sender's
+/// run in `before` and the receiver's in `after`, is neither the old nor the
+/// new one.
+fn two_program_violation(
+    before: &Maps,
+    after: &Maps,
+    e: &Expect,
+    receiver: Receiver,
+) -> Option<String> {
+    e.answers
+        .iter()
+        .find_map(|&((src, dst, proto, port), (old, new))| {
+            let (Some(s), Some(d)) = (e.local_ips.get(&src), e.local_ips.get(&dst)) else {
+                return None;
+            };
+            let egress =
+                |m: &Maps| sim::endpoint_verdict(m, s, DIR_EGRESS, dst, proto, port).is_allowed();
+            let ingress =
+                sim::endpoint_verdict(after, d, DIR_INGRESS, src, proto, port).is_allowed();
+            let got = egress(before) && ingress && (receiver == Receiver::Trusts || egress(after));
+            (got != old && got != new).then(|| {
+                format!(
+                    "{src} -> {dst} proto {proto} port {port}, the sender's run in the old \
+                     state, the receiver's in the new one: {}, the old state {}, the new \
+                     state {}",
+                    verdict(got),
+                    verdict(old),
+                    verdict(new)
+                )
+            })
+        })
+}
+
 fn verdict(allowed: bool) -> &'static str {
     if allowed { "allow" } else { "deny" }
 }
 
 /// Runs one random sequence; `Err` describes the first violation.
 fn run_case(seed: u64) -> Result<usize, String> {
+    run_case_with(seed, Receiver::Rejudges)
+}
+
+fn run_case_with(seed: u64, receiver: Receiver) -> Result<usize, String> {
     let mut rng = Rng(seed);
     let mut cluster = cluster(&mut rng);
     let mut compiler = Compiler::new(node());
@@ -454,6 +511,7 @@ fn run_case(seed: u64) -> Result<usize, String> {
     let steps = 1 + rng.below(5);
     for step in 0..steps {
         let old = cluster.clone();
+        let before = kernel.view();
         let restart = rng.chance(25);
         let changes = if rng.chance(30) { 2 + rng.below(3) } else { 1 };
         let what: Vec<String> = (0..changes)
@@ -522,6 +580,9 @@ fn run_case(seed: u64) -> Result<usize, String> {
         if let Some(v) = violation(&kernel.view(), &e) {
             return Err(format!("step {step}, end state: {v}"));
         }
+        if let Some(v) = two_program_violation(&before, &kernel.view(), &e, receiver) {
+            return Err(format!("step {step} ({}): {v}", what.join("; ")));
+        }
         let end = Expect {
             answers: e
                 .answers
@@ -576,4 +637,23 @@ fn every_intermediate_state_gives_the_old_or_the_new_verdict() {
     }
     assert!(states > 0, "no intermediate state was checked");
     eprintln!("{cases} sequences, {states} intermediate states checked");
+}
+
+/// The two-program check can fail: a receiver that trusted the sender's
+/// verdict from the state before the flip breaks the invariant in some of
+/// the same sequences.
+#[test]
+fn a_receiver_trusting_the_senders_old_verdict_is_caught() {
+    let broken: Vec<u64> = (1..=200)
+        .filter(|seed| run_case_with(*seed, Receiver::Trusts).is_err())
+        .collect();
+    assert!(
+        !broken.is_empty(),
+        "no sequence caught a receiver that trusts the sender's old verdict"
+    );
+    eprintln!(
+        "a trusting receiver breaks {} of 200 sequences (seeds {:?}...)",
+        broken.len(),
+        &broken[..broken.len().min(5)]
+    );
 }

@@ -367,7 +367,37 @@ fn tagged_sender(tag: u16, family: u8, saddr: &[u8; 16], cfg: &ConfigValue) -> O
             return Some(ifp);
         }
     }
-    local_sender(family, saddr)
+    epoch_sender(family, saddr, cfg)
+}
+
+/// What `epoch_sender` answers for a local pod's address whose veth, in the
+/// epoch the run reads, has no endpoint carrying that address. No device
+/// has ifindex 0, so no endpoint either: callers drop as `no_endpoint`.
+const UNKNOWN_SENDER: u32 = 0;
+
+/// `local_sender`, believed only when the sender's endpoint in the run's
+/// epoch carries the address. `NETPOL_LOCAL_ADDRS` is written in place,
+/// outside the epochs (see the agent's `epoch` module): it may name the
+/// address's veth in the other state. Then the state this run reads drops
+/// whatever sends from the address (its veth's own program would), or the
+/// other state does: `UNKNOWN_SENDER`, and the caller drops.
+#[inline(always)]
+fn epoch_sender(family: u8, saddr: &[u8; 16], cfg: &ConfigValue) -> Option<u32> {
+    let ifp = local_sender(family, saddr)?;
+    match endpoint(ifp, cfg) {
+        Some(ep) if carries(ep, family, saddr) => Some(ifp),
+        _ => Some(UNKNOWN_SENDER),
+    }
+}
+
+/// Whether an endpoint has `addr` as its pod's address.
+#[inline(always)]
+fn carries(ep: &EndpointValue, family: u8, addr: &[u8; 16]) -> bool {
+    if family == FAMILY_V6 {
+        ep.flags & EP_F_HAS_V6 != 0 && eq16(addr, &ep.addr_v6)
+    } else {
+        ep.flags & EP_F_HAS_V4 != 0 && eq4(addr, &ep.addr_v4)
+    }
 }
 
 #[inline(always)]
@@ -931,7 +961,25 @@ fn sender_denies(s: &mut Scratch, cfg: &ConfigValue, len: u32, now: u64, tag: u1
         return false;
     };
     let Some(src_ep) = endpoint(src_if, cfg).copied() else {
-        return false;
+        // A local pod's packet whose sender has no endpoint (carrying its
+        // address) in the epoch this run reads: its own veth would drop it
+        // under this state (see `epoch_sender`). Never trust a verdict the
+        // sender's veth took in another epoch.
+        send_event(
+            s,
+            cfg,
+            src_if,
+            DIR_EGRESS,
+            &EndpointValue::default(),
+            VERDICT_DENY,
+            REASON_NO_ENDPOINT,
+            0,
+            0,
+            len,
+            now,
+        );
+        count(DIR_EGRESS, REASON_NO_ENDPOINT);
+        return true;
     };
     let d = decide(
         &src_ep,
@@ -977,8 +1025,10 @@ fn sender_revoked(s: &mut Scratch, cfg: &ConfigValue, port: u16, tag: u16) -> bo
     let Some(src_if) = tagged_sender(tag, family, &s.key.remote_addr, cfg) else {
         return false;
     };
+    // No endpoint (carrying the address) in this epoch: revoked, as in
+    // `sender_denies`.
     let Some(src_ep) = endpoint(src_if, cfg).copied() else {
-        return false;
+        return true;
     };
     let d = decide(
         &src_ep,
@@ -1101,7 +1151,12 @@ pub fn local_in(ctx: &SkLookupContext) -> u32 {
         }
     }
     let now = now_ns();
-    let Some(ep) = endpoint(ifindex, &cfg).copied() else {
+    // The address's veth must carry it in this run's epoch (see
+    // `epoch_sender`): else no pod sends from it under this state.
+    let Some(ep) = endpoint(ifindex, &cfg)
+        .copied()
+        .filter(|ep| carries(ep, family, &s.pkt.saddr))
+    else {
         count(DIR_EGRESS, REASON_NO_ENDPOINT);
         return SK_DROP;
     };
