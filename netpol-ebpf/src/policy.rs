@@ -2,14 +2,15 @@
 //! map lookups whatever the number of policies, rules or pods:
 //! endpoint flags, one peer LPM lookup, then at most three policy LPM
 //! lookups (the peer's identity, its address-only identity, then the "any
-//! peer" wildcard).
+//! peer" wildcard). The first policy entry found decides, allow or deny
+//! (deny entries exist only for sets a ClusterNetworkPolicy judges).
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use netpol_common::{
     ACTION_ALLOW, DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ISOLATED, EP_F_INGRESS_ISOLATED,
     EndpointValue, FAMILY_V4, IDENTITY_ANY, PEER_F_HOST, PEER_F_POD, POLICY_PREFIX_FULL,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerValue, PolicyKey, REASON_DEFERRED, REASON_HOST,
-    REASON_NOT_ISOLATED, REASON_POLICY_ALLOW, REASON_POLICY_DENY, id_epoch,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerValue, PolicyKey, PolicyValue, REASON_DEFERRED,
+    REASON_HOST, REASON_NOT_ISOLATED, REASON_POLICY_ALLOW, REASON_POLICY_DENY, id_epoch,
 };
 
 use crate::maps::{
@@ -160,11 +161,19 @@ pub fn decide(
         if i == 1 && !has_cidr {
             continue;
         }
-        if let Some(rule_id) = lookup(ep.policy_id, id, direction, protocol, port) {
+        // The first entry found decides. Only sets judged by a
+        // ClusterNetworkPolicy hold deny entries (the tiers' final verdict,
+        // keyed on the peer's identity alone); any action but allow denies.
+        if let Some(v) = lookup(ep.policy_id, id, direction, protocol, port) {
+            let allow = v.action == ACTION_ALLOW;
             return Decision {
-                allow: true,
-                reason: REASON_POLICY_ALLOW,
-                rule_id,
+                allow,
+                reason: if allow {
+                    REASON_POLICY_ALLOW
+                } else {
+                    REASON_POLICY_DENY
+                },
+                rule_id: v.rule_id,
                 peer_identity: identity,
             };
         }
@@ -177,15 +186,18 @@ pub fn decide(
     }
 }
 
-/// The rule that allows (`policy_id`, `identity`, ...) on this port, if any.
+/// The policy entry of (`policy_id`, `identity`, ...) on this port, if any.
 #[inline(always)]
-fn lookup(policy_id: u32, identity: u32, direction: u8, protocol: u8, port: u16) -> Option<u32> {
+fn lookup(
+    policy_id: u32,
+    identity: u32,
+    direction: u8,
+    protocol: u8,
+    port: u16,
+) -> Option<PolicyValue> {
     let key = Key::new(
         POLICY_PREFIX_FULL,
         PolicyKey::new(policy_id, identity, direction, protocol, port),
     );
-    match NETPOL_POLICY.get(&key) {
-        Some(v) if v.action == ACTION_ALLOW => Some(v.rule_id),
-        _ => None,
-    }
+    NETPOL_POLICY.get(&key).copied()
 }
