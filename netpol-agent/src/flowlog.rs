@@ -299,6 +299,7 @@ mod tests {
                 policy: "allow-x".into(),
                 direction: DIR_INGRESS,
                 index: 1,
+                cluster: None,
             },
         );
         n.compiled.policy_sets.insert(
