@@ -9,8 +9,8 @@ use aya_ebpf::btf_maps::lpm_trie::Key;
 use netpol_common::{
     ACTION_ALLOW, DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ISOLATED, EP_F_INGRESS_ISOLATED,
     EndpointValue, FAMILY_V4, IDENTITY_ANY, PEER_F_HOST, PEER_F_POD, POLICY_PREFIX_FULL,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerValue, PolicyKey, PolicyValue, REASON_DEFERRED,
-    REASON_HOST, REASON_NOT_ISOLATED, REASON_POLICY_ALLOW, REASON_POLICY_DENY, id_epoch,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerValue, PolicyKey, REASON_DEFERRED, REASON_HOST,
+    REASON_NOT_ISOLATED, REASON_POLICY_ALLOW, REASON_POLICY_DENY, id_epoch,
 };
 
 use crate::maps::{
@@ -42,23 +42,32 @@ pub struct Decision {
 }
 
 /// The peer entry of an address in `epoch`'s tries (see `netpol_common`'s
-/// "Epochs": each epoch has its own).
+/// "Epochs": each epoch has its own); [`IDENTITY_UNKNOWN`] with no flags when
+/// no entry covers it.
+///
+/// A plain value, never an `Option`: LLVM moved the undefined payload of a
+/// `None` between the branches, and the verifier refused `netpol_local_in`
+/// (`R2 !read_ok`) once the policy lookup below changed shape.
 #[inline(always)]
-fn peer(epoch: u32, family: u8, addr: &[u8; 16]) -> Option<PeerValue> {
-    if family == FAMILY_V4 {
+fn peer(epoch: u32, family: u8, addr: &[u8; 16]) -> PeerValue {
+    let found = if family == FAMILY_V4 {
         let key = Key::new(32, [addr[0], addr[1], addr[2], addr[3]]);
         if epoch == 0 {
-            NETPOL_PEERS_V4.get(&key).copied()
+            NETPOL_PEERS_V4.get(&key)
         } else {
-            NETPOL_PEER1_V4.get(&key).copied()
+            NETPOL_PEER1_V4.get(&key)
         }
     } else {
         let key = Key::new(128, *addr);
         if epoch == 0 {
-            NETPOL_PEERS_V6.get(&key).copied()
+            NETPOL_PEERS_V6.get(&key)
         } else {
-            NETPOL_PEER1_V6.get(&key).copied()
+            NETPOL_PEER1_V6.get(&key)
         }
+    };
+    match found {
+        Some(v) => PeerValue::new(v.identity, v.flags).with_cidr_identity(v.cidr_identity),
+        None => PeerValue::new(IDENTITY_UNKNOWN, 0),
     }
 }
 
@@ -66,7 +75,7 @@ fn peer(epoch: u32, family: u8, addr: &[u8; 16]) -> Option<PeerValue> {
 /// value the packet's run read; 0 when the address has no entry).
 #[inline(always)]
 pub fn peer_flags(epoch: u32, family: u8, addr: &[u8; 16]) -> u32 {
-    peer(epoch, family, addr).map_or(0, |v| v.flags)
+    peer(epoch, family, addr).flags
 }
 
 /// Whether kube-proxy may translate `addr` (a Service frontend).
@@ -118,11 +127,8 @@ pub fn decide(
         };
     }
 
-    let peer_value = self::peer(id_epoch(ep.policy_id), family, peer);
-    let (identity, cidr_identity, peer_flags) = match peer_value {
-        Some(v) => (v.identity, v.cidr_identity, v.flags),
-        None => (IDENTITY_UNKNOWN, 0, 0),
-    };
+    let v = self::peer(id_epoch(ep.policy_id), family, peer);
+    let (identity, cidr_identity, peer_flags) = (v.identity, v.cidr_identity, v.flags);
 
     // Kubernetes: traffic from the node to its pods (kubelet probes) is
     // always allowed.
@@ -164,19 +170,24 @@ pub fn decide(
         // The first entry found decides. Only sets judged by a
         // ClusterNetworkPolicy hold deny entries (the tiers' final verdict,
         // keyed on the peer's identity alone); any action but allow denies.
-        if let Some(v) = lookup(ep.policy_id, id, direction, protocol, port) {
-            let allow = v.action == ACTION_ALLOW;
+        let (action, rule_id) = lookup(ep.policy_id, id, direction, protocol, port);
+        if action == ACTION_NONE {
+            continue;
+        }
+        if action == ACTION_ALLOW {
             return Decision {
-                allow,
-                reason: if allow {
-                    REASON_POLICY_ALLOW
-                } else {
-                    REASON_POLICY_DENY
-                },
-                rule_id: v.rule_id,
+                allow: true,
+                reason: REASON_POLICY_ALLOW,
+                rule_id,
                 peer_identity: identity,
             };
         }
+        return Decision {
+            allow: false,
+            reason: REASON_POLICY_DENY,
+            rule_id,
+            peer_identity: identity,
+        };
     }
     Decision {
         allow: false,
@@ -186,18 +197,22 @@ pub fn decide(
     }
 }
 
-/// The policy entry of (`policy_id`, `identity`, ...) on this port, if any.
+/// `lookup` found no entry (no `ACTION_*` is 0).
+const ACTION_NONE: u32 = 0;
+
+/// The policy entry of (`policy_id`, `identity`, ...) on this port: its
+/// action and rule id, or `(ACTION_NONE, 0)`. Plain values rather than an
+/// `Option` with a payload: LLVM leaves the payload of `None` undefined and
+/// may still move it, which the verifier rejects as an uninitialized
+/// register (`R2 !read_ok` in `netpol_local_in`).
 #[inline(always)]
-fn lookup(
-    policy_id: u32,
-    identity: u32,
-    direction: u8,
-    protocol: u8,
-    port: u16,
-) -> Option<PolicyValue> {
+fn lookup(policy_id: u32, identity: u32, direction: u8, protocol: u8, port: u16) -> (u32, u32) {
     let key = Key::new(
         POLICY_PREFIX_FULL,
         PolicyKey::new(policy_id, identity, direction, protocol, port),
     );
-    NETPOL_POLICY.get(&key).copied()
+    match NETPOL_POLICY.get(&key) {
+        Some(v) => (v.action, v.rule_id),
+        None => (ACTION_NONE, 0),
+    }
 }
