@@ -307,11 +307,17 @@ fn compile_tiers_for(cluster: &Cluster, nodes: &[NodeInfo], only: Option<&str>) 
         .filter(|p| p.is_live() && only.is_none_or(|n| p.node.as_deref() == Some(n)))
     {
         let ns_labels = cluster.namespace_labels(&pod.namespace);
-        let tier = |t: Tier| -> Vec<usize> {
+        // A policy without rules in a direction changes nothing there: it
+        // is left out, so a direction no rule can decide is not judged.
+        let tier = |t: Tier, dir: u8| -> Vec<usize> {
             order
                 .iter()
                 .copied()
-                .filter(|&i| cnps[i].tier == t && cnps[i].selects(pod, ns_labels))
+                .filter(|&i| {
+                    cnps[i].tier == t
+                        && !cnps[i].rules(dir).is_empty()
+                        && cnps[i].selects(pod, ns_labels)
+                })
                 .collect()
         };
         for dir in [DIR_INGRESS, DIR_EGRESS] {
@@ -319,9 +325,9 @@ fn compile_tiers_for(cluster: &Cluster, nodes: &[NodeInfo], only: Option<&str>) 
                 .filter(|&i| nps[i].selects(pod) && nps[i].rules(dir).is_some())
                 .collect();
             let key = SubjectKey {
-                admin: tier(Tier::Admin),
+                admin: tier(Tier::Admin, dir),
                 isolating: (!isolating.is_empty()).then_some(isolating),
-                baseline: tier(Tier::Baseline),
+                baseline: tier(Tier::Baseline, dir),
                 ports: if dir == DIR_INGRESS {
                     ports_of(pod)
                 } else {
