@@ -224,6 +224,7 @@ fn side(
         }
         sim::Verdict::Host => "from one of the node's own addresses: always allowed".into(),
         sim::Verdict::Allow { rule_id } => match compiled.rules.get(&rule_id) {
+            Some(rule) if rule.cluster.is_some() => format!("allowed by {rule}"),
             Some(rule) => format!(
                 "allowed by {}/{} {}[{}]",
                 rule.namespace,
@@ -235,7 +236,15 @@ fn side(
                 },
                 rule.index
             ),
+            // Only under ClusterNetworkPolicy: judged, but no tier decided.
+            None if rule_id == 0 => format!(
+                "allowed: no ClusterNetworkPolicy tier and no NetworkPolicy decides {dir} of {r} (default allow)"
+            ),
             None => format!("allowed by rule {rule_id}"),
+        },
+        sim::Verdict::DenyRule { rule_id } => match compiled.rules.get(&rule_id) {
+            Some(rule) => format!("denied by {rule}"),
+            None => format!("denied by rule {rule_id}"),
         },
         sim::Verdict::Deny => format!(
             "denied: {r} is isolated for {dir} by {} and no rule allows this peer, protocol and port",

@@ -58,12 +58,22 @@ pub struct FlowLog {
     pub protocol: &'static str,
     pub sport: u16,
     pub dport: u16,
-    /// `namespace/name` of the deciding policy, or `default-deny`.
+    /// `namespace/name` of the deciding NetworkPolicy, the name of the
+    /// deciding ClusterNetworkPolicy (with `tier`), or `default-deny`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
     /// `ingress[i]` / `egress[i]` of the deciding policy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    /// A ClusterNetworkPolicy decided: its tier (`Admin`, `Baseline`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    /// ... the rule's `name` (when it has one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule_name: Option<String>,
+    /// ... and its action (`Accept`, `Deny`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
     /// For `default-deny`: the policies that isolate the pod.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub isolated_by: Vec<String>,
@@ -107,6 +117,7 @@ pub fn describe(ev: &VerdictEvent, names: &Names, time: SystemTime) -> FlowLog {
     let dst = ev.dst_ip();
     let mut policy = None;
     let mut rule = None;
+    let (mut tier, mut rule_name, mut action) = (None, None, None);
     let mut isolated_by = Vec::new();
     if let Some(r) = names
         .compiled
@@ -114,7 +125,15 @@ pub fn describe(ev: &VerdictEvent, names: &Names, time: SystemTime) -> FlowLog {
         .get(&ev.rule_id)
         .filter(|_| ev.rule_id != 0)
     {
-        policy = Some(format!("{}/{}", r.namespace, r.policy));
+        policy = Some(match &r.cluster {
+            Some(_) => r.policy.clone(),
+            None => format!("{}/{}", r.namespace, r.policy),
+        });
+        if let Some(c) = &r.cluster {
+            tier = Some(c.tier.to_string());
+            rule_name = (!c.name.is_empty()).then(|| c.name.clone());
+            action = Some(c.action.to_string());
+        }
         rule = Some(format!(
             "{}[{}]",
             if r.direction == DIR_INGRESS {
@@ -154,6 +173,9 @@ pub fn describe(ev: &VerdictEvent, names: &Names, time: SystemTime) -> FlowLog {
         dport: ev.dport,
         policy,
         rule,
+        tier,
+        rule_name,
+        action,
         isolated_by,
         ifindex: ev.ifindex,
         endpoint: names.endpoints.get(&ev.ifindex).map(ToString::to_string),
@@ -299,6 +321,7 @@ mod tests {
                 policy: "allow-x".into(),
                 direction: DIR_INGRESS,
                 index: 1,
+                cluster: None,
             },
         );
         n.compiled.policy_sets.insert(
@@ -341,6 +364,42 @@ mod tests {
         assert_eq!(l.src.pod.as_deref(), Some("a"));
         assert_eq!(l.dst.namespace.as_deref(), Some("y"));
         assert_eq!(l.time, "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn a_cluster_network_policy_deny_names_tier_policy_rule_and_action() {
+        use crate::{
+            compiler::ClusterRuleInfo,
+            model::{Action, Tier},
+        };
+        let mut n = names();
+        n.compiled.rules.insert(
+            9,
+            RuleInfo {
+                namespace: String::new(),
+                policy: "deny-x-to-y".into(),
+                direction: DIR_EGRESS,
+                index: 0,
+                cluster: Some(ClusterRuleInfo {
+                    tier: Tier::Admin,
+                    name: "no-y".into(),
+                    action: Action::Deny,
+                }),
+            },
+        );
+        let l = describe(
+            &event(VERDICT_DENY, REASON_POLICY_DENY, 9),
+            &n,
+            SystemTime::UNIX_EPOCH,
+        );
+        assert_eq!(l.policy.as_deref(), Some("deny-x-to-y"));
+        assert_eq!(l.rule.as_deref(), Some("egress[0]"));
+        assert_eq!(l.tier.as_deref(), Some("Admin"));
+        assert_eq!(l.rule_name.as_deref(), Some("no-y"));
+        assert_eq!(l.action.as_deref(), Some("Deny"));
+        assert!(l.isolated_by.is_empty(), "a named rule, not default-deny");
+        let json = serde_json::to_string(&l).unwrap();
+        assert!(json.contains("\"tier\":\"Admin\""), "{json}");
     }
 
     #[test]

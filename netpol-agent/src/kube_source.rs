@@ -492,8 +492,8 @@ impl ClusterSource for KubeSource {
     }
 
     /// The model and every object's conversion problems (namespaces, then
-    /// pods, then policies), and one line per ClusterNetworkPolicy saying it
-    /// is not enforced yet.
+    /// pods, then policies), and one line per ClusterNetworkPolicy whose
+    /// `nodes` peers cannot be enforced (no Node watch yet).
     fn snapshot(&self) -> Snapshot {
         let store = self.store();
         let mut errors: Vec<String> = store

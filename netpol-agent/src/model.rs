@@ -70,8 +70,7 @@ pub struct Cluster {
     pub pods: BTreeMap<PodRef, Pod>,
     pub policies: BTreeMap<PolicyRef, NetworkPolicy>,
     /// ClusterNetworkPolicies (policy.networking.k8s.io/v1alpha2), by name.
-    /// Read, validated and evaluated by the reference; not yet enforced by
-    /// the datapath.
+    /// Compiled with NetworkPolicy into the datapath (`compiler::tiered`).
     pub cluster_policies: BTreeMap<String, ClusterNetworkPolicy>,
     /// Nodes, by name: labels and addresses (what a CNP `nodes` peer
     /// matches). Only the sources that read Node objects fill it.

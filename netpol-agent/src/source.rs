@@ -86,16 +86,29 @@ pub struct Snapshot {
     pub errors: Vec<String>,
 }
 
-/// One line per ClusterNetworkPolicy the source read: the datapath does not
-/// enforce them yet, and the agent must not let a user believe it does. The
+/// One line per ClusterNetworkPolicy that the datapath cannot enforce as
+/// written: one with `nodes` peers while the source knows no Node object
+/// (the kube source does not watch Nodes yet), whose `nodes` peers then
+/// match no address. Every other ClusterNetworkPolicy is enforced. The
 /// agent logs each line once and reports it in its status.
 pub fn not_enforced(cluster: &Cluster) -> impl Iterator<Item = String> + '_ {
-    cluster.cluster_policies.values().map(|p| {
-        format!(
-            "ClusterNetworkPolicy {} ({} tier, priority {}): read but NOT ENFORCED: this netpol version does not program ClusterNetworkPolicy into the datapath yet",
-            p.name, p.tier, p.priority
-        )
-    })
+    cluster
+        .cluster_policies
+        .values()
+        .filter(|p| {
+            cluster.nodes.is_empty()
+                && p.ingress
+                    .iter()
+                    .chain(&p.egress)
+                    .flat_map(|r| &r.peers)
+                    .any(|peer| matches!(peer, crate::model::CnpPeer::Nodes(_)))
+        })
+        .map(|p| {
+            format!(
+                "ClusterNetworkPolicy {} ({} tier, priority {}): its `nodes` peers are NOT ENFORCED: no Node object is known, so they match no address",
+                p.name, p.tier, p.priority
+            )
+        })
 }
 
 /// What identifies one version of a file: a rename into place changes the
@@ -811,7 +824,7 @@ spec:
     }
 
     #[test]
-    fn a_cluster_network_policy_is_read_and_reported_as_not_enforced() {
+    fn a_cluster_network_policy_is_read_and_its_invalid_field_named() {
         let d = Dir::new("cnp");
         d.write("ns.yaml", NAMESPACE);
         d.write(
@@ -846,13 +859,12 @@ spec:
         assert_eq!(cnp.priority, 5);
         assert_eq!(cnp.egress.len(), 2);
         assert_eq!(snap.cluster.nodes["n1"].addresses.len(), 1);
-        let notices: Vec<_> = snap
-            .errors
-            .iter()
-            .filter(|e| e.contains("NOT ENFORCED"))
-            .collect();
-        assert_eq!(notices.len(), 1, "one line per policy: {:?}", snap.errors);
-        assert!(notices[0].contains("deny-metadata"), "{}", notices[0]);
+        // Enforced: no "not enforced" notice.
+        assert!(
+            !snap.errors.iter().any(|e| e.contains("NOT ENFORCED")),
+            "{:?}",
+            snap.errors
+        );
         assert!(
             snap.errors
                 .iter()
@@ -860,6 +872,21 @@ spec:
             "{:?}",
             snap.errors
         );
+    }
+
+    #[test]
+    fn nodes_peers_without_node_objects_are_reported_as_not_enforced() {
+        use crate::model::build::*;
+        let c = cluster().cluster_policy(
+            admin("no-nodes")
+                .subject(in_namespaces(all()))
+                .egress(deny().peer(peer_nodes(all()))),
+        );
+        let lines: Vec<String> = not_enforced(&c).collect();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains("no-nodes") && lines[0].contains("`nodes` peers"));
+        let c = c.node(node("n1"));
+        assert_eq!(not_enforced(&c).count(), 0, "Node objects known");
     }
 
     #[test]

@@ -18,14 +18,16 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use ipnet::IpNet;
 use netpol_agent::{
-    compiler::{NodeInfo, reference, tiers::compile_tiers},
+    compiler::{Compiled, Compiler, NodeInfo, reference, sim, tiers::compile_tiers},
     model::{
         Action, Cluster, ClusterNetworkPolicy, CnpPeer, CnpPort, CnpRule, ContainerPort, IpBlock,
         LabelSelector, Labels, Namespace, NetworkPolicy, Node, Operator, Peer, Pod, PodPhase,
         PortMatch, PortSpec, Protocol, Requirement, Rule, Subject, Tier,
     },
 };
-use netpol_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use netpol_common::{
+    DIR_EGRESS, DIR_INGRESS, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+};
 use proptest::{prelude::*, sample::select, test_runner::Config};
 use serde_json::json;
 
@@ -412,6 +414,148 @@ proptest! {
                             &got, &want,
                             "{} -> {} proto {} port {}", src, dst, proto, port
                         );
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The product's compiler: the maps it writes, read the datapath's way
+// (`sim`), decide like the reference and name the same rule.
+// ---------------------------------------------------------------------------
+
+/// The per-node compiles of `cluster`, each reached incrementally from the
+/// same cluster without its ClusterNetworkPolicies (so the diff into the
+/// tier compile is exercised too): the diff applied to the previous maps
+/// must give the new maps.
+fn compile_nodes(cluster: &Cluster) -> Result<Vec<Compiled>, TestCaseError> {
+    let mut without = cluster.clone();
+    without.cluster_policies.clear();
+    let mut out = Vec::new();
+    for node in node_infos() {
+        let mut compiler = Compiler::new(node.clone());
+        compiler.sync(&without);
+        let mut maps = compiler.compiled().maps.clone();
+        let diff = compiler.sync(cluster);
+        maps.apply(&diff.updates);
+        prop_assert_eq!(
+            &maps,
+            &compiler.compiled().maps,
+            "diff into the tier compile on {}",
+            node.name
+        );
+        // And back: removing every CNP returns to NetworkPolicy's maps.
+        let mut back = Compiler::new(node.clone());
+        back.sync(cluster);
+        let mut maps = back.compiled().maps.clone();
+        let diff = back.sync(&without);
+        maps.apply(&diff.updates);
+        prop_assert_eq!(
+            &maps,
+            &back.compiled().maps,
+            "diff out of the tier compile on {}",
+            node.name
+        );
+        out.push(compiler.into_compiled());
+    }
+    Ok(out)
+}
+
+/// The datapath's verdict for `pod_ip`'s side (direction `dir`, remote
+/// `peer`) agrees with the reference's decision `want`, rule and all.
+/// `Ok(false)`: the address is no local endpoint anywhere (not enforced).
+fn check_side(
+    compiled: &[Compiled],
+    pod_ip: IpAddr,
+    dir: u8,
+    peer: IpAddr,
+    proto: u8,
+    port: u16,
+    want: &reference::Decision,
+) -> Result<bool, String> {
+    use reference::Decision as D;
+    let Some((c, pod)) = compiled
+        .iter()
+        .find_map(|c| c.local_ips.get(&pod_ip).map(|pod| (c, pod)))
+    else {
+        return Ok(false);
+    };
+    let got = sim::endpoint_verdict(&c.maps, pod, dir, peer, proto, port);
+    let rule = |id: u32| c.rules.get(&id);
+    let ok = match (want, got) {
+        (
+            D::Rule {
+                tier,
+                policy,
+                index,
+                action,
+                ..
+            },
+            sim::Verdict::Allow { rule_id } | sim::Verdict::DenyRule { rule_id },
+        ) => rule(rule_id).is_some_and(|r| {
+            r.policy == *policy
+                && r.index as usize == *index
+                && r.direction == dir
+                && r.cluster
+                    .as_ref()
+                    .is_some_and(|cr| cr.tier == *tier && cr.action == *action)
+                && got.is_allowed() == (*action == Action::Accept)
+        }),
+        (D::NetworkPolicy { allowed: true }, sim::Verdict::Allow { rule_id }) => {
+            rule(rule_id).is_some_and(|r| r.cluster.is_none() && r.direction == dir)
+        }
+        (D::NetworkPolicy { allowed: false }, sim::Verdict::Deny) => true,
+        (D::Default, sim::Verdict::NotIsolated) => true,
+        (D::Default, sim::Verdict::Allow { rule_id: 0 }) => true,
+        (D::OwnNode, sim::Verdict::Host | sim::Verdict::NotIsolated) => true,
+        _ => false,
+    };
+    if ok {
+        Ok(true)
+    } else {
+        Err(format!(
+            "{} of {pod} with {peer} proto {proto} port {port}: reference {want:?}, datapath {got:?} ({:?})",
+            if dir == DIR_INGRESS {
+                "ingress"
+            } else {
+                "egress"
+            },
+            match got {
+                sim::Verdict::Allow { rule_id } | sim::Verdict::DenyRule { rule_id } =>
+                    rule(rule_id),
+                _ => None,
+            }
+        ))
+    }
+}
+
+proptest! {
+    #![proptest_config(Config {
+        cases: cases(),
+        failure_persistence: None,
+        ..Config::default()
+    })]
+
+    /// The compiled maps of every node, read the way the datapath reads
+    /// them, decide every probe like the reference and name the same tier,
+    /// policy, rule and action.
+    #[test]
+    fn the_compiled_maps_decide_like_the_reference(cluster in cluster_strategy()) {
+        let nodes = node_infos();
+        let compiled = compile_nodes(&cluster)?;
+        for family_v4 in [true, false] {
+            let pool = address_pool(family_v4);
+            for &src in &pool {
+                for &dst in &pool {
+                    for (proto, port) in PROBES {
+                        let proto = if proto == PROTO_ICMP && !family_v4 { PROTO_ICMPV6 } else { proto };
+                        let (egress, ingress) = reference::decide(&cluster, &nodes, src, dst, proto, port);
+                        let e = check_side(&compiled, src, DIR_EGRESS, dst, proto, port, &egress);
+                        prop_assert!(e.is_ok(), "{} -> {}: {}", src, dst, e.unwrap_err());
+                        let i = check_side(&compiled, dst, DIR_INGRESS, src, proto, port, &ingress);
+                        prop_assert!(i.is_ok(), "{} -> {}: {}", src, dst, i.unwrap_err());
                     }
                 }
             }

@@ -3440,3 +3440,302 @@ fn a_packet_on_a_veth_with_no_endpoint_in_the_active_epoch_is_dropped() {
     dp.flip_to(1);
     dp.from_pod(&f).passed(DIR_EGRESS, REASON_NOT_ISOLATED);
 }
+
+// ===========================================================================
+// ClusterNetworkPolicy (issue 16): the maps the product's compiler writes for
+// a cluster with Admin and Baseline tiers, judged by the programs. Deny
+// entries stop the lookup; Accept opens a flow whose replies pass; a change
+// that denies is enforced on the flow's next packet (the generation).
+// ===========================================================================
+
+mod cnp {
+    use netpol_agent::{
+        compiler::{Compiled, Compiler, MapUpdate, NodeInfo},
+        model::{
+            Cluster, PodRef,
+            Protocol::Tcp,
+            build::{
+                admin, all, allow, baseline, cluster, deny, dports, in_namespaces, labels,
+                namespace, namespaces, networks, pass, peer_namespaces, pod, policy,
+                tcp as tcp_port,
+            },
+        },
+    };
+
+    use super::*;
+
+    /// Server pod `x/server` (POD, POD6) on n1, the node under test (HOST is
+    /// its address); `y/client` (PEER) and `z/other` (OTHER) on n2.
+    fn pods() -> Cluster {
+        cluster()
+            .namespace(namespace("x"))
+            .namespace(namespace("y"))
+            .namespace(namespace("z"))
+            .pod(pod("x", "server").ip(POD).ip(POD6).node("n1"))
+            .pod(pod("y", "client").ip(PEER).node("n2"))
+            .pod(pod("z", "other").ip(OTHER).node("n2"))
+    }
+
+    fn ns(name: &str) -> netpol_agent::model::LabelSelector {
+        labels([("kubernetes.io/metadata.name", name)])
+    }
+
+    fn server() -> PodRef {
+        PodRef::new("x", "server")
+    }
+
+    fn node() -> NodeInfo {
+        NodeInfo::new("n1", [HOST])
+    }
+
+    /// The rule id the compile gave rule `index` of `policy` in `dir`.
+    fn rule_id(c: &Compiled, policy: &str, dir: u8, index: u32) -> u32 {
+        c.rules
+            .iter()
+            .find(|(_, r)| r.policy == policy && r.direction == dir && r.index == index)
+            .map(|(id, _)| *id)
+            .unwrap_or_else(|| panic!("no rule {policy} {dir} {index} in {:?}", c.rules))
+    }
+
+    impl Dp {
+        /// Writes a compile's updates as the agent does (the server's
+        /// endpoint on `LO`; other pods have no endpoint on this node).
+        fn write(&mut self, updates: &[MapUpdate]) {
+            for u in updates {
+                match u {
+                    MapUpdate::Endpoint { pod, value } => {
+                        assert_eq!(*pod, server(), "only the server is local");
+                        let mut m: HashMap<_, u32, EndpointValue> =
+                            HashMap::try_from(self.ebpf.map_mut(map_names::ENDPOINTS).unwrap())
+                                .unwrap();
+                        match value {
+                            Some(v) => m.insert(LO, *v, 0).expect("endpoint insert"),
+                            None => m.remove(&LO).expect("endpoint remove"),
+                        }
+                    }
+                    MapUpdate::PeerV4 {
+                        addr,
+                        prefix_len,
+                        value,
+                    } => {
+                        let cidr = format!("{addr}/{prefix_len}");
+                        match value {
+                            Some(v) => self.peer_entry(&cidr, *v),
+                            None => self.remove_peer(&cidr),
+                        }
+                    }
+                    MapUpdate::PeerV6 {
+                        addr,
+                        prefix_len,
+                        value,
+                    } => {
+                        let cidr = format!("{addr}/{prefix_len}");
+                        match value {
+                            Some(v) => self.peer_entry(&cidr, *v),
+                            None => self.remove_peer(&cidr),
+                        }
+                    }
+                    MapUpdate::Policy {
+                        key,
+                        prefix_len,
+                        value,
+                    } => {
+                        let mut m = self.policy_map();
+                        let k = Key::new(*prefix_len, *key);
+                        match value {
+                            Some(v) => m.insert(&k, *v, 0).expect("policy insert"),
+                            None => m.remove(&k).expect("policy remove"),
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Compiles `cluster` for n1 with `compiler` and writes the diff.
+        fn sync(&mut self, compiler: &mut Compiler, cluster: &Cluster) -> Compiled {
+            let diff = compiler.sync(cluster);
+            self.write(&diff.updates);
+            compiler.compiled().clone()
+        }
+    }
+
+    /// The event's endpoint is the compiled one.
+    fn decided_by(
+        out: &Outcome,
+        c: &Compiled,
+        pkt: &Packet,
+        dir: u8,
+        verdict: u8,
+        reason: u8,
+        rule: u32,
+    ) {
+        let ep = c.maps.endpoints[&server()];
+        out.event()
+            .verdict(verdict)
+            .reason(reason)
+            .rule(rule)
+            .direction(dir)
+            .endpoint(ep.policy_id, ep.endpoint_id)
+            .of(pkt);
+    }
+
+    /// Admin Deny beats a NetworkPolicy allow; Admin Pass hands over to the
+    /// NetworkPolicy, whose isolation then denies what it does not allow; the
+    /// node's own address stays allowed.
+    #[test]
+    fn cnp_admin_deny_beats_network_policy_and_pass_hands_over() {
+        let mut dp = load_or_skip!("cnp_admin_deny_beats_network_policy_and_pass_hands_over");
+        let c = pods()
+            .policy(
+                policy("x", "allow-web")
+                    .ingress(allow().from(namespaces(all())).port(tcp_port(80))),
+            )
+            .cluster_policy(
+                admin("guard")
+                    .priority(10)
+                    .subject(in_namespaces(ns("x")))
+                    .ingress(
+                        deny()
+                            .named("no-y-web")
+                            .peer(peer_namespaces(ns("y")))
+                            .port(dports(Tcp, 80, 90)),
+                    )
+                    .ingress(pass().named("z-to-np").peer(peer_namespaces(ns("z")))),
+            );
+        let mut compiler = Compiler::new(node());
+        let compiled = dp.sync(&mut compiler, &c);
+        let deny_y = rule_id(&compiled, "guard", DIR_INGRESS, 0);
+        let np_web = rule_id(&compiled, "allow-web", DIR_INGRESS, 0);
+
+        // Admin Deny, though the NetworkPolicy allows port 80 from everyone.
+        let syn = tcp(&at(PEER, 40000), &at(POD, 80)).syn();
+        let out = dp.to_pod(&syn);
+        out.dropped(DIR_INGRESS, REASON_POLICY_DENY);
+        decided_by(
+            &out,
+            &compiled,
+            &syn,
+            DIR_INGRESS,
+            VERDICT_DENY,
+            REASON_POLICY_DENY,
+            deny_y,
+        );
+        assert!(dp.flows().is_empty(), "a denied packet opens no flow");
+
+        // Pass: the NetworkPolicy decides (allows 80, names its rule).
+        let syn = tcp(&at(OTHER, 40001), &at(POD, 80)).syn();
+        let out = dp.to_pod(&syn);
+        out.passed(DIR_INGRESS, REASON_POLICY_ALLOW);
+        decided_by(
+            &out,
+            &compiled,
+            &syn,
+            DIR_INGRESS,
+            VERDICT_ALLOW,
+            REASON_POLICY_ALLOW,
+            np_web,
+        );
+
+        // Outside the Admin rules' ports and protocols: NetworkPolicy isolation
+        // denies what it does not allow (default deny, no rule).
+        for pkt in [
+            tcp(&at(PEER, 40002), &at(POD, 91)).syn(),
+            udp(&at(PEER, 40003), &at(POD, 80)),
+            tcp(&at(OTHER, 40004), &at(POD, 81)).syn(),
+        ] {
+            let out = dp.to_pod(&pkt);
+            out.dropped(DIR_INGRESS, REASON_POLICY_DENY);
+            decided_by(
+                &out,
+                &compiled,
+                &pkt,
+                DIR_INGRESS,
+                VERDICT_DENY,
+                REASON_POLICY_DENY,
+                0,
+            );
+        }
+        // The node's own address: allowed before any tier.
+        dp.to_pod(&tcp(&at(HOST, 40005), &at(POD, 80)).syn())
+            .passed(DIR_INGRESS, REASON_HOST);
+        // Nothing judges the server's egress.
+        dp.from_pod(&tcp(&at(POD, 40006), &at(PEER, 80)).syn())
+            .passed(DIR_EGRESS, REASON_NOT_ISOLATED);
+    }
+
+    /// A Baseline Deny judges a pod no NetworkPolicy isolates: its networks
+    /// are dropped, everything else is allowed by default and opens a flow
+    /// whose reply passes. Then an Admin Deny is added: the open flow's next
+    /// packet is dropped as revoked.
+    #[test]
+    fn cnp_baseline_judges_an_unisolated_pod_and_a_new_admin_deny_revokes() {
+        let mut dp =
+            load_or_skip!("cnp_baseline_judges_an_unisolated_pod_and_a_new_admin_deny_revokes");
+        let floor = baseline("floor").subject(in_namespaces(ns("x"))).egress(
+            deny()
+                .named("no-doc-net")
+                .peer(networks(["203.0.113.0/24"])),
+        );
+        let c = pods().cluster_policy(floor);
+        let mut compiler = Compiler::new(node());
+        let compiled = dp.sync(&mut compiler, &c);
+        let no_doc = rule_id(&compiled, "floor", DIR_EGRESS, 0);
+
+        let syn = tcp(&at(POD, 40000), &at("203.0.113.9", 443)).syn();
+        let out = dp.from_pod(&syn);
+        out.dropped(DIR_EGRESS, REASON_POLICY_DENY);
+        decided_by(
+            &out,
+            &compiled,
+            &syn,
+            DIR_EGRESS,
+            VERDICT_DENY,
+            REASON_POLICY_DENY,
+            no_doc,
+        );
+        let ping = udp(&at(POD, 40001), &at("203.0.113.9", 53));
+        dp.from_pod(&ping).dropped(DIR_EGRESS, REASON_POLICY_DENY);
+
+        // Judged (a CNP selects it) but no tier decides: allowed, rule 0.
+        let syn = tcp(&at(POD, 40002), &at(PEER, 80)).syn();
+        let out = dp.from_pod(&syn);
+        out.passed(DIR_EGRESS, REASON_POLICY_ALLOW);
+        decided_by(
+            &out,
+            &compiled,
+            &syn,
+            DIR_EGRESS,
+            VERDICT_ALLOW,
+            REASON_POLICY_ALLOW,
+            0,
+        );
+        dp.to_pod(&tcp(&at(PEER, 80), &at(POD, 40002)).syn_ack())
+            .passed(DIR_INGRESS, REASON_REPLY);
+
+        // An Admin Deny to y arrives: the next packet of the open flow is
+        // checked again under the new generation and dropped.
+        let c = c.cluster_policy(
+            admin("lockdown")
+                .subject(in_namespaces(ns("x")))
+                .egress(deny().named("no-y").peer(peer_namespaces(ns("y")))),
+        );
+        let compiled = dp.sync(&mut compiler, &c);
+        dp.bump_generation();
+        let out = dp.from_pod(&tcp(&at(POD, 40002), &at(PEER, 80)).ack());
+        out.dropped(DIR_EGRESS, REASON_REVOKED);
+        // A new connection names the Admin rule.
+        let syn = tcp(&at(POD, 40003), &at(PEER, 80)).syn();
+        let out = dp.from_pod(&syn);
+        out.dropped(DIR_EGRESS, REASON_POLICY_DENY);
+        let no_y = rule_id(&compiled, "lockdown", DIR_EGRESS, 0);
+        decided_by(
+            &out,
+            &compiled,
+            &syn,
+            DIR_EGRESS,
+            VERDICT_DENY,
+            REASON_POLICY_DENY,
+            no_y,
+        );
+    }
+}

@@ -20,6 +20,14 @@
 //! where the receiver trusts the sender's verdict (`Receiver::Trusts`) must
 //! be caught.
 //!
+//! A second test adds ClusterNetworkPolicies (both tiers, every action,
+//! namespace, pod and network peers, ports) that come and go, drawn from a
+//! second RNG stream so that the NetworkPolicy part of each seed is the
+//! sequence it always was; the reference answers are the tiers'
+//! (`allowed_with_tiers`, equal to NetworkPolicy's without CNPs). Its cases:
+//! `NETPOL_INVARIANT_CNP_CASES` (default 20: the tier compile renumbers its
+//! classes, so a change is many writes, each one checked).
+//!
 //! Cases: `NETPOL_INVARIANT_CASES` (default 200), first seed
 //! `NETPOL_INVARIANT_SEED`. A failure prints its seed; rerun just that one
 //! with `NETPOL_INVARIANT_SEED=<seed> NETPOL_INVARIANT_CASES=1`.
@@ -33,7 +41,8 @@ use netpol_agent::{
     compiler::{Compiled, Compiler, Maps, NodeInfo, reference, sim},
     epoch::{Epochs, State, Write, split},
     model::{
-        Cluster, LabelSelector, Namespace, NetworkPolicy, Peer, Pod, PodRef, Rule,
+        Cluster, ClusterNetworkPolicy, CnpRule, LabelSelector, Namespace, NetworkPolicy, Peer, Pod,
+        PodRef, Rule,
         build::{self, Protocol},
     },
 };
@@ -208,6 +217,66 @@ fn cluster(rng: &mut Rng) -> Cluster {
         }
     }
     c
+}
+
+/// A random ClusterNetworkPolicy named `cnp<i>`.
+fn cnp(rng: &mut Rng, i: usize) -> ClusterNetworkPolicy {
+    let name = format!("cnp{i}");
+    let mut p = if rng.chance(50) {
+        build::admin(&name)
+    } else {
+        build::baseline(&name)
+    }
+    .priority(rng.below(3) as u32)
+    .subject(if rng.chance(50) {
+        build::in_namespaces(build::labels([("env", rng.pick(&["x", "y"]))]))
+    } else {
+        build::pods_of(build::all(), selector(rng))
+    });
+    fn cnp_rule(rng: &mut Rng) -> CnpRule {
+        let mut r = match rng.below(3) {
+            0 => build::accept(),
+            1 => build::deny(),
+            _ => build::pass(),
+        }
+        .named(&format!("r{}", rng.below(10)));
+        for _ in 0..1 + rng.below(2) {
+            r = r.peer(match rng.below(3) {
+                0 => build::peer_namespaces(build::labels([("env", rng.pick(&["x", "y"]))])),
+                1 => build::peer_pods(build::all(), selector(rng)),
+                _ => build::networks([rng.pick(&["10.0.0.0/30", "172.16.0.0/12", "fd00::/126"])]),
+            });
+        }
+        match rng.below(3) {
+            0 => r.port(build::dport(Protocol::Tcp, 80)),
+            1 => r.port(build::dports(Protocol::Tcp, 80, 8080)),
+            _ => r,
+        }
+    }
+    for _ in 0..rng.below(3) {
+        p = p.ingress(cnp_rule(rng));
+    }
+    for _ in 0..rng.below(3) {
+        p = p.egress(cnp_rule(rng));
+    }
+    p
+}
+
+const CNPS: usize = 3;
+
+/// One random ClusterNetworkPolicy change: an upsert or a removal.
+fn cnp_change(rng: &mut Rng, c: &mut Cluster) -> String {
+    let i = rng.below(CNPS);
+    if rng.chance(65) {
+        let p = cnp(rng, i);
+        let d = format!("upsert {p:?}");
+        c.upsert_cluster_policy(p);
+        d
+    } else if c.cluster_policies.remove(&format!("cnp{i}")).is_some() {
+        format!("remove cnp{i}")
+    } else {
+        "remove a missing cnp (nothing)".into()
+    }
 }
 
 /// One random change to `c` (what a watcher would report), described.
@@ -405,8 +474,8 @@ fn expect(old: &Cluster, new: &Cluster) -> Expect {
                 } else {
                     proto
                 };
-                let o = reference::allowed(old, &nodes, src, dst, proto, port);
-                let n = reference::allowed(new, &nodes, src, dst, proto, port);
+                let o = reference::allowed_with_tiers(old, &nodes, src, dst, proto, port);
+                let n = reference::allowed_with_tiers(new, &nodes, src, dst, proto, port);
                 answers.push(((src, dst, proto, port), (o, n)));
             }
         }
@@ -487,13 +556,19 @@ fn verdict(allowed: bool) -> &'static str {
 }
 
 /// Runs one random sequence; `Err` describes the first violation.
-fn run_case(seed: u64) -> Result<usize, String> {
-    run_case_with(seed, Receiver::Rejudges)
+fn run_case(seed: u64, with_cnps: bool) -> Result<usize, String> {
+    run_case_with(seed, with_cnps, Receiver::Rejudges)
 }
 
-fn run_case_with(seed: u64, receiver: Receiver) -> Result<usize, String> {
+fn run_case_with(seed: u64, with_cnps: bool, receiver: Receiver) -> Result<usize, String> {
     let mut rng = Rng(seed);
+    let mut cnp_rng = Rng(seed ^ 0x00c1_a55e_5eed);
     let mut cluster = cluster(&mut rng);
+    for i in 0..CNPS {
+        if with_cnps && cnp_rng.chance(50) {
+            cluster.upsert_cluster_policy(cnp(&mut cnp_rng, i));
+        }
+    }
     let mut compiler = Compiler::new(node());
     let mut kernel = Kernel::default();
     let mut epochs = kernel.adopt();
@@ -514,9 +589,12 @@ fn run_case_with(seed: u64, receiver: Receiver) -> Result<usize, String> {
         let before = kernel.view();
         let restart = rng.chance(25);
         let changes = if rng.chance(30) { 2 + rng.below(3) } else { 1 };
-        let what: Vec<String> = (0..changes)
+        let mut what: Vec<String> = (0..changes)
             .map(|_| change(&mut rng, &mut cluster))
             .collect();
+        if with_cnps && cnp_rng.chance(50) {
+            what.push(cnp_change(&mut cnp_rng, &mut cluster));
+        }
         if restart {
             // The agent was killed; the changes happened while it was down;
             // a new agent starts with a fresh compiler and adopts the pins.
@@ -607,7 +685,7 @@ fn run_case_with(seed: u64, receiver: Receiver) -> Result<usize, String> {
 /// in between.
 #[test]
 fn regression_seed_1_identity_moved_before_its_entries() {
-    if let Err(e) = run_case(1) {
+    if let Err(e) = run_case(1, false) {
         panic!("seed 1:\n{e}");
     }
 }
@@ -618,12 +696,20 @@ fn env(name: &str) -> Option<u64> {
 
 #[test]
 fn every_intermediate_state_gives_the_old_or_the_new_verdict() {
-    let cases = env("NETPOL_INVARIANT_CASES").unwrap_or(200);
+    run_cases(env("NETPOL_INVARIANT_CASES").unwrap_or(200), false);
+}
+
+#[test]
+fn with_cluster_network_policies_every_intermediate_state_gives_the_old_or_the_new_verdict() {
+    run_cases(env("NETPOL_INVARIANT_CNP_CASES").unwrap_or(20), true);
+}
+
+fn run_cases(cases: u64, with_cnps: bool) {
     let first = env("NETPOL_INVARIANT_SEED").unwrap_or(1);
     let mut states = 0;
     let mut failures = Vec::new();
     for seed in first..first + cases {
-        match run_case(seed) {
+        match run_case(seed, with_cnps) {
             Ok(n) => states += n,
             Err(e) => failures.push((seed, e)),
         }
@@ -645,7 +731,7 @@ fn every_intermediate_state_gives_the_old_or_the_new_verdict() {
 #[test]
 fn a_receiver_trusting_the_senders_old_verdict_is_caught() {
     let broken: Vec<u64> = (1..=200)
-        .filter(|seed| run_case_with(*seed, Receiver::Trusts).is_err())
+        .filter(|seed| run_case_with(*seed, false, Receiver::Trusts).is_err())
         .collect();
     assert!(
         !broken.is_empty(),

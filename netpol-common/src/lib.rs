@@ -181,9 +181,11 @@ pub const fn id_epoch(id: u32) -> u32 {
 // Endpoints: NETPOL_ENDPOINTS, hash, key = host-side veth ifindex (u32).
 // ---------------------------------------------------------------------------
 
-/// The pod's ingress is isolated: some policy with type Ingress selects it.
+/// The pod's ingress is judged by policy: some NetworkPolicy with type
+/// Ingress selects it, or a ClusterNetworkPolicy does (its policy entries
+/// then give the final verdict, allow or deny, of every peer and port).
 pub const EP_F_INGRESS_ISOLATED: u32 = 1 << 0;
-/// The pod's egress is isolated: some policy with type Egress selects it.
+/// The pod's egress is judged by policy (as for ingress, with type Egress).
 pub const EP_F_EGRESS_ISOLATED: u32 = 1 << 1;
 /// Audit mode: what policy would deny passes and is reported as `audit`.
 pub const EP_F_AUDIT: u32 = 1 << 2;
@@ -373,7 +375,10 @@ pub const POLICY_PREFIX_FULL: u32 = 96;
 /// `identity` is [`IDENTITY_ANY`] for rules that allow every peer; the
 /// datapath looks up the peer's identity, then its `cidr_identity` (when it
 /// has a distinct one), then `IDENTITY_ANY`: at most three lookups whatever
-/// the number of policies.
+/// the number of policies. The first entry found decides: [`ACTION_ALLOW`]
+/// allows, anything else ([`ACTION_DENY`]) denies without asking further.
+/// A set judged by ClusterNetworkPolicy has entries for the peer's identity
+/// only, covering every protocol and port (see `compiler::tiered`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyKey {
@@ -409,6 +414,13 @@ impl PolicyKey {
 
 /// The entry allows the traffic.
 pub const ACTION_ALLOW: u32 = 1;
+/// The entry denies the traffic: the lookup stops here, the identities
+/// after it are not asked. Written only for policy sets that a
+/// ClusterNetworkPolicy judges, whose entries give the final verdict of the
+/// tiers and NetworkPolicy together for every (identity, protocol, port).
+/// `rule_id` is the denying CNP rule, or 0 for NetworkPolicy's default deny.
+/// Any action other than [`ACTION_ALLOW`] denies (fail closed).
+pub const ACTION_DENY: u32 = 2;
 
 /// Value of the policy LPM trie.
 #[repr(C)]
@@ -426,6 +438,12 @@ impl PolicyValue {
     pub const fn allow(rule_id: u32) -> Self {
         Self {
             action: ACTION_ALLOW,
+            rule_id,
+        }
+    }
+    pub const fn deny(rule_id: u32) -> Self {
+        Self {
+            action: ACTION_DENY,
             rule_id,
         }
     }

@@ -2,7 +2,8 @@
 //! map lookups whatever the number of policies, rules or pods:
 //! endpoint flags, one peer LPM lookup, then at most three policy LPM
 //! lookups (the peer's identity, its address-only identity, then the "any
-//! peer" wildcard).
+//! peer" wildcard). The first policy entry found decides, allow or deny
+//! (deny entries exist only for sets a ClusterNetworkPolicy judges).
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use netpol_common::{
@@ -41,23 +42,32 @@ pub struct Decision {
 }
 
 /// The peer entry of an address in `epoch`'s tries (see `netpol_common`'s
-/// "Epochs": each epoch has its own).
+/// "Epochs": each epoch has its own); [`IDENTITY_UNKNOWN`] with no flags when
+/// no entry covers it.
+///
+/// A plain value, never an `Option`: LLVM moved the undefined payload of a
+/// `None` between the branches, and the verifier refused `netpol_local_in`
+/// (`R2 !read_ok`) once the policy lookup below changed shape.
 #[inline(always)]
-fn peer(epoch: u32, family: u8, addr: &[u8; 16]) -> Option<PeerValue> {
-    if family == FAMILY_V4 {
+fn peer(epoch: u32, family: u8, addr: &[u8; 16]) -> PeerValue {
+    let found = if family == FAMILY_V4 {
         let key = Key::new(32, [addr[0], addr[1], addr[2], addr[3]]);
         if epoch == 0 {
-            NETPOL_PEERS_V4.get(&key).copied()
+            NETPOL_PEERS_V4.get(&key)
         } else {
-            NETPOL_PEER1_V4.get(&key).copied()
+            NETPOL_PEER1_V4.get(&key)
         }
     } else {
         let key = Key::new(128, *addr);
         if epoch == 0 {
-            NETPOL_PEERS_V6.get(&key).copied()
+            NETPOL_PEERS_V6.get(&key)
         } else {
-            NETPOL_PEER1_V6.get(&key).copied()
+            NETPOL_PEER1_V6.get(&key)
         }
+    };
+    match found {
+        Some(v) => PeerValue::new(v.identity, v.flags).with_cidr_identity(v.cidr_identity),
+        None => PeerValue::new(IDENTITY_UNKNOWN, 0),
     }
 }
 
@@ -65,7 +75,7 @@ fn peer(epoch: u32, family: u8, addr: &[u8; 16]) -> Option<PeerValue> {
 /// value the packet's run read; 0 when the address has no entry).
 #[inline(always)]
 pub fn peer_flags(epoch: u32, family: u8, addr: &[u8; 16]) -> u32 {
-    peer(epoch, family, addr).map_or(0, |v| v.flags)
+    peer(epoch, family, addr).flags
 }
 
 /// Whether kube-proxy may translate `addr` (a Service frontend).
@@ -117,11 +127,8 @@ pub fn decide(
         };
     }
 
-    let peer_value = self::peer(id_epoch(ep.policy_id), family, peer);
-    let (identity, cidr_identity, peer_flags) = match peer_value {
-        Some(v) => (v.identity, v.cidr_identity, v.flags),
-        None => (IDENTITY_UNKNOWN, 0, 0),
-    };
+    let v = self::peer(id_epoch(ep.policy_id), family, peer);
+    let (identity, cidr_identity, peer_flags) = (v.identity, v.cidr_identity, v.flags);
 
     // Kubernetes: traffic from the node to its pods (kubelet probes) is
     // always allowed.
@@ -160,7 +167,14 @@ pub fn decide(
         if i == 1 && !has_cidr {
             continue;
         }
-        if let Some(rule_id) = lookup(ep.policy_id, id, direction, protocol, port) {
+        // The first entry found decides. Only sets judged by a
+        // ClusterNetworkPolicy hold deny entries (the tiers' final verdict,
+        // keyed on the peer's identity alone); any action but allow denies.
+        let (action, rule_id) = lookup(ep.policy_id, id, direction, protocol, port);
+        if action == ACTION_NONE {
+            continue;
+        }
+        if action == ACTION_ALLOW {
             return Decision {
                 allow: true,
                 reason: REASON_POLICY_ALLOW,
@@ -168,6 +182,12 @@ pub fn decide(
                 peer_identity: identity,
             };
         }
+        return Decision {
+            allow: false,
+            reason: REASON_POLICY_DENY,
+            rule_id,
+            peer_identity: identity,
+        };
     }
     Decision {
         allow: false,
@@ -177,15 +197,22 @@ pub fn decide(
     }
 }
 
-/// The rule that allows (`policy_id`, `identity`, ...) on this port, if any.
+/// `lookup` found no entry (no `ACTION_*` is 0).
+const ACTION_NONE: u32 = 0;
+
+/// The policy entry of (`policy_id`, `identity`, ...) on this port: its
+/// action and rule id, or `(ACTION_NONE, 0)`. Plain values rather than an
+/// `Option` with a payload: LLVM leaves the payload of `None` undefined and
+/// may still move it, which the verifier rejects as an uninitialized
+/// register (`R2 !read_ok` in `netpol_local_in`).
 #[inline(always)]
-fn lookup(policy_id: u32, identity: u32, direction: u8, protocol: u8, port: u16) -> Option<u32> {
+fn lookup(policy_id: u32, identity: u32, direction: u8, protocol: u8, port: u16) -> (u32, u32) {
     let key = Key::new(
         POLICY_PREFIX_FULL,
         PolicyKey::new(policy_id, identity, direction, protocol, port),
     );
     match NETPOL_POLICY.get(&key) {
-        Some(v) if v.action == ACTION_ALLOW => Some(v.rule_id),
-        _ => None,
+        Some(v) => (v.action, v.rule_id),
+        None => (ACTION_NONE, 0),
     }
 }

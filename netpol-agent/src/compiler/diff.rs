@@ -87,27 +87,18 @@ pub fn diff_maps(old: &Maps, new: &Maps) -> Diff {
     )
 }
 
+/// One map's (upserts, deletes).
+pub(super) type UpDel<K, V> = (Changes<K, V>, Changes<K, V>);
+
 /// The updates of each map as (upserts, deletes), put in the safe order of
 /// [`Diff::updates`]: upserts of policy entries, peers, endpoints, then
 /// deletes of endpoints, peers, policy entries. Shared by [`diff_maps`] and
 /// the compiler's journal.
 pub(super) fn ordered(
-    policy: (
-        Changes<(PolicyKey, u32), PolicyValue>,
-        Changes<(PolicyKey, u32), PolicyValue>,
-    ),
-    v4: (
-        Changes<(Ipv4Addr, u8), PeerValue>,
-        Changes<(Ipv4Addr, u8), PeerValue>,
-    ),
-    v6: (
-        Changes<(Ipv6Addr, u8), PeerValue>,
-        Changes<(Ipv6Addr, u8), PeerValue>,
-    ),
-    ep: (
-        Changes<PodRef, EndpointValue>,
-        Changes<PodRef, EndpointValue>,
-    ),
+    policy: UpDel<(PolicyKey, u32), PolicyValue>,
+    v4: UpDel<(Ipv4Addr, u8), PeerValue>,
+    v6: UpDel<(Ipv6Addr, u8), PeerValue>,
+    ep: UpDel<PodRef, EndpointValue>,
     revokes: bool,
 ) -> Diff {
     let p = |((key, prefix_len), value)| MapUpdate::Policy {

@@ -82,6 +82,7 @@ mod prefixes;
 pub mod reference;
 mod scope;
 pub mod sim;
+mod tiered;
 pub mod tiers;
 
 use std::{
@@ -99,7 +100,8 @@ use netpol_common::{EndpointValue, PeerValue, PolicyKey, PolicyValue};
 use prefixes::Prefixes;
 
 use crate::model::{
-    Cluster, IpBlock, LabelSelector, Namespace, NetworkPolicy, Pod, PodRef, PolicyRef, Protocol,
+    Action, Cluster, ClusterNetworkPolicy, IpBlock, LabelSelector, Namespace, NetworkPolicy, Node,
+    Pod, PodRef, PolicyRef, Protocol, Tier,
 };
 
 /// The node a compile is for.
@@ -143,12 +145,48 @@ pub struct Maps {
 /// Which rule a `rule_id` names.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RuleInfo {
+    /// The NetworkPolicy's namespace; empty for a ClusterNetworkPolicy.
     pub namespace: String,
     pub policy: String,
     /// `DIR_INGRESS` or `DIR_EGRESS`.
     pub direction: u8,
     /// Index in the policy's `ingress` or `egress` list.
     pub index: u32,
+    /// A ClusterNetworkPolicy rule: its tier, name and action.
+    pub cluster: Option<ClusterRuleInfo>,
+}
+
+/// What a ClusterNetworkPolicy rule is, for flow logs and `explain`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClusterRuleInfo {
+    pub tier: Tier,
+    /// The rule's `name` (may be empty).
+    pub name: String,
+    pub action: Action,
+}
+
+impl std::fmt::Display for RuleInfo {
+    /// `ns/policy ingress rule 1`, or for a ClusterNetworkPolicy
+    /// `Admin ClusterNetworkPolicy name egress rule 0 "rule-name" (Deny)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dir = if self.direction == netpol_common::DIR_INGRESS {
+            "ingress"
+        } else {
+            "egress"
+        };
+        match &self.cluster {
+            None => write!(
+                f,
+                "{}/{} {dir} rule {}",
+                self.namespace, self.policy, self.index
+            ),
+            Some(c) => write!(
+                f,
+                "{} ClusterNetworkPolicy {} {dir} rule {} {:?} ({})",
+                c.tier, self.policy, self.index, c.name, c.action
+            ),
+        }
+    }
 }
 
 /// The policies that isolate the endpoints of one `policy_id`.
@@ -232,6 +270,11 @@ pub enum Change {
     RemovePolicy(PolicyRef),
     /// The node compiled for, or its addresses, changed.
     SetNode(NodeInfo),
+    UpsertClusterPolicy(ClusterNetworkPolicy),
+    RemoveClusterPolicy(String),
+    /// A Node object (labels and addresses, what CNP `nodes` peers match).
+    UpsertNode(Node),
+    RemoveNode(String),
 }
 
 /// The compiler of one node: holds the cluster state it was given, what it
@@ -289,6 +332,17 @@ pub struct Compiler {
     // ---- Output.
     out: Compiled,
     journal: Journal,
+    // ---- ClusterNetworkPolicy (see `tiered`).
+    cluster_policies: BTreeMap<String, ClusterNetworkPolicy>,
+    nodes: BTreeMap<String, Node>,
+    /// Something was staged since the last flush.
+    staged: bool,
+    /// The output while any ClusterNetworkPolicy exists: the tier
+    /// compile, which then replaces `out` as what the datapath gets.
+    tiered: Option<Compiled>,
+    /// Stable rule ids of ClusterNetworkPolicy rules (policy, direction,
+    /// index), from `rule_alloc`, so they never meet a NetworkPolicy's.
+    cnp_rule_ids: HashMap<(String, u8, u32), u32>,
 }
 
 /// A peer predicate or a named port, in play on a node. Interned: keys hold
@@ -389,17 +443,17 @@ impl Compiler {
             self.stage(Change::SetNode(node.clone()));
         }
         self.sync(cluster);
-        self.out.clone()
+        self.compiled().clone()
     }
 
     /// The current output.
     pub fn compiled(&self) -> &Compiled {
-        &self.out
+        self.tiered.as_ref().unwrap_or(&self.out)
     }
 
     /// The current output, by value.
     pub fn into_compiled(self) -> Compiled {
-        self.out
+        self.tiered.unwrap_or(self.out)
     }
 
     /// The node compiled for.
@@ -440,12 +494,61 @@ impl Compiler {
                 changes.push(Change::RemovePolicy(pref.clone()));
             }
         }
+        for (name, cnp) in &cluster.cluster_policies {
+            if self.cluster_policies.get(name) != Some(cnp) {
+                changes.push(Change::UpsertClusterPolicy(cnp.clone()));
+            }
+        }
+        for name in self.cluster_policies.keys() {
+            if !cluster.cluster_policies.contains_key(name) {
+                changes.push(Change::RemoveClusterPolicy(name.clone()));
+            }
+        }
+        for (name, node) in &cluster.nodes {
+            if self.nodes.get(name) != Some(node) {
+                changes.push(Change::UpsertNode(node.clone()));
+            }
+        }
+        for name in self.nodes.keys() {
+            if !cluster.nodes.contains_key(name) {
+                changes.push(Change::RemoveNode(name.clone()));
+            }
+        }
         changes
     }
 
     /// Derives everything the staged changes touch and returns the map
     /// updates. The steps run in dependency order.
     fn flush(&mut self) -> Diff {
+        let staged = std::mem::take(&mut self.staged);
+        // Entering the tier compile: the diff starts from NetworkPolicy's
+        // maps as they are before this flush.
+        let before = (self.tiered.is_none() && !self.cluster_policies.is_empty())
+            .then(|| self.out.maps.clone());
+        let diff = self.flush_network_policy();
+        if !self.cluster_policies.is_empty() {
+            if self.tiered.is_some() && !staged {
+                return diff_maps(&Maps::default(), &Maps::default());
+            }
+            let new = self.compile_tiered();
+            let old = match (&before, &self.tiered) {
+                (Some(before), _) => before,
+                (None, Some(t)) => &t.maps,
+                (None, None) => unreachable!("before is taken when not tiered"),
+            };
+            let diff = diff_maps(old, &new.maps);
+            self.tiered = Some(new);
+            return diff;
+        }
+        match self.tiered.take() {
+            // Leaving the tier compile: back to NetworkPolicy's maps.
+            Some(t) => diff_maps(&t.maps, &self.out.maps),
+            None => diff,
+        }
+    }
+
+    /// The NetworkPolicy compile's flush (`out`).
+    fn flush_network_policy(&mut self) -> Diff {
         let mut batch = Batch::default();
         self.update_pods(&mut batch);
         self.update_selection(&mut batch);

@@ -167,7 +167,20 @@ pub(super) struct Play {
 impl Compiler {
     /// Records a change; [`Compiler::flush`] derives its effects.
     pub(super) fn stage(&mut self, change: Change) {
+        self.staged = true;
         match change {
+            Change::UpsertClusterPolicy(cnp) => {
+                self.cluster_policies.insert(cnp.name.clone(), cnp);
+            }
+            Change::RemoveClusterPolicy(name) => {
+                self.cluster_policies.remove(&name);
+            }
+            Change::UpsertNode(node) => {
+                self.nodes.insert(node.name.clone(), node);
+            }
+            Change::RemoveNode(name) => {
+                self.nodes.remove(&name);
+            }
             Change::UpsertNamespace(ns) => {
                 if self.namespaces.get(&ns.name) != Some(&ns) {
                     self.dirty.namespaces.insert(ns.name.clone());
@@ -459,6 +472,7 @@ impl Compiler {
                 policy: pref.name.clone(),
                 direction: dir,
                 index,
+                cluster: None,
             },
         );
         self.rules.insert(id, plan);

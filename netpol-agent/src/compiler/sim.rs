@@ -7,8 +7,10 @@
 //!    lookup in the peer map; ingress from a `PEER_F_HOST` address -> allow;
 //! 3. policy LPM lookup at prefix 96 with the peer's identity, its distinct
 //!    address-only identity (`cidr_identity`, if non-zero and different),
-//!    then `IDENTITY_ANY`; a match allows, anything else denies. Port-less
-//!    protocols (ICMP echo) are looked up with port 0.
+//!    then `IDENTITY_ANY`; the first entry found decides (`ACTION_ALLOW`
+//!    allows, anything else denies: deny entries are written for sets a
+//!    ClusterNetworkPolicy judges); no entry denies. Port-less protocols
+//!    (ICMP echo) are looked up with port 0.
 //!
 //! A connection is allowed when the source pod's egress (on its node) and the
 //! destination pod's ingress (on its node) both allow it. Audit mode is not
@@ -17,9 +19,9 @@
 use std::net::IpAddr;
 
 use netpol_common::{
-    DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ISOLATED, EP_F_INGRESS_ISOLATED, IDENTITY_ANY,
-    PEER_F_HOST, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP, PeerValue, PolicyKey,
+    ACTION_ALLOW, DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ISOLATED, EP_F_INGRESS_ISOLATED,
+    IDENTITY_ANY, PEER_F_HOST, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerValue, PolicyKey, PolicyValue,
 };
 
 use super::{Compiled, Maps};
@@ -34,8 +36,11 @@ pub enum Verdict {
     Host,
     /// A policy entry allowed it.
     Allow { rule_id: u32 },
-    /// Isolated and nothing allows it.
+    /// Isolated and nothing allows it (no entry, or a deny entry naming no
+    /// rule: NetworkPolicy's default deny under the tiers).
     Deny,
+    /// A deny entry naming a rule (a ClusterNetworkPolicy Deny).
+    DenyRule { rule_id: u32 },
     /// No endpoint entry for the pod (the datapath fails closed).
     NoEndpoint,
 }
@@ -112,8 +117,12 @@ pub fn endpoint_verdict(
             continue;
         }
         let key = PolicyKey::new(ep.policy_id, identity, direction, proto, port);
-        if let Some(rule_id) = policy_lookup(maps, key) {
-            return Verdict::Allow { rule_id };
+        if let Some(v) = policy_entry(maps, key) {
+            return match (v.action, v.rule_id) {
+                (ACTION_ALLOW, rule_id) => Verdict::Allow { rule_id },
+                (_, 0) => Verdict::Deny,
+                (_, rule_id) => Verdict::DenyRule { rule_id },
+            };
         }
     }
     Verdict::Deny
@@ -139,8 +148,15 @@ pub fn peer_lookup(maps: &Maps, ip: IpAddr) -> Option<PeerValue> {
 }
 
 /// Longest-prefix match of a full (prefix 96) key in the policy map; the
-/// rule id of the matching entry.
+/// rule id of the matching entry if it allows.
 pub fn policy_lookup(maps: &Maps, key: PolicyKey) -> Option<u32> {
+    policy_entry(maps, key)
+        .filter(|v| v.action == ACTION_ALLOW)
+        .map(|v| v.rule_id)
+}
+
+/// Longest-prefix match of a full (prefix 96) key in the policy map.
+pub fn policy_entry(maps: &Maps, key: PolicyKey) -> Option<PolicyValue> {
     let full = key.port();
     for len in (POLICY_PREFIX_ANY_PROTO..=POLICY_PREFIX_FULL).rev() {
         let mut k = key;
@@ -155,7 +171,7 @@ pub fn policy_lookup(maps: &Maps, key: PolicyKey) -> Option<u32> {
         };
         k.port = (full & mask).to_be_bytes();
         if let Some(v) = maps.policy.get(&(k, len)) {
-            return Some(v.rule_id);
+            return Some(*v);
         }
     }
     None

@@ -40,7 +40,7 @@ use netpol_common::{DIR_EGRESS, DIR_INGRESS, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, 
 use super::{NodeInfo, ports::port_prefixes, reference::Decision};
 use crate::model::{
     Action, Cluster, ClusterNetworkPolicy, CnpPeer, CnpPort, CnpRule, IpBlock, LabelSelector,
-    NetworkPolicy, Peer, Pod, PodRef, PortMatch, Protocol, Rule, Tier,
+    NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PortMatch, Protocol, Rule, Tier,
 };
 
 /// The protocol key of every protocol without ports.
@@ -92,6 +92,10 @@ pub struct PortRange {
     pub start: u16,
     pub end: u16,
     pub decision: Decision,
+    /// For an allowing [`Decision::NetworkPolicy`]: the first NetworkPolicy
+    /// rule (policy, index in its ingress or egress list) that allows, so
+    /// the datapath's entry can name it.
+    pub np_rule: Option<(PolicyRef, usize)>,
 }
 
 /// The compiled tiers (see the module docs).
@@ -108,11 +112,26 @@ pub struct TierTable {
     /// (direction, subject class, peer class, protocol key) -> disjoint
     /// ranges covering 0..=65535.
     pub entries: BTreeMap<(u8, u32, u32, u8), Vec<PortRange>>,
+    /// Per subject class: whether anything judges it (an Admin or Baseline
+    /// policy selects it, or NetworkPolicy isolates it); every decision of
+    /// a class nothing judges is [`Decision::Default`].
+    judged: Vec<bool>,
 }
 
 /// Compile the tiers and NetworkPolicy of `cluster` for the nodes `nodes`
 /// (whose addresses are exempt towards their own pods).
 pub fn compile_tiers(cluster: &Cluster, nodes: &[NodeInfo]) -> TierTable {
+    compile_tiers_for(cluster, nodes, None)
+}
+
+/// [`compile_tiers`] for one node's datapath: subjects are the live pods
+/// that run on `node` (entries only for them); its addresses are the exempt
+/// ones.
+pub fn compile_tiers_local(cluster: &Cluster, node: &NodeInfo) -> TierTable {
+    compile_tiers_for(cluster, std::slice::from_ref(node), Some(&node.name))
+}
+
+fn compile_tiers_for(cluster: &Cluster, nodes: &[NodeInfo], only: Option<&str>) -> TierTable {
     let cnps: Vec<&ClusterNetworkPolicy> = cluster.cluster_policies.values().collect();
     let nps: Vec<&NetworkPolicy> = cluster.policies.values().collect();
 
@@ -282,13 +301,23 @@ pub fn compile_tiers(cluster: &Cluster, nodes: &[NodeInfo]) -> TierTable {
     let mut subjects = BTreeMap::new();
     let mut subject_keys: Vec<(u8, SubjectKey)> = Vec::new();
     let mut subject_index: HashMap<(u8, SubjectKey), u32> = HashMap::new();
-    for pod in cluster.pods.values().filter(|p| p.is_live()) {
+    for pod in cluster
+        .pods
+        .values()
+        .filter(|p| p.is_live() && only.is_none_or(|n| p.node.as_deref() == Some(n)))
+    {
         let ns_labels = cluster.namespace_labels(&pod.namespace);
-        let tier = |t: Tier| -> Vec<usize> {
+        // A policy without rules in a direction changes nothing there: it
+        // is left out, so a direction no rule can decide is not judged.
+        let tier = |t: Tier, dir: u8| -> Vec<usize> {
             order
                 .iter()
                 .copied()
-                .filter(|&i| cnps[i].tier == t && cnps[i].selects(pod, ns_labels))
+                .filter(|&i| {
+                    cnps[i].tier == t
+                        && !cnps[i].rules(dir).is_empty()
+                        && cnps[i].selects(pod, ns_labels)
+                })
                 .collect()
         };
         for dir in [DIR_INGRESS, DIR_EGRESS] {
@@ -296,9 +325,9 @@ pub fn compile_tiers(cluster: &Cluster, nodes: &[NodeInfo]) -> TierTable {
                 .filter(|&i| nps[i].selects(pod) && nps[i].rules(dir).is_some())
                 .collect();
             let key = SubjectKey {
-                admin: tier(Tier::Admin),
+                admin: tier(Tier::Admin, dir),
                 isolating: (!isolating.is_empty()).then_some(isolating),
-                baseline: tier(Tier::Baseline),
+                baseline: tier(Tier::Baseline, dir),
                 ports: if dir == DIR_INGRESS {
                     ports_of(pod)
                 } else {
@@ -334,12 +363,17 @@ pub fn compile_tiers(cluster: &Cluster, nodes: &[NodeInfo]) -> TierTable {
             }
         }
     }
+    let judged = subject_keys
+        .iter()
+        .map(|(_, k)| !k.admin.is_empty() || k.isolating.is_some() || !k.baseline.is_empty())
+        .collect();
     TierTable {
         subjects,
         ip_peers,
         net_peers,
         owners,
         entries,
+        judged,
     }
 }
 
@@ -441,12 +475,21 @@ impl Ctx<'_> {
             let (start, end) = (start as u16, end as u16);
             let probe_proto = if proto == PORTLESS { PROTO_ICMP } else { proto };
             let decision = self.decide(dir, s, p, destination, probe_proto, start);
+            let np_rule = match decision {
+                Decision::NetworkPolicy { allowed: true } => {
+                    self.np_rule(dir, s, p, destination, probe_proto, start)
+                }
+                _ => None,
+            };
             match out.last_mut() {
-                Some(last) if last.decision == decision => last.end = end,
+                Some(last) if last.decision == decision && last.np_rule == np_rule => {
+                    last.end = end
+                }
                 _ => out.push(PortRange {
                     start,
                     end,
                     decision,
+                    np_rule,
                 }),
             }
         }
@@ -496,6 +539,27 @@ impl Ctx<'_> {
             return Decision::NetworkPolicy { allowed };
         }
         tier(&s.baseline, Tier::Baseline).unwrap_or(Decision::Default)
+    }
+
+    /// The first NetworkPolicy rule (policies in name order, rules in
+    /// order) that allows; the one an allow entry names.
+    fn np_rule(
+        &self,
+        dir: u8,
+        s: &SubjectKey,
+        p: &PeerKey,
+        destination: Option<&[(String, Protocol, u16)]>,
+        proto: u8,
+        port: u16,
+    ) -> Option<(PolicyRef, usize)> {
+        s.isolating.iter().flatten().find_map(|&i| {
+            let np = self.nps[i];
+            np.rules(dir)
+                .unwrap_or_default()
+                .iter()
+                .position(|rule| self.np_rule_matches(np, rule, p, destination, proto, port))
+                .map(|index| (np.policy_ref(), index))
+        })
     }
 
     fn cnp_rule_matches(
@@ -628,6 +692,21 @@ impl TierTable {
                     .map(move |(first, len)| ((d, s, p, proto, first, len), &r.decision))
             })
         })
+    }
+
+    /// Whether anything judges a subject class (see `judged`).
+    pub fn judged(&self, class: u32) -> bool {
+        self.judged.get(class as usize).copied().unwrap_or(true)
+    }
+
+    /// Live IPs (their owner's) -> peer class.
+    pub fn ip_classes(&self) -> &BTreeMap<IpAddr, u32> {
+        &self.ip_peers
+    }
+
+    /// Nets -> peer class of the addresses whose longest match it is.
+    pub fn net_classes(&self) -> &BTreeMap<IpNet, u32> {
+        &self.net_peers
     }
 
     /// The subject class of a live pod in a direction.
