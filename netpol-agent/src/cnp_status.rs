@@ -58,11 +58,6 @@ pub const STALE_AFTER: Duration = Duration::from_secs(120);
 /// How often the agent's state and the policies are looked at.
 const TICK: Duration = Duration::from_secs(2);
 
-/// Whether this netpol version programs ClusterNetworkPolicies into the
-/// datapath. While it does not, every node reports every policy as not
-/// programmed, saying so.
-pub const ENFORCED: bool = false;
-
 /// One node's state of one policy.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeState {
@@ -104,6 +99,8 @@ pub struct Local {
     pub why_not: String,
     /// The policies as the datapath's current state holds them.
     pub applied: BTreeMap<String, model::ClusterNetworkPolicy>,
+    /// Whether any Node object is known (else `nodes` peers match nothing).
+    pub nodes_known: bool,
 }
 
 /// This node's state of one policy object.
@@ -115,18 +112,25 @@ pub fn node_state(obj: &crd::ClusterNetworkPolicy, local: &Local) -> NodeState {
         programmed: false,
         message,
     };
-    if !ENFORCED {
-        return not(
-            "not enforced: this netpol version reads ClusterNetworkPolicy but does not program it"
-                .to_owned(),
-        );
-    }
     let converted = match convert::cluster_network_policy(obj) {
         Ok(c) => c,
         Err(e) => return not(format!("cannot be used: {e}")),
     };
     if local.applied.get(&name) != Some(&converted.value) {
         return not("not applied yet: the datapath holds an earlier generation".to_owned());
+    }
+    let nodes_peers = converted
+        .value
+        .ingress
+        .iter()
+        .chain(&converted.value.egress)
+        .flat_map(|r| &r.peers)
+        .any(|peer| matches!(peer, model::CnpPeer::Nodes(_)));
+    if nodes_peers && !local.nodes_known {
+        return not(
+            "its `nodes` peers are not enforced: no Node object is known, so they match no address"
+                .to_owned(),
+        );
     }
     if !local.enforcing {
         return not(format!(
@@ -327,6 +331,7 @@ fn local(shared: &SharedRef) -> Local {
             }
         }),
         applied: sh.names.cluster.cluster_policies.clone(),
+        nodes_known: !sh.names.cluster.nodes.is_empty(),
     }
 }
 
@@ -652,21 +657,76 @@ mod tests {
         assert!(back.renewed.is_some());
     }
 
+    fn object(generation: i64, yaml: &str) -> crd::ClusterNetworkPolicy {
+        let mut obj: crd::ClusterNetworkPolicy = serde_yaml::from_str(yaml).expect("yaml");
+        obj.metadata.generation = Some(generation);
+        obj
+    }
+
+    const DENY_X: &str = "
+metadata: {name: p}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {namespaces: {matchLabels: {ns: x}}}
+  egress:
+  - {name: r, action: Deny, to: [{namespaces: {}}]}
+";
+
     #[test]
-    fn unenforced_policies_say_so() {
-        let obj = crd::ClusterNetworkPolicy {
-            metadata: ObjectMeta {
-                name: Some("p".into()),
-                generation: Some(7),
-                ..Default::default()
-            },
-            ..Default::default()
+    fn programmed_when_the_datapath_holds_this_generation_and_enforces() {
+        let obj = object(7, DENY_X);
+        let model = convert::cluster_network_policy(&obj).unwrap().value;
+        let mut local = Local {
+            enforcing: true,
+            applied: [("p".to_string(), model.clone())].into(),
+            ..Local::default()
         };
-        let s = node_state(&obj, &Local::default());
-        assert_eq!(s.generation, 7);
+        let s = node_state(&obj, &local);
+        assert_eq!((s.generation, s.programmed), (7, true), "{}", s.message);
+
+        // An older generation in the datapath.
+        let newer = object(8, &DENY_X.replace("priority: 1", "priority: 2"));
+        let s = node_state(&newer, &local);
+        assert_eq!((s.generation, s.programmed), (8, false));
+        assert!(s.message.contains("not applied yet"), "{}", s.message);
+
+        // Not enforcing the current state (a failed write, a stale source).
+        local.enforcing = false;
+        local.why_not = "map writes failed in the last sync".into();
+        let s = node_state(&obj, &local);
         assert!(!s.programmed);
-        if !ENFORCED {
-            assert!(s.message.contains("not enforced"), "{}", s.message);
-        }
+        assert!(s.message.contains("map writes failed"), "{}", s.message);
+    }
+
+    #[test]
+    fn nodes_peers_without_any_node_are_not_programmed() {
+        let obj = object(
+            1,
+            "
+metadata: {name: p}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {namespaces: {}}
+  egress:
+  - {name: r, action: Deny, to: [{nodes: {matchLabels: {role: control}}}]}
+",
+        );
+        let model = convert::cluster_network_policy(&obj).unwrap().value;
+        let mut local = Local {
+            enforcing: true,
+            applied: [("p".to_string(), model)].into(),
+            ..Local::default()
+        };
+        let s = node_state(&obj, &local);
+        assert!(!s.programmed);
+        assert!(
+            s.message.contains("no Node object is known"),
+            "{}",
+            s.message
+        );
+        local.nodes_known = true;
+        assert!(node_state(&obj, &local).programmed);
     }
 }

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use netpol_agent::cnp_status::{CONDITION_TYPE, ENFORCED, REPORT_LABEL};
+use netpol_agent::cnp_status::{CONDITION_TYPE, REPORT_LABEL};
 use netpol_lab::{
     AgentSource, Agents, Lab, UpOptions,
     controlplane::{ControlPlaneSpec, ControlPlaneState, ProxyMode},
@@ -141,21 +141,9 @@ fn agents_report_each_node_and_write_the_programmed_condition() {
     cp_ops::apply(&cp(&lab), &cnp(10)).unwrap_or_else(|e| panic!("{TEST}: kubectl apply: {e}"));
 
     let expect = |c: &serde_json::Value| {
-        let msg = c["message"].as_str().unwrap_or_default();
-        if ENFORCED {
-            c["status"] == "True"
-                && c["reason"] == "Programmed"
-                && msg == "programmed on 2 of 2 nodes"
-        } else {
-            // This version reads ClusterNetworkPolicy without programming it, and says so
-            // per node.
-            c["status"] == "False"
-                && c["reason"] == "NotProgrammed"
-                && msg.starts_with("programmed on 0 of 2 nodes. Not programmed: ")
-                && ["node-a", "node-b"]
-                    .iter()
-                    .all(|n| msg.contains(&format!("{n}: not enforced")))
-        }
+        c["status"] == "True"
+            && c["reason"] == "Programmed"
+            && c["message"] == "programmed on 2 of 2 nodes"
     };
     let (g1, c1) = wait_condition(&lab, &agents, expect);
     eprintln!("[measure] {TEST}: generation {g1}: {c1}");
