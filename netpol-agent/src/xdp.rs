@@ -33,7 +33,7 @@ use aya::programs::{
 };
 use netlink_packet_route::{
     AddressFamily,
-    link::{InfoKind, LinkAttribute, LinkInfo},
+    link::{InfoKind, LinkAttribute, LinkInfo, LinkXdp, XdpAttached},
     route::{RouteAttribute, RouteHeader, RouteType},
 };
 use netpol_common::{XdpReplyConfig, map_names, prog_names};
@@ -272,6 +272,57 @@ pub fn uplinks() -> Result<BTreeMap<u32, String>, XdpError> {
     Ok(out)
 }
 
+/// How the kernel runs XDP on `ifindex`, as the link's `IFLA_XDP` says:
+/// "native" (in the driver), "generic" (after the skb), "offload" (on the
+/// NIC), several of them ("native+generic", ...), "none", or "gone" when
+/// the device no longer exists. What the agent asked for (`--xdp auto`) is
+/// not always what runs: this is.
+pub fn kernel_mode(ifindex: u32) -> Result<String, XdpError> {
+    let mut rtnl = netlink::Rtnl::new()?;
+    let Some(link) = rtnl
+        .links()?
+        .into_iter()
+        .find(|l| l.header.index == ifindex)
+    else {
+        return Ok("gone".to_string());
+    };
+    Ok(mode_of(&link.attributes))
+}
+
+/// The mode `IFLA_XDP` reports, in `kernel_mode`'s words.
+fn mode_of(attributes: &[LinkAttribute]) -> String {
+    let Some(xdp) = attributes.iter().find_map(|a| match a {
+        LinkAttribute::Xdp(x) => Some(x),
+        _ => None,
+    }) else {
+        return "none".to_string();
+    };
+    let attached = xdp.iter().find_map(|x| match x {
+        LinkXdp::Attached(a) => Some(a),
+        _ => None,
+    });
+    match attached {
+        Some(XdpAttached::Driver) => "native".to_string(),
+        Some(XdpAttached::SocketBuffer) => "generic".to_string(),
+        Some(XdpAttached::Hardware) => "offload".to_string(),
+        Some(XdpAttached::Multiple) => {
+            let modes: Vec<&str> = xdp
+                .iter()
+                .filter_map(|x| match x {
+                    LinkXdp::DrvProgId(_) => Some("native"),
+                    LinkXdp::SkbProgId(_) => Some("generic"),
+                    LinkXdp::HwProgId(_) => Some("offload"),
+                    _ => None,
+                })
+                .collect();
+            modes.join("+")
+        }
+        Some(XdpAttached::Other(n)) => format!("unknown ({n})"),
+        Some(XdpAttached::None) | None => "none".to_string(),
+        Some(_) => "unknown".to_string(),
+    }
+}
+
 /// Interfaces with a pinned XDP link under `pins`.
 pub fn attached(pins: &Pins) -> BTreeSet<u32> {
     std::fs::read_dir(pins.links_dir())
@@ -371,7 +422,14 @@ pub fn attach(
 /// Bring the node's XDP attachments in line with `cfg`: attach where
 /// missing (once per run, adopting pinned links), detach from devices no
 /// longer selected. Returns the errors, for the caller to log.
-pub fn reconcile(dp: &mut Datapath, cfg: &XdpConfig, this_run: &mut BTreeSet<u32>) -> Vec<String> {
+/// `attached` is what the kernel runs on each device this agent put XDP on:
+/// device name -> [`kernel_mode`], for the status and the metrics.
+pub fn reconcile(
+    dp: &mut Datapath,
+    cfg: &XdpConfig,
+    this_run: &mut BTreeSet<u32>,
+    attached_modes: &mut BTreeMap<String, String>,
+) -> Vec<String> {
     let pins = dp.pins().clone();
     let mut errors = Vec::new();
     // Before the program is attached (also with --xdp off: the records are
@@ -397,7 +455,24 @@ pub fn reconcile(dp: &mut Datapath, cfg: &XdpConfig, this_run: &mut BTreeSet<u32
         }
         match attach(dp, *ifindex, name, cfg.mode) {
             Ok(mode) => {
-                tracing::info!(ifname = %name, ifindex, ?mode, "XDP attached");
+                // What runs, read back from the link (an adopted link keeps
+                // the mode it was created with, whatever was asked now).
+                let kernel = kernel_mode(*ifindex).unwrap_or_else(|e| format!("unknown ({e})"));
+                tracing::info!(
+                    ifname = %name,
+                    ifindex,
+                    requested = ?cfg.mode,
+                    tried = ?mode,
+                    kernel = %kernel,
+                    "XDP attached"
+                );
+                if cfg.mode == XdpMode::Native && kernel != "native" {
+                    errors.push(format!(
+                        "--xdp native on {name} (ifindex {ifindex}): the kernel runs XDP there \
+                         in mode {kernel}"
+                    ));
+                }
+                attached_modes.insert(name.clone(), kernel);
                 this_run.insert(*ifindex);
             }
             Err(e) => errors.push(e.to_string()),
@@ -410,6 +485,7 @@ pub fn reconcile(dp: &mut Datapath, cfg: &XdpConfig, this_run: &mut BTreeSet<u32
             tracing::info!(ifindex, "XDP detached");
         }
     }
+    attached_modes.retain(|name, _| wanted.values().any(|n| n == name));
     errors
 }
 
@@ -424,5 +500,52 @@ mod tests {
         assert_eq!("native".parse::<XdpMode>(), Ok(XdpMode::Native));
         assert_eq!("generic".parse::<XdpMode>(), Ok(XdpMode::Generic));
         assert!("on".parse::<XdpMode>().is_err());
+    }
+
+    #[test]
+    fn the_kernel_mode_is_read_from_ifla_xdp() {
+        let xdp = |v: Vec<LinkXdp>| vec![LinkAttribute::Xdp(v)];
+        assert_eq!(mode_of(&[]), "none");
+        assert_eq!(
+            mode_of(&xdp(vec![LinkXdp::Attached(XdpAttached::None)])),
+            "none"
+        );
+        assert_eq!(
+            mode_of(&xdp(vec![
+                LinkXdp::Attached(XdpAttached::Driver),
+                LinkXdp::ProgId(7)
+            ])),
+            "native"
+        );
+        assert_eq!(
+            mode_of(&xdp(vec![LinkXdp::Attached(XdpAttached::SocketBuffer)])),
+            "generic"
+        );
+        assert_eq!(
+            mode_of(&xdp(vec![LinkXdp::Attached(XdpAttached::Hardware)])),
+            "offload"
+        );
+        assert_eq!(
+            mode_of(&xdp(vec![
+                LinkXdp::Attached(XdpAttached::Multiple),
+                LinkXdp::DrvProgId(7),
+                LinkXdp::SkbProgId(8),
+            ])),
+            "native+generic"
+        );
+    }
+
+    #[test]
+    fn conntrack_timeouts_are_the_longest_or_the_fallback() {
+        let dir = std::env::temp_dir().join(format!("netpol-ct-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(longest_timeout(&dir, "nf_conntrack_udp_timeout", 180), 180);
+        std::fs::write(dir.join("nf_conntrack_udp_timeout"), "30\n").unwrap();
+        std::fs::write(dir.join("nf_conntrack_udp_timeout_stream"), "120\n").unwrap();
+        std::fs::write(dir.join("nf_conntrack_sctp_timeout_established"), "210\n").unwrap();
+        assert_eq!(longest_timeout(&dir, "nf_conntrack_udp_timeout", 180), 120);
+        assert_eq!(longest_timeout(&dir, "nf_conntrack_sctp_timeout_", 9), 210);
+        assert_eq!(longest_timeout(&dir.join("absent"), "x", 5), 5);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

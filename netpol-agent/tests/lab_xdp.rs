@@ -113,6 +113,14 @@ fn a_denied_flow_from_another_node_is_dropped_at_the_uplink() {
         link.contains("prog/xdp"),
         "no XDP program on node-a's eth0:\n{link}"
     );
+    // The status says what the kernel runs (read back from the link), not
+    // only what was asked: `auto` on a veth is native.
+    let status = agents.node("node-a").status().expect("node-a's status");
+    assert_eq!(
+        status["xdp"]["eth0"], "native",
+        "node-a's status: {}",
+        status["xdp"]
+    );
 
     // Allowed traffic from the other node still works.
     assert!(
