@@ -853,3 +853,42 @@ fn udp_and_sctp_are_dropped_only_once_the_records_cover_a_window() {
     let o = dp.uplink(&sctp(&at(ATTACKER, 40101), &at(SERVER, 9)).frame());
     assert_eq!(o.action, XDP_PASS, "{o:?}");
 }
+
+/// Multi-buffer packets (the program is loaded with `xdp.frags`, so a
+/// device with a jumbo MTU keeps native XDP: `lab_xdp.rs` checks the
+/// attachment): `BPF_PROG_TEST_RUN` builds one from a frame longer than a
+/// page's linear part. The headers are in the linear part, the datagram's
+/// length covers the fragments: a denied jumbo datagram is dropped, an
+/// allowed one passes, as a short one would. (Judged by the linear part's
+/// length alone, the datagram looked truncated and passed: this test failed.)
+#[test]
+fn a_multi_buffer_jumbo_frame_is_judged_like_a_short_one() {
+    let mut dp = load_or_skip!("a_multi_buffer_jumbo_frame_is_judged_like_a_short_one");
+    let jumbo = [0u8; 8000];
+    for (denied, allowed) in [
+        (
+            udp(&at(ATTACKER, 40002), &at(SERVER, 53)),
+            udp(&at(CLIENT, 40002), &at(SERVER, 53)),
+        ),
+        (
+            udp(&at(ATTACKER6, 40002), &at(SERVER6, 53)),
+            udp(&at(CLIENT6, 40002), &at(SERVER6, 53)),
+        ),
+    ] {
+        let frame = denied.clone().payload(&jumbo).frame();
+        assert!(frame.len() > 4096, "not a multi-buffer frame");
+        dp.uplink(&frame).dropped_at_xdp();
+        // The veth denies the same datagram (a short one: BPF_PROG_TEST_RUN
+        // builds no skb longer than a page).
+        assert_eq!(dp.at_veth(&denied.frame()).action, TC_ACT_SHOT);
+        dp.uplink(&allowed.clone().payload(&jumbo).frame())
+            .passed_untouched();
+    }
+    // A jumbo frame whose IP length claims more than the frame holds: not
+    // parsed, passed to the stack (which drops it, or the veth does).
+    let mut cut = udp(&at(ATTACKER, 40002), &at(SERVER, 53))
+        .payload(&jumbo)
+        .frame();
+    cut.truncate(6000);
+    dp.uplink(&cut).passed_untouched();
+}
