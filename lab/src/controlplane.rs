@@ -1244,6 +1244,7 @@ pub fn token_kubeconfig(
         &cp.server_url,
         &cp.pki_dir().join("ca.crt"),
         &format!("system:serviceaccount:{namespace}:{name}"),
+        namespace,
         &token,
     )?;
     Ok(path)

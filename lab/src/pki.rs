@@ -201,18 +201,22 @@ pub fn kubeconfig(server_url: &str, ca: &Path, user: &str, credentials: Credenti
     )
 }
 
-/// Writes a kubeconfig that authenticates with a bearer token (a ServiceAccount's).
+/// Writes a kubeconfig that authenticates with a bearer token (a ServiceAccount's), with the
+/// ServiceAccount's namespace as the context's, as a pod of it gets in-cluster.
 pub fn write_token_kubeconfig(
     path: &Path,
     server_url: &str,
     ca: &Path,
     user: &str,
+    namespace: &str,
     token: &str,
 ) -> Result<(), PkiError> {
-    write(
-        path,
-        &kubeconfig(server_url, ca, user, Credentials::Token(token)),
-    )
+    let text = kubeconfig(server_url, ca, user, Credentials::Token(token)).replacen(
+        "  context:\n    cluster: lab\n",
+        &format!("  context:\n    cluster: lab\n    namespace: {namespace}\n"),
+        1,
+    );
+    write(path, &text)
 }
 
 #[cfg(test)]

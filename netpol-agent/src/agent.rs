@@ -68,6 +68,9 @@ pub struct Config {
     /// Only veths whose name starts with one of these are pods' (empty: any
     /// veth whose peer is in another netns and that has no node address).
     pub veth_prefixes: Vec<String>,
+    /// Where to publish this node's ClusterNetworkPolicy report and from
+    /// where to write their `Programmed` conditions (`--source kube` only).
+    pub cnp_status: Option<crate::cnp_status::ReportConfig>,
     /// Where `/healthz`, `/readyz` and `/metrics` are served over TCP.
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Address ranges kube-proxy translates (the cluster's service CIDRs), in
@@ -266,7 +269,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         _pad: 0,
     })?;
     let cpus = aya::util::nr_cpus().map_or(1, |n| n as u32);
-    let quota = flow_quota(cfg.sizes.flows, cfg.max_pods, cfg.flows_per_endpoint, cpus);
+    let quota = flow_quota(dp.sizes().flows, cfg.max_pods, cfg.flows_per_endpoint, cpus);
     tracing::info!(
         slots_per_cpu = quota.slots_per_cpu,
         cpus,
@@ -324,6 +327,9 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         metrics: Metrics::new(),
         pins: dp.pins().clone(),
     }));
+    if let Some(report) = cfg.cnp_status.clone() {
+        tokio::spawn(crate::cnp_status::run(report, shared.clone()));
+    }
     let sock = api::socket_path(&cfg.state_dir);
     let api_shared = shared.clone();
     tokio::spawn(async move {
@@ -1269,6 +1275,7 @@ impl Agent {
                 .endpoints
                 .set(self.epochs.current().endpoints.len() as i64);
             sh.metrics.observe_quota(&quota_rows, share);
+            sh.metrics.observe_watcher_restarts(&source_health.restarts);
             sh.metrics.pending_endpoints.set(self.pending as i64);
             sh.metrics.generation.set(self.epochs.generation() as i64);
             sh.metrics.source_errors.set(self.errors.len() as i64);

@@ -183,6 +183,44 @@ fn check_pinned_layouts(pins: &Pins) -> Result<()> {
     Ok(())
 }
 
+/// The capacities the maps really have, read from the pins: a map pinned by
+/// an earlier agent keeps the size it was created with, whatever `asked`
+/// says (for the maps that hold both epochs, per epoch). A difference is
+/// logged, since a smaller map fills sooner than the flags suggest.
+fn pinned_sizes(pins: &Pins, asked: MapSizes) -> Result<MapSizes> {
+    let epochs = netpol_common::sizes::EPOCHS;
+    let read = |name: &'static str, per: u32, want: u32| -> Result<u32> {
+        let info = aya::maps::MapInfo::from_pin(pins.map(name)).map_err(map_err(name))?;
+        let have = info.max_entries() / per;
+        if have != want {
+            tracing::warn!(
+                map = name,
+                pinned = have,
+                asked = want,
+                "map {name} is pinned with capacity {have} (per epoch), not the {want} asked for:                  the pinned map is kept; `netpol-agent cleanup` and a restart create it anew"
+            );
+        }
+        Ok(have)
+    };
+    Ok(MapSizes {
+        endpoints: read(map_names::ENDPOINTS, epochs, asked.endpoints)?,
+        peers_v4: read(map_names::PEERS_V4, 1, asked.peers_v4)?.min(read(
+            map_names::PEERS_V4_E1,
+            1,
+            asked.peers_v4,
+        )?),
+        peers_v6: read(map_names::PEERS_V6, 1, asked.peers_v6)?.min(read(
+            map_names::PEERS_V6_E1,
+            1,
+            asked.peers_v6,
+        )?),
+        policy: read(map_names::POLICY, epochs, asked.policy)?,
+        flows: read(map_names::FLOWS, 1, asked.flows)?,
+        frags: read(map_names::FRAGS, 1, asked.frags)?,
+        events_bytes: read(map_names::EVENTS, 1, asked.events_bytes)?,
+    })
+}
+
 impl Datapath {
     /// Load the object, creating or adopting the pinned maps, and load both
     /// programs into the kernel (not attached yet).
@@ -240,6 +278,7 @@ impl Datapath {
             .map_err(|source| DatapathError::Program { name, source })?;
         prog.load()
             .map_err(|source| DatapathError::Program { name, source })?;
+        let sizes = pinned_sizes(&pins, sizes)?;
         Ok(Self { ebpf, pins, sizes })
     }
 
@@ -252,6 +291,8 @@ impl Datapath {
         &self.pins
     }
 
+    /// The maps' capacities as pinned (see [`pinned_sizes`]), which may
+    /// differ from what was asked for when the maps were adopted.
     pub fn sizes(&self) -> MapSizes {
         self.sizes
     }

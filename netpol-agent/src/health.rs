@@ -24,6 +24,8 @@ pub struct SourceHealth {
     pub failing: Vec<(String, Duration)>,
     /// Watchers that stopped (they read nothing more until restarted).
     pub stopped: Vec<String>,
+    /// How many times each watcher was restarted after it stopped.
+    pub restarts: Vec<(String, u64)>,
 }
 
 /// What the agent knows at the end of a sync.
@@ -105,11 +107,13 @@ mod tests {
         let short = SourceHealth {
             failing: vec![("Pod".into(), Duration::from_secs(15))],
             stopped: vec![],
+            restarts: vec![],
         };
         assert!(not_ready(&inputs(&short, &[])).is_empty());
         let long = SourceHealth {
             failing: vec![("Pod".into(), Duration::from_secs(61))],
             stopped: vec![],
+            restarts: vec![],
         };
         let why = not_ready(&inputs(&long, &[]));
         assert_eq!(why.len(), 1);
@@ -121,6 +125,7 @@ mod tests {
         let source = SourceHealth {
             failing: vec![],
             stopped: vec!["NetworkPolicy".into()],
+            restarts: vec![],
         };
         let veths = ["cali1".to_owned(), "veth2".to_owned()];
         let why = not_ready(&Inputs {

@@ -76,17 +76,21 @@ pub enum Kind {
     /// policy.networking.k8s.io/v1alpha2 ClusterNetworkPolicy, a CRD that
     /// may not be installed: then there are none (see [`watch`]).
     ClusterNetworkPolicy,
+    /// Nodes, for their labels and addresses (ClusterNetworkPolicy `nodes`
+    /// peers).
+    Node,
 }
 
 impl Kind {
     /// Every watched kind, in the order their problems are reported.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::NetworkPolicy,
         Kind::ServiceCidr,
         Kind::Service,
         Kind::ClusterNetworkPolicy,
+        Kind::Node,
     ];
 
     fn index(self) -> usize {
@@ -103,6 +107,7 @@ impl fmt::Display for Kind {
             Kind::ServiceCidr => "ServiceCIDR",
             Kind::Service => "Service",
             Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
+            Kind::Node => "Node",
         })
     }
 }
@@ -134,9 +139,6 @@ pub enum KubeSourceError {
     /// The watchers were to be started outside a tokio runtime.
     #[error("the Kubernetes watchers must start inside a tokio runtime")]
     NoRuntime,
-    /// A watcher task ended (it only does if it panicked).
-    #[error("the {kind} watcher stopped")]
-    WatcherStopped { kind: Kind },
 }
 
 /// Reads the client configuration: `kubeconfig` when given, otherwise
@@ -273,8 +275,66 @@ pub struct KubeSource {
     /// The configuration, until the watchers are started.
     config: Option<kube::Config>,
     tasks: Vec<(Kind, JoinHandle<()>)>,
+    /// Where the watchers run and the client they share, once started: a
+    /// watcher that stops is spawned again with them.
+    runtime: Option<(tokio::runtime::Handle, Client)>,
+    /// Per kind: when a stopped watcher may be restarted, and the delay
+    /// after that (doubling to [`RESTART_MAX`]; reset by a watcher that ran
+    /// [`RESTART_MAX`] without stopping).
+    restarts: Vec<Restart>,
     /// Revision seen by the last `poll`.
     polled: u64,
+}
+
+/// First delay before a stopped watcher is spawned again.
+const RESTART_FIRST: Duration = Duration::from_secs(1);
+/// Longest delay between restarts of one kind's watcher.
+const RESTART_MAX: Duration = Duration::from_secs(30);
+
+/// Restart bookkeeping of one kind's watcher.
+#[derive(Debug, Clone, Copy)]
+struct Restart {
+    /// When the current task was spawned.
+    started: std::time::Instant,
+    /// When it was first seen stopped, if it is.
+    stopped_at: Option<std::time::Instant>,
+    /// Wait after a stop before the next spawn.
+    delay: Duration,
+    /// How many times this kind's watcher was spawned again.
+    count: u64,
+}
+
+impl Restart {
+    fn new() -> Self {
+        Self {
+            started: std::time::Instant::now(),
+            stopped_at: None,
+            delay: RESTART_FIRST,
+            count: 0,
+        }
+    }
+}
+
+/// Spawns one kind's watcher task.
+fn spawn_watcher(
+    runtime: &tokio::runtime::Handle,
+    kind: Kind,
+    client: &Client,
+    options: &Options,
+    store: &Arc<Mutex<Store>>,
+) -> JoinHandle<()> {
+    let (client, options, store) = (client.clone(), options.clone(), store.clone());
+    match kind {
+        Kind::Namespace => runtime.spawn(watch::<core::Namespace>(client, options, store)),
+        Kind::Pod => runtime.spawn(watch::<core::Pod>(client, options, store)),
+        Kind::NetworkPolicy => runtime.spawn(watch::<net::NetworkPolicy>(client, options, store)),
+        Kind::ServiceCidr => runtime.spawn(watch::<net::ServiceCIDR>(client, options, store)),
+        Kind::Service => runtime.spawn(watch::<core::Service>(client, options, store)),
+        Kind::ClusterNetworkPolicy => {
+            runtime.spawn(watch::<crd::ClusterNetworkPolicy>(client, options, store))
+        }
+        Kind::Node => runtime.spawn(watch::<core::Node>(client, options, store)),
+    }
 }
 
 impl fmt::Debug for KubeSource {
@@ -297,6 +357,8 @@ impl KubeSource {
             options,
             config: Some(config),
             tasks: Vec::new(),
+            runtime: None,
+            restarts: Kind::ALL.iter().map(|_| Restart::new()).collect(),
             polled: 0,
         }
     }
@@ -326,65 +388,79 @@ impl KubeSource {
                 });
             }
         };
-        self.tasks = vec![
-            (
-                Kind::Namespace,
-                runtime.spawn(watch::<core::Namespace>(
-                    client.clone(),
-                    self.options.clone(),
-                    self.store.clone(),
-                )),
-            ),
-            (
-                Kind::Pod,
-                runtime.spawn(watch::<core::Pod>(
-                    client.clone(),
-                    self.options.clone(),
-                    self.store.clone(),
-                )),
-            ),
-            (
-                Kind::NetworkPolicy,
-                runtime.spawn(watch::<net::NetworkPolicy>(
-                    client.clone(),
-                    self.options.clone(),
-                    self.store.clone(),
-                )),
-            ),
-            (
-                Kind::ServiceCidr,
-                runtime.spawn(watch::<net::ServiceCIDR>(
-                    client.clone(),
-                    self.options.clone(),
-                    self.store.clone(),
-                )),
-            ),
-            (
-                Kind::Service,
-                runtime.spawn(watch::<core::Service>(
-                    client.clone(),
-                    self.options.clone(),
-                    self.store.clone(),
-                )),
-            ),
-            (
-                Kind::ClusterNetworkPolicy,
-                runtime.spawn(watch::<crd::ClusterNetworkPolicy>(
-                    client,
-                    self.options.clone(),
-                    self.store.clone(),
-                )),
-            ),
-        ];
+        self.tasks = Kind::ALL
+            .into_iter()
+            .map(|kind| {
+                (
+                    kind,
+                    spawn_watcher(&runtime, kind, &client, &self.options, &self.store),
+                )
+            })
+            .collect();
+        self.runtime = Some((runtime, client));
         tracing::info!(
             server = %self.server,
-            "watching namespaces, pods, network policies, service CIDRs, services and cluster network policies"
+            "watching namespaces, pods, network policies, service CIDRs, services, cluster network policies and nodes"
         );
         Ok(())
     }
 
     fn store(&self) -> MutexGuard<'_, Store> {
         lock(&self.store)
+    }
+
+    /// Spawns again every watcher whose task has ended (a panic, or a stream
+    /// that ended although its backoff never gives up), after a delay that
+    /// doubles per kind from [`RESTART_FIRST`] to [`RESTART_MAX`]. Until
+    /// then the kind is reported stopped ([`ClusterSource::health`]: the
+    /// agent is not ready), and the state it last delivered stays in force;
+    /// the new watcher lists again and replaces that state atomically.
+    fn restart_stopped(&mut self, now: std::time::Instant) {
+        let Some((runtime, client)) = &self.runtime else {
+            return;
+        };
+        for (kind, task) in &mut self.tasks {
+            let r = &mut self.restarts[kind.index()];
+            if !task.is_finished() {
+                if r.started.elapsed() >= RESTART_MAX {
+                    r.delay = RESTART_FIRST;
+                }
+                continue;
+            }
+            let stopped_at = *r.stopped_at.get_or_insert_with(|| {
+                tracing::error!(
+                    %kind,
+                    restart_in = ?r.delay,
+                    "the {kind} watcher stopped: its changes are not seen until it is restarted; the last state stays in force"
+                );
+                now
+            });
+            if now.duration_since(stopped_at) < r.delay {
+                continue;
+            }
+            *task = spawn_watcher(runtime, *kind, client, &self.options, &self.store);
+            r.count += 1;
+            r.started = now;
+            r.stopped_at = None;
+            r.delay = (r.delay * 2).min(RESTART_MAX);
+            tracing::warn!(%kind, restarts = r.count, "restarted the {kind} watcher");
+        }
+    }
+
+    /// How many times each kind's watcher was restarted after it stopped.
+    pub fn watcher_restarts(&self) -> Vec<(Kind, u64)> {
+        Kind::ALL
+            .into_iter()
+            .map(|kind| (kind, self.restarts[kind.index()].count))
+            .collect()
+    }
+
+    /// Stops one kind's watcher as a crash would (for tests of the restart).
+    #[doc(hidden)]
+    pub fn abort_watcher(&mut self, kind: Kind) {
+        if let Some((_, task)) = self.tasks.iter().find(|(k, _)| *k == kind) {
+            task.abort();
+        }
     }
 }
 
@@ -402,11 +478,7 @@ impl ClusterSource for KubeSource {
     /// in force).
     fn poll(&mut self) -> std::io::Result<bool> {
         self.start().map_err(std::io::Error::other)?;
-        if let Some((kind, _)) = self.tasks.iter().find(|(_, t)| t.is_finished()) {
-            return Err(std::io::Error::other(KubeSourceError::WatcherStopped {
-                kind: *kind,
-            }));
-        }
+        self.restart_stopped(std::time::Instant::now());
         let revision = self.revision();
         let changed = revision != self.polled;
         self.polled = revision;
@@ -459,7 +531,16 @@ impl ClusterSource for KubeSource {
             .filter(|(_, t)| t.is_finished())
             .map(|(kind, _)| kind.to_string())
             .collect();
-        crate::health::SourceHealth { failing, stopped }
+        let restarts = self
+            .watcher_restarts()
+            .into_iter()
+            .map(|(kind, n)| (kind.to_string(), n))
+            .collect();
+        crate::health::SourceHealth {
+            failing,
+            stopped,
+            restarts,
+        }
     }
 }
 
@@ -766,6 +847,21 @@ impl Watched for crd::ClusterNetworkPolicy {
     }
     fn light(&self) -> Entry<model::ClusterNetworkPolicy> {
         converted(convert::cluster_network_policy(self))
+    }
+}
+
+impl Watched for core::Node {
+    const KIND: Kind = Kind::Node;
+    type Key = String;
+    type Light = model::Node;
+    fn objects(cluster: &mut Cluster) -> &mut BTreeMap<String, model::Node> {
+        &mut cluster.nodes
+    }
+    fn key(id: &ObjectRef) -> String {
+        id.name.clone()
+    }
+    fn light(&self) -> Entry<model::Node> {
+        converted(convert::node(self))
     }
 }
 

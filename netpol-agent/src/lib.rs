@@ -2,6 +2,7 @@
 //! it (sources, netlink, BPF maps, flow logs).
 pub mod agent;
 pub mod api;
+pub mod cnp_status;
 pub mod compiler;
 pub mod convert;
 pub mod crd;

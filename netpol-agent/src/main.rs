@@ -81,6 +81,13 @@ struct RunArgs {
     /// then the in-cluster service account).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// With `--source kube`: the namespace of this node's report Lease
+    /// (`netpol-node-<node>`), from which ClusterNetworkPolicy `Programmed`
+    /// conditions are written. Default: $POD_NAMESPACE (the DaemonSet sets
+    /// it), else the kubeconfig's namespace. `--status-namespace ""` turns
+    /// reports and conditions off.
+    #[arg(long)]
+    status_namespace: Option<String>,
     /// bpffs directory for pinned maps and links.
     #[arg(long, default_value = DEFAULT_ROOT)]
     bpffs_root: PathBuf,
@@ -189,6 +196,7 @@ fn main() -> Result<()> {
         .init();
     match cli.cmd {
         Cmd::Run(a) => {
+            let mut cnp_status = None;
             let source: Box<dyn netpol_agent::source::ClusterSource> =
                 match a.source.strip_prefix("dir:") {
                     Some(dir) => Box::new(netpol_agent::source::DirSource::new(dir)),
@@ -201,6 +209,18 @@ fn main() -> Result<()> {
                             .enable_all()
                             .build()?
                             .block_on(load_config(a.kubeconfig.as_deref()))?;
+                        let namespace = a
+                            .status_namespace
+                            .clone()
+                            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                            .unwrap_or_else(|| config.default_namespace.clone());
+                        if !namespace.is_empty() {
+                            cnp_status = Some(netpol_agent::cnp_status::ReportConfig {
+                                kube: config.clone(),
+                                namespace,
+                                node: a.node.clone(),
+                            });
+                        }
                         Box::new(KubeSource::new(config, Options::default()))
                     }
                     None => bail!("--source {}: expected dir:<path> or kube", a.source),
@@ -230,6 +250,7 @@ fn main() -> Result<()> {
                 service_cidrs: a.service_cidr.clone(),
                 reconcile: std::time::Duration::from_secs(a.reconcile_secs.max(1)),
                 veth_prefixes: a.veth_prefixes,
+                cnp_status,
                 flows_per_endpoint: a.flows_per_endpoint,
                 max_pods: a.max_pods,
                 stale_after: std::time::Duration::from_secs(a.stale_after_secs),

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub flow_share: Gauge,
     /// Each endpoint's share accounting (admitted, refused, reclaimed).
     pub flow_quota: Family<Labels, Counter>,
+    /// Watchers of the kube source restarted after they stopped, by kind.
+    pub watcher_restarts: Family<Labels, Counter>,
     /// 1 per node device with XDP, labelled with the mode the kernel runs.
     pub xdp_attached: Family<Labels, Gauge>,
     /// Last value seen of each kernel counter slot (the kernel counts; we
@@ -94,6 +96,7 @@ impl Metrics {
             flow_entries: Family::default(),
             flow_share: Gauge::default(),
             flow_quota: Family::default(),
+            watcher_restarts: Family::default(),
             xdp_attached: Family::default(),
             last_quota: Default::default(),
             registry: Registry::default(),
@@ -191,7 +194,25 @@ impl Metrics {
              (a slot whose flow was idle past its timeout)",
             m.flow_quota.clone(),
         );
+        registry.register(
+            "watcher_restarts",
+            "Kube-source watchers spawned again after they stopped (a panic), by kind",
+            m.watcher_restarts.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Set the watcher restart counters to the source's counts.
+    pub fn observe_watcher_restarts(&mut self, restarts: &[(String, u64)]) {
+        for (kind, n) in restarts {
+            let c = self
+                .watcher_restarts
+                .get_or_create(&vec![("kind".to_string(), kind.clone())]);
+            let seen = c.get();
+            if *n > seen {
+                c.inc_by(n - seen);
+            }
+        }
     }
 
     /// Fold in each endpoint's flow-table pressure. Endpoints no longer

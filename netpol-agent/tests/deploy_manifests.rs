@@ -12,7 +12,7 @@ use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
         core::v1::{Container, ServiceAccount},
-        rbac::v1::{ClusterRole, ClusterRoleBinding},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
@@ -46,6 +46,8 @@ struct Deployment {
     service_accounts: Vec<ServiceAccount>,
     cluster_roles: Vec<ClusterRole>,
     cluster_role_bindings: Vec<ClusterRoleBinding>,
+    roles: Vec<Role>,
+    role_bindings: Vec<RoleBinding>,
 }
 
 fn deploy_dir() -> PathBuf {
@@ -97,6 +99,8 @@ fn load() -> (Kustomization, Deployment) {
                 Some("ServiceAccount") => d.service_accounts.push(typed(file, doc)),
                 Some("ClusterRole") => d.cluster_roles.push(typed(file, doc)),
                 Some("ClusterRoleBinding") => d.cluster_role_bindings.push(typed(file, doc)),
+                Some("Role") => d.roles.push(typed(file, doc)),
+                Some("RoleBinding") => d.role_bindings.push(typed(file, doc)),
                 other => panic!("deploy/base/{file}: unexpected kind {other:?}"),
             }
         }
@@ -140,11 +144,24 @@ fn kustomize(k: &Kustomization, d: &mut Deployment) {
         for sa in &mut d.service_accounts {
             sa.metadata.namespace = Some(ns.clone());
         }
-        for b in &mut d.cluster_role_bindings {
-            for s in b.subjects.iter_mut().flatten() {
-                if s.kind == "ServiceAccount" && s.name == "default" {
-                    s.namespace = Some(ns.clone());
-                }
+        for r in &mut d.roles {
+            r.metadata.namespace = Some(ns.clone());
+        }
+        for b in &mut d.role_bindings {
+            b.metadata.namespace = Some(ns.clone());
+        }
+        let subjects = d
+            .cluster_role_bindings
+            .iter_mut()
+            .flat_map(|b| b.subjects.iter_mut().flatten())
+            .chain(
+                d.role_bindings
+                    .iter_mut()
+                    .flat_map(|b| b.subjects.iter_mut().flatten()),
+            );
+        for s in subjects {
+            if s.kind == "ServiceAccount" && s.name == "default" {
+                s.namespace = Some(ns.clone());
             }
         }
     }
@@ -369,13 +386,55 @@ fn daemonset_args_are_flags_the_agent_accepts() {
 }
 
 #[test]
-fn rbac_is_read_only_on_pods_namespaces_and_policies() {
+fn rbac_is_read_only_but_for_cnp_status_and_the_node_reports() {
     let (_, d) = load();
     assert_eq!(d.cluster_roles.len(), 1, "one ClusterRole");
     let role = &d.cluster_roles[0];
     assert!(role.aggregation_rule.is_none());
+    let granted = rules(role.rules.as_deref().unwrap_or_default());
+    let mut wanted = BTreeSet::new();
+    for (g, res) in [
+        ("", "pods"),
+        ("", "namespaces"),
+        ("", "services"),
+        ("", "nodes"),
+        ("networking.k8s.io", "networkpolicies"),
+        ("networking.k8s.io", "servicecidrs"),
+        ("policy.networking.k8s.io", "clusternetworkpolicies"),
+    ] {
+        for v in ["get", "list", "watch"] {
+            wanted.insert((g, res, v));
+        }
+    }
+    // The one cluster-wide write: the `Programmed` condition.
+    for v in ["get", "patch", "update"] {
+        wanted.insert((
+            "policy.networking.k8s.io",
+            "clusternetworkpolicies/status",
+            v,
+        ));
+    }
+    assert_eq!(
+        granted, wanted,
+        "exactly get/list/watch on the seven resources, and the CNP status"
+    );
+
+    // In the agents' own namespace: the node report Leases, nothing else.
+    assert_eq!(d.roles.len(), 1, "one Role");
+    let role = &d.roles[0];
+    assert_eq!(role.metadata.namespace.as_deref(), Some("kube-system"));
+    let granted = rules(role.rules.as_deref().unwrap_or_default());
+    let wanted: BTreeSet<_> = ["get", "list", "watch", "create", "update", "patch"]
+        .into_iter()
+        .map(|v| ("coordination.k8s.io", "leases", v))
+        .collect();
+    assert_eq!(granted, wanted, "the Role grants the Leases only");
+}
+
+/// (group, resource, verb) of every rule; no resource names or URLs.
+fn rules(rules: &[k8s_openapi::api::rbac::v1::PolicyRule]) -> BTreeSet<(&str, &str, &str)> {
     let mut granted = BTreeSet::new();
-    for r in role.rules.iter().flatten() {
+    for r in rules {
         assert!(r.resource_names.is_none(), "{r:?}");
         assert!(r.non_resource_urls.is_none(), "{r:?}");
         for g in r.api_groups.iter().flatten() {
@@ -386,23 +445,7 @@ fn rbac_is_read_only_on_pods_namespaces_and_policies() {
             }
         }
     }
-    let mut wanted = BTreeSet::new();
-    for (g, res) in [
-        ("", "pods"),
-        ("", "namespaces"),
-        ("", "services"),
-        ("networking.k8s.io", "networkpolicies"),
-        ("networking.k8s.io", "servicecidrs"),
-        ("policy.networking.k8s.io", "clusternetworkpolicies"),
-    ] {
-        for v in ["get", "list", "watch"] {
-            wanted.insert((g, res, v));
-        }
-    }
-    assert_eq!(
-        granted, wanted,
-        "exactly get/list/watch on the six resources"
-    );
+    granted
 }
 
 #[test]
@@ -440,4 +483,21 @@ fn binding_ties_the_service_account_to_the_role() {
     assert_eq!(s.kind, "ServiceAccount");
     assert_eq!(s.name, sa_name);
     assert_eq!(s.namespace.as_deref(), Some(sa_ns), "subject namespace");
+
+    // The Role (node report Leases), in the same namespace, to the same account.
+    assert_eq!(d.role_bindings.len(), 1, "one RoleBinding");
+    let b = &d.role_bindings[0];
+    assert_eq!(b.metadata.namespace.as_deref(), Some(sa_ns));
+    assert_eq!(b.role_ref.kind, "Role");
+    assert_eq!(
+        Some(b.role_ref.name.as_str()),
+        d.roles[0].metadata.name.as_deref()
+    );
+    let subjects = b.subjects.as_deref().unwrap_or_default();
+    assert_eq!(subjects.len(), 1, "{subjects:?}");
+    assert_eq!(
+        (subjects[0].kind.as_str(), subjects[0].name.as_str()),
+        ("ServiceAccount", sa_name)
+    );
+    assert_eq!(subjects[0].namespace.as_deref(), Some(sa_ns));
 }

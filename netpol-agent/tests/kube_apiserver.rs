@@ -14,9 +14,9 @@
 //!   agent restarted with it leaves its pinned maps alone;
 //! * an API server that stays down: enforcement goes on unchanged.
 //!
-//! Two tests are ignored because they show agent bugs (see their `ignore` reasons): a refused
-//! list is retried about every second forever (no backoff), and a pod created while the
-//! agent cannot list gets no programs at all (reachable despite a default-deny policy).
+//! Two tests were written against agent bugs they found, since fixed: a refused list was
+//! retried about every second forever (no backoff), and a pod created while the agent could
+//! not list got no programs at all (reachable despite a default-deny policy).
 //!
 //! Enforcement is checked with real connections between pods (`netpol_lab::probe`), and the
 //! agents' status file, `/readyz` and `/metrics` (`--metrics-addr`, queried inside the node's

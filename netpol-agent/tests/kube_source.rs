@@ -14,7 +14,7 @@ use std::{
 
 use fake_apiserver::{FakeApiServer, Res};
 use netpol_agent::{
-    kube_source::{KubeSource, Options, Retry, load_config},
+    kube_source::{Kind, KubeSource, Options, Retry, load_config},
     model::{Cluster, ObjectRef, PodPhase, Protocol},
     source::ClusterSource,
 };
@@ -658,5 +658,108 @@ fn a_failing_cnp_list_is_not_taken_for_a_missing_crd() {
         assert!(!src.ready(), "a 500 is not an absent CRD");
         server.fail_lists(Res::ClusterNetworkPolicies, None);
         wait_for(&mut src, "readiness", KubeSource::ready).await;
+    });
+}
+
+#[test]
+fn a_stopped_watcher_is_reported_then_restarted_and_sees_changes() {
+    run(async {
+        let server = populated(1).await;
+        let mut src = ready_source(&server, 500).await;
+        let pods = server.lists_completed(Res::Pods);
+
+        // A watcher task that ends (as a panic would end it) leaves the
+        // last state in force and makes the source unhealthy ...
+        src.abort_watcher(Kind::Pod);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let health = src.health();
+        assert_eq!(health.stopped, vec!["Pod".to_string()]);
+        assert!(has_pod(&src, "a", "p0"), "the last state stays");
+
+        // ... until the poll spawns it again (after the first restart
+        // delay), which lists again and then sees new changes.
+        server.apply(pod("a", "while-stopped", "10.0.1.60"));
+        wait_for(&mut src, "the restarted pod watcher's relist", |s| {
+            has_pod(s, "a", "while-stopped")
+        })
+        .await;
+        assert!(
+            server.lists_completed(Res::Pods) > pods,
+            "the new watcher listed"
+        );
+        assert!(src.health().stopped.is_empty());
+        assert!(
+            src.health().restarts.contains(&("Pod".to_string(), 1)),
+            "one restart counted: {:?}",
+            src.health().restarts
+        );
+        server.apply(pod("a", "after", "10.0.1.61"));
+        wait_for(&mut src, "a pod added after the restart", |s| {
+            has_pod(s, "a", "after")
+        })
+        .await;
+    });
+}
+
+fn node(name: &str, zone: &str, ips: &[&str]) -> Value {
+    json!({
+        "kind": "Node",
+        "apiVersion": "v1",
+        "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
+        "status": {
+            "addresses": ips
+                .iter()
+                .map(|ip| json!({"type": "InternalIP", "address": ip}))
+                .chain(std::iter::once(json!({"type": "Hostname", "address": name})))
+                .collect::<Vec<_>>(),
+            // Heartbeat-like fields the model does not keep.
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    })
+}
+
+#[test]
+fn nodes_are_watched_for_their_labels_and_addresses() {
+    run(async {
+        let server = populated(1).await;
+        server.apply(node("n1", "a", &["192.168.0.1", "fd00::1"]));
+        let mut src = ready_source(&server, 500).await;
+        let n1 = cluster(&src).nodes["n1"].clone();
+        assert_eq!(n1.labels["topology.kubernetes.io/zone"], "a");
+        assert_eq!(
+            n1.addresses,
+            [
+                "192.168.0.1".parse::<std::net::IpAddr>().unwrap(),
+                "fd00::1".parse().unwrap()
+            ],
+            "InternalIPs only, not the hostname"
+        );
+
+        // A relabel and a new node are seen; a status-only update is not a change.
+        server.apply(node("n1", "b", &["192.168.0.1", "fd00::1"]));
+        server.apply(node("n2", "a", &["192.168.0.2"]));
+        wait_for(&mut src, "the relabel and the new node", |s| {
+            let c = cluster(s);
+            c.nodes.get("n2").is_some()
+                && c.nodes["n1"].labels["topology.kubernetes.io/zone"] == "b"
+        })
+        .await;
+        let r = src.revision();
+        let mut heartbeat = node("n2", "a", &["192.168.0.2"]);
+        heartbeat["status"]["conditions"][0]["lastHeartbeatTime"] = json!("2026-12-07T00:00:00Z");
+        server.apply(heartbeat);
+        server.apply(pod("a", "marker", "10.0.1.99"));
+        wait_for(&mut src, "the marker pod", |s| has_pod(s, "a", "marker")).await;
+        assert_eq!(
+            src.revision(),
+            r + 1,
+            "only the marker pod changed the model"
+        );
+
+        assert!(server.delete(Res::Nodes, "", "n2"));
+        wait_for(&mut src, "the node's removal", |s| {
+            !cluster(s).nodes.contains_key("n2")
+        })
+        .await;
     });
 }

@@ -226,11 +226,16 @@ pub fn ensure_only(verbose: bool, only: &[String]) -> Result<()> {
                 .all(|(_, name)| tools.join("manifests").join(name).is_file());
         if stamp_ok && bins_ok {
             if verbose {
+                let dir = if module.bins.is_empty() {
+                    "manifests"
+                } else {
+                    "bin"
+                };
                 eprintln!(
                     "setup: {} ({} {version}) up to date in {}",
                     module.names(),
                     module.upstream,
-                    tools.join("bin").display()
+                    tools.join(dir).display()
                 );
             }
             continue;

@@ -47,16 +47,18 @@ pub enum Res {
     Services,
     ServiceCidrs,
     ClusterNetworkPolicies,
+    Nodes,
 }
 
 impl Res {
-    pub const ALL: [Res; 6] = [
+    pub const ALL: [Res; 7] = [
         Res::Namespaces,
         Res::Pods,
         Res::NetworkPolicies,
         Res::Services,
         Res::ServiceCidrs,
         Res::ClusterNetworkPolicies,
+        Res::Nodes,
     ];
 
     fn index(self) -> usize {
@@ -72,6 +74,7 @@ impl Res {
             Res::ClusterNetworkPolicies => {
                 "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies"
             }
+            Res::Nodes => "/api/v1/nodes",
         }
     }
     fn kind(self) -> &'static str {
@@ -82,6 +85,7 @@ impl Res {
             Res::Services => "Service",
             Res::ServiceCidrs => "ServiceCIDR",
             Res::ClusterNetworkPolicies => "ClusterNetworkPolicy",
+            Res::Nodes => "Node",
         }
     }
     fn api_version(self) -> &'static str {
