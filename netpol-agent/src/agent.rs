@@ -176,6 +176,11 @@ pub struct Status {
     /// second (`/healthz`).
     #[serde(default)]
     pub written_unix_ms: u64,
+    /// XDP on the node's devices: device name -> the mode the kernel runs
+    /// (`native`, `generic`, ...; read back from the link, not the mode
+    /// asked for).
+    #[serde(default)]
+    pub xdp: BTreeMap<String, String>,
 }
 
 fn unix_ms_now() -> u64 {
@@ -212,6 +217,8 @@ struct Agent {
     post_nat_this_run: BTreeSet<u32>,
     /// Node devices this process attached (or adopted) XDP on.
     xdp_this_run: BTreeSet<u32>,
+    /// The XDP mode the kernel runs on each of them, by device name.
+    xdp_modes: BTreeMap<String, String>,
     names: Arc<Names>,
     shared: SharedRef,
     synced_revision: Option<u64>,
@@ -369,6 +376,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         attached_this_run: BTreeSet::new(),
         post_nat_this_run: BTreeSet::new(),
         xdp_this_run: BTreeSet::new(),
+        xdp_modes: BTreeMap::new(),
         names: Arc::new(Names::default()),
         shared,
         synced_revision: None,
@@ -718,6 +726,7 @@ impl Agent {
                     &mut self.dp,
                     &self.cfg.xdp,
                     &mut self.xdp_this_run,
+                    &mut self.xdp_modes,
                 ));
                 for e in errors {
                     tracing::error!("attaching while the source is not ready: {e}");
@@ -1029,6 +1038,7 @@ impl Agent {
             &mut self.dp,
             &self.cfg.xdp,
             &mut self.xdp_this_run,
+            &mut self.xdp_modes,
         ));
         // Endpoints the enforced state no longer has (veths gone or no
         // longer a pod's): their flow-table shares go. Their entries stay in
@@ -1314,6 +1324,7 @@ impl Agent {
             not_ready,
             veths_without_programs: self.veths_without_programs.len(),
             written_unix_ms: unix_ms_now(),
+            xdp: self.xdp_modes.clone(),
         };
         {
             let mut sh = self.shared.lock().expect("api state lock");
@@ -1353,6 +1364,7 @@ impl Agent {
                 .veths_without_programs
                 .set(status.veths_without_programs as i64);
             sh.metrics.ready.set(i64::from(status.not_ready.is_empty()));
+            sh.metrics.set_xdp_modes(&status.xdp);
             sh.status = status.clone();
         }
         let path = status_path(&self.cfg.state_dir);

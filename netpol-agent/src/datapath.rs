@@ -236,6 +236,8 @@ fn expected_layout(map: &str) -> Option<(u32, u32)> {
         map_names::QUOTA_CONFIG => sz(4, size_of::<QuotaConfig>()),
         map_names::QUOTA_SLOTS => sz(size_of::<QuotaSlotKey>(), size_of::<FlowKey>()),
         map_names::QUOTA_STATE => sz(4, size_of::<QuotaState>()),
+        map_names::XDP_REPLIES => sz(4, 8),
+        map_names::XDP_CONFIG => sz(4, size_of::<XdpReplyConfig>()),
         _ => None, // the ring buffer has no key or value
     }
 }

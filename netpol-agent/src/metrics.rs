@@ -42,6 +42,8 @@ pub struct Metrics {
     pub flow_quota: Family<Labels, Counter>,
     /// Watchers of the kube source restarted after they stopped, by kind.
     pub watcher_restarts: Family<Labels, Counter>,
+    /// 1 per node device with XDP, labelled with the mode the kernel runs.
+    pub xdp_attached: Family<Labels, Gauge>,
     /// Last value seen of each kernel counter slot (the kernel counts; we
     /// add the difference).
     last_counters: Vec<u64>,
@@ -95,6 +97,7 @@ impl Metrics {
             flow_share: Gauge::default(),
             flow_quota: Family::default(),
             watcher_restarts: Family::default(),
+            xdp_attached: Family::default(),
             last_quota: Default::default(),
             registry: Registry::default(),
         };
@@ -139,6 +142,11 @@ impl Metrics {
             m.last_sync.clone(),
         );
         registry.register("endpoints", "Local pods enforced", m.endpoints.clone());
+        registry.register(
+            "xdp_attached",
+            "Node devices running netpol's XDP program, by the mode the kernel runs it in",
+            m.xdp_attached.clone(),
+        );
         registry.register(
             "veths_without_programs",
             "Pod veths without the agent's programs (after the last sync)",
@@ -297,6 +305,20 @@ impl Metrics {
         }
     }
 
+    /// `netpol_xdp_attached{device, mode} 1` for each device of `modes`
+    /// (device name -> the mode the kernel runs), and nothing else.
+    pub fn set_xdp_modes(&self, modes: &std::collections::BTreeMap<String, String>) {
+        self.xdp_attached.clear();
+        for (device, mode) in modes {
+            self.xdp_attached
+                .get_or_create(&vec![
+                    ("device".to_string(), device.clone()),
+                    ("mode".to_string(), mode.clone()),
+                ])
+                .set(1);
+        }
+    }
+
     pub fn set_map(&self, map: &str, entries: usize, capacity: u32) {
         let l = vec![("map".to_string(), map.to_string())];
         self.map_entries.get_or_create(&l).set(entries as i64);
@@ -331,6 +353,26 @@ mod tests {
     use netpol_common::*;
 
     use super::*;
+
+    #[test]
+    fn xdp_modes_are_one_series_per_device() {
+        let m = Metrics::new();
+        m.set_xdp_modes(&std::collections::BTreeMap::from([
+            ("eth0".to_string(), "generic".to_string()),
+            ("eth1".to_string(), "native".to_string()),
+        ]));
+        m.set_xdp_modes(&std::collections::BTreeMap::from([(
+            "eth0".to_string(),
+            "native".to_string(),
+        )]));
+        let out = m.render();
+        assert!(
+            out.contains(r#"netpol_xdp_attached{device="eth0",mode="native"} 1"#),
+            "{out}"
+        );
+        assert!(!out.contains(r#"mode="generic""#), "{out}");
+        assert!(!out.contains(r#"device="eth1""#), "{out}");
+    }
 
     #[test]
     fn kernel_counters_become_verdict_metrics_by_difference() {

@@ -36,8 +36,9 @@ use netpol_agent::{
 use netpol_common::{
     CFG_F_AUDIT_ALL, COUNTER_SLOTS, ConfigValue, DIR_INGRESS, EPOCH_BIT, EndpointValue, FlowKey,
     FlowValue, LocalKey, PeerValue, PolicyKey, PolicyValue, REASON_POLICY_DENY, REASON_SLOTS,
-    REASON_XDP_DENY, VERDICT_DENY, VerdictEvent, counter_index, direction_name, endpoint_key,
-    epoch_policy_id, ip_bytes, map_names, prog_names, reason_name,
+    REASON_XDP_DENY, VERDICT_DENY, VerdictEvent, XDP_REPLY_SLACK_NS, XdpReplyConfig, counter_index,
+    direction_name, endpoint_key, epoch_policy_id, ip_bytes, map_names, prog_names, reason_name,
+    xdp_reply_bucket,
 };
 
 /// The device `BPF_PROG_TEST_RUN` runs a TC program on: the server's veth.
@@ -52,6 +53,11 @@ const ATTACKER: &str = "10.2.0.4";
 const ATTACKER6: &str = "fd00:2::4";
 /// A pod of another node: not local, not in `NETPOL_LOCAL_ADDRS`.
 const ELSEWHERE: &str = "10.2.0.9";
+/// A Service's ClusterIP, which kube-proxy translates to a backend.
+const CLUSTER_IP: &str = "10.96.0.10";
+/// Conntrack's timeouts the tests arm the reply records with.
+const CT_UDP_S: u32 = 120;
+const CT_SCTP_S: u32 = 210;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -206,7 +212,11 @@ impl Dp {
             .map_max_entries(map_names::EVENTS, 1 << 16)
             .load(EBPF_OBJECT)
             .unwrap_or_else(|e| panic!("{test}: loading the eBPF object: {e:?}"));
-        for name in [prog_names::TO_POD, prog_names::FROM_POD] {
+        for name in [
+            prog_names::TO_POD,
+            prog_names::FROM_POD,
+            prog_names::POST_NAT,
+        ] {
             let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
             p.load()
                 .unwrap_or_else(|e| panic!("{test}: loading {name}: {e:?}"));
@@ -271,6 +281,49 @@ impl Dp {
         }
     }
 
+    /// The reply records' configuration, as the agent arms it.
+    fn set_xdp_config(&mut self, x: XdpReplyConfig) {
+        let mut m: Array<_, XdpReplyConfig> =
+            Array::try_from(self.ebpf.map_mut(map_names::XDP_CONFIG).unwrap()).unwrap();
+        m.set(0, x, 0).unwrap();
+    }
+
+    /// The reply record of `p`'s 5-tuple as it arrives at the uplink.
+    fn reply_record(&self, p: &Packet) -> u64 {
+        let m: Array<_, u64> =
+            Array::try_from(self.ebpf.map(map_names::XDP_REPLIES).unwrap()).unwrap();
+        m.get(&bucket_of(p), 0).unwrap()
+    }
+
+    fn set_reply_record(&mut self, p: &Packet, ns: u64) {
+        let mut m: Array<_, u64> =
+            Array::try_from(self.ebpf.map_mut(map_names::XDP_REPLIES).unwrap()).unwrap();
+        m.set(bucket_of(p), ns, 0).unwrap();
+    }
+
+    /// Forget every flow entry whose remote address is `addr`, as the LRU
+    /// evicts them when the table is full.
+    fn evict_flows_with(&mut self, addr: &str) -> usize {
+        let (_, bytes) = ip_bytes(ip(addr));
+        let mut m: HashMap<_, FlowKey, FlowValue> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::FLOWS).unwrap()).unwrap();
+        let keys: Vec<FlowKey> = m
+            .keys()
+            .map(|k| k.unwrap())
+            .filter(|k| k.remote_addr == bytes)
+            .collect();
+        for k in &keys {
+            m.remove(k).unwrap();
+        }
+        keys.len()
+    }
+
+    /// A local pod's packet leaves the node by one of its devices, after
+    /// kube-proxy's DNAT (`netpol_post_nat`).
+    fn leaves_node(&mut self, frame: &[u8]) -> Outcome {
+        self.run_frame(prog_names::POST_NAT, frame)
+    }
+
     /// The frame arrives on the node's uplink.
     fn uplink(&mut self, frame: &[u8]) -> Outcome {
         self.run_frame(prog_names::XDP_UPLINK, frame)
@@ -301,6 +354,40 @@ impl Dp {
             })
             .collect()
     }
+}
+
+/// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    netpol_agent::xdp::monotonic_ns()
+}
+
+/// The reply window of UDP with the armed timeouts (the flow table's idle
+/// timeout is shorter): a record older than this is stale.
+fn udp_window_ns() -> u64 {
+    u64::from(CT_UDP_S.max(netpol_common::DEFAULT_TIMEOUT_UDP_S)) * 1_000_000_000
+        + XDP_REPLY_SLACK_NS
+}
+
+/// The `NETPOL_XDP_RPLY` bucket of a packet arriving at the uplink.
+fn bucket_of(p: &Packet) -> u32 {
+    let f = p.frame();
+    // Ethernet, then IPv4 (20-byte header in these tests) or IPv6.
+    let (proto, s, d, l4) = if f[12..14] == [0x08, 0x00] {
+        let mut s = [0u8; 16];
+        let mut d = [0u8; 16];
+        s[..4].copy_from_slice(&f[26..30]);
+        d[..4].copy_from_slice(&f[30..34]);
+        (f[23], s, d, 34)
+    } else {
+        let mut s = [0u8; 16];
+        let mut d = [0u8; 16];
+        s.copy_from_slice(&f[22..38]);
+        d.copy_from_slice(&f[38..54]);
+        (f[20], s, d, 54)
+    };
+    let sport = u16::from_be_bytes([f[l4], f[l4 + 1]]);
+    let dport = u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]);
+    xdp_reply_bucket(proto, &s, sport, &d, dport)
 }
 
 /// Write the compiled maps the way the agent does, for the server on `LO`.
@@ -375,6 +462,22 @@ fn fill(ebpf: &mut Ebpf, compiled: &Compiled, epoch: u32) {
                 generation: 1 | if epoch == 0 { 0 } else { EPOCH_BIT },
                 events_per_sec: 1_000_000,
                 ..ConfigValue::default()
+            },
+            0,
+        )
+        .unwrap();
+    }
+    {
+        // Armed long ago (records kept for more than a reply window), as on
+        // a node whose agent has run for a while.
+        let mut m: Array<_, XdpReplyConfig> =
+            Array::try_from(ebpf.map_mut(map_names::XDP_CONFIG).unwrap()).unwrap();
+        m.set(
+            0,
+            XdpReplyConfig {
+                records_since_ns: 1,
+                conntrack_udp_s: CT_UDP_S,
+                conntrack_sctp_s: CT_SCTP_S,
             },
             0,
         )
@@ -618,4 +721,174 @@ fn xdp_in_front_changes_no_verdict() {
         "XDP dropped nothing: the comparison is empty"
     );
     assert_eq!(tc_only.flows(), with_xdp.flows(), "flow tables differ");
+}
+
+/// The server sends UDP to a Service; kube-proxy's DNAT sends it to a
+/// backend on another node (the attacker's address: a pod the server's
+/// ingress policy does not admit). The flow table then holds the veth's
+/// ClusterIP-keyed entry and the backend-keyed one `netpol_post_nat` wrote.
+/// The LRU evicts the backend-keyed entry. The backend's reply reaches the
+/// uplink from the backend's address with no entry under it; conntrack
+/// turns its source back into the ClusterIP before the veth, where the
+/// ClusterIP-keyed entry passes it. XDP must pass it too. Before the reply
+/// records, XDP judged it as a new flow from the backend and dropped it.
+#[test]
+fn a_service_reply_whose_backend_entry_was_evicted_passes_xdp() {
+    let mut dp = load_or_skip!("a_service_reply_whose_backend_entry_was_evicted_passes_xdp");
+    for (server, cip, backend) in [
+        (SERVER, CLUSTER_IP, ATTACKER),
+        (SERVER6, "fd00:96::a", ATTACKER6),
+    ] {
+        for proto in ["udp", "sctp"] {
+            let mk = |src: &str, dst: &str| {
+                if proto == "udp" {
+                    udp(src, dst)
+                } else {
+                    sctp(src, dst)
+                }
+            };
+            // What the server sends, on its veth and after the DNAT.
+            let to_service = mk(&at(server, 5353), &at(cip, 53));
+            let to_backend = mk(&at(server, 5353), &at(backend, 53));
+            // The backend's reply at the uplink, and after conntrack's
+            // un-DNAT at the server's veth.
+            let reply = to_backend.reversed();
+            let reply_at_veth = to_service.reversed();
+
+            assert_eq!(dp.server_sends(&to_service.frame()).action, TC_ACT_OK);
+            assert_eq!(dp.leaves_node(&to_backend.frame()).action, TC_ACT_OK);
+            assert!(
+                dp.evict_flows_with(backend) > 0,
+                "{proto}: no backend-keyed entry to evict"
+            );
+
+            let o = dp.uplink(&reply.frame());
+            assert_eq!(
+                o.action, XDP_PASS,
+                "{proto} {backend}: XDP dropped a Service reply the veth passes: {o:?}"
+            );
+            assert!(o.moved.is_empty() && o.events.is_empty(), "{o:?}");
+            assert_eq!(
+                dp.at_veth(&reply_at_veth.frame()).action,
+                TC_ACT_OK,
+                "{proto}: the veth passes the un-DNATed reply (ClusterIP-keyed entry)"
+            );
+            // The flood XDP is for is still dropped there: the same backend
+            // from a port the server never sent to.
+            dp.uplink(&mk(&at(backend, 40002), &at(server, 5353)).frame())
+                .dropped_at_xdp();
+        }
+    }
+}
+
+/// The reply window: a datagram whose 5-tuple was seen (sent by a local pod
+/// after the DNAT, or passed by XDP) within the window passes and renews
+/// its record; one seen only before the window is judged, and dropped if
+/// denied.
+#[test]
+fn a_reply_record_expires_after_the_reply_window() {
+    let mut dp = load_or_skip!("a_reply_record_expires_after_the_reply_window");
+    let flood = udp(&at(ATTACKER, 40002), &at(SERVER, 53));
+    let window = udp_window_ns();
+
+    let now = monotonic_ns();
+    dp.set_reply_record(&flood, now - window + 10_000_000_000);
+    dp.uplink(&flood.frame()).passed_untouched();
+    assert!(
+        dp.reply_record(&flood) >= now,
+        "XDP passed a possible reply without renewing its record"
+    );
+
+    dp.set_reply_record(&flood, monotonic_ns() - window - 2_000_000_000);
+    dp.uplink(&flood.frame()).dropped_at_xdp();
+
+    // A packet the server sends out of the node renews the record of its
+    // reply, and that reply passes.
+    assert_eq!(dp.leaves_node(&flood.reversed().frame()).action, TC_ACT_OK);
+    assert!(dp.reply_record(&flood) >= now);
+    dp.uplink(&flood.frame()).passed_untouched();
+}
+
+/// Until the agent arms the records, and for a whole reply window after it
+/// does, XDP drops no UDP or SCTP (flows opened before the records started
+/// may still be live in conntrack); a TCP SYN is never a reply, and is
+/// dropped all along.
+#[test]
+fn udp_and_sctp_are_dropped_only_once_the_records_cover_a_window() {
+    let mut dp = load_or_skip!("udp_and_sctp_are_dropped_only_once_the_records_cover_a_window");
+    let syn = tcp(&at(ATTACKER, 40000), &at(SERVER, 80)).syn();
+    let datagrams = [
+        udp(&at(ATTACKER, 40002), &at(SERVER, 53)),
+        udp(&at(ATTACKER6, 40002), &at(SERVER6, 53)),
+        sctp(&at(ATTACKER, 40003), &at(SERVER, 9)),
+    ];
+    for (what, x) in [
+        ("not armed", XdpReplyConfig::default()),
+        (
+            "armed just now",
+            XdpReplyConfig {
+                records_since_ns: monotonic_ns(),
+                conntrack_udp_s: CT_UDP_S,
+                conntrack_sctp_s: CT_SCTP_S,
+            },
+        ),
+    ] {
+        dp.set_xdp_config(x);
+        for d in &datagrams {
+            let o = dp.uplink(&d.frame());
+            assert_eq!(o.action, XDP_PASS, "{what}: {d:?}: {o:?}");
+            assert_eq!(dp.at_veth(&d.frame()).action, TC_ACT_SHOT, "{d:?}");
+        }
+        dp.uplink(&syn.frame()).dropped_at_xdp();
+    }
+    // SCTP's window is conntrack's SCTP timeout: armed longer ago than the
+    // UDP window but not the SCTP one, UDP is dropped and SCTP is not.
+    dp.set_xdp_config(XdpReplyConfig {
+        records_since_ns: monotonic_ns() - udp_window_ns() - 1_000_000_000,
+        conntrack_udp_s: CT_UDP_S,
+        conntrack_sctp_s: 100_000,
+    });
+    let fresh = udp(&at(ATTACKER, 40100), &at(SERVER, 53));
+    dp.uplink(&fresh.frame()).dropped_at_xdp();
+    let o = dp.uplink(&sctp(&at(ATTACKER, 40101), &at(SERVER, 9)).frame());
+    assert_eq!(o.action, XDP_PASS, "{o:?}");
+}
+
+/// Multi-buffer packets (the program is loaded with `xdp.frags`, so a
+/// device with a jumbo MTU keeps native XDP: `lab_xdp.rs` checks the
+/// attachment): `BPF_PROG_TEST_RUN` builds one from a frame longer than a
+/// page's linear part. The headers are in the linear part, the datagram's
+/// length covers the fragments: a denied jumbo datagram is dropped, an
+/// allowed one passes, as a short one would. (Judged by the linear part's
+/// length alone, the datagram looked truncated and passed: this test failed.)
+#[test]
+fn a_multi_buffer_jumbo_frame_is_judged_like_a_short_one() {
+    let mut dp = load_or_skip!("a_multi_buffer_jumbo_frame_is_judged_like_a_short_one");
+    let jumbo = [0u8; 8000];
+    for (denied, allowed) in [
+        (
+            udp(&at(ATTACKER, 40002), &at(SERVER, 53)),
+            udp(&at(CLIENT, 40002), &at(SERVER, 53)),
+        ),
+        (
+            udp(&at(ATTACKER6, 40002), &at(SERVER6, 53)),
+            udp(&at(CLIENT6, 40002), &at(SERVER6, 53)),
+        ),
+    ] {
+        let frame = denied.clone().payload(&jumbo).frame();
+        assert!(frame.len() > 4096, "not a multi-buffer frame");
+        dp.uplink(&frame).dropped_at_xdp();
+        // The veth denies the same datagram (a short one: BPF_PROG_TEST_RUN
+        // builds no skb longer than a page).
+        assert_eq!(dp.at_veth(&denied.frame()).action, TC_ACT_SHOT);
+        dp.uplink(&allowed.clone().payload(&jumbo).frame())
+            .passed_untouched();
+    }
+    // A jumbo frame whose IP length claims more than the frame holds: not
+    // parsed, passed to the stack (which drops it, or the veth does).
+    let mut cut = udp(&at(ATTACKER, 40002), &at(SERVER, 53))
+        .payload(&jumbo)
+        .frame();
+    cut.truncate(6000);
+    dp.uplink(&cut).passed_untouched();
 }

@@ -113,6 +113,14 @@ fn a_denied_flow_from_another_node_is_dropped_at_the_uplink() {
         link.contains("prog/xdp"),
         "no XDP program on node-a's eth0:\n{link}"
     );
+    // The status says what the kernel runs (read back from the link), not
+    // only what was asked: `auto` on a veth is native.
+    let status = agents.node("node-a").status().expect("node-a's status");
+    assert_eq!(
+        status["xdp"]["eth0"], "native",
+        "node-a's status: {}",
+        status["xdp"]
+    );
 
     // Allowed traffic from the other node still works.
     assert!(
@@ -254,4 +262,60 @@ fn tunnelled_traffic_passes_xdp_and_the_veth_decides() {
         0,
         "XDP judged a tunnelled packet"
     );
+}
+
+/// A device with a jumbo MTU keeps native XDP: the program is loaded with
+/// `xdp.frags`, and a veth refuses a program without it in native mode once
+/// its peer's MTU does not fit a page ("MTU too large to enable XDP"). The
+/// status reports what the kernel runs on each device.
+#[test]
+fn a_jumbo_mtu_device_keeps_native_xdp() {
+    if !require_privileges("a_jumbo_mtu_device_keeps_native_xdp") {
+        return;
+    }
+    let lab = common::lab::up('j', PORTS);
+    for node in ["node-a", "node-b"] {
+        let netns = lab.node(node).expect("node").netns_path();
+        run_in_netns(&netns, || {
+            for args in [
+                "link add xj0 mtu 9000 type veth peer name xj1 mtu 9000",
+                "link set xj0 up",
+                "link set xj1 up",
+            ] {
+                let st = Command::new("ip").args(args.split(' ')).status()?;
+                if !st.success() {
+                    return Err(std::io::Error::other(format!("ip {args}: {st}")));
+                }
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("jumbo veth in {node}: {e}"));
+    }
+    let mut agents = setup(&lab, &["--xdp", "native", "--xdp-devices", "eth0,xj0"]);
+    let netns = lab.node("node-a").expect("node").netns_path();
+    let link = run_in_netns(&netns, || {
+        let out = Command::new("ip")
+            .args(["-d", "link", "show", "dev", "xj0"])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    })
+    .expect("ip link");
+    assert!(
+        link.contains("mtu 9000 xdp ") && link.contains("prog/xdp"),
+        "no native XDP on the jumbo veth xj0:\n{link}\nnode-a's agent:\n{}",
+        agents.node("node-a").log_tail(20)
+    );
+    let status = agents.node("node-a").status().expect("node-a's status");
+    assert_eq!(
+        status["xdp"],
+        serde_json::json!({"eth0": "native", "xj0": "native"}),
+        "node-a's status: {status}"
+    );
+    assert!(
+        status["errors"].as_array().is_none_or(|e| e.is_empty()),
+        "node-a's errors: {}",
+        status["errors"]
+    );
+    drop(agents);
+    drop(lab);
 }

@@ -54,7 +54,10 @@ pub mod map_names {
     pub const QUOTA_CONFIG: &str = "NETPOL_QUOTA_CONFIG";
     pub const QUOTA_SLOTS: &str = "NETPOL_QUOTA_SLOTS";
     pub const QUOTA_STATE: &str = "NETPOL_QUOTA_STATE";
-    pub const ALL: [&str; 19] = [
+    /// The uplink XDP program's reply records ([`super::XdpReplyConfig`]).
+    pub const XDP_REPLIES: &str = "NETPOL_XDP_RPLY";
+    pub const XDP_CONFIG: &str = "NETPOL_XDP_CFG";
+    pub const ALL: [&str; 21] = [
         ENDPOINTS,
         PEERS_V4,
         PEERS_V6,
@@ -74,6 +77,8 @@ pub mod map_names {
         QUOTA_CONFIG,
         QUOTA_SLOTS,
         QUOTA_STATE,
+        XDP_REPLIES,
+        XDP_CONFIG,
     ];
 }
 
@@ -114,6 +119,84 @@ pub mod sizes {
     pub const LOCAL_ADDRS: u32 = 2 * ENDPOINTS;
     pub const DEFER_V4: u32 = 4096;
     pub const DEFER_V6: u32 = 4096;
+    /// Buckets of `NETPOL_XDP_RPLY` (a power of two).
+    pub const XDP_REPLIES: u32 = 65_536;
+}
+
+// ---------------------------------------------------------------------------
+// XDP reply records: what lets the uplink's XDP program drop UDP and SCTP
+// without dropping a reply that kube-proxy's conntrack will un-DNAT.
+//
+// A local pod that sends UDP/SCTP to a Service has two flow entries (the
+// ClusterIP-keyed one on its veth, the backend-keyed one after the DNAT). The
+// backend's reply reaches the uplink with the backend's address; only after
+// conntrack restores the ClusterIP as its source does it match the veth's
+// entry. If the backend-keyed entry was evicted, the flow table alone cannot
+// tell XDP that the packet is a reply. So `netpol_post_nat` writes, for every
+// UDP/SCTP packet a local pod sends out of a node device (after any DNAT),
+// the time into a bucket chosen by a hash of the packet's 5-tuple as its reply
+// will show it; XDP writes the time into the bucket of every UDP/SCTP packet
+// to a local pod that it passes. XDP drops a UDP/SCTP packet only if its
+// bucket is older than the reply window (the longest of conntrack's UDP/SCTP
+// timeouts and the flow table's idle timeout), and only once records have
+// been kept for a whole window (`records_since_ns`). Collisions only make
+// XDP pass more (to the veth, which decides).
+// ---------------------------------------------------------------------------
+
+/// `NETPOL_XDP_CFG`: written by the agent once, when it first creates the
+/// records (kept across restarts with the pinned map). All zero: XDP drops
+/// no UDP or SCTP at all.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XdpReplyConfig {
+    /// `CLOCK_MONOTONIC` (the datapath's `bpf_ktime_get_ns`) when the reply
+    /// records started; 0 = not armed.
+    pub records_since_ns: u64,
+    /// The longest conntrack timeout for UDP on this node, seconds.
+    pub conntrack_udp_s: u32,
+    /// The longest conntrack timeout for SCTP on this node, seconds.
+    pub conntrack_sctp_s: u32,
+}
+const _: () = assert!(core::mem::size_of::<XdpReplyConfig>() == 16);
+
+/// Slack added to the reply window: clocks read on different CPUs, and
+/// records written a little out of order by racing CPUs.
+pub const XDP_REPLY_SLACK_NS: u64 = 5_000_000_000;
+
+/// The `NETPOL_XDP_RPLY` bucket of a UDP/SCTP 5-tuple, as the reply shows it
+/// at the uplink: `remote` (the reply's source) and `local` (the pod).
+/// Addresses are 16 bytes (IPv4 in the first 4, the rest zero). The same
+/// function in the datapath and in userspace (tests).
+#[inline(always)]
+pub fn xdp_reply_bucket(
+    protocol: u8,
+    remote: &[u8; 16],
+    remote_port: u16,
+    local: &[u8; 16],
+    local_port: u16,
+) -> u32 {
+    #[inline(always)]
+    fn w(a: &[u8; 16], i: usize) -> u32 {
+        u32::from_le_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]])
+    }
+    #[inline(always)]
+    fn mix(h: u32, v: u32) -> u32 {
+        (h ^ v).wrapping_mul(0x9E37_79B1).rotate_left(13)
+    }
+    let mut h = 0x811C_9DC5u32 ^ u32::from(protocol);
+    h = mix(h, w(remote, 0));
+    h = mix(h, w(remote, 4));
+    h = mix(h, w(remote, 8));
+    h = mix(h, w(remote, 12));
+    h = mix(h, w(local, 0));
+    h = mix(h, w(local, 4));
+    h = mix(h, w(local, 8));
+    h = mix(h, w(local, 12));
+    h = mix(h, (u32::from(remote_port) << 16) | u32::from(local_port));
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85EB_CA6B);
+    h ^= h >> 13;
+    h & (sizes::XDP_REPLIES - 1)
 }
 
 // ---------------------------------------------------------------------------
@@ -660,6 +743,7 @@ mod user {
     use super::*;
     // SAFETY: all of these are `#[repr(C)]`, contain only integers and arrays
     // of integers, and have explicit padding, so every bit pattern is valid.
+    unsafe impl aya::Pod for XdpReplyConfig {}
     unsafe impl aya::Pod for EndpointValue {}
     unsafe impl aya::Pod for PeerValue {}
     unsafe impl aya::Pod for PolicyKey {}

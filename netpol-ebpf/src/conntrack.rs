@@ -447,6 +447,9 @@ fn try_post_nat(
     };
     // A local pod's packet: from here on, what does not parse is dropped.
     parse_ip(ctx, family, ETH_HLEN, false, &mut s.pkt)?;
+    // Whatever is decided below: the uplink's XDP program must know that a
+    // reply may come (see `crate::xdp::record_sent`).
+    crate::xdp::record_sent(&s.pkt);
     if s.pkt.icmp == IcmpKind::NeighborDiscovery {
         // Checked on the pod's veth; never routed.
         count(DIR_EGRESS, REASON_NEIGHBOR_DISCOVERY);

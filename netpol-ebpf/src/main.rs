@@ -81,7 +81,9 @@ mod programs {
 
     /// XDP on the node's uplinks: drops a new flow to a local pod that the
     /// pod's ingress policy denies, passes everything else to the stack.
-    #[xdp]
+    /// `frags` (loaded with `BPF_F_XDP_HAS_FRAGS`): it handles multi-buffer
+    /// packets, so a device with a jumbo MTU keeps native XDP.
+    #[xdp(frags)]
     pub fn netpol_xdp_uplink(ctx: XdpContext) -> u32 {
         crate::xdp::handle_xdp(&ctx)
     }

@@ -144,3 +144,18 @@ pub static NETPOL_QUOTA_STATE: aya_ebpf::btf_maps::PerCpuHashMap<
     netpol_common::QuotaState,
     { sizes::ENDPOINTS as usize },
 > = aya_ebpf::btf_maps::PerCpuHashMap::new();
+
+/// Reply records of the uplink's XDP program: bucket (a hash of a UDP/SCTP
+/// 5-tuple as its reply shows it, `netpol_common::xdp_reply_bucket`) -> the
+/// last time (`bpf_ktime_get_ns`) a packet of such a tuple was seen: a local
+/// pod's packet leaving by a node device (`netpol_post_nat`, after the DNAT)
+/// or a packet to a local pod that XDP passed. Written by the datapath only.
+#[btf_map]
+pub static NETPOL_XDP_RPLY: Array<u64, { netpol_common::sizes::XDP_REPLIES as usize }> =
+    Array::new();
+
+/// When the reply records started and conntrack's timeouts on this node
+/// (`netpol_common::XdpReplyConfig`; all zero: XDP drops no UDP or SCTP).
+/// Written by the agent.
+#[btf_map]
+pub static NETPOL_XDP_CFG: Array<netpol_common::XdpReplyConfig, 1> = Array::new();

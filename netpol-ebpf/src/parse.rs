@@ -6,7 +6,7 @@
 //! skb and the uplink's XDP buffer (`xdp.rs`) share it.
 
 use aya_ebpf::{
-    helpers::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
+    helpers::{bpf_skb_load_bytes, bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
     programs::{TcContext, XdpContext},
 };
 use netpol_common::{
@@ -140,9 +140,9 @@ impl PacketCtx for TcContext {
 }
 
 /// The XDP buffer: a read outside the range the verifier can check goes
-/// through `bpf_xdp_load_bytes`, which fails past the end of the frame.
-/// (The program is loaded without `xdp.frags`: a multi-buffer frame never
-/// reaches it.)
+/// through `bpf_xdp_load_bytes`, which reads across the fragments of a
+/// multi-buffer frame (the program is loaded with `xdp.frags`) and fails
+/// past the end of the frame.
 impl PacketCtx for XdpContext {
     #[inline(always)]
     fn data(&self) -> usize {
@@ -152,9 +152,14 @@ impl PacketCtx for XdpContext {
     fn data_end(&self) -> usize {
         XdpContext::data_end(self)
     }
+    /// The whole packet: with `xdp.frags` (multi-buffer packets, jumbo MTUs)
+    /// the linear part `data..data_end` may be only its start. Length checks
+    /// use the whole packet; headers past the linear part are read with
+    /// `bpf_xdp_load_bytes`, which reads across the fragments.
     #[inline(always)]
     fn len(&self) -> u32 {
-        (XdpContext::data_end(self) - XdpContext::data(self)) as u32
+        // SAFETY: the context pointer is valid for the program run.
+        unsafe { bpf_xdp_get_buff_len(self.ctx) as u32 }
     }
     #[inline(always)]
     fn load_slow<T: Copy>(&self, off: usize) -> Result<T> {

@@ -31,6 +31,17 @@
 //! counts: with XDP on, node-a's `netpol_to_pod` runs only for the allowed
 //! connections (`lab_xdp.rs` checks the drop counters themselves).
 //!
+//! UDP is dropped at XDP only once the reply records cover a reply window
+//! (README, "XDP on the node's uplinks"): the agents keep their pins from
+//! one mode to the next (only the XDP links are removed, so that each mode
+//! attaches as it asks), and the bench waits one window after the first
+//! agents armed the records, before the first round. Each round prints the
+//! mode the kernel runs on node-a's `eth0`, from the agent's status. (The
+//! bench used to start each mode with `start_agents`, which removes the
+//! pins, `NETPOL_COUNTERS` among them, as dropping `Agents` does: node-a's
+//! counters in `status.json` started from zero at every mode, which read as
+//! counters going backwards. Kept pins keep them growing.)
+//!
 //! `sudo target/release/xdp_flood [--rate 50000] [--secs 5] [--rounds 2]`.
 //! Needs root.
 
@@ -52,7 +63,9 @@ use netpol_benches::{
     machine::Machine,
     stats::summarize,
 };
-use netpol_lab::{ClusterSpec, Lab, UpOptions, run_in_netns, start_agents};
+use netpol_lab::{
+    AgentProc, Agents, ClusterSpec, Lab, UpOptions, agents::agent_paths, run_in_netns,
+};
 
 #[derive(Parser)]
 struct Args {
@@ -213,14 +226,72 @@ struct Round {
     veth_prog_runs: u64,
     latencies_ns: Vec<u64>,
     failed: usize,
+    /// What the kernel runs on node-a's eth0 (node-a's status).
+    kernel_mode: String,
 }
 
-fn run_mode(lab: &Lab, agent: &Path, xdp: &str, args: &Args) -> Result<Round> {
+/// Start one agent per node with `--xdp <xdp>`, keeping the previous
+/// agents' pins (maps, reply records, TC links) but not their XDP links: a
+/// pinned XDP link keeps the mode it was created with.
+fn start(lab: &Lab, agent: &Path, xdp: &str) -> Result<Agents> {
     let agent_args = vec!["--xdp".to_string(), xdp.to_string()];
-    let mut agents = start_agents(lab, agent, &agent_args).context("agents")?;
+    let mut procs = Vec::new();
+    for node in &lab.nodes {
+        let (bpffs, _) = agent_paths(lab, node);
+        if let Ok(rd) = std::fs::read_dir(bpffs.join("links")) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().ends_with("-xdp") {
+                    std::fs::remove_file(e.path())?;
+                }
+            }
+        }
+        procs.push(AgentProc::start(lab, node, agent, &agent_args).context("agent")?);
+    }
+    let mut agents = Agents { agents: procs };
     agents
         .wait_synced(&[], Duration::from_secs(30))
         .map_err(anyhow::Error::msg)?;
+    Ok(agents)
+}
+
+/// Stop the agents, keeping their pins for the next mode.
+fn stop_keeping_pins(mut agents: Agents) {
+    for a in &mut agents.agents {
+        a.terminate();
+    }
+    // `Agents` removes the pins of the agents it holds when dropped.
+    agents.agents.clear();
+}
+
+/// The reply window of UDP on node-a (README): the longest of conntrack's
+/// UDP timeouts in its netns and the flow table's UDP idle timeout (60 s
+/// by default), plus 5 s.
+fn udp_reply_window(lab: &Lab) -> Result<Duration> {
+    let node_a = lab.node("node-a").context("node-a")?.netns_path();
+    let ct = run_in_netns(&node_a, || {
+        Ok([
+            "nf_conntrack_udp_timeout",
+            "nf_conntrack_udp_timeout_stream",
+        ]
+        .iter()
+        .filter_map(|f| {
+            std::fs::read_to_string(format!("/proc/sys/net/netfilter/{f}"))
+                .ok()?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(180))
+    })
+    .context("conntrack timeouts in node-a")?;
+    Ok(Duration::from_secs(
+        ct.max(u64::from(netpol_common::DEFAULT_TIMEOUT_UDP_S)) + 5,
+    ))
+}
+
+fn run_mode(lab: &Lab, agent: &Path, xdp: &str, args: &Args) -> Result<Round> {
+    let mut agents = start(lab, agent, xdp)?;
     // The policy is in the manifests directory from the start (see main).
     std::thread::sleep(Duration::from_secs(1));
     let xa = lab.pod_by_key("x/a").context("x/a")?.clone();
@@ -266,8 +337,14 @@ fn run_mode(lab: &Lab, agent: &Path, xdp: &str, args: &Args) -> Result<Round> {
     let tc = Snapshot::new(tcx_programs(&node_a)?).since(&tc0).to_pod;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    drop(agents);
+    let kernel_mode = agents
+        .node("node-a")
+        .status()
+        .and_then(|s| s["xdp"]["eth0"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "-".to_string());
+    stop_keeping_pins(agents);
     Ok(Round {
+        kernel_mode,
         sent,
         secs,
         xdp_runs: xdp1.1 - xdp0.1,
@@ -303,6 +380,15 @@ fn main() -> Result<()> {
          round, {} rounds; allowed: TCP connect x/b (node-b) -> x/a:80 every {} ms",
         args.rate, args.secs, args.rounds, args.interval_ms
     );
+    // The first agents arm the reply records; UDP is dropped at XDP only a
+    // reply window later.
+    let window = udp_reply_window(&lab)?;
+    stop_keeping_pins(start(&lab, &agent, "off")?);
+    println!(
+        "waiting {} s: XDP drops UDP once the reply records cover a window",
+        window.as_secs()
+    );
+    std::thread::sleep(window);
     let mut all: Vec<(&str, Round)> = Vec::new();
     for _ in 0..args.rounds {
         for (mode, xdp) in [("tc", "off"), ("xdp", "auto"), ("xdp-g", "generic")] {
@@ -311,8 +397,9 @@ fn main() -> Result<()> {
         }
     }
     println!(
-        "{:<5} {:>10} {:>11} {:>11} {:>10} {:>10} {:>12} {:>12} {:>9} {:>9} {:>7}",
+        "{:<5} {:>8} {:>10} {:>11} {:>11} {:>10} {:>10} {:>12} {:>12} {:>9} {:>9} {:>7}",
         "mode",
+        "kernel",
         "sent/s",
         "xdp runs/s",
         "veth runs/s",
@@ -327,8 +414,9 @@ fn main() -> Result<()> {
     for (mode, r) in &all {
         let s = summarize(&r.latencies_ns);
         println!(
-            "{:<5} {:>10.0} {:>11.0} {:>11.0} {:>10.1} {:>10.1} {:>12.0} {:>12.0} {:>9.0} {:>9.0} {:>7}",
+            "{:<5} {:>8} {:>10.0} {:>11.0} {:>11.0} {:>10.1} {:>10.1} {:>12.0} {:>12.0} {:>9.0} {:>9.0} {:>7}",
             mode,
+            r.kernel_mode,
             r.sent as f64 / r.secs,
             r.xdp_runs as f64 / r.secs,
             r.veth_prog_runs as f64 / r.secs,
@@ -342,6 +430,7 @@ fn main() -> Result<()> {
             r.failed
         );
     }
+    // The lab's teardown removes the pins the agents kept.
     drop(lab);
     Ok(())
 }
