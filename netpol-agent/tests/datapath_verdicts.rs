@@ -2844,6 +2844,107 @@ fn headers_completed_only_by_padding_are_malformed() {
     dp.to_pod(&frame).passed(DIR_INGRESS, REASON_POLICY_ALLOW);
 }
 
+/// The established-packet fast path (`netpol-ebpf/src/fast.rs`) finishes a
+/// known flow's packet after one lookup; it must refuse what the full parser
+/// refuses. Every packet below carries the 5-tuple of an established flow
+/// (IPv4 and IPv6, both directions), so only the header checks stand between
+/// it and a pass. The shapes the fast path leaves to the full path (options,
+/// fragments, a VLAN tag) still get the full path's answer.
+#[test]
+fn an_established_flow_does_not_excuse_a_malformed_header() {
+    let mut dp = load_or_skip!("an_established_flow_does_not_excuse_a_malformed_header");
+    dp.endpoint(LO, endpoint(POLICY).isolated_ingress());
+    dp.allow(ingress(POLICY).from_anyone().tcp(80).rule(95));
+    dp.allow(ingress(POLICY).from_anyone().udp(53).rule(96));
+    let with_len = |frame: Vec<u8>, at: usize, len: u16| {
+        let mut f = frame;
+        f[at..at + 2].copy_from_slice(&len.to_be_bytes());
+        f
+    };
+    for (peer, pod) in [(PEER, POD), (PEER6, POD6)] {
+        let v6 = peer == PEER6;
+        let syn = tcp(&at(peer, 40000), &at(pod, 80)).syn();
+        let q = udp(&at(peer, 5000), &at(pod, 53));
+        dp.to_pod(&syn).passed(DIR_INGRESS, REASON_POLICY_ALLOW);
+        dp.to_pod(&q).passed(DIR_INGRESS, REASON_POLICY_ALLOW);
+        let ack = syn.clone().ack();
+        let reply = syn.reversed().ack();
+        // Where the length field is, and what it counts besides the payload
+        // (IPv4's total length includes its 20-byte header).
+        let (len_at, hdr, ip) = if v6 { (18, 0, 40) } else { (16, 20, 20) };
+        for (what, frame, to_pod) in [
+            (
+                "length cuts the TCP header",
+                with_len(ack.frame(), len_at, hdr + 12),
+                true,
+            ),
+            (
+                "length past the frame",
+                with_len(ack.frame(), len_at, 1000),
+                true,
+            ),
+            (
+                "length cuts the UDP header",
+                with_len(q.frame(), len_at, hdr + 6),
+                true,
+            ),
+            ("TCP header cut", ack.frame_truncated(14 + ip + 19), true),
+            (
+                "reply: length cuts the TCP header",
+                with_len(reply.frame(), len_at, hdr + 19),
+                false,
+            ),
+            (
+                "reply: length past the frame",
+                with_len(reply.frame(), len_at, 1000),
+                false,
+            ),
+        ] {
+            let out = if to_pod {
+                dp.to_pod(&frame)
+            } else {
+                dp.from_pod(&frame)
+            };
+            let dir = if to_pod { DIR_INGRESS } else { DIR_EGRESS };
+            assert_eq!(
+                out.action,
+                TC_ACT_SHOT,
+                "{what} ({peer}): not dropped on an established flow: {}",
+                out.describe()
+            );
+            out.dropped(dir, REASON_MALFORMED);
+        }
+        // A VLAN tag in the frame is not IP, whatever follows it.
+        dp.to_pod(&ack.vlan_tagged(5))
+            .dropped(DIR_INGRESS, REASON_UNSUPPORTED_ETHERTYPE);
+        // A later fragment of a datagram never seen, on a known 5-tuple.
+        dp.to_pod(&q.clone().later_fragment(77, 185))
+            .dropped(DIR_INGRESS, REASON_FRAGMENT_UNKNOWN);
+
+        // The well-formed packets of the same flows pass, and only they are
+        // counted on the flow.
+        dp.to_pod(&ack).passed(DIR_INGRESS, REASON_ESTABLISHED);
+        dp.from_pod(&reply).passed(DIR_EGRESS, REASON_REPLY);
+        dp.to_pod(&q.clone().first_fragment(78))
+            .passed(DIR_INGRESS, REASON_ESTABLISHED);
+        dp.to_pod(&q.clone().later_fragment(78, 185))
+            .passed(DIR_INGRESS, REASON_FRAGMENT_FOLLOWS);
+        let mut to_pod = 2;
+        if !v6 {
+            // IPv4 options: the full parser's packet, the same flow.
+            dp.to_pod(&ack.clone().ip_options(2))
+                .passed(DIR_INGRESS, REASON_ESTABLISHED);
+            to_pod += 1;
+        }
+        let f = dp.flow(&syn, DIR_INGRESS).expect("the TCP flow");
+        assert_eq!(
+            (f.packets_to_pod, f.packets_from_pod),
+            (to_pod, 1),
+            "{peer}: the flow counts the packets that passed"
+        );
+    }
+}
+
 /// Source spoofing: a pod sends as another pod (C) to a pod that allows only
 /// C, or as the node itself (which every pod allows). Nothing of it passes,
 /// whatever policy says, and no flow is recorded for an address that is not

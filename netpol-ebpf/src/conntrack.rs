@@ -64,6 +64,14 @@ pub struct Scratch {
 /// error path drops.
 #[inline(always)]
 pub fn handle(ctx: &TcContext, direction: u8) -> Verdict {
+    // A packet of an established flow is finished by the fast path
+    // (`fast.rs`); anything it does not finish is handled here from the
+    // start, as if it had not run.
+    let known_miss = match crate::fast::established(ctx, direction) {
+        crate::fast::Fast::Pass => return Verdict::Pass,
+        crate::fast::Fast::Missed => true,
+        crate::fast::Fast::Slow => false,
+    };
     let Some(scratch) = NETPOL_SCRATCH.get_ptr_mut(0) else {
         count(direction, REASON_MALFORMED);
         return Verdict::Drop;
@@ -73,7 +81,7 @@ pub fn handle(ctx: &TcContext, direction: u8) -> Verdict {
     let s = unsafe { &mut *scratch };
     // Read once: every lookup of this packet is in its epoch.
     let cfg = config();
-    let r = try_handle(ctx, direction, s, &cfg);
+    let r = try_handle(ctx, direction, s, &cfg, known_miss);
     finish(ctx, direction, s, r, &cfg)
 }
 
@@ -152,7 +160,7 @@ fn tag_of(ctx: &TcContext) -> u16 {
 /// `tcx_action_code`, the classic TC path alike), overwriting whatever a
 /// program wrote to `tc_index` itself.
 #[inline(always)]
-fn set_tag(ctx: &TcContext, tag: u16) {
+pub(crate) fn set_tag(ctx: &TcContext, tag: u16) {
     // SAFETY: as above; `tc_classid` is writable from TC programs.
     unsafe { (*ctx.skb.skb).tc_classid = u32::from(tag) };
 }
@@ -283,6 +291,7 @@ fn try_handle(
     direction: u8,
     s: &mut Scratch,
     cfg: &ConfigValue,
+    known_miss: bool,
 ) -> Result<Verdict, ParseError> {
     // Start from a clean packet so that an early error reports zeros, not
     // the previous packet's addresses.
@@ -335,7 +344,16 @@ fn try_handle(
         return Ok(Verdict::Pass);
     }
 
-    flow_path(ctx, s, ifindex, direction, family, Stage::Veth, cfg)
+    flow_path(
+        ctx,
+        s,
+        ifindex,
+        direction,
+        family,
+        Stage::Veth,
+        cfg,
+        known_miss,
+    )
 }
 
 /// The local pod that sent a packet, by its source address: the ifindex of
@@ -455,13 +473,24 @@ fn try_post_nat(
         count(DIR_EGRESS, REASON_NEIGHBOR_DISCOVERY);
         return Ok(Verdict::Pass);
     }
-    flow_path(ctx, s, ifindex, DIR_EGRESS, family, Stage::PostNat, cfg)
+    flow_path(
+        ctx,
+        s,
+        ifindex,
+        DIR_EGRESS,
+        family,
+        Stage::PostNat,
+        cfg,
+        false,
+    )
 }
 
 /// The flow table and, for a new flow, the policy: for the endpoint on
 /// `ifindex` (the pod's veth, also when `stage` is `PostNat` and the packet
-/// is seen on another device).
+/// is seen on another device). `known_miss`: the fast path looked this very
+/// key up in this run and found no entry.
 #[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "flat for the verifier")]
 fn flow_path(
     ctx: &TcContext,
     s: &mut Scratch,
@@ -470,6 +499,7 @@ fn flow_path(
     family: u8,
     stage: Stage,
     cfg: &ConfigValue,
+    known_miss: bool,
 ) -> Result<Verdict, ParseError> {
     let cfg = *cfg;
     let len = ctx.len();
@@ -479,7 +509,12 @@ fn flow_path(
     }
 
     fill_flow_key(&mut s.key, ifindex, &s.pkt, direction);
-    if let Some(f) = NETPOL_FLOWS.get_ptr_mut(&s.key) {
+    let found = if known_miss {
+        None
+    } else {
+        NETPOL_FLOWS.get_ptr_mut(&s.key)
+    };
+    if let Some(f) = found {
         // SAFETY: the entry stays valid for this program run; the fields
         // written below are counters and idempotent stores.
         let f = unsafe { &mut *f };
@@ -1252,7 +1287,7 @@ fn fresh_flow(
 /// instant can lose an increment: the counters are statistics, never an
 /// input to a verdict.
 #[inline(always)]
-fn bump_flow(f: &mut FlowValue, direction: u8, len: u32) {
+pub(crate) fn bump_flow(f: &mut FlowValue, direction: u8, len: u32) {
     if direction == DIR_EGRESS {
         f.packets_from_pod = f.packets_from_pod.wrapping_add(1);
         f.bytes_from_pod = f.bytes_from_pod.wrapping_add(len as u64);

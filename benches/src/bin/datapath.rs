@@ -425,14 +425,14 @@ fn main() -> Result<()> {
     );
     let started = Instant::now();
     // The floor: an ARP frame passes after the ethertype and one counter.
-    {
-        let compiled = compile(&bench_cluster(1), &NodeInfo::new("n1", []));
-        let ebpf = load(&compiled)?;
-        let prog: &SchedClassifier = ebpf
-            .program(netpol_common::prog_names::TO_POD)
-            .expect("program")
-            .try_into()?;
-        let arp = packets::arp_request("10.1.0.3", "10.1.0.2");
+    let floor_ebpf = load(&compile(&bench_cluster(1), &NodeInfo::new("n1", [])))?;
+    let floor_prog: &SchedClassifier = floor_ebpf
+        .program(netpol_common::prog_names::TO_POD)
+        .expect("program")
+        .try_into()?;
+    let arp = packets::arp_request("10.1.0.3", "10.1.0.2");
+    let floor = {
+        let prog = floor_prog;
         let (_, floor) = run(prog, &arp, args.repeat)?;
         println!("floor (ARP frame: ethertype check and one counter, repeated): {floor:.1} ns");
         if !args.no_kernel_stats {
@@ -446,7 +446,8 @@ fn main() -> Result<()> {
                 k.kernel_ns, k.test_run_ns, k.runs
             );
         }
-    }
+        floor
+    };
     let mut rows = Vec::new();
     for &n in &args.policies {
         for v6 in [false, true] {
@@ -466,6 +467,15 @@ fn main() -> Result<()> {
             rows.push(r);
         }
     }
+    // The floor again after the rows: on a shared machine one measurement
+    // can catch a busy moment, and a high floor flatters the ratios. The
+    // ratios use the lower of the two.
+    let (_, floor_after) = run(floor_prog, &arp, args.repeat)?;
+    println!(
+        "floor again after the rows: {floor_after:.1} ns (the ratios below use {:.1} ns, the lower)",
+        floor.min(floor_after)
+    );
+    let floor = floor.min(floor_after);
     let mut summary = BTreeMap::new();
     for fam in ["IPv4", "IPv6"] {
         let of = |n: usize| rows.iter().find(|r| r.family == fam && r.policies == n);
@@ -475,12 +485,20 @@ fn main() -> Result<()> {
         ) {
             let ratio = hi.new_flow_ns / lo.new_flow_ns;
             println!(
-                "{fam}: new flow at {} policies costs {:.1}% of the cost at {} (denied new flow: {:.1}%; bar: within 110%); established {:.1} ns (bar: under 60 ns)",
+                "{fam}: new flow at {} policies costs {:.1}% of the cost at {} (denied new flow: {:.1}%; bar: within 110%)",
                 hi.policies,
                 ratio * 100.0,
                 lo.policies,
                 hi.denied_new_flow_ns / lo.denied_new_flow_ns * 100.0,
-                hi.established_ns
+            );
+            // Issue 15's bar is a ratio to the floor of the same run.
+            let fam_rows = rows.iter().filter(|r| r.family == fam);
+            let worst = |f: fn(&Row) -> f64| fam_rows.clone().map(f).fold(0.0, f64::max);
+            let (est, reply) = (worst(|r| r.established_ns), worst(|r| r.from_pod_reply_ns));
+            println!(
+                "{fam}: established packet at most {est:.1} ns = {:.2}x the floor, from_pod reply at most {reply:.1} ns = {:.2}x (bar: at most 2x the floor of the same run)",
+                est / floor,
+                reply / floor,
             );
             summary.insert(fam, ratio);
         }
