@@ -892,3 +892,35 @@ fn a_multi_buffer_jumbo_frame_is_judged_like_a_short_one() {
     cut.truncate(6000);
     dp.uplink(&cut).passed_untouched();
 }
+
+/// `NETPOL_LOCAL_ADDRS` is written in place, outside the epochs, so it may
+/// still name the server's veth for an address that veth's endpoint in this
+/// epoch does not carry (the address of the pod the veth had in the other
+/// state). XDP must not judge such a packet with the server's ingress policy
+/// (which denies the attacker): it leaves it to the veth, which decides with
+/// the state its own run reads.
+#[test]
+fn an_address_the_endpoint_does_not_carry_is_left_to_the_veth() {
+    const STALE: &str = "10.1.0.77";
+    const STALE6: &str = "fd00:1::77";
+    let mut dp = load_or_skip!("an_address_the_endpoint_does_not_carry_is_left_to_the_veth");
+    {
+        let mut m: HashMap<_, LocalKey, u32> =
+            HashMap::try_from(dp.ebpf.map_mut(map_names::LOCAL_ADDRS).unwrap()).unwrap();
+        for a in [STALE, STALE6] {
+            let (family, bytes) = ip_bytes(ip(a));
+            m.insert(LocalKey::new(family, bytes), LO, 0).unwrap();
+        }
+    }
+    for p in [
+        tcp(&at(ATTACKER, 40000), &at(STALE, 80)).syn(),
+        tcp(&at(ATTACKER6, 40000), &at(STALE6, 80)).syn(),
+        udp(&at(ATTACKER, 40002), &at(STALE, 53)),
+    ] {
+        dp.uplink(&p.frame()).passed_untouched();
+    }
+    // The same packets to the address the endpoint carries are still dropped.
+    for p in denied_new_flows() {
+        dp.uplink(&p.frame()).dropped_at_xdp();
+    }
+}

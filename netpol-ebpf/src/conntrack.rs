@@ -410,7 +410,7 @@ fn epoch_sender(family: u8, saddr: &[u8; 16], cfg: &ConfigValue) -> Option<u32> 
 
 /// Whether an endpoint has `addr` as its pod's address.
 #[inline(always)]
-fn carries(ep: &EndpointValue, family: u8, addr: &[u8; 16]) -> bool {
+pub(crate) fn carries(ep: &EndpointValue, family: u8, addr: &[u8; 16]) -> bool {
     if family == FAMILY_V6 {
         ep.flags & EP_F_HAS_V6 != 0 && eq16(addr, &ep.addr_v6)
     } else {

@@ -40,7 +40,7 @@ use netpol_common::{
 };
 
 use crate::{
-    conntrack::{audit, config, endpoint, fill_flow_key, local_sender, send_event},
+    conntrack::{audit, carries, config, endpoint, fill_flow_key, local_sender, send_event},
     events::{count, now_ns},
     maps::{NETPOL_FLOWS, NETPOL_XDP_CFG, NETPOL_XDP_RPLY, NETPOL_XDP_SCRATCH},
     parse::{ETH_HLEN, Frag, Packet, PacketCtx, TCP_ACK, TCP_SYN, ethertype, family_of, parse_ip},
@@ -168,6 +168,14 @@ fn denied_new_flow(
     let Some(ep) = endpoint(ifindex, &cfg).copied() else {
         return false;
     };
+    // `NETPOL_LOCAL_ADDRS` is written in place, outside the epochs: it may
+    // name the veth the address has in the other state, whose endpoint in
+    // this epoch is another pod's. Judging with that pod's ingress could drop
+    // what the veth passes: unless this epoch's endpoint carries the
+    // destination address, the veth decides.
+    if !carries(&ep, family, &s.pkt.daddr) {
+        return false;
+    }
     // Audit mode passes what policy denies, on the veth, with its event.
     if audit(&ep, &cfg) {
         return false;
