@@ -531,7 +531,7 @@ fn initial_list_is_enforced_once_synced() {
         let log = log_of(a);
         assert!(
             log.contains(
-                "watching namespaces, pods, network policies, service CIDRs, services and cluster network policies"
+                "watching namespaces, pods, network policies, service CIDRs, services, cluster network policies and nodes"
             ),
             "{}:\n{log}",
             a.node

@@ -740,8 +740,7 @@ fn nodes_are_watched_for_their_labels_and_addresses() {
         server.apply(node("n2", "a", &["192.168.0.2"]));
         wait_for(&mut src, "the relabel and the new node", |s| {
             let c = cluster(s);
-            c.nodes.get("n2").is_some()
-                && c.nodes["n1"].labels["topology.kubernetes.io/zone"] == "b"
+            c.nodes.contains_key("n2") && c.nodes["n1"].labels["topology.kubernetes.io/zone"] == "b"
         })
         .await;
         let r = src.revision();
