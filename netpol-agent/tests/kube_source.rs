@@ -611,7 +611,8 @@ fn not_enforced_lines(src: &KubeSource) -> Vec<String> {
 
 /// A cluster without the ClusterNetworkPolicy CRD (lists answered 404):
 /// the source still becomes ready, with no CNP, and picks CNPs up once the
-/// CRD is installed. Each CNP is reported as not enforced.
+/// CRD is installed. A CNP is enforced (no notice), except its `nodes`
+/// peers while no Node object is known.
 #[test]
 fn a_missing_cnp_crd_means_no_cnps_and_is_checked_again() {
     run(async {
@@ -630,8 +631,25 @@ fn a_missing_cnp_crd_means_no_cnps_and_is_checked_again() {
         })
         .await;
         let lines = not_enforced_lines(&src);
+        assert!(lines.is_empty(), "{lines:?}");
+
+        // A `nodes` peer with no Node known matches no address: said.
+        let mut to_nodes = cnp("deny-nodes");
+        to_nodes["spec"]["egress"][0]["to"] = json!([{"nodes": {"matchLabels": {"role": "cp"}}}]);
+        server.apply(to_nodes);
+        wait_for(&mut src, "the nodes CNP", |s| {
+            cluster(s).cluster_policies.contains_key("deny-nodes")
+        })
+        .await;
+        let lines = not_enforced_lines(&src);
         assert_eq!(lines.len(), 1, "{lines:?}");
-        assert!(lines[0].contains("deny-metadata"), "{}", lines[0]);
+        assert!(lines[0].contains("deny-nodes"), "{}", lines[0]);
+        // Once a Node is watched, the notice goes.
+        server.apply(node("cp-1", "a", &["192.168.0.10"]));
+        wait_for(&mut src, "the node", |s| !cluster(s).nodes.is_empty()).await;
+        assert!(not_enforced_lines(&src).is_empty());
+        server.delete(Res::ClusterNetworkPolicies, "", "deny-nodes");
+
         // Watched like any kind from then on.
         server.delete(Res::ClusterNetworkPolicies, "", "deny-metadata");
         wait_for(&mut src, "the deletion", |s| {
