@@ -14,10 +14,9 @@ use std::{
 
 use netpol_lab::{
     AgentSource, Agents, Family, Lab, LabState, ProbeSpec, Protocol, TableKey, TruthTable,
-    UpOptions,
-    controlplane::{ControlPlaneSpec, ControlPlaneState, ProxyMode},
-    cp_ops, require_privileges, start_agents_with,
-    tools::{CNP_CRD, CONTROL_PLANE_TOOLS, require_manifests, require_tools},
+    controlplane::ControlPlaneState,
+    cp_ops, start_agents_with,
+    tools::{CNP_CRD, require_manifests},
 };
 
 mod common {
@@ -75,33 +74,12 @@ y/a .   .   .   .
 y/b .   .   .   .
 ";
 
+/// The shared control-plane lab ("cn": this file's labs), once the CRD manifest is there.
 fn lab_up(test: &str) -> Option<Lab> {
-    if !require_privileges(test)
-        || !require_tools(test, CONTROL_PLANE_TOOLS)
-        || !require_manifests(test, &[CNP_CRD])
-    {
+    if !require_manifests(test, &[CNP_CRD]) {
         return None;
     }
-    // "cn": this file's labs.
-    let name = format!("cn{}", std::process::id() % 100_000);
-    let started = Instant::now();
-    let lab = Lab::up(
-        &common::lab::cluster(&name, PORTS),
-        &UpOptions {
-            control_plane: Some(ControlPlaneSpec {
-                proxy_mode: ProxyMode::None,
-                dns: false,
-                ..ControlPlaneSpec::default()
-            }),
-            ..UpOptions::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{test}: lab up {name}: {e}"));
-    eprintln!(
-        "[measure] {test}: control-plane lab {name} up in {:.1?}",
-        started.elapsed()
-    );
-    Some(lab)
+    common::lab::control_plane_up(test, "cn", PORTS)
 }
 
 fn cp(lab: &LabState) -> ControlPlaneState {

@@ -14,10 +14,10 @@ use std::{
 
 use netpol_agent::cnp_status::{CONDITION_TYPE, REPORT_LABEL};
 use netpol_lab::{
-    AgentSource, Agents, Lab, UpOptions,
-    controlplane::{ControlPlaneSpec, ControlPlaneState, ProxyMode},
-    cp_ops, require_privileges, start_agents_with,
-    tools::{CNP_CRD, CONTROL_PLANE_TOOLS, require_manifests, require_tools},
+    AgentSource, Agents, Lab,
+    controlplane::ControlPlaneState,
+    cp_ops, start_agents_with,
+    tools::{CNP_CRD, require_manifests},
 };
 
 mod common {
@@ -110,26 +110,13 @@ fn wait_condition(
 #[test]
 fn agents_report_each_node_and_write_the_programmed_condition() {
     const TEST: &str = "agents_report_each_node_and_write_the_programmed_condition";
-    if !require_privileges(TEST)
-        || !require_tools(TEST, CONTROL_PLANE_TOOLS)
-        || !require_manifests(TEST, &[CNP_CRD])
-    {
+    if !require_manifests(TEST, &[CNP_CRD]) {
         return;
     }
     // "cs": this file's labs.
-    let name = format!("cs{}", std::process::id() % 100_000);
-    let lab = Lab::up(
-        &common::lab::cluster(&name, PORTS),
-        &UpOptions {
-            control_plane: Some(ControlPlaneSpec {
-                proxy_mode: ProxyMode::None,
-                dns: false,
-                ..ControlPlaneSpec::default()
-            }),
-            ..UpOptions::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{TEST}: lab up {name}: {e}"));
+    let Some(lab) = common::lab::control_plane_up(TEST, "cs", PORTS) else {
+        return;
+    };
     cp_ops::install_cnp_crd(&cp(&lab)).unwrap_or_else(|e| panic!("{TEST}: install CRD: {e}"));
     let source = AgentSource::kube(&lab, Path::new(DEPLOY))
         .unwrap_or_else(|e| panic!("install deploy/: {e}"));
