@@ -82,8 +82,11 @@ pub fn describe(path: &Path) -> Result<()> {
             .get(&(prog.section_index, prog.address))
             .map(|f| f.instructions.len())
             .unwrap_or(0);
+        // Only the entry function's own instructions: the calls into
+        // subprograms are linked at load time (`--verify` prints the
+        // linked program's size, as the kernel translated it).
         println!(
-            "  {name:<20} section {:<12} {insns:>6} instructions",
+            "  {name:<20} section {:<12} entry function {insns:>6} instructions",
             format!("{:?}", prog.section).to_lowercase()
         );
     }
@@ -108,7 +111,7 @@ pub fn describe(path: &Path) -> Result<()> {
 /// Load every program through the verifier (maps are created, not pinned)
 /// and print the verifier's instruction counts.
 pub fn verify(path: &Path) -> Result<()> {
-    use aya::programs::SchedClassifier;
+    use aya::programs::Program;
     if !crate::setup::is_root() {
         bail!("--verify loads programs into the kernel: run as root");
     }
@@ -120,27 +123,41 @@ pub fn verify(path: &Path) -> Result<()> {
     println!("verifier:");
     let mut failed = false;
     for name in names {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(&name)
-            .context("program vanished")?
-            .try_into()
-            .with_context(|| format!("{name} is not a TC classifier"))?;
-        match prog.load() {
-            Ok(()) => {
-                let info = prog.info().context("reading program info")?;
+        // Each program loads as the type its section names: TC classifiers,
+        // the uplink's XDP program and the sk_lookup program alike (loading
+        // one as another fails for the wrong reason).
+        let prog = ebpf.program_mut(&name).context("program vanished")?;
+        let kind = match prog {
+            Program::SchedClassifier(_) => "tc",
+            Program::Xdp(_) => "xdp",
+            Program::SkLookup(_) => "sk_lookup",
+            _ => "other",
+        };
+        let loaded = match prog {
+            Program::SchedClassifier(p) => p.load().map(|()| p.info()),
+            Program::Xdp(p) => p.load().map(|()| p.info()),
+            Program::SkLookup(p) => p.load().map(|()| p.info()),
+            other => bail!(
+                "{name}: program type {:?} is not one netpol uses",
+                other.prog_type()
+            ),
+        };
+        match loaded {
+            Ok(info) => {
+                let info = info.context("reading program info")?;
                 println!(
-                    "  {name:<20} verified: {} instructions processed by the verifier, {} translated",
+                    "  {name:<20} {kind:<9} verified: {} instructions processed by the verifier, {} translated",
                     info.verified_instruction_count()
                         .map(|n| n.to_string())
                         .unwrap_or_else(|| "?".into()),
                     info.size_translated()
-                        .map(|n| format!("{} B", n))
+                        .map(|n| format!("{} instructions ({n} B)", n / 8))
                         .unwrap_or_else(|| "?".into()),
                 );
             }
             Err(e) => {
                 failed = true;
-                println!("  {name:<20} REJECTED: {e:#}");
+                println!("  {name:<20} {kind:<9} REJECTED: {e:#}");
                 if let aya::programs::ProgramError::LoadError { verifier_log, .. } = &e {
                     let log = verifier_log.to_string();
                     let tail: Vec<&str> = log.lines().rev().take(40).collect();
