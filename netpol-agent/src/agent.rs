@@ -457,9 +457,15 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
                     continue;
                 }
                 if changed || node_dirty || last_full.elapsed() >= Duration::from_secs(1) {
+                    // A change from the source alone reuses the node as read
+                    // less than a second ago (netlink events and the
+                    // one-second look cover the node).
+                    let fresh = node_dirty || last_full.elapsed() >= Duration::from_secs(1);
                     node_dirty = false;
-                    last_full = Instant::now();
-                    if let Err(e) = agent.sync() {
+                    if fresh {
+                        last_full = Instant::now();
+                    }
+                    if let Err(e) = agent.sync(fresh) {
                         tracing::error!("sync failed: {e:#}");
                         agent.errors = vec![format!("{e:#}")];
                     }
@@ -474,7 +480,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
                 while guard.get_inner().recv(&mut &mut buf[..], 0).is_ok() {}
                 guard.clear_ready();
                 if agent.source.ready() {
-                    if let Err(e) = agent.sync() {
+                    if let Err(e) = agent.sync(true) {
                         tracing::error!("sync failed: {e:#}");
                         agent.errors = vec![format!("{e:#}")];
                     }
@@ -794,9 +800,14 @@ impl Agent {
         }
     }
 
-    /// One reconciliation: read the node, compile, write maps, attach.
-    fn sync(&mut self) -> Result<()> {
-        let view = netlink::discover().context("reading the node through netlink")?;
+    /// One reconciliation: read the node (or, `fresh: false`, take it as
+    /// the last sync read it), take the source's changes, compile them,
+    /// write maps, attach.
+    fn sync(&mut self, fresh: bool) -> Result<()> {
+        let view = match (&self.last_view, fresh) {
+            (Some(v), false) => v.clone(),
+            _ => netlink::discover().context("reading the node through netlink")?,
+        };
         // The safety net: what the kernel holds is read back now and then,
         // and becomes the starting point of this sync's diff, so whatever
         // differs from the compiled state is written again.

@@ -407,8 +407,15 @@ impl<K: Ord + Clone> Epochs<K> {
             .map(|e| count_differences(&self.held[e], &held[e]))
             .sum();
         self.held = held;
-        self.stale = [Stale::everything(), Stale::everything()];
+        self.compare_all();
         n
+    }
+
+    /// The next plan compares every entry of both epochs with the desired
+    /// state, not only the noted ones (what a read-back needs; a benchmark
+    /// of the agent's path before `note` uses it too).
+    pub fn compare_all(&mut self) {
+        self.stale = [Stale::everything(), Stale::everything()];
     }
 
     /// CONFIG's generation in the kernel is not the one this agent wrote
@@ -1013,6 +1020,78 @@ mod tests {
         );
         assert!(e.execute::<()>(retry, |_| Ok(())).is_empty());
         assert_eq!(e.current(), &state(2, 2));
+    }
+
+    /// The state `state(p, i)` with one more peer entry per `extra`.
+    fn with_peers(mut s: State<u32>, extra: &[(u8, u32)]) -> State<u32> {
+        for (last, identity) in extra {
+            s.peers_v4.insert(
+                (Ipv4Addr::new(10, 0, 0, *last), 32),
+                PeerValue::new(*identity, 0),
+            );
+        }
+        s
+    }
+
+    /// The updates that turn `a`'s peers into `b`'s (what the compiler's
+    /// diff says).
+    fn peer_updates(a: &State<u32>, b: &State<u32>) -> Vec<MapUpdate> {
+        let keys: BTreeSet<_> = a.peers_v4.keys().chain(b.peers_v4.keys()).collect();
+        keys.into_iter()
+            .filter(|k| a.peers_v4.get(k) != b.peers_v4.get(k))
+            .map(|k| MapUpdate::PeerV4 {
+                addr: k.0,
+                prefix_len: k.1,
+                value: b.peers_v4.get(k).copied(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_change_writes_only_what_it_touched_and_a_failed_write_stays_pending() {
+        let big: Vec<(u8, u32)> = (10..200).map(|i| (i, 1)).collect();
+        let s0 = with_peers(state(1, 1), &big);
+        let mut e = Epochs::adopt(0, [s0.clone(), s0.clone()]);
+        e.graced();
+        // Both epochs hold s0: nothing to do, after one full comparison.
+        assert!(e.plan(&s0).is_empty());
+        // One peer changes: one write into epoch 1, then the flip.
+        let s1 = with_peers(s0.clone(), &[(10, 7)]);
+        e.note(&peer_updates(&s0, &s1));
+        let plan = e.plan(&s1);
+        assert_eq!(plan.len(), 2, "{plan:#?}");
+        // Its write fails: no flip; a second change comes before the retry.
+        let failed = e.execute(plan, |w| match w {
+            Write::PeerV4 { .. } => Err("ENOMEM"),
+            _ => Ok(()),
+        });
+        assert_eq!((failed.len(), e.active()), (1, 0));
+        let s2 = with_peers(s1.clone(), &[(11, 8)]);
+        e.note(&peer_updates(&s1, &s2));
+        let plan = e.plan(&s2);
+        let peers: BTreeSet<u8> = plan
+            .iter()
+            .filter_map(|w| match w {
+                Write::PeerV4 { addr, .. } => Some(addr.octets()[3]),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            peers,
+            BTreeSet::from([10, 11]),
+            "the failed write and the new one, nothing else: {plan:#?}"
+        );
+        assert!(e.execute::<()>(plan, |_| Ok(())).is_empty());
+        assert_eq!((e.active(), e.current()), (1, &s2));
+        // Epoch 0 holds s0: the next change writes there what s1, s2 and it
+        // changed, coalesced by key.
+        e.graced();
+        let s3 = with_peers(s2.clone(), &[(10, 9)]);
+        e.note(&peer_updates(&s2, &s3));
+        let plan = e.plan(&s3);
+        assert_eq!(plan.len(), 3, "peers .10 and .11, then the flip: {plan:#?}");
+        assert!(e.execute::<()>(plan, |_| Ok(())).is_empty());
+        assert_eq!((e.active(), e.current()), (0, &s3));
     }
 
     #[test]

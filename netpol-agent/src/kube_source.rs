@@ -1194,6 +1194,41 @@ mod tests {
         assert_eq!(s.cluster.namespaces.len(), 1);
     }
 
+    /// The names of the namespaces upserted and removed by these changes.
+    fn names_of(changes: Vec<Stamped<SourceChange>>) -> Vec<String> {
+        changes
+            .into_iter()
+            .map(|c| match c.change {
+                SourceChange::Compiler(Change::UpsertNamespace(ns)) => format!("+{}", ns.name),
+                SourceChange::Compiler(Change::RemoveNamespace(n)) => format!("-{n}"),
+                other => panic!("not a namespace change: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn events_become_changes_one_to_one_and_a_relist_the_differences() {
+        let mut s = Store::default();
+        let (id, e) = entry(&ns("a", "x"));
+        s.apply::<core::Namespace>(id, e);
+        // The same object again changes nothing: no change.
+        let (id, e) = entry(&ns("a", "x"));
+        s.apply::<core::Namespace>(id.clone(), e);
+        s.delete::<core::Namespace>(&id);
+        assert_eq!(names_of(std::mem::take(&mut s.changes)), ["+a", "-a"]);
+        let mut r = Relist::<core::Namespace>::default();
+        r.add(&ns("a", "x"));
+        r.add(&ns("b", "x"));
+        s.replace(r);
+        assert_eq!(names_of(std::mem::take(&mut s.changes)), ["+a", "+b"]);
+        // A relist: b gone, a modified, c new; nothing for what stayed.
+        let mut r = Relist::<core::Namespace>::default();
+        r.add(&ns("a", "y"));
+        r.add(&ns("c", "x"));
+        s.replace(r);
+        assert_eq!(names_of(std::mem::take(&mut s.changes)), ["-b", "+a", "+c"]);
+    }
+
     #[test]
     fn retry_doubles_to_max_and_resets() {
         let retry = Retry {

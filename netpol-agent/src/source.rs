@@ -1246,6 +1246,56 @@ spec:
     }
 
     #[test]
+    fn a_file_read_again_hands_over_only_what_changed_in_it() {
+        let dir = Dir::new("changes");
+        dir.write("ns.yaml", NAMESPACE);
+        dir.write("policy.yaml", POLICY);
+        let mut src = DirSource::new(&dir.0).without_inotify();
+        src.poll().expect("poll");
+        let Changes::List(first) = src.take_changes() else {
+            panic!("the directory source says what changed")
+        };
+        assert_eq!(first.len(), 2, "{first:?}");
+        // The policy's file rewritten with another rule: one upsert.
+        dir.write(
+            "policy.yaml",
+            &POLICY.replace("role: client", "role: server"),
+        );
+        src.poll().expect("poll");
+        src.poll().expect("poll");
+        let Changes::List(second) = src.take_changes() else {
+            panic!("the directory source says what changed")
+        };
+        assert!(
+            matches!(
+                second.as_slice(),
+                [Stamped {
+                    change: SourceChange::Compiler(Change::UpsertPolicy(_)),
+                    ..
+                }]
+            ),
+            "{second:?}"
+        );
+        // The file deleted: its policy goes; the namespace stays.
+        std::fs::remove_file(dir.path("policy.yaml")).expect("remove");
+        src.poll().expect("poll");
+        let Changes::List(third) = src.take_changes() else {
+            panic!("the directory source says what changed")
+        };
+        assert!(
+            matches!(
+                third.as_slice(),
+                [Stamped {
+                    change: SourceChange::Compiler(Change::RemovePolicy(_)),
+                    ..
+                }]
+            ),
+            "{third:?}"
+        );
+        assert!(matches!(src.take_changes(), Changes::List(l) if l.is_empty()));
+    }
+
+    #[test]
     fn a_write_is_read_at_close_without_waiting_for_the_rescan() {
         let d = Dir::new("close");
         d.write("ns.yaml", NAMESPACE);
