@@ -18,7 +18,9 @@
 //!   and the names updated from the change and the diff.
 //!
 //! Both write to a no-op kernel (`Epochs::execute` with a writer that
-//! succeeds). Run in release:
+//! succeeds). The first change after the start fills the other epoch whole
+//! (it held nothing): it is the max of `changes`, not a per-change cost.
+//! Run in release:
 //! `cargo run --release -p netpol-benches --bin agent_path [-- --changes 20]`.
 //! Prints thread CPU and wall time per change (median, p99, max); the load
 //! average first: other work on the machine skews every number.
@@ -129,7 +131,7 @@ fn thread_cpu() -> f64 {
 /// another app.
 fn change(k: usize, nodes: u32) -> Pod {
     // Pod i runs on node (i + 1) % nodes: local pods are i = nodes - 1 + j * nodes.
-    let i = if k % 2 == 0 {
+    let i = if k.is_multiple_of(2) {
         (k as u32 * 7919) % (NAMESPACES * APPS * REPLICAS)
     } else {
         (nodes - 1 + (k as u32 * 13) * nodes) % (NAMESPACES * APPS * REPLICAS)
