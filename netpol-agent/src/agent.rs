@@ -35,14 +35,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     api::{self, Shared, SharedRef},
-    compiler::{Compiler, NodeInfo},
+    compiler::{Change, Compiler, NodeInfo},
     datapath::{Datapath, MapSizes},
-    epoch::{Epochs, State, Write},
-    flowlog::{self, Names},
+    epoch::{Desired, Epochs, Write},
+    flowlog::{self, Names, SharedNames},
+    maps::MapUpdate,
     metrics::Metrics,
+    model::{Cluster, ObjectRef, PodRef},
     netlink,
     pins::Pins,
-    source::ClusterSource,
+    source::{Changes, ClusterSource, SourceChange},
 };
 
 /// A policy set id the compiler never assigns (its ids stay below, and the
@@ -219,7 +221,25 @@ struct Agent {
     xdp_this_run: BTreeSet<u32>,
     /// The XDP mode the kernel runs on each of them, by device name.
     xdp_modes: BTreeMap<String, String>,
-    names: Arc<Names>,
+    /// Names for the flow log and the API, shared: updated from each
+    /// change, never rebuilt (see [`NamesBacklog`]).
+    names: SharedNames,
+    /// What the names lack while a reader held their lock.
+    names_backlog: NamesBacklog,
+    /// Local endpoints by veth, as the last sync found them.
+    endpoint_pods: BTreeMap<u32, PodRef>,
+    /// The source's problems, read when its revision moved.
+    source_errors: Vec<String>,
+    errors_revision: Option<u64>,
+    /// Service frontends (ServiceCIDRs' ranges, Services' IPs) from the
+    /// source's changes, and the deferred ranges they make (recomputed only
+    /// when they change).
+    service_cidrs: BTreeMap<String, Vec<ipnet::IpNet>>,
+    service_ips: BTreeMap<ObjectRef, Vec<IpAddr>>,
+    frontends: Option<BTreeSet<ipnet::IpNet>>,
+    /// Changes taken from the source and not enforced yet: their kind and
+    /// when the source received them (`netpol_change_seconds`).
+    inflight: Vec<(&'static str, Instant)>,
     shared: SharedRef,
     synced_revision: Option<u64>,
     /// The node as the last sync saw it.
@@ -336,9 +356,10 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
     }
     .map_err(|e| anyhow::anyhow!("polling netlink: {e}"))?;
 
+    let names: SharedNames = Arc::new(std::sync::RwLock::new(Names::default()));
     let shared: SharedRef = Arc::new(Mutex::new(Shared {
         status: Status::default(),
-        names: Arc::new(Names::default()),
+        names: names.clone(),
         metrics: Metrics::new(),
         pins: dp.pins().clone(),
     }));
@@ -377,7 +398,15 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         post_nat_this_run: BTreeSet::new(),
         xdp_this_run: BTreeSet::new(),
         xdp_modes: BTreeMap::new(),
-        names: Arc::new(Names::default()),
+        names,
+        names_backlog: NamesBacklog::default(),
+        endpoint_pods: BTreeMap::new(),
+        source_errors: Vec::new(),
+        errors_revision: None,
+        service_cidrs: BTreeMap::new(),
+        service_ips: BTreeMap::new(),
+        frontends: None,
+        inflight: Vec::new(),
         shared,
         synced_revision: None,
         started,
@@ -428,9 +457,15 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
                     continue;
                 }
                 if changed || node_dirty || last_full.elapsed() >= Duration::from_secs(1) {
+                    // A change from the source alone reuses the node as read
+                    // less than a second ago (netlink events and the
+                    // one-second look cover the node).
+                    let fresh = node_dirty || last_full.elapsed() >= Duration::from_secs(1);
                     node_dirty = false;
-                    last_full = Instant::now();
-                    if let Err(e) = agent.sync() {
+                    if fresh {
+                        last_full = Instant::now();
+                    }
+                    if let Err(e) = agent.sync(fresh) {
                         tracing::error!("sync failed: {e:#}");
                         agent.errors = vec![format!("{e:#}")];
                     }
@@ -445,7 +480,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
                 while guard.get_inner().recv(&mut &mut buf[..], 0).is_ok() {}
                 guard.clear_ready();
                 if agent.source.ready() {
-                    if let Err(e) = agent.sync() {
+                    if let Err(e) = agent.sync(true) {
                         tracing::error!("sync failed: {e:#}");
                         agent.errors = vec![format!("{e:#}")];
                     }
@@ -636,9 +671,38 @@ fn endpoint_ips(ep: &EndpointValue) -> impl Iterator<Item = IpAddr> {
     v4.into_iter().chain(v6)
 }
 
+/// Updates of the shared [`Names`] not applied yet: the run loop never
+/// waits for a reader (an `explain` compiling another node holds the lock
+/// for a while); it keeps what it could not apply and applies it with the
+/// next update.
+#[derive(Default)]
+struct NamesBacklog {
+    /// The cluster replaced whole (a resync).
+    cluster: Option<Cluster>,
+    changes: Vec<SourceChange>,
+    /// Updates of the compiled maps.
+    updates: Vec<MapUpdate>,
+    /// The compile's rules, policy sets and identities changed.
+    meta: bool,
+    endpoints: Option<BTreeMap<u32, PodRef>>,
+}
+
+impl NamesBacklog {
+    fn is_empty(&self) -> bool {
+        self.cluster.is_none()
+            && self.changes.is_empty()
+            && self.updates.is_empty()
+            && !self.meta
+            && self.endpoints.is_none()
+    }
+}
+
 impl Agent {
     fn log_event(&mut self, ev: &VerdictEvent) {
-        let line = flowlog::describe(ev, &self.names, flowlog::wall_time(ev.timestamp_ns));
+        let line = {
+            let names = self.names.read().unwrap_or_else(|p| p.into_inner());
+            flowlog::describe(ev, &names, flowlog::wall_time(ev.timestamp_ns))
+        };
         if let Ok(json) = serde_json::to_string(&line) {
             let _ = writeln!(self.flow_log, "{json}");
         }
@@ -736,9 +800,14 @@ impl Agent {
         }
     }
 
-    /// One reconciliation: read the node, compile, write maps, attach.
-    fn sync(&mut self) -> Result<()> {
-        let view = netlink::discover().context("reading the node through netlink")?;
+    /// One reconciliation: read the node (or, `fresh: false`, take it as
+    /// the last sync read it), take the source's changes, compile them,
+    /// write maps, attach.
+    fn sync(&mut self, fresh: bool) -> Result<()> {
+        let view = match (&self.last_view, fresh) {
+            (Some(v), false) => v.clone(),
+            _ => netlink::discover().context("reading the node through netlink")?,
+        };
         // The safety net: what the kernel holds is read back now and then,
         // and becomes the starting point of this sync's diff, so whatever
         // differs from the compiled state is written again.
@@ -757,24 +826,87 @@ impl Agent {
                 Err(e) => tracing::error!("reconcile: reading the pinned maps: {e:#}"),
             }
         }
-        // Nothing changed since a sync that fully applied: no snapshot, no
-        // compile (both cost at 100k pods).
+        // The source's changes, straight to the compiler: its diff says
+        // which peer and policy entries the epochs must be written.
         let revision = self.source.revision();
-        if !self.retry
-            && !reconcile
-            && self.synced_revision == Some(revision)
-            && self.last_view.as_ref() == Some(&view)
-        {
-            return Ok(());
-        }
-        let snap = self.source.snapshot();
         let node = NodeInfo {
             name: self.cfg.node.clone(),
             addresses: view.node_addresses.iter().copied().collect(),
         };
         let t_compile = Instant::now();
-        let compiled = self.compiler.compile(&snap.cluster, &node);
+        let mut batch: Vec<Change> = Vec::new();
+        let mut resync = None;
+        match self.source.take_changes() {
+            Changes::List(list) => {
+                for c in list {
+                    self.inflight.push((c.change.kind(), c.at));
+                    match &c.change {
+                        SourceChange::Compiler(change) => batch.push(change.clone()),
+                        SourceChange::ServiceCidrs { name, cidrs } => {
+                            match cidrs {
+                                Some(c) => self.service_cidrs.insert(name.clone(), c.clone()),
+                                None => self.service_cidrs.remove(name),
+                            };
+                            self.frontends = None;
+                        }
+                        SourceChange::ServiceIps { service, ips } => {
+                            match ips {
+                                Some(i) => self.service_ips.insert(service.clone(), i.clone()),
+                                None => self.service_ips.remove(service),
+                            };
+                            self.frontends = None;
+                        }
+                    }
+                    self.names_backlog.changes.push(c.change);
+                }
+            }
+            Changes::Resync => {
+                let snap = self.source.snapshot();
+                self.inflight.push(("other", Instant::now()));
+                self.service_cidrs = snap.cluster.service_cidrs.clone();
+                self.service_ips = snap.cluster.service_ips.clone();
+                self.frontends = None;
+                resync = Some(snap.cluster);
+            }
+        }
+        if *self.compiler.node() != node {
+            batch.push(Change::SetNode(node));
+        }
+        let had_changes = !batch.is_empty() || resync.is_some();
+        let mut diff = if batch.is_empty() {
+            crate::maps::Diff::default()
+        } else {
+            self.compiler.apply_changes(batch)
+        };
+        if let Some(cluster) = resync {
+            let more = self.compiler.sync(&cluster);
+            diff.revokes |= more.revokes;
+            diff.updates.extend(more.updates);
+            self.names_backlog.changes.clear();
+            self.names_backlog.cluster = Some(cluster);
+        }
+        self.epochs.note(&diff.updates);
+        if !diff.is_empty() {
+            self.names_backlog.meta = true;
+        }
+        self.names_backlog.updates.extend(diff.updates);
         let compile_secs = t_compile.elapsed().as_secs_f64();
+        if self.errors_revision != Some(revision) {
+            self.source_errors = self.source.errors();
+            self.errors_revision = Some(revision);
+        }
+        // Nothing changed since a sync that fully applied: nothing to write.
+        if !self.retry
+            && !reconcile
+            && !had_changes
+            && self.synced_revision.is_some()
+            && self.last_view.as_ref() == Some(&view)
+        {
+            self.synced_revision = Some(revision);
+            self.publish_names();
+            return Ok(());
+        }
+        let compiled = self.compiler.compiled();
         let t_apply = Instant::now();
 
         // Pod veths and their endpoints.
@@ -800,7 +932,7 @@ impl Agent {
         // drops and forgets all its flows. An endpoint goes when its veth
         // goes or its pod is deleted.
         let kept = keep_endpoints_on_transient_miss(
-            &self.names.endpoints,
+            &self.endpoint_pods,
             &self.epochs.current().endpoints,
             &pod_like,
             &compiled.maps.endpoints,
@@ -817,7 +949,7 @@ impl Agent {
         // fall back to a shorter prefix's identity, possibly a more
         // permissive one: fail closed by isolating every local pod with
         // nothing allowed until the map fits.
-        let mut errors: Vec<String> = snap.errors.clone();
+        let mut errors: Vec<String> = self.source_errors.clone();
         let source_errors = errors.len();
         let sizes = self.dp.sizes();
         for (map, need, cap) in [
@@ -870,14 +1002,24 @@ impl Agent {
         // post-DNAT hooks are attached before any endpoint exists), old ones
         // at the end. Either way verdicts of existing flows may move: they
         // are re-checked (the generation).
-        let want_deferred: BTreeSet<ipnet::IpNet> = self
-            .cfg
-            .service_cidrs
-            .iter()
-            .copied()
-            .chain(snap.cluster.service_frontends())
-            .map(|n| n.trunc())
-            .collect();
+        let want_deferred = self
+            .frontends
+            .get_or_insert_with(|| {
+                self.cfg
+                    .service_cidrs
+                    .iter()
+                    .copied()
+                    .chain(self.service_cidrs.values().flatten().copied())
+                    .chain(
+                        self.service_ips
+                            .values()
+                            .flatten()
+                            .map(|ip| ipnet::IpNet::from(*ip)),
+                    )
+                    .map(|n| n.trunc())
+                    .collect()
+            })
+            .clone();
         for net in want_deferred.difference(&self.deferred.clone()) {
             match self.dp.set_deferred(*net) {
                 Ok(()) => {
@@ -914,14 +1056,13 @@ impl Agent {
         // run reads carries the address, and drops the packet otherwise:
         // every verdict stays the old state's or the new one's (see
         // `epoch`, "Maps outside the epochs").
-        let desired_state = State::new(&compiled.maps, desired.clone());
         let local_writes = if self.epochs.needs_grace() {
             Vec::new()
         } else {
             crate::epoch::local_addr_writes(
                 &self.local_addrs,
-                self.epochs.current(),
-                &desired_state,
+                &self.epochs.current().endpoints,
+                &desired,
             )
         };
         for (ip, ifindex) in local_writes {
@@ -982,21 +1123,30 @@ impl Agent {
         // The new state (peers, policy entries, endpoints): written into the
         // epoch the datapath does not read, then one flip (see `epoch`).
         let before: BTreeSet<u32> = self.epochs.current().endpoints.keys().copied().collect();
-        let desired_state = State::new(&compiled.maps, desired.clone());
-        let plan = self.epochs.plan(&desired_state);
+        let graced = !self.epochs.needs_grace();
+        let plan = if graced {
+            self.epochs.plan(Desired::new(&compiled.maps, &desired))
+        } else {
+            Vec::new()
+        };
+        // Nothing to write: the enforced state is the desired one already.
+        let nothing_to_write = graced && plan.is_empty();
         let mut flipped = false;
-        if !plan.is_empty() && !self.epochs.needs_grace() {
+        if !plan.is_empty() {
             let writes = plan.len() - 1;
             let dp = &mut self.dp;
             let t = Instant::now();
             let mut flip_secs = 0.0;
-            let failed = self.epochs.execute(plan, |w| {
-                let t = Instant::now();
-                let r = write(dp, w);
-                if matches!(w, Write::Flip { .. }) {
-                    flip_secs = t.elapsed().as_secs_f64();
-                }
-                r
+            let span = tracing::debug_span!("apply", writes, epoch = self.epochs.inactive());
+            let failed = span.in_scope(|| {
+                self.epochs.execute(plan, |w| {
+                    let t = Instant::now();
+                    let r = write(dp, w);
+                    if matches!(w, Write::Flip { .. }) {
+                        flip_secs = t.elapsed().as_secs_f64();
+                    }
+                    r
+                })
             });
             let write_secs = t.elapsed().as_secs_f64();
             for f in &failed {
@@ -1020,8 +1170,8 @@ impl Agent {
         if !flipped && !self.epochs.needs_grace() {
             for (ip, ifindex) in crate::epoch::local_addr_writes(
                 &self.local_addrs,
-                self.epochs.current(),
-                self.epochs.current(),
+                &self.epochs.current().endpoints,
+                &self.epochs.current().endpoints,
             ) {
                 match self.dp.set_local_addr(ip, ifindex) {
                     Ok(()) => {
@@ -1086,8 +1236,11 @@ impl Agent {
         // Addresses no epoch holds any more (see `epoch::stale_local_addrs`).
         let gone = crate::epoch::stale_local_addrs(
             &self.local_addrs,
-            [self.epochs.held(0), self.epochs.held(1)],
-            &desired_state,
+            [
+                &self.epochs.held(0).endpoints,
+                &self.epochs.held(1).endpoints,
+            ],
+            &desired,
         );
         for ip in gone {
             match self.dp.remove_local_addr(ip) {
@@ -1145,19 +1298,17 @@ impl Agent {
                 .apply_seconds
                 .observe(t_apply.elapsed().as_secs_f64());
         }
-        self.names = Arc::new(Names {
-            pods_by_ip: snap
-                .cluster
-                .pods
-                .values()
-                .filter(|p| p.is_live())
-                .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.pod_ref())))
-                .collect::<BTreeMap<IpAddr, _>>(),
-            compiled,
-            endpoints: endpoint_pods,
-            cluster: snap.cluster,
-        });
-        self.shared.lock().expect("api state lock").names = self.names.clone();
+        // The changes taken are enforced once their writes flipped (or
+        // nothing was to be written); a failed write keeps them in flight.
+        if nothing_to_write || flipped {
+            let sh = self.shared.lock().expect("api state lock");
+            for (kind, at) in self.inflight.drain(..) {
+                sh.metrics.observe_change(kind, at.elapsed().as_secs_f64());
+            }
+        }
+        self.endpoint_pods = endpoint_pods;
+        self.names_backlog.endpoints = Some(self.endpoint_pods.clone());
+        self.publish_names();
         if self.synced_revision.is_none() {
             tracing::info!(
                 secs = self.started.elapsed().as_secs_f64(),
@@ -1168,6 +1319,38 @@ impl Agent {
         self.retry = datapath_errors;
         self.last_view = Some(view);
         Ok(())
+    }
+
+    /// Brings the shared names up to date, unless a reader holds them: then
+    /// what is missing waits for the next sync (the run loop never blocks on
+    /// the API). Per change O(change), plus the compile's rules, policy sets
+    /// and identities when the maps changed.
+    fn publish_names(&mut self) {
+        if self.names_backlog.is_empty() {
+            return;
+        }
+        let Ok(mut names) = self.names.try_write() else {
+            return;
+        };
+        let b = std::mem::take(&mut self.names_backlog);
+        if let Some(cluster) = b.cluster {
+            names.replace_cluster(cluster);
+        }
+        for c in &b.changes {
+            names.apply(c);
+        }
+        names.compiled.maps.apply(&b.updates);
+        if b.meta {
+            let c = self.compiler.compiled();
+            names.compiled.node = c.node.clone();
+            names.compiled.rules = c.rules.clone();
+            names.compiled.policy_sets = c.policy_sets.clone();
+            names.compiled.identities = c.identities.clone();
+            names.compiled.local_ips = c.local_ips.clone();
+        }
+        if let Some(e) = b.endpoints {
+            names.endpoints = e;
+        }
     }
 
     /// After a sync and its status: if this agent adopted the previous
@@ -1250,8 +1433,7 @@ impl Agent {
             .keys()
             .map(|ifindex| crate::metrics::QuotaRow {
                 endpoint: self
-                    .names
-                    .endpoints
+                    .endpoint_pods
                     .get(ifindex)
                     .map_or_else(|| format!("ifindex/{ifindex}"), |p| p.to_string()),
                 entries: self.flow_entries.get(ifindex).copied().unwrap_or(0),

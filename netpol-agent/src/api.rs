@@ -24,12 +24,20 @@ use tokio::{
     sync::Semaphore,
 };
 
-use crate::{agent::Status, explain, flowlog::Names, metrics::Metrics, pins::Pins};
+use crate::{
+    agent::Status,
+    explain,
+    flowlog::{Names, SharedNames},
+    metrics::Metrics,
+    pins::Pins,
+};
 
 /// What the API serves, updated by the run loop after each sync.
 pub struct Shared {
     pub status: Status,
-    pub names: Arc<Names>,
+    /// Read under its lock, briefly: the run loop skips an update while a
+    /// reader holds it (and applies it with the next).
+    pub names: SharedNames,
     pub metrics: Metrics,
     pub pins: Pins,
 }
@@ -187,6 +195,7 @@ fn route(shared: &SharedRef, listener: Listener, path: &str) -> Response {
                 Ok((from, to, port, proto))
             })();
             let names = lock().names.clone();
+            let names = names.read().unwrap_or_else(|p| p.into_inner());
             match args.and_then(|(from, to, port, proto)| {
                 explain::explain(&names.cluster, &names.compiled, &from, &to, port, proto)
             }) {
@@ -202,7 +211,7 @@ fn route(shared: &SharedRef, listener: Listener, path: &str) -> Response {
                 let s = lock();
                 (s.pins.clone(), s.names.clone())
             };
-            match read_flows(&pins, &names) {
+            match read_flows(&pins, &names.read().unwrap_or_else(|p| p.into_inner())) {
                 Ok(f) => ok(
                     "application/json",
                     serde_json::to_string_pretty(&f).unwrap_or_default(),

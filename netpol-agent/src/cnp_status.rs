@@ -321,6 +321,7 @@ fn lease_name(node: &str) -> String {
 /// Reads this agent's state from what the run loop published.
 fn local(shared: &SharedRef) -> Local {
     let sh = shared.lock().unwrap_or_else(|p| p.into_inner());
+    let names = sh.names.read().unwrap_or_else(|p| p.into_inner());
     Local {
         enforcing: sh.status.synced && sh.status.not_ready.is_empty(),
         why_not: sh.status.not_ready.first().cloned().unwrap_or_else(|| {
@@ -330,8 +331,8 @@ fn local(shared: &SharedRef) -> Local {
                 "not synced yet".to_owned()
             }
         }),
-        applied: sh.names.cluster.cluster_policies.clone(),
-        nodes_known: !sh.names.cluster.nodes.is_empty(),
+        applied: names.cluster.cluster_policies.clone(),
+        nodes_known: !names.cluster.nodes.is_empty(),
     }
 }
 

@@ -142,7 +142,7 @@ use netpol_common::{
     generation_epoch, id_epoch,
 };
 
-use crate::compiler::Maps;
+use crate::maps::{MapUpdate, Maps};
 
 /// A CONFIG generation's count, without the epoch in its top bit: the
 /// number status and metrics show (the epoch is shown apart).
@@ -273,6 +273,80 @@ pub struct Epochs<K> {
     /// The active epoch changed (or may have: a previous agent) since the
     /// last grace period: runs may still read the inactive epoch.
     grace_pending: bool,
+    /// Per epoch, the peer and policy keys whose entry there may differ
+    /// from the desired state (see [`Epochs::plan`]).
+    stale: [Stale; 2],
+}
+
+/// The peer and policy keys of one epoch that may differ from the desired
+/// state: every key a change touched since that epoch last matched it, and
+/// every key whose write into it failed. `all`: the epoch was read from the
+/// kernel (start, reconcile) and any key may differ.
+#[derive(Clone, Debug, Default)]
+struct Stale {
+    all: bool,
+    peers_v4: BTreeSet<(Ipv4Addr, u8)>,
+    peers_v6: BTreeSet<(Ipv6Addr, u8)>,
+    policy: BTreeSet<(PolicyKey, u32)>,
+}
+
+impl Stale {
+    fn everything() -> Self {
+        Self {
+            all: true,
+            ..Self::default()
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.all && self.peers_v4.is_empty() && self.peers_v6.is_empty() && self.policy.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.peers_v4.len() + self.peers_v6.len() + self.policy.len()
+    }
+}
+
+/// The desired state by reference: the compiler's peer and policy maps as
+/// they are (never copied), with the node's endpoints (keyed by veth).
+#[derive(Debug)]
+pub struct Desired<'a, K> {
+    pub endpoints: &'a BTreeMap<K, EndpointValue>,
+    pub peers_v4: &'a BTreeMap<(Ipv4Addr, u8), PeerValue>,
+    pub peers_v6: &'a BTreeMap<(Ipv6Addr, u8), PeerValue>,
+    pub policy: &'a BTreeMap<(PolicyKey, u32), PolicyValue>,
+}
+
+impl<K> Clone for Desired<'_, K> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<K> Copy for Desired<'_, K> {}
+
+impl<'a, K> Desired<'a, K> {
+    /// The compiled peer and policy entries (its endpoints, keyed by pod,
+    /// are not these: the agent keys them by veth) with `endpoints`.
+    pub fn new(maps: &'a Maps, endpoints: &'a BTreeMap<K, EndpointValue>) -> Self {
+        Self {
+            endpoints,
+            peers_v4: &maps.peers_v4,
+            peers_v6: &maps.peers_v6,
+            policy: &maps.policy,
+        }
+    }
+}
+
+impl<'a, K> From<&'a State<K>> for Desired<'a, K> {
+    fn from(s: &'a State<K>) -> Self {
+        Self {
+            endpoints: &s.endpoints,
+            peers_v4: &s.peers_v4,
+            peers_v6: &s.peers_v6,
+            policy: &s.policy,
+        }
+    }
 }
 
 /// A failed write, with what it was.
@@ -291,6 +365,7 @@ impl<K: Ord + Clone> Epochs<K> {
             generation,
             held,
             grace_pending: true,
+            stale: [Stale::everything(), Stale::everything()],
         }
     }
 
@@ -332,7 +407,15 @@ impl<K: Ord + Clone> Epochs<K> {
             .map(|e| count_differences(&self.held[e], &held[e]))
             .sum();
         self.held = held;
+        self.compare_all();
         n
+    }
+
+    /// The next plan compares every entry of both epochs with the desired
+    /// state, not only the noted ones (what a read-back needs; a benchmark
+    /// of the agent's path before `note` uses it too).
+    pub fn compare_all(&mut self) {
+        self.stale = [Stale::everything(), Stale::everything()];
     }
 
     /// CONFIG's generation in the kernel is not the one this agent wrote
@@ -357,75 +440,178 @@ impl<K: Ord + Clone> Epochs<K> {
         self.grace_pending = false;
     }
 
+    /// The compiler changed these entries (its [`Diff`](crate::maps::Diff)'s
+    /// updates): both epochs may now differ from the desired state there.
+    /// Endpoint updates are ignored (endpoints are keyed by veth and
+    /// compared whole, they are few).
+    pub fn note(&mut self, updates: &[MapUpdate]) {
+        for stale in &mut self.stale {
+            if stale.all {
+                continue;
+            }
+            for u in updates {
+                match u {
+                    MapUpdate::Endpoint { .. } => {}
+                    MapUpdate::PeerV4 {
+                        addr, prefix_len, ..
+                    } => {
+                        stale.peers_v4.insert((*addr, *prefix_len));
+                    }
+                    MapUpdate::PeerV6 {
+                        addr, prefix_len, ..
+                    } => {
+                        stale.peers_v6.insert((*addr, *prefix_len));
+                    }
+                    MapUpdate::Policy {
+                        key, prefix_len, ..
+                    } => {
+                        stale.policy.insert((*key, *prefix_len));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keys of epoch `e` that may differ from `desired`: those that do, and
+    /// only those. A key whose write failed still differs and stays; after
+    /// a read-back (`all`) every key is compared once.
+    fn settle(&mut self, e: usize, d: Desired<'_, K>) {
+        let held = &self.held[e];
+        let stale = &mut self.stale[e];
+        if std::mem::take(&mut stale.all) {
+            fn differing<K: Ord + Clone, V: PartialEq>(
+                a: &BTreeMap<K, V>,
+                b: &BTreeMap<K, V>,
+            ) -> BTreeSet<K> {
+                a.iter()
+                    .filter(|(k, v)| b.get(*k) != Some(*v))
+                    .map(|(k, _)| k.clone())
+                    .chain(b.keys().filter(|k| !a.contains_key(*k)).cloned())
+                    .collect()
+            }
+            stale.peers_v4 = differing(&held.peers_v4, d.peers_v4);
+            stale.peers_v6 = differing(&held.peers_v6, d.peers_v6);
+            stale.policy = differing(&held.policy, d.policy);
+            return;
+        }
+        stale
+            .peers_v4
+            .retain(|k| held.peers_v4.get(k) != d.peers_v4.get(k));
+        stale
+            .peers_v6
+            .retain(|k| held.peers_v6.get(k) != d.peers_v6.get(k));
+        stale
+            .policy
+            .retain(|k| held.policy.get(k) != d.policy.get(k));
+    }
+
+    /// Peer and policy keys the next plan writes into the inactive epoch
+    /// (after [`Epochs::plan`] settled them): for tests and logs.
+    pub fn pending(&self) -> usize {
+        self.stale[self.inactive() as usize].len()
+    }
+
     /// The writes that bring the datapath to `desired`: the inactive epoch
     /// made equal to it, then a flip. Nothing when the active epoch already
     /// holds it. Inside the inactive epoch the order does not matter (no
     /// packet reads it); deletes go first, so the maps never need room for
     /// more than both states.
-    pub fn plan(&self, desired: &State<K>) -> Vec<Write<K>> {
-        if self.current() == desired {
+    ///
+    /// Incremental: the peer and policy entries compared are only those
+    /// [`Epochs::note`] was told of since each epoch last matched (the
+    /// inactive epoch holds the state before last, so its pending keys are
+    /// the previous change's and this one's, coalesced by key), and those
+    /// whose write failed; the endpoints (a node's, few) are compared whole.
+    /// After [`Epochs::adopt`] or [`Epochs::reread`] every key is compared
+    /// once. `desired`'s peers and policy must be what the noted updates
+    /// led to (the compiler's maps).
+    pub fn plan<'a>(&mut self, desired: impl Into<Desired<'a, K>>) -> Vec<Write<K>>
+    where
+        K: 'a,
+    {
+        let d = desired.into();
+        let (a, e) = (self.active(), self.inactive());
+        self.settle(a as usize, d);
+        self.settle(e as usize, d);
+        if self.stale[a as usize].is_empty() && self.current().endpoints == *d.endpoints {
             return Vec::new();
         }
-        let e = self.inactive();
         let held = self.held(e);
+        let stale = &self.stale[e as usize];
         let mut deletes = Vec::new();
         let mut upserts = Vec::new();
-        let endpoint = |key: K, value: Option<EndpointValue>| Write::Endpoint {
-            epoch: e,
-            key,
-            value: value.map(|v| EndpointValue {
-                policy_id: epoch_policy_id(v.policy_id, e),
-                ..v
-            }),
+        let mut put = |w: Write<K>, delete: bool| {
+            if delete {
+                deletes.push(w)
+            } else {
+                upserts.push(w)
+            }
         };
-        let peer4 = |(addr, prefix_len): (Ipv4Addr, u8), value| Write::PeerV4 {
-            epoch: e,
-            addr,
-            prefix_len,
-            value,
-        };
-        let peer6 = |(addr, prefix_len): (Ipv6Addr, u8), value| Write::PeerV6 {
-            epoch: e,
-            addr,
-            prefix_len,
-            value,
-        };
-        let policy = |(key, prefix_len): (PolicyKey, u32), value| Write::Policy {
-            key: PolicyKey {
-                policy_id: epoch_policy_id(key.policy_id, e),
-                ..key
-            },
-            prefix_len,
-            value,
-        };
-        diff_into(
-            &held.endpoints,
-            &desired.endpoints,
-            endpoint,
-            &mut deletes,
-            &mut upserts,
-        );
-        diff_into(
-            &held.peers_v4,
-            &desired.peers_v4,
-            peer4,
-            &mut deletes,
-            &mut upserts,
-        );
-        diff_into(
-            &held.peers_v6,
-            &desired.peers_v6,
-            peer6,
-            &mut deletes,
-            &mut upserts,
-        );
-        diff_into(
-            &held.policy,
-            &desired.policy,
-            policy,
-            &mut deletes,
-            &mut upserts,
-        );
+        for k in held.endpoints.keys() {
+            if !d.endpoints.contains_key(k) {
+                put(
+                    Write::Endpoint {
+                        epoch: e,
+                        key: k.clone(),
+                        value: None,
+                    },
+                    true,
+                );
+            }
+        }
+        for (k, v) in d.endpoints {
+            if held.endpoints.get(k) != Some(v) {
+                put(
+                    Write::Endpoint {
+                        epoch: e,
+                        key: k.clone(),
+                        value: Some(EndpointValue {
+                            policy_id: epoch_policy_id(v.policy_id, e),
+                            ..*v
+                        }),
+                    },
+                    false,
+                );
+            }
+        }
+        for &(addr, prefix_len) in &stale.peers_v4 {
+            let value = d.peers_v4.get(&(addr, prefix_len)).copied();
+            put(
+                Write::PeerV4 {
+                    epoch: e,
+                    addr,
+                    prefix_len,
+                    value,
+                },
+                value.is_none(),
+            );
+        }
+        for &(addr, prefix_len) in &stale.peers_v6 {
+            let value = d.peers_v6.get(&(addr, prefix_len)).copied();
+            put(
+                Write::PeerV6 {
+                    epoch: e,
+                    addr,
+                    prefix_len,
+                    value,
+                },
+                value.is_none(),
+            );
+        }
+        for &(key, prefix_len) in &stale.policy {
+            let value = d.policy.get(&(key, prefix_len)).copied();
+            put(
+                Write::Policy {
+                    key: PolicyKey {
+                        policy_id: epoch_policy_id(key.policy_id, e),
+                        ..key
+                    },
+                    prefix_len,
+                    value,
+                },
+                value.is_none(),
+            );
+        }
         let mut out = deletes;
         out.append(&mut upserts);
         out.push(Write::Flip {
@@ -533,25 +719,6 @@ impl<K: Ord + Clone> Epochs<K> {
     }
 }
 
-fn diff_into<K: Ord + Clone, V: PartialEq + Copy, W>(
-    held: &BTreeMap<K, V>,
-    desired: &BTreeMap<K, V>,
-    mk: impl Fn(K, Option<V>) -> W,
-    deletes: &mut Vec<W>,
-    upserts: &mut Vec<W>,
-) {
-    for k in held.keys() {
-        if !desired.contains_key(k) {
-            deletes.push(mk(k.clone(), None));
-        }
-    }
-    for (k, v) in desired {
-        if held.get(k) != Some(v) {
-            upserts.push(mk(k.clone(), Some(*v)));
-        }
-    }
-}
-
 fn count_differences<K: Ord>(a: &State<K>, b: &State<K>) -> usize {
     fn differ<K: Ord, V: PartialEq>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) -> usize {
         a.iter().filter(|(k, v)| b.get(k) != Some(v)).count()
@@ -571,9 +738,8 @@ pub fn endpoint_addrs(ep: &EndpointValue) -> impl Iterator<Item = IpAddr> + use<
 }
 
 /// Each address the state's endpoints carry, with its endpoint.
-pub fn owners<K: Ord + Clone>(state: &State<K>) -> BTreeMap<IpAddr, K> {
-    state
-        .endpoints
+pub fn owners<K: Ord + Clone>(endpoints: &BTreeMap<K, EndpointValue>) -> BTreeMap<IpAddr, K> {
+    endpoints
         .iter()
         .flat_map(|(k, ep)| endpoint_addrs(ep).map(move |ip| (ip, k.clone())))
         .collect()
@@ -586,8 +752,8 @@ pub fn owners<K: Ord + Clone>(state: &State<K>) -> BTreeMap<IpAddr, K> {
 /// earlier change that failed is put right). Nothing is removed here.
 pub fn local_addr_writes<K: Ord + Clone + PartialEq>(
     map: &BTreeMap<IpAddr, K>,
-    current: &State<K>,
-    desired: &State<K>,
+    current: &BTreeMap<K, EndpointValue>,
+    desired: &BTreeMap<K, EndpointValue>,
 ) -> Vec<(IpAddr, K)> {
     let mut want = owners(current);
     want.extend(owners(desired));
@@ -604,8 +770,8 @@ pub fn local_addr_writes<K: Ord + Clone + PartialEq>(
 /// makes it go.
 pub fn stale_local_addrs<K: Ord + Clone>(
     map: &BTreeMap<IpAddr, K>,
-    held: [&State<K>; 2],
-    desired: &State<K>,
+    held: [&BTreeMap<K, EndpointValue>; 2],
+    desired: &BTreeMap<K, EndpointValue>,
 ) -> Vec<IpAddr> {
     let keep: BTreeSet<IpAddr> = held
         .into_iter()
@@ -653,10 +819,10 @@ mod tests {
         readable: &[&State<u32>],
         (old, new): (&State<u32>, &State<u32>),
     ) -> Vec<String> {
-        let (o, n) = (owners(old), owners(new));
+        let (o, n) = (owners(&old.endpoints), owners(&new.endpoints));
         let mut out = Vec::new();
         for s in readable {
-            for (ip, veth) in owners(s) {
+            for (ip, veth) in owners(&s.endpoints) {
                 let ok = map
                     .get(&ip)
                     .is_some_and(|v| *v == veth || o.get(&ip) == Some(v) || n.get(&ip) == Some(v));
@@ -706,9 +872,9 @@ mod tests {
                     };
                 check(&map, &[&old], "before the change");
                 let writes = if keep_held {
-                    local_addr_writes(&map, &old, &desired)
+                    local_addr_writes(&map, &old.endpoints, &desired.endpoints)
                 } else {
-                    owners(&desired)
+                    owners(&desired.endpoints)
                         .into_iter()
                         .filter(|(ip, k)| map.get(ip) != Some(k))
                         .collect()
@@ -740,15 +906,19 @@ mod tests {
                 };
                 check(&map, &readable, "epoch written");
                 if keep_held && !flipped {
-                    for (ip, veth) in local_addr_writes(&map, &old, &old) {
+                    for (ip, veth) in local_addr_writes(&map, &old.endpoints, &old.endpoints) {
                         map.insert(ip, veth);
                         check(&map, &readable, "address put back");
                     }
                 }
                 let gone = if keep_held {
-                    stale_local_addrs(&map, [epochs.held(0), epochs.held(1)], &desired)
+                    stale_local_addrs(
+                        &map,
+                        [&epochs.held(0).endpoints, &epochs.held(1).endpoints],
+                        &desired.endpoints,
+                    )
                 } else if flipped {
-                    let want = owners(&desired);
+                    let want = owners(&desired.endpoints);
                     map.keys()
                         .filter(|ip| !want.contains_key(ip))
                         .copied()
@@ -850,6 +1020,78 @@ mod tests {
         );
         assert!(e.execute::<()>(retry, |_| Ok(())).is_empty());
         assert_eq!(e.current(), &state(2, 2));
+    }
+
+    /// The state `state(p, i)` with one more peer entry per `extra`.
+    fn with_peers(mut s: State<u32>, extra: &[(u8, u32)]) -> State<u32> {
+        for (last, identity) in extra {
+            s.peers_v4.insert(
+                (Ipv4Addr::new(10, 0, 0, *last), 32),
+                PeerValue::new(*identity, 0),
+            );
+        }
+        s
+    }
+
+    /// The updates that turn `a`'s peers into `b`'s (what the compiler's
+    /// diff says).
+    fn peer_updates(a: &State<u32>, b: &State<u32>) -> Vec<MapUpdate> {
+        let keys: BTreeSet<_> = a.peers_v4.keys().chain(b.peers_v4.keys()).collect();
+        keys.into_iter()
+            .filter(|k| a.peers_v4.get(k) != b.peers_v4.get(k))
+            .map(|k| MapUpdate::PeerV4 {
+                addr: k.0,
+                prefix_len: k.1,
+                value: b.peers_v4.get(k).copied(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_change_writes_only_what_it_touched_and_a_failed_write_stays_pending() {
+        let big: Vec<(u8, u32)> = (10..200).map(|i| (i, 1)).collect();
+        let s0 = with_peers(state(1, 1), &big);
+        let mut e = Epochs::adopt(0, [s0.clone(), s0.clone()]);
+        e.graced();
+        // Both epochs hold s0: nothing to do, after one full comparison.
+        assert!(e.plan(&s0).is_empty());
+        // One peer changes: one write into epoch 1, then the flip.
+        let s1 = with_peers(s0.clone(), &[(10, 7)]);
+        e.note(&peer_updates(&s0, &s1));
+        let plan = e.plan(&s1);
+        assert_eq!(plan.len(), 2, "{plan:#?}");
+        // Its write fails: no flip; a second change comes before the retry.
+        let failed = e.execute(plan, |w| match w {
+            Write::PeerV4 { .. } => Err("ENOMEM"),
+            _ => Ok(()),
+        });
+        assert_eq!((failed.len(), e.active()), (1, 0));
+        let s2 = with_peers(s1.clone(), &[(11, 8)]);
+        e.note(&peer_updates(&s1, &s2));
+        let plan = e.plan(&s2);
+        let peers: BTreeSet<u8> = plan
+            .iter()
+            .filter_map(|w| match w {
+                Write::PeerV4 { addr, .. } => Some(addr.octets()[3]),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            peers,
+            BTreeSet::from([10, 11]),
+            "the failed write and the new one, nothing else: {plan:#?}"
+        );
+        assert!(e.execute::<()>(plan, |_| Ok(())).is_empty());
+        assert_eq!((e.active(), e.current()), (1, &s2));
+        // Epoch 0 holds s0: the next change writes there what s1, s2 and it
+        // changed, coalesced by key.
+        e.graced();
+        let s3 = with_peers(s2.clone(), &[(10, 9)]);
+        e.note(&peer_updates(&s2, &s3));
+        let plan = e.plan(&s3);
+        assert_eq!(plan.len(), 3, "peers .10 and .11, then the flip: {plan:#?}");
+        assert!(e.execute::<()>(plan, |_| Ok(())).is_empty());
+        assert_eq!((e.active(), e.current()), (0, &s3));
     }
 
     #[test]

@@ -23,8 +23,10 @@ use crate::{
     model::{PodRef, PolicyRef},
 };
 
-/// What the flow log (and the API) needs to name things, rebuilt after
-/// each compile.
+/// What the flow log (and the API) needs to name things, kept up to date
+/// from each change ([`Names::apply`]), never rebuilt from the whole
+/// cluster. The run loop shares it behind a lock ([`SharedNames`]) that
+/// readers hold briefly, and it never waits for it (see `agent`).
 #[derive(Clone, Debug, Default)]
 pub struct Names {
     /// The cluster state the compile was made from.
@@ -35,6 +37,50 @@ pub struct Names {
     pub compiled: Compiled,
     /// Local endpoints by veth ifindex.
     pub endpoints: BTreeMap<u32, PodRef>,
+}
+
+/// [`Names`] as the run loop and the API share it.
+pub type SharedNames = std::sync::Arc<std::sync::RwLock<Names>>;
+
+impl Names {
+    /// Takes in one change of the cluster: the model and the pods'
+    /// addresses (a pod's old addresses go, its new ones come).
+    pub fn apply(&mut self, change: &crate::source::SourceChange) {
+        use crate::{compiler::Change, source::SourceChange};
+        let pod = match change {
+            SourceChange::Compiler(Change::UpsertPod(p)) => Some(p.pod_ref()),
+            SourceChange::Compiler(Change::RemovePod(r)) => Some(r.clone()),
+            _ => None,
+        };
+        if let Some(r) = &pod
+            && let Some(old) = self.cluster.pods.get(r)
+        {
+            for ip in &old.ips {
+                if self.pods_by_ip.get(ip) == Some(r) {
+                    self.pods_by_ip.remove(ip);
+                }
+            }
+        }
+        change.apply_to(&mut self.cluster);
+        if let SourceChange::Compiler(Change::UpsertPod(p)) = change
+            && p.is_live()
+        {
+            for ip in &p.ips {
+                self.pods_by_ip.insert(*ip, p.pod_ref());
+            }
+        }
+    }
+
+    /// The whole cluster replaced (a resync): O(cluster).
+    pub fn replace_cluster(&mut self, cluster: crate::model::Cluster) {
+        self.pods_by_ip = cluster
+            .pods
+            .values()
+            .filter(|p| p.is_live())
+            .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.pod_ref())))
+            .collect();
+        self.cluster = cluster;
+    }
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]

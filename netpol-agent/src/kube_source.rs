@@ -58,9 +58,10 @@ use thiserror::Error;
 use tokio::task::JoinHandle;
 
 use crate::{
+    compiler::Change,
     convert, crd,
     model::{self, Cluster, ObjectRef},
-    source::{ClusterSource, Snapshot},
+    source::{Changes, ClusterSource, Snapshot, SourceChange, Stamped},
 };
 
 /// The kinds the source watches.
@@ -513,6 +514,30 @@ impl ClusterSource for KubeSource {
         self.store().ready()
     }
 
+    /// Resolves on the next change a watcher records (at once if one came
+    /// since the last wait): the run loop does not wait for its tick.
+    fn changed(&mut self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        let notify = self.store().notify.clone();
+        Box::pin(async move { notify.notified().await })
+    }
+
+    /// The watch events that changed the model, one change each, and each
+    /// relist as the changes between the old objects and the new ones.
+    fn take_changes(&mut self) -> Changes {
+        Changes::List(std::mem::take(&mut self.store().changes))
+    }
+
+    fn errors(&self) -> Vec<String> {
+        let store = self.store();
+        let mut errors: Vec<String> = store
+            .errors
+            .iter()
+            .flat_map(|by_object| by_object.values().flatten().cloned())
+            .collect();
+        errors.extend(crate::source::not_enforced(&store.cluster));
+        errors
+    }
+
     fn describe(&self) -> String {
         format!("kube:{}", self.server)
     }
@@ -563,6 +588,12 @@ struct Store {
     /// object the API server delivers again).
     failing_since: [Option<std::time::Instant>; Kind::ALL.len()],
     revision: u64,
+    /// Model changes not handed over yet ([`ClusterSource::take_changes`]):
+    /// one per watch event that changed the model, and for a relist the
+    /// changes between the old objects of its kind and the new ones.
+    changes: Vec<Stamped<SourceChange>>,
+    /// Wakes the run loop on each change ([`ClusterSource::changed`]).
+    notify: Arc<tokio::sync::Notify>,
 }
 
 /// One object, converted.
@@ -610,16 +641,30 @@ impl Store {
     fn apply<K: Watched>(&mut self, id: ObjectRef, entry: Entry<K::Light>) -> bool {
         let key = K::key(&id);
         let objects = K::objects(&mut self.cluster);
+        let at = std::time::Instant::now();
         let mut changed = match entry.value {
             Some(v) => {
                 if objects.get(&key) == Some(&v) {
                     false
                 } else {
+                    self.changes.push(Stamped {
+                        at,
+                        change: K::change(&key, Some(&v)),
+                    });
                     objects.insert(key, v);
                     true
                 }
             }
-            None => objects.remove(&key).is_some(),
+            None => match objects.remove(&key) {
+                Some(_) => {
+                    self.changes.push(Stamped {
+                        at,
+                        change: K::change(&key, None),
+                    });
+                    true
+                }
+                None => false,
+            },
         };
         let errors = &mut self.errors[K::KIND.index()];
         if entry.errors.is_empty() {
@@ -630,16 +675,25 @@ impl Store {
         }
         if changed {
             self.revision += 1;
+            self.notify.notify_one();
         }
         changed
     }
 
     /// A deleted object. True if it was known.
     fn delete<K: Watched>(&mut self, id: &ObjectRef) -> bool {
-        let removed = K::objects(&mut self.cluster).remove(&K::key(id)).is_some();
+        let key = K::key(id);
+        let removed = K::objects(&mut self.cluster).remove(&key).is_some();
+        if removed {
+            self.changes.push(Stamped {
+                at: std::time::Instant::now(),
+                change: K::change(&key, None),
+            });
+        }
         let changed = self.errors[K::KIND.index()].remove(id).is_some() || removed;
         if changed {
             self.revision += 1;
+            self.notify.notify_one();
         }
         changed
     }
@@ -654,6 +708,25 @@ impl Store {
         let changed = *objects != relist.objects || *errors != relist.errors;
         let old = if changed {
             self.revision += 1;
+            self.notify.notify_one();
+            // The relist as changes: what it removed, added and modified.
+            let at = std::time::Instant::now();
+            for k in objects.keys() {
+                if !relist.objects.contains_key(k) {
+                    self.changes.push(Stamped {
+                        at,
+                        change: K::change(k, None),
+                    });
+                }
+            }
+            for (k, v) in &relist.objects {
+                if objects.get(k) != Some(v) {
+                    self.changes.push(Stamped {
+                        at,
+                        change: K::change(k, Some(v)),
+                    });
+                }
+            }
             Relist {
                 objects: std::mem::replace(objects, relist.objects),
                 errors: std::mem::replace(errors, relist.errors),
@@ -666,6 +739,7 @@ impl Store {
             // The agent compiles once the source is ready, whatever the
             // lists held.
             self.revision += 1;
+            self.notify.notify_one();
         }
         (changed, old)
     }
@@ -697,6 +771,8 @@ trait Watched:
     fn objects(cluster: &mut Cluster) -> &mut BTreeMap<Self::Key, Self::Light>;
     fn key(id: &ObjectRef) -> Self::Key;
     fn light(&self) -> Entry<Self::Light>;
+    /// The change that sets (`Some`) or removes an object of this kind.
+    fn change(key: &Self::Key, value: Option<&Self::Light>) -> SourceChange;
 }
 
 impl Watched for core::Namespace {
@@ -721,6 +797,12 @@ impl Watched for core::Namespace {
             },
         }
     }
+    fn change(key: &String, value: Option<&model::Namespace>) -> SourceChange {
+        SourceChange::Compiler(match value {
+            Some(v) => Change::UpsertNamespace(v.clone()),
+            None => Change::RemoveNamespace(key.clone()),
+        })
+    }
 }
 
 impl Watched for core::Pod {
@@ -736,6 +818,12 @@ impl Watched for core::Pod {
     fn light(&self) -> Entry<model::Pod> {
         converted(convert::pod(self))
     }
+    fn change(key: &ObjectRef, value: Option<&model::Pod>) -> SourceChange {
+        SourceChange::Compiler(match value {
+            Some(v) => Change::UpsertPod(v.clone()),
+            None => Change::RemovePod(key.clone()),
+        })
+    }
 }
 
 impl Watched for net::NetworkPolicy {
@@ -750,6 +838,12 @@ impl Watched for net::NetworkPolicy {
     }
     fn light(&self) -> Entry<model::NetworkPolicy> {
         converted(convert::network_policy(self))
+    }
+    fn change(key: &ObjectRef, value: Option<&model::NetworkPolicy>) -> SourceChange {
+        SourceChange::Compiler(match value {
+            Some(v) => Change::UpsertPolicy(v.clone()),
+            None => Change::RemovePolicy(key.clone()),
+        })
     }
 }
 
@@ -782,6 +876,12 @@ impl Watched for net::ServiceCIDR {
         Entry {
             value: Some(cidrs),
             errors,
+        }
+    }
+    fn change(key: &String, value: Option<&Vec<ipnet::IpNet>>) -> SourceChange {
+        SourceChange::ServiceCidrs {
+            name: key.clone(),
+            cidrs: value.cloned(),
         }
     }
 }
@@ -832,6 +932,12 @@ impl Watched for core::Service {
             errors,
         }
     }
+    fn change(key: &ObjectRef, value: Option<&Vec<IpAddr>>) -> SourceChange {
+        SourceChange::ServiceIps {
+            service: key.clone(),
+            ips: value.cloned(),
+        }
+    }
 }
 
 impl Watched for crd::ClusterNetworkPolicy {
@@ -848,6 +954,12 @@ impl Watched for crd::ClusterNetworkPolicy {
     fn light(&self) -> Entry<model::ClusterNetworkPolicy> {
         converted(convert::cluster_network_policy(self))
     }
+    fn change(key: &String, value: Option<&model::ClusterNetworkPolicy>) -> SourceChange {
+        SourceChange::Compiler(match value {
+            Some(v) => Change::UpsertClusterPolicy(v.clone()),
+            None => Change::RemoveClusterPolicy(key.clone()),
+        })
+    }
 }
 
 impl Watched for core::Node {
@@ -862,6 +974,12 @@ impl Watched for core::Node {
     }
     fn light(&self) -> Entry<model::Node> {
         converted(convert::node(self))
+    }
+    fn change(key: &String, value: Option<&model::Node>) -> SourceChange {
+        SourceChange::Compiler(match value {
+            Some(v) => Change::UpsertNode(v.clone()),
+            None => Change::RemoveNode(key.clone()),
+        })
     }
 }
 
@@ -1074,6 +1192,41 @@ mod tests {
         fewer.add(&ns("a", "x"));
         assert!(s.replace(fewer).0);
         assert_eq!(s.cluster.namespaces.len(), 1);
+    }
+
+    /// The names of the namespaces upserted and removed by these changes.
+    fn names_of(changes: Vec<Stamped<SourceChange>>) -> Vec<String> {
+        changes
+            .into_iter()
+            .map(|c| match c.change {
+                SourceChange::Compiler(Change::UpsertNamespace(ns)) => format!("+{}", ns.name),
+                SourceChange::Compiler(Change::RemoveNamespace(n)) => format!("-{n}"),
+                other => panic!("not a namespace change: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn events_become_changes_one_to_one_and_a_relist_the_differences() {
+        let mut s = Store::default();
+        let (id, e) = entry(&ns("a", "x"));
+        s.apply::<core::Namespace>(id, e);
+        // The same object again changes nothing: no change.
+        let (id, e) = entry(&ns("a", "x"));
+        s.apply::<core::Namespace>(id.clone(), e);
+        s.delete::<core::Namespace>(&id);
+        assert_eq!(names_of(std::mem::take(&mut s.changes)), ["+a", "-a"]);
+        let mut r = Relist::<core::Namespace>::default();
+        r.add(&ns("a", "x"));
+        r.add(&ns("b", "x"));
+        s.replace(r);
+        assert_eq!(names_of(std::mem::take(&mut s.changes)), ["+a", "+b"]);
+        // A relist: b gone, a modified, c new; nothing for what stayed.
+        let mut r = Relist::<core::Namespace>::default();
+        r.add(&ns("a", "y"));
+        r.add(&ns("c", "x"));
+        s.replace(r);
+        assert_eq!(names_of(std::mem::take(&mut s.changes)), ["-b", "+a", "+c"]);
     }
 
     #[test]

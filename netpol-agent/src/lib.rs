@@ -13,6 +13,7 @@ pub mod flowlog;
 pub mod health;
 pub mod kube_source;
 pub mod manifest;
+pub mod maps;
 pub mod metrics;
 pub mod model;
 pub mod neigh;

@@ -24,6 +24,10 @@ pub struct Metrics {
     pub map_update_errors: Family<Labels, Counter>,
     pub compile_seconds: Histogram,
     pub apply_seconds: Histogram,
+    /// From a source receiving a change to the end of its map writes (the
+    /// flip that makes it enforced), by `kind` (pod, namespace, policy,
+    /// cluster_policy, node, service, other).
+    pub change_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     pub last_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub endpoints: Gauge,
     pub pending_endpoints: Gauge,
@@ -74,6 +78,13 @@ fn latency() -> Histogram {
 }
 
 impl Metrics {
+    /// One change enforced, `secs` after its source received it.
+    pub fn observe_change(&self, kind: &str, secs: f64) {
+        self.change_seconds
+            .get_or_create(&vec![("kind".to_string(), kind.to_string())])
+            .observe(secs);
+    }
+
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("netpol");
         let m = Self {
@@ -84,6 +95,7 @@ impl Metrics {
             map_update_errors: Family::default(),
             compile_seconds: latency(),
             apply_seconds: latency(),
+            change_seconds: Family::new_with_constructor(latency as fn() -> Histogram),
             last_sync: Gauge::default(),
             endpoints: Gauge::default(),
             pending_endpoints: Gauge::default(),
@@ -130,6 +142,11 @@ impl Metrics {
             "compile_seconds",
             "Time to compile cluster state into map contents",
             m.compile_seconds.clone(),
+        );
+        registry.register(
+            "change_seconds",
+            "Time from a source receiving a change (watch event, file read) to the end of its map writes, by kind",
+            m.change_seconds.clone(),
         );
         registry.register(
             "apply_seconds",

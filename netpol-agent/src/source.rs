@@ -41,13 +41,173 @@ use std::{
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
 use crate::{
+    compiler::Change,
     convert,
     manifest::{self, ManifestError, Object},
-    model::Cluster,
+    model::{Cluster, ObjectRef},
 };
 
+/// One change a source saw: what the compiler takes, or what only the agent
+/// uses (Service frontends, for the deferred ranges).
+#[derive(Clone, Debug, PartialEq)]
+pub enum SourceChange {
+    Compiler(Change),
+    /// A ServiceCIDR object's ranges (`None`: it is gone).
+    ServiceCidrs {
+        name: String,
+        cidrs: Option<Vec<ipnet::IpNet>>,
+    },
+    /// A Service's external and load-balancer IPs (`None`: it is gone).
+    ServiceIps {
+        service: ObjectRef,
+        ips: Option<Vec<std::net::IpAddr>>,
+    },
+}
+
+impl SourceChange {
+    /// The `kind` label of `netpol_change_seconds`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceChange::Compiler(c) => match c {
+                Change::UpsertPod(_) | Change::RemovePod(_) => "pod",
+                Change::UpsertNamespace(_) | Change::RemoveNamespace(_) => "namespace",
+                Change::UpsertPolicy(_) | Change::RemovePolicy(_) => "policy",
+                Change::UpsertClusterPolicy(_) | Change::RemoveClusterPolicy(_) => "cluster_policy",
+                Change::UpsertNode(_) | Change::RemoveNode(_) => "node",
+                Change::SetNode(_) => "other",
+            },
+            SourceChange::ServiceCidrs { .. } | SourceChange::ServiceIps { .. } => "service",
+        }
+    }
+
+    /// Applies the change to a model of the cluster.
+    pub fn apply_to(&self, cluster: &mut Cluster) {
+        fn set<K: Ord + Clone, V: Clone>(map: &mut BTreeMap<K, V>, key: &K, value: Option<&V>) {
+            match value {
+                Some(v) => {
+                    map.insert(key.clone(), v.clone());
+                }
+                None => {
+                    map.remove(key);
+                }
+            }
+        }
+        match self {
+            SourceChange::Compiler(c) => match c {
+                Change::UpsertNamespace(ns) => cluster.upsert_namespace(ns.clone()),
+                Change::RemoveNamespace(n) => {
+                    cluster.remove_namespace(n);
+                }
+                Change::UpsertPod(p) => cluster.upsert_pod(p.clone()),
+                Change::RemovePod(p) => {
+                    cluster.remove_pod(p);
+                }
+                Change::UpsertPolicy(p) => cluster.upsert_policy(p.clone()),
+                Change::RemovePolicy(p) => {
+                    cluster.remove_policy(p);
+                }
+                Change::UpsertClusterPolicy(p) => cluster.upsert_cluster_policy(p.clone()),
+                Change::RemoveClusterPolicy(n) => {
+                    cluster.cluster_policies.remove(n);
+                }
+                Change::UpsertNode(n) => cluster.upsert_node(n.clone()),
+                Change::RemoveNode(n) => {
+                    cluster.nodes.remove(n);
+                }
+                Change::SetNode(_) => {}
+            },
+            SourceChange::ServiceCidrs { name, cidrs } => {
+                set(&mut cluster.service_cidrs, name, cidrs.as_ref())
+            }
+            SourceChange::ServiceIps { service, ips } => {
+                set(&mut cluster.service_ips, service, ips.as_ref())
+            }
+        }
+    }
+}
+
+/// The changes that turn `old` into `new` (a relist, a resync, a file read
+/// again): O(both), for when a source cannot say what changed.
+pub fn changes_between(old: &Cluster, new: &Cluster) -> Vec<SourceChange> {
+    fn each<K: Ord + Clone, V: PartialEq + Clone>(
+        old: &BTreeMap<K, V>,
+        new: &BTreeMap<K, V>,
+        out: &mut Vec<SourceChange>,
+        mk: impl Fn(&K, Option<&V>) -> SourceChange,
+    ) {
+        for k in old.keys() {
+            if !new.contains_key(k) {
+                out.push(mk(k, None));
+            }
+        }
+        for (k, v) in new {
+            if old.get(k) != Some(v) {
+                out.push(mk(k, Some(v)));
+            }
+        }
+    }
+    use SourceChange::Compiler as C;
+    let mut out = Vec::new();
+    each(&old.namespaces, &new.namespaces, &mut out, |k, v| match v {
+        Some(v) => C(Change::UpsertNamespace(v.clone())),
+        None => C(Change::RemoveNamespace(k.clone())),
+    });
+    each(&old.nodes, &new.nodes, &mut out, |k, v| match v {
+        Some(v) => C(Change::UpsertNode(v.clone())),
+        None => C(Change::RemoveNode(k.clone())),
+    });
+    each(&old.pods, &new.pods, &mut out, |k, v| match v {
+        Some(v) => C(Change::UpsertPod(v.clone())),
+        None => C(Change::RemovePod(k.clone())),
+    });
+    each(&old.policies, &new.policies, &mut out, |k, v| match v {
+        Some(v) => C(Change::UpsertPolicy(v.clone())),
+        None => C(Change::RemovePolicy(k.clone())),
+    });
+    each(
+        &old.cluster_policies,
+        &new.cluster_policies,
+        &mut out,
+        |k, v| match v {
+            Some(v) => C(Change::UpsertClusterPolicy(v.clone())),
+            None => C(Change::RemoveClusterPolicy(k.clone())),
+        },
+    );
+    each(&old.service_cidrs, &new.service_cidrs, &mut out, |k, v| {
+        SourceChange::ServiceCidrs {
+            name: k.clone(),
+            cidrs: v.cloned(),
+        }
+    });
+    each(&old.service_ips, &new.service_ips, &mut out, |k, v| {
+        SourceChange::ServiceIps {
+            service: k.clone(),
+            ips: v.cloned(),
+        }
+    });
+    out
+}
+
+/// A change with the moment the source received it (`netpol_change_seconds`
+/// measures from there).
+#[derive(Clone, Debug)]
+pub struct Stamped<T> {
+    pub at: Instant,
+    pub change: T,
+}
+
+/// What [`ClusterSource::take_changes`] hands over.
+#[derive(Debug)]
+pub enum Changes {
+    /// The changes since the last call, in the order the source saw them.
+    List(Vec<Stamped<SourceChange>>),
+    /// The source cannot say what changed: the agent takes a
+    /// [`ClusterSource::snapshot`] and compares it whole (O(cluster)).
+    Resync,
+}
+
 /// Where cluster state comes from (a manifests directory, or the
-/// Kubernetes API). The run loop polls it and compiles its snapshots.
+/// Kubernetes API). The run loop polls it and takes its changes.
 pub trait ClusterSource: Send {
     /// Look for changes; true if the cluster may have changed since the
     /// last call. An error leaves the previous state in force.
@@ -74,6 +234,17 @@ pub trait ClusterSource: Send {
     /// default: nothing fails.
     fn health(&self) -> crate::health::SourceHealth {
         crate::health::SourceHealth::default()
+    }
+    /// The changes since the last call (each change once, in order; the
+    /// first call's are those from an empty cluster). The default: a
+    /// snapshot instead.
+    fn take_changes(&mut self) -> Changes {
+        Changes::Resync
+    }
+    /// The problems a snapshot reports, without the cluster (status: asked
+    /// for when the revision moved).
+    fn errors(&self) -> Vec<String> {
+        self.snapshot().errors
     }
 }
 
@@ -141,6 +312,104 @@ struct FileEntry {
     objects: Vec<Object>,
     /// Problems of the latest read.
     errors: Vec<ManifestError>,
+    /// `objects` converted (once, when read), and what converting found.
+    model: Cluster,
+    convert_errors: Vec<String>,
+}
+
+impl FileEntry {
+    fn new(stamp: Option<Stamp>, objects: Vec<Object>, errors: Vec<ManifestError>) -> Self {
+        let (model, convert_errors) = convert_objects(&objects);
+        Self {
+            stamp,
+            objects,
+            errors,
+            model,
+            convert_errors,
+        }
+    }
+}
+
+/// Manifest objects as the model, with every conversion problem.
+fn convert_objects(objects: &[Object]) -> (Cluster, Vec<String>) {
+    let mut cluster = Cluster::default();
+    let mut errors = Vec::new();
+    for o in objects {
+        match o {
+            Object::Namespace(ns) => match convert::namespace(ns) {
+                Ok(ns) => cluster.upsert_namespace(ns),
+                Err(e) => errors.push(e.to_string()),
+            },
+            Object::Pod(p) => match convert::pod(p) {
+                Ok(c) => {
+                    errors.extend(c.errors.iter().map(|e| e.to_string()));
+                    cluster.upsert_pod(c.value);
+                }
+                Err(e) => errors.push(e.to_string()),
+            },
+            Object::NetworkPolicy(np) => match convert::network_policy(np) {
+                Ok(c) => {
+                    errors.extend(c.errors.iter().map(|e| e.to_string()));
+                    cluster.upsert_policy(c.value);
+                }
+                Err(e) => errors.push(e.to_string()),
+            },
+            Object::Node(n) => match convert::node(n) {
+                Ok(c) => {
+                    errors.extend(c.errors.iter().map(|e| e.to_string()));
+                    cluster.upsert_node(c.value);
+                }
+                Err(e) => errors.push(e.to_string()),
+            },
+            Object::ClusterNetworkPolicy(cnp) => match convert::cluster_network_policy(cnp) {
+                Ok(c) => {
+                    errors.extend(c.errors.iter().map(|e| e.to_string()));
+                    cluster.upsert_cluster_policy(c.value);
+                }
+                Err(e) => errors.push(e.to_string()),
+            },
+        }
+    }
+    (cluster, errors)
+}
+
+/// One kind's part of [`DirSource::take_changes`]: for each key that a
+/// retired or touched file model holds, the value in force (the last file
+/// in path order that has it, as [`ClusterSource::snapshot`] merges) against
+/// the one last handed over.
+fn merge_kind<K: Ord + Clone, V: PartialEq + Clone>(
+    files: &BTreeMap<PathBuf, FileEntry>,
+    retired: &[Cluster],
+    touched: &BTreeSet<PathBuf>,
+    get: fn(&Cluster) -> &BTreeMap<K, V>,
+    given: &mut BTreeMap<K, V>,
+    out: &mut Vec<SourceChange>,
+    mk: impl Fn(&K, Option<&V>) -> SourceChange,
+) {
+    let keys: BTreeSet<K> = retired
+        .iter()
+        .chain(
+            touched
+                .iter()
+                .filter_map(|p| files.get(p).map(|f| &f.model)),
+        )
+        .flat_map(|m| get(m).keys().cloned())
+        .collect();
+    for k in keys {
+        let now = files.values().rev().find_map(|f| get(&f.model).get(&k));
+        if given.get(&k) == now {
+            continue;
+        }
+        out.push(mk(&k, now));
+        match now {
+            Some(v) => {
+                given.insert(k, v.clone());
+            }
+            None => {
+                given.remove(&k);
+            }
+        }
+    }
 }
 
 /// How often the directory is rescanned while inotify watches it.
@@ -169,6 +438,11 @@ pub struct DirSource {
     /// scan reads every changed file, so added files arrive with removed
     /// ones.
     read_all_next: bool,
+    /// The cluster as last handed over by [`ClusterSource::take_changes`].
+    given: Cluster,
+    /// Files read or removed since then, and the models they replaced.
+    touched: BTreeSet<PathBuf>,
+    retired: Vec<Cluster>,
 }
 
 /// The inotify watch on the directory and what it reported since the last
@@ -297,6 +571,9 @@ impl DirSource {
             watch_error: None,
             waiting_logged: false,
             read_all_next: false,
+            given: Cluster::default(),
+            touched: BTreeSet::new(),
+            retired: Vec::new(),
         }
     }
 
@@ -386,10 +663,10 @@ impl DirSource {
     fn read(&mut self, path: &Path) -> bool {
         let meta = match std::fs::metadata(path) {
             Ok(m) if m.is_file() => m,
-            Ok(_) => return self.files.remove(path).is_some(),
+            Ok(_) => return self.forget(path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.unsettled.remove(path);
-                return self.files.remove(path).is_some();
+                return self.forget(path);
             }
             Err(e) => return self.read_failed(path, None, e.to_string()),
         };
@@ -398,7 +675,7 @@ impl DirSource {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return self.files.remove(path).is_some();
+                return self.forget(path);
             }
             Err(e) => return self.read_failed(path, Some(stamp), e.to_string()),
         };
@@ -426,15 +703,28 @@ impl DirSource {
             }
             _ => objects,
         };
-        self.files.insert(
-            path.to_path_buf(),
-            FileEntry {
-                stamp: Some(stamp),
-                objects,
-                errors,
-            },
-        );
+        self.put(path, FileEntry::new(Some(stamp), objects, errors));
         true
+    }
+
+    /// A file is gone: its objects go (see `take_changes`).
+    fn forget(&mut self, path: &Path) -> bool {
+        match self.files.remove(path) {
+            Some(f) => {
+                self.touched.insert(path.to_path_buf());
+                self.retired.push(f.model);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A file read: what it held before is retired (see `take_changes`).
+    fn put(&mut self, path: &Path, entry: FileEntry) {
+        if let Some(old) = self.files.insert(path.to_path_buf(), entry) {
+            self.retired.push(old.model);
+        }
+        self.touched.insert(path.to_path_buf());
     }
 
     /// A file that could not be read: it keeps what it had.
@@ -452,14 +742,7 @@ impl DirSource {
                 f.errors = vec![error];
             }
             None => {
-                self.files.insert(
-                    path.to_path_buf(),
-                    FileEntry {
-                        stamp: None,
-                        objects: Vec::new(),
-                        errors: vec![error],
-                    },
-                );
+                self.put(path, FileEntry::new(None, Vec::new(), vec![error]));
             }
         }
         true
@@ -494,7 +777,7 @@ impl DirSource {
             .cloned()
             .collect();
         for p in gone {
-            self.files.remove(&p);
+            self.forget(&p);
             changed = true;
         }
         self.unsettled.retain(|p, _| seen.contains_key(p));
@@ -670,52 +953,125 @@ impl ClusterSource for DirSource {
         })
     }
 
-    /// The cluster as the files describe it now.
+    /// The cluster as the files describe it now (merged in path order: a
+    /// later file's object replaces an earlier one's of the same name).
     fn snapshot(&self) -> Snapshot {
         let mut snap = Snapshot::default();
         for f in self.files.values() {
             snap.errors.extend(f.errors.iter().map(|e| e.to_string()));
-            for o in &f.objects {
-                match o {
-                    Object::Namespace(ns) => match convert::namespace(ns) {
-                        Ok(ns) => snap.cluster.upsert_namespace(ns),
-                        Err(e) => snap.errors.push(e.to_string()),
-                    },
-                    Object::Pod(p) => match convert::pod(p) {
-                        Ok(c) => {
-                            snap.errors.extend(c.errors.iter().map(|e| e.to_string()));
-                            snap.cluster.upsert_pod(c.value);
-                        }
-                        Err(e) => snap.errors.push(e.to_string()),
-                    },
-                    Object::NetworkPolicy(np) => match convert::network_policy(np) {
-                        Ok(c) => {
-                            snap.errors.extend(c.errors.iter().map(|e| e.to_string()));
-                            snap.cluster.upsert_policy(c.value);
-                        }
-                        Err(e) => snap.errors.push(e.to_string()),
-                    },
-                    Object::Node(n) => match convert::node(n) {
-                        Ok(c) => {
-                            snap.errors.extend(c.errors.iter().map(|e| e.to_string()));
-                            snap.cluster.upsert_node(c.value);
-                        }
-                        Err(e) => snap.errors.push(e.to_string()),
-                    },
-                    Object::ClusterNetworkPolicy(cnp) => {
-                        match convert::cluster_network_policy(cnp) {
-                            Ok(c) => {
-                                snap.errors.extend(c.errors.iter().map(|e| e.to_string()));
-                                snap.cluster.upsert_cluster_policy(c.value);
-                            }
-                            Err(e) => snap.errors.push(e.to_string()),
-                        }
-                    }
-                }
+            snap.errors.extend(f.convert_errors.iter().cloned());
+            let m = &f.model;
+            for ns in m.namespaces.values() {
+                snap.cluster.upsert_namespace(ns.clone());
+            }
+            for p in m.pods.values() {
+                snap.cluster.upsert_pod(p.clone());
+            }
+            for p in m.policies.values() {
+                snap.cluster.upsert_policy(p.clone());
+            }
+            for n in m.nodes.values() {
+                snap.cluster.upsert_node(n.clone());
+            }
+            for p in m.cluster_policies.values() {
+                snap.cluster.upsert_cluster_policy(p.clone());
             }
         }
         snap.errors.extend(not_enforced(&snap.cluster));
         snap
+    }
+
+    /// Per file read since the last call: the objects it held before and
+    /// holds now, each compared with what is in force (converted once, when
+    /// the file was read).
+    fn take_changes(&mut self) -> Changes {
+        let retired = std::mem::take(&mut self.retired);
+        let touched = std::mem::take(&mut self.touched);
+        let mut out = Vec::new();
+        let files = &self.files;
+        let g = &mut self.given;
+        use SourceChange::Compiler as C;
+        merge_kind(
+            files,
+            &retired,
+            &touched,
+            |c| &c.namespaces,
+            &mut g.namespaces,
+            &mut out,
+            |k, v| match v {
+                Some(v) => C(Change::UpsertNamespace(v.clone())),
+                None => C(Change::RemoveNamespace(k.clone())),
+            },
+        );
+        merge_kind(
+            files,
+            &retired,
+            &touched,
+            |c| &c.nodes,
+            &mut g.nodes,
+            &mut out,
+            |k, v| match v {
+                Some(v) => C(Change::UpsertNode(v.clone())),
+                None => C(Change::RemoveNode(k.clone())),
+            },
+        );
+        merge_kind(
+            files,
+            &retired,
+            &touched,
+            |c| &c.pods,
+            &mut g.pods,
+            &mut out,
+            |k, v| match v {
+                Some(v) => C(Change::UpsertPod(v.clone())),
+                None => C(Change::RemovePod(k.clone())),
+            },
+        );
+        merge_kind(
+            files,
+            &retired,
+            &touched,
+            |c| &c.policies,
+            &mut g.policies,
+            &mut out,
+            |k, v| match v {
+                Some(v) => C(Change::UpsertPolicy(v.clone())),
+                None => C(Change::RemovePolicy(k.clone())),
+            },
+        );
+        merge_kind(
+            files,
+            &retired,
+            &touched,
+            |c| &c.cluster_policies,
+            &mut g.cluster_policies,
+            &mut out,
+            |k, v| match v {
+                Some(v) => C(Change::UpsertClusterPolicy(v.clone())),
+                None => C(Change::RemoveClusterPolicy(k.clone())),
+            },
+        );
+        let at = Instant::now();
+        Changes::List(
+            out.into_iter()
+                .map(|change| Stamped { at, change })
+                .collect(),
+        )
+    }
+
+    fn errors(&self) -> Vec<String> {
+        let mut errors: Vec<String> = self
+            .files
+            .values()
+            .flat_map(|f| {
+                f.errors
+                    .iter()
+                    .map(|e| e.to_string())
+                    .chain(f.convert_errors.iter().cloned())
+            })
+            .collect();
+        errors.extend(not_enforced(&self.given));
+        errors
     }
 }
 
@@ -887,6 +1243,56 @@ spec:
         assert!(lines[0].contains("no-nodes") && lines[0].contains("`nodes` peers"));
         let c = c.node(node("n1"));
         assert_eq!(not_enforced(&c).count(), 0, "Node objects known");
+    }
+
+    #[test]
+    fn a_file_read_again_hands_over_only_what_changed_in_it() {
+        let dir = Dir::new("changes");
+        dir.write("ns.yaml", NAMESPACE);
+        dir.write("policy.yaml", POLICY);
+        let mut src = DirSource::new(&dir.0).without_inotify();
+        src.poll().expect("poll");
+        let Changes::List(first) = src.take_changes() else {
+            panic!("the directory source says what changed")
+        };
+        assert_eq!(first.len(), 2, "{first:?}");
+        // The policy's file rewritten with another rule: one upsert.
+        dir.write(
+            "policy.yaml",
+            &POLICY.replace("role: client", "role: server"),
+        );
+        src.poll().expect("poll");
+        src.poll().expect("poll");
+        let Changes::List(second) = src.take_changes() else {
+            panic!("the directory source says what changed")
+        };
+        assert!(
+            matches!(
+                second.as_slice(),
+                [Stamped {
+                    change: SourceChange::Compiler(Change::UpsertPolicy(_)),
+                    ..
+                }]
+            ),
+            "{second:?}"
+        );
+        // The file deleted: its policy goes; the namespace stays.
+        std::fs::remove_file(dir.path("policy.yaml")).expect("remove");
+        src.poll().expect("poll");
+        let Changes::List(third) = src.take_changes() else {
+            panic!("the directory source says what changed")
+        };
+        assert!(
+            matches!(
+                third.as_slice(),
+                [Stamped {
+                    change: SourceChange::Compiler(Change::RemovePolicy(_)),
+                    ..
+                }]
+            ),
+            "{third:?}"
+        );
+        assert!(matches!(src.take_changes(), Changes::List(l) if l.is_empty()));
     }
 
     #[test]

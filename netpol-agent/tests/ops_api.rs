@@ -29,7 +29,7 @@ fn shared() -> SharedRef {
             synced: true,
             ..Status::default()
         },
-        names: Arc::new(Names::default()),
+        names: Arc::new(std::sync::RwLock::new(Names::default())),
         metrics: Metrics::new(),
         pins: Pins::new("/nonexistent/netpol-test"),
     }))

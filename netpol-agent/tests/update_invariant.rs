@@ -38,8 +38,8 @@ use std::{
 };
 
 use netpol_agent::{
-    compiler::{Compiled, Compiler, Maps, NodeInfo, reference, sim},
-    epoch::{Epochs, State, Write, split},
+    compiler::{Change, Compiled, Compiler, Maps, NodeInfo, reference, sim},
+    epoch::{Desired, Epochs, State, Write, split},
     model::{
         Cluster, ClusterNetworkPolicy, CnpRule, LabelSelector, Namespace, NetworkPolicy, Peer, Pod,
         PodRef, Rule,
@@ -573,19 +573,44 @@ fn run_case_with(seed: u64, with_cnps: bool, receiver: Receiver) -> Result<usize
     let mut kernel = Kernel::default();
     let mut epochs = kernel.adopt();
     let mut checked = 0;
+    // The agent's path: the source's changes (here those between two
+    // states, as a relist hands them over) go to the compiler, whose diff
+    // tells the planner which entries to write (`Epochs::note`); the
+    // planner compares only those, against the compiler's own maps.
+    let feed =
+        |compiler: &mut Compiler, epochs: &mut Epochs<PodRef>, old: &Cluster, new: &Cluster| {
+            let changes = netpol_agent::source::changes_between(old, new)
+                .into_iter()
+                .filter_map(|c| match c {
+                    netpol_agent::source::SourceChange::Compiler(c) => Some(c),
+                    _ => None,
+                })
+                .collect::<Vec<Change>>();
+            let diff = compiler.apply_changes(changes);
+            epochs.note(&diff.updates);
+        };
     // The first compile fills empty maps (an agent's first start, before
     // which nothing was enforced): the checks start with the first update.
-    let first = compiler.compile(&cluster, &node());
-    let plan = epochs.plan(&State::from_maps(&first.maps));
+    feed(&mut compiler, &mut epochs, &Cluster::default(), &cluster);
+    let maps = &compiler.compiled().maps;
+    let plan = epochs.plan(Desired::new(maps, &maps.endpoints));
     epochs.graced();
     let failed = epochs.execute::<()>(plan, |w| {
         kernel.write(w);
         Ok(())
     });
     assert!(failed.is_empty());
+    // The cluster whose state the active epoch holds (a change left with a
+    // failed write is not enforced: the next one starts from this).
+    let mut enforced = cluster.clone();
+    // Whether a change with a failed write is left pending, and the next
+    // change made before it is retried: a stream of its own, so that each
+    // seed's sequence of changes is the one it always was.
+    let mut leave_rng = Rng(seed ^ 0x1ea7_e000);
     let steps = 1 + rng.below(5);
     for step in 0..steps {
-        let old = cluster.clone();
+        let old = enforced.clone();
+        let previous = cluster.clone();
         let before = kernel.view();
         let restart = rng.chance(25);
         let changes = if rng.chance(30) { 2 + rng.below(3) } else { 1 };
@@ -600,16 +625,21 @@ fn run_case_with(seed: u64, with_cnps: bool, receiver: Receiver) -> Result<usize
             // a new agent starts with a fresh compiler and adopts the pins.
             compiler = Compiler::new(node());
             epochs = kernel.adopt();
+            feed(&mut compiler, &mut epochs, &Cluster::default(), &cluster);
+        } else {
+            feed(&mut compiler, &mut epochs, &previous, &cluster);
         }
         // Some writes fail (a full map, ENOMEM): then the next sync retries.
         let fail_percent = if rng.chance(15) { 10 } else { 0 };
-        let compiled = compiler.compile(&cluster, &node());
-        let desired = State::from_maps(&compiled.maps);
+        let leave = leave_rng.chance(30);
+        let desired = State::from_maps(&compiler.compiled().maps);
         let e = expect(&old, &cluster);
         let mut done: Vec<Write<PodRef>> = Vec::new();
         let mut bad = None;
+        let mut left_pending = false;
         for sync in 0.. {
-            let plan = epochs.plan(&desired);
+            let maps = &compiler.compiled().maps;
+            let plan = epochs.plan(Desired::new(maps, &maps.endpoints));
             if plan.is_empty() {
                 break;
             }
@@ -648,7 +678,24 @@ fn run_case_with(seed: u64, with_cnps: bool, receiver: Receiver) -> Result<usize
                     what.join("; "),
                 ));
             }
+            if !failed.is_empty() && leave {
+                // The next change comes before the retry: what failed must
+                // stay pending, and the old state stays enforced.
+                left_pending = true;
+                assert!(
+                    epochs.pending() > 0 || epochs.current().endpoints != desired.endpoints,
+                    "seed {seed}: a failed write is no longer pending"
+                );
+                break;
+            }
         }
+        if left_pending {
+            if let Some(v) = violation(&kernel.view(), &e) {
+                return Err(format!("step {step}, left pending: {v}"));
+            }
+            continue;
+        }
+        enforced = cluster.clone();
         // The end state is the new one.
         assert_eq!(
             epochs.current(),

@@ -10,7 +10,8 @@ use std::{
 use ipnet::IpNet;
 use netpol_common::{EndpointValue, PeerValue, PolicyKey, PolicyValue};
 
-use super::{Diff, Maps, diff::Changes, hash::NumMap};
+use super::{Diff, Maps, hash::NumMap};
+use crate::maps::Changes;
 use crate::model::PodRef;
 
 /// For every key written since the last [`Journal::take_diff`], the value it
@@ -75,7 +76,7 @@ impl Journal {
         let (v4_up, v4_del) = changes(&mut self.peers_v4, &maps.peers_v4, &mut revokes);
         let (v6_up, v6_del) = changes(&mut self.peers_v6, &maps.peers_v6, &mut revokes);
         let (ep_up, ep_del) = changes(&mut self.endpoints, &maps.endpoints, &mut revokes);
-        super::diff::ordered(
+        crate::maps::ordered(
             (policy_up, policy_del),
             (v4_up, v4_del),
             (v6_up, v6_del),

@@ -87,16 +87,19 @@ pub mod tiers;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
 };
 
+/// The map types live below the compiler and the datapath loader alike
+/// (`crate::maps`); re-exported here for the compiler's callers.
+pub use crate::maps::{Diff, MapUpdate, Maps, diff_maps};
 use classes::{Classes, KeyChanges};
-pub use diff::{Diff, MapUpdate, diff, diff_maps};
+pub use diff::diff;
 use hash::{NumMap, NumSet};
 use ids::{IdAlloc, Interner};
 use ipnet::IpNet;
 use journal::Journal;
-use netpol_common::{EndpointValue, PeerValue, PolicyKey, PolicyValue};
+use netpol_common::PolicyKey;
 use prefixes::Prefixes;
 
 use crate::model::{
@@ -127,19 +130,6 @@ impl NodeInfo {
                 .collect(),
         }
     }
-}
-
-/// The contents of one node's datapath maps.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Maps {
-    /// Local endpoints (the agent keys the kernel map by the pod's veth).
-    pub endpoints: BTreeMap<PodRef, EndpointValue>,
-    /// `NETPOL_PEERS_V4`: (network address, prefix length) -> peer.
-    pub peers_v4: BTreeMap<(Ipv4Addr, u8), PeerValue>,
-    /// `NETPOL_PEERS_V6`.
-    pub peers_v6: BTreeMap<(Ipv6Addr, u8), PeerValue>,
-    /// `NETPOL_POLICY`: (key, prefix length) -> value.
-    pub policy: BTreeMap<(PolicyKey, u32), PolicyValue>,
 }
 
 /// Which rule a `rule_id` names.
