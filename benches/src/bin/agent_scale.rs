@@ -69,12 +69,14 @@
 //! printed with each size.
 //!
 //! Run as root, in release: `cargo build --release -p netpol-agent -p
-//! netpol-lab -p netpol-benches --bin agent_scale`, then
-//! `target/release/agent_scale [--pods 10000,100000] [--policies 50000]
-//! [--json out.json] [--svg target/bench/agent_scale.svg]`. Creating 100k
-//! pods takes about 9 minutes and 50k policies a few more at 300-400
-//! writes/s; long steps print progress lines.
-//! Needs the control-plane tools (`cargo xtask setup`).
+//! netpol-lab` (their binaries: `--bin agent_scale` alone would leave them
+//! out) and `cargo build --release -p netpol-benches --bin agent_scale`,
+//! then `target/release/agent_scale [--pods 10000,100000] [--policies
+//! 50000] [--json out.json] [--svg target/bench/agent_scale.svg]`.
+//! Creating 100k pods takes 9 minutes at 370 writes/s on an idle 2-CPU
+//! machine (much longer on a busy one) and 50k policies a few more; long
+//! steps print progress lines. `--plot-from out.json` redraws the SVG of a
+//! run. Needs the control-plane tools (`cargo xtask setup`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -109,7 +111,7 @@ use netpol_lab::{
     controlplane::{self, ControlPlaneSpec, ControlPlaneState, ProxyMode},
     netns::{enter_netns, open_netns},
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 #[derive(Parser)]
@@ -156,6 +158,25 @@ struct Args {
     /// Write the plot (latency per kind of change, agent memory) here.
     #[arg(long, default_value = "target/bench/agent_scale.svg")]
     svg: PathBuf,
+    /// Only plot: read the numbers from this `--json` output of an earlier
+    /// run and write `--svg` (no root, no lab).
+    #[arg(long)]
+    plot_from: Option<PathBuf>,
+}
+
+/// `--plot-from`: the SVG of an earlier run's JSON.
+fn replot(from: &Path, to: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(from).with_context(|| format!("reading {}", from.display()))?;
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", from.display()))?;
+    let sizes: Vec<SizeResult> =
+        serde_json::from_value(v["sizes"].clone()).context("the run's sizes")?;
+    let cpus = v["machine"]["cpus"].as_u64().unwrap_or(0) as usize;
+    let kernel = v["machine"]["kernel"].as_str().unwrap_or("?");
+    plot(&sizes, cpus, kernel).write(to)?;
+    println!("wrote {}", to.display());
+    Ok(())
 }
 
 /// The real node, where the agent runs.
@@ -181,7 +202,8 @@ struct Output {
     secs: f64,
 }
 
-#[derive(Serialize, Default)]
+#[derive(Serialize, Deserialize, Default)]
+#[serde(default)]
 struct SizeResult {
     pods: u32,
     policies: u32,
@@ -220,9 +242,10 @@ struct SizeResult {
     agent_errors: Vec<String>,
 }
 
-#[derive(Serialize, Default)]
+#[derive(Serialize, Deserialize, Default)]
+#[serde(default)]
 struct ChangeResult {
-    kind: &'static str,
+    kind: String,
     /// API write returned -> agent synced, ms.
     latency_ms: Vec<f64>,
     /// Agent time on CPU over the same span (schedstat), ms.
@@ -232,7 +255,7 @@ struct ChangeResult {
     /// VmHWM at the end of the batch, MiB.
     hwm_mib: f64,
     /// The `kind` label of `netpol_change_seconds` for this change.
-    agent_label: &'static str,
+    agent_label: String,
     /// The agent's own time from the watch event to the end of its map
     /// writes, per change, ms: the delta of `netpol_change_seconds_sum`
     /// over the change divided by the delta of `_count` (one observation,
@@ -1370,8 +1393,8 @@ async fn run_changes(
         let batch_cpu0 = agent.cpu();
         let batch_start = Instant::now();
         let mut r = ChangeResult {
-            kind,
-            agent_label: label,
+            kind: kind.to_string(),
+            agent_label: label.to_string(),
             ..ChangeResult::default()
         };
         for k in 0..changes {
@@ -1938,7 +1961,7 @@ fn print_table(r: &SizeResult, changes: usize) {
 
 /// Latency per kind of change (one panel per size, log scale) and the
 /// agent's VmRSS through the run (one line per size).
-fn plot(out: &Output) -> svg::Figure {
+fn plot(sizes: &[SizeResult], cpus: usize, kernel: &str) -> svg::Figure {
     let short = |kind: &str| -> String {
         match kind {
             "pod created (Pending)" => "pod new",
@@ -1950,13 +1973,13 @@ fn plot(out: &Output) -> svg::Figure {
             "policy removed" => "pol del",
             SPLIT => "split",
             MERGE => "merge",
-            BEHIND_SPLIT => "pod behind split",
+            BEHIND_SPLIT => "behind split",
             other => other,
         }
         .to_string()
     };
     let mut panels = Vec::new();
-    for r in &out.sizes {
+    for r in sizes {
         let q = |f: &dyn Fn(&ChangeResult) -> &Vec<f64>, p99: bool| svg::Series {
             name: String::new(),
             values: r
@@ -1998,7 +2021,7 @@ fn plot(out: &Output) -> svg::Figure {
             ),
             x_label: "kind of change".into(),
             y_label: "ms (log)".into(),
-            x_ticks: r.changes.iter().map(|c| short(c.kind)).collect(),
+            x_ticks: r.changes.iter().map(|c| short(&c.kind)).collect(),
             series,
             y_log: true,
             guides: vec![(10.0, "10 ms goal (p99)".into())],
@@ -2006,11 +2029,11 @@ fn plot(out: &Output) -> svg::Figure {
     }
     // Memory: after the first sync, after each batch.
     let mut ticks = vec!["first sync".to_string()];
-    if let Some(r) = out.sizes.first() {
-        ticks.extend(r.changes.iter().map(|c| short(c.kind)));
+    if let Some(r) = sizes.first() {
+        ticks.extend(r.changes.iter().map(|c| short(&c.kind)));
     }
     let mut series = Vec::new();
-    for r in &out.sizes {
+    for r in sizes {
         let mut rss = vec![Some(r.rss_after_sync_mib)];
         rss.extend(r.changes.iter().map(|c| c.rss_mib.last().copied()));
         series.push(svg::Series {
@@ -2033,27 +2056,31 @@ fn plot(out: &Output) -> svg::Figure {
         y_log: false,
         guides: vec![(1024.0, "1 GiB goal".into())],
     });
-    let policies = out.sizes.first().map_or(0, |r| r.policies);
+    let policies = sizes.first().map_or(0, |r| r.policies);
     svg::Figure {
         title: "netpol-agent against a real API server: latency per change and memory".into(),
         subtitle: format!(
             "{} policies; one change at a time; {} CPUs, kernel {}; load average {}",
             policies,
-            out.machine.cpus,
-            out.machine.kernel,
-            out.sizes
+            cpus,
+            kernel,
+            sizes
                 .iter()
                 .map(|r| r.load_before.as_str())
                 .collect::<Vec<_>>()
                 .join(" / ")
         ),
-        columns: 2,
+        // One column: ten kinds of change need the width for their labels.
+        columns: 1,
         panels,
     }
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(from) = &args.plot_from {
+        return replot(from, &args.svg);
+    }
     require_root("agent_scale")?;
     for t in [
         "etcd",
@@ -2110,7 +2137,7 @@ fn main() -> Result<()> {
     if let Some(path) = &args.json {
         println!("\nwrote {}", path.display());
     }
-    plot(&out).write(&args.svg)?;
+    plot(&out.sizes, out.machine.cpus, &out.machine.kernel).write(&args.svg)?;
     println!("wrote {}", args.svg.display());
     Ok(())
 }
