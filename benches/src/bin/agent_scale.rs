@@ -221,8 +221,10 @@ struct SizeResult {
     api_writes_per_sec: f64,
     apiserver_rss_mib: f64,
     etcd_rss_mib: f64,
-    /// Agent start -> every kind listed (its log says so).
+    /// Agent start -> the last "list complete" in its log before the
+    /// first sync, and how many there were (one per kind watched).
     lists_done_secs: Option<f64>,
+    lists: usize,
     /// Agent start -> status `synced`.
     first_sync_secs: f64,
     /// utime + stime at the first sync.
@@ -870,15 +872,17 @@ fn progress(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let start = Instant::now();
-        let mut last = (start, 0u64);
+        // Rates count this phase's writes only.
+        let base = writes.load(Ordering::Relaxed);
+        let mut last = (start, base);
         loop {
             tokio::time::sleep(Duration::from_secs(5)).await;
             let now = Instant::now();
             let w = writes.load(Ordering::Relaxed);
             println!(
-                "  [{label}] {w}/{total} writes, {:.0}/s over the last 5 s, {:.0}/s since the start",
+                "  [{label}] {w}/{total} writes, {:.0}/s over the last 5 s, {:.0}/s since the phase started",
                 (w - last.1) as f64 / (now - last.0).as_secs_f64(),
-                w as f64 / (now - start).as_secs_f64()
+                (w - base) as f64 / (now - start).as_secs_f64()
             );
             last = (now, w);
         }
@@ -1741,15 +1745,17 @@ fn run_size(
                 let deadline = started + Duration::from_secs(args.timeout_secs);
                 let mut next_note = 15;
                 loop {
-                    if result.lists_done_secs.is_none() {
-                        let text = std::fs::read_to_string(&agent.log).unwrap_or_default();
-                        let listed = text
-                            .lines()
-                            .filter(|l| l.contains("list complete"))
-                            .count();
-                        if listed >= 3 {
-                            result.lists_done_secs = Some(started.elapsed().as_secs_f64());
-                        }
+                    // The agent watches more kinds than it once did (pods,
+                    // namespaces, policies, nodes, ...): the lists are done
+                    // when the last "list complete" before the sync is.
+                    let listed = std::fs::read_to_string(&agent.log)
+                        .unwrap_or_default()
+                        .lines()
+                        .filter(|l| l.contains("list complete"))
+                        .count();
+                    if listed > result.lists {
+                        result.lists = listed;
+                        result.lists_done_secs = Some(started.elapsed().as_secs_f64());
                     }
                     if let Some(s) = agent.status()?
                         && s["synced"].as_bool() == Some(true)
@@ -1764,13 +1770,9 @@ fn run_size(
                     if started.elapsed().as_secs() >= next_note {
                         next_note += 15;
                         println!(
-                            "  [first sync] {:.0} s: {} of 3 lists complete; VmRSS {:.0} MiB; CPU {:.1} s",
+                            "  [first sync] {:.0} s: {} lists complete; VmRSS {:.0} MiB; CPU {:.1} s",
                             started.elapsed().as_secs_f64(),
-                            std::fs::read_to_string(&agent.log)
-                                .unwrap_or_default()
-                                .lines()
-                                .filter(|l| l.contains("list complete"))
-                                .count(),
+                            result.lists,
                             status_mib(pid, "VmRSS"),
                             agent.cpu()
                         );
@@ -1786,7 +1788,8 @@ fn run_size(
                 }
                 result.bpf_maps_memlock_mib = bpf_maps_memlock_mib(pid);
                 println!(
-                    "  agent: lists done after {}, first sync after {:.1} s using {:.2} s of CPU; VmRSS {:.0} MiB, VmHWM {:.0} MiB; BPF maps {:.0} MiB (memlock); maps {}",
+                    "  agent: {} lists done after {}, first sync after {:.1} s using {:.2} s of CPU; VmRSS {:.0} MiB, VmHWM {:.0} MiB; BPF maps {:.0} MiB (memlock); maps {}",
+                    result.lists,
                     result
                         .lists_done_secs
                         .map_or("?".to_string(), |s| format!("{s:.1} s")),
@@ -1860,7 +1863,8 @@ fn print_table(r: &SizeResult, changes: usize) {
         r.etcd_rss_mib
     );
     println!(
-        "Agent: lists done {}, first sync {:.1} s after start, {:.2} s of CPU; VmRSS {:.0} MiB and VmHWM {:.0} MiB after it, {:.0} / {:.0} MiB after the changes; BPF maps {:.0} MiB memlock; idle {:.1} ms CPU/s.\n",
+        "Agent: {} lists done {}, first sync {:.1} s after start, {:.2} s of CPU; VmRSS {:.0} MiB and VmHWM {:.0} MiB after it, {:.0} / {:.0} MiB after the changes; BPF maps {:.0} MiB memlock; idle {:.1} ms CPU/s.\n",
+        r.lists,
         r.lists_done_secs
             .map_or("?".to_string(), |s| format!("{s:.1} s")),
         r.first_sync_secs,
