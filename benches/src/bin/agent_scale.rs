@@ -23,7 +23,7 @@
 //!   address in one namespace in five). Labels: `app`, `tier`, `version`,
 //!   `pod-template-hash` (10 apps per namespace); pods are spread over
 //!   namespaces and nodes;
-//! - `--policies` NetworkPolicies, the mix of the `control_plane` benchmark
+//! - `--policies` NetworkPolicies (default 50,000), the mix of the `control_plane` benchmark
 //!   (default deny, DNS egress, monitoring ingress on a named port,
 //!   same-namespace, ipBlocks with excepts, namespace selectors,
 //!   matchExpressions, port ranges...).
@@ -39,10 +39,21 @@
 //! a pod relabelled, a pod deleted (grace period 0: the kubelet's final
 //! delete; a graceful delete only sets deletionTimestamp, which the agent
 //! does not act on), a namespace relabelled, a policy added, a policy
-//! removed. For each change: the latency from the API write returning to
-//! the agent's status file saying `synced` at a source revision that
-//! includes it (read every 5 ms), and the agent's time on CPU over the
-//! same span (`/proc/<pid>/task/*/schedstat`, in nanoseconds: utime and
+//! removed; then an identity split (a policy, in a namespace with a pod on
+//! the agent's node, whose peer `app In [app0..app4]` in every namespace
+//! splits about half the pods of every identity off: thousands of peer
+//! entries rewritten; removed again after it is measured), the merge back
+//! (the same policy removed; it is added first, unmeasured), and a pod
+//! relabel written right after a split policy, to see whether an ordinary
+//! change waits behind the split. For each change: the latency from the
+//! (last) API write returning to the agent's status file saying `synced`
+//! at a source revision that includes it (read every 5 ms); the agent's
+//! own time from the watch event to the end of its map writes, when it
+//! exports the histogram `netpol_change_seconds{kind}` (read before and
+//! after the change: the delta of `_sum` over one change is that change's
+//! exact time; the bucket deltas over the batch give coarse quantiles too,
+//! interpolated inside doubling buckets); and the agent's time on CPU over
+//! the same span (`/proc/<pid>/task/*/schedstat`, in nanoseconds: utime and
 //! stime come in 10 ms ticks); per batch also utime + stime over the whole
 //! batch divided by the number of changes. Between changes: a pause of
 //! `--gap-ms` plus up to 200 ms at random, so that changes never batch and
@@ -58,12 +69,17 @@
 //! printed with each size.
 //!
 //! Run as root, in release: `cargo build --release -p netpol-agent -p
-//! netpol-lab -p netpol-benches --bin agent_scale`, then
-//! `target/release/agent_scale [--pods 10000,100000] [--json out.json]`.
-//! Needs the control-plane tools (`cargo xtask setup`).
+//! netpol-lab` (their binaries: `--bin agent_scale` alone would leave them
+//! out) and `cargo build --release -p netpol-benches --bin agent_scale`,
+//! then `target/release/agent_scale [--pods 10000,100000] [--policies
+//! 50000] [--json out.json] [--svg target/bench/agent_scale.svg]`.
+//! Creating 100k pods takes 9 minutes at 370 writes/s on an idle 2-CPU
+//! machine (much longer on a busy one) and 50k policies a few more; long
+//! steps print progress lines. `--plot-from out.json` redraws the SVG of a
+//! run. Needs the control-plane tools (`cargo xtask setup`).
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     future::Future,
     net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
@@ -86,14 +102,16 @@ use kube::{
     api::{DeleteParams, Patch, PatchParams, PostParams},
     config::{KubeConfigOptions, Kubeconfig},
 };
-use netpol_benches::{Binaries, machine::Machine, require_root, stats::median_and, write_json};
+use netpol_benches::{
+    Binaries, machine::Machine, require_root, stats::median_and, svg, write_json,
+};
 use netpol_lab::{
     AgentProc, AgentSource, Agents, ClusterSpec, Lab, UpOptions,
     agents::{agent_paths, remove_agent_pins},
     controlplane::{self, ControlPlaneSpec, ControlPlaneState, ProxyMode},
     netns::{enter_netns, open_netns},
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 #[derive(Parser)]
@@ -101,8 +119,8 @@ struct Args {
     /// Pod counts, one lab each (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = [10_000u32, 100_000])]
     pods: Vec<u32>,
-    /// NetworkPolicies.
-    #[arg(long, default_value_t = 1000)]
+    /// NetworkPolicies (the issue's scale: 50k with 100k pods).
+    #[arg(long, default_value_t = 50_000)]
     policies: u32,
     /// Changes of each kind.
     #[arg(long, default_value_t = 20)]
@@ -137,6 +155,28 @@ struct Args {
     /// Write the numbers (every sample included) as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write the plot (latency per kind of change, agent memory) here.
+    #[arg(long, default_value = "target/bench/agent_scale.svg")]
+    svg: PathBuf,
+    /// Only plot: read the numbers from this `--json` output of an earlier
+    /// run and write `--svg` (no root, no lab).
+    #[arg(long)]
+    plot_from: Option<PathBuf>,
+}
+
+/// `--plot-from`: the SVG of an earlier run's JSON.
+fn replot(from: &Path, to: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(from).with_context(|| format!("reading {}", from.display()))?;
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", from.display()))?;
+    let sizes: Vec<SizeResult> =
+        serde_json::from_value(v["sizes"].clone()).context("the run's sizes")?;
+    let cpus = v["machine"]["cpus"].as_u64().unwrap_or(0) as usize;
+    let kernel = v["machine"]["kernel"].as_str().unwrap_or("?");
+    plot(&sizes, cpus, kernel).write(to)?;
+    println!("wrote {}", to.display());
+    Ok(())
 }
 
 /// The real node, where the agent runs.
@@ -162,7 +202,8 @@ struct Output {
     secs: f64,
 }
 
-#[derive(Serialize, Default)]
+#[derive(Serialize, Deserialize, Default)]
+#[serde(default)]
 struct SizeResult {
     pods: u32,
     policies: u32,
@@ -171,14 +212,19 @@ struct SizeResult {
     /// Pods on the agent's node (objects only; none has a veth).
     local_pods: u32,
     load_before: String,
+    /// When the changes start and at the end.
+    load_changes: String,
+    load_end: String,
     /// Creating everything through the API.
     populate_secs: f64,
     api_writes: u64,
     api_writes_per_sec: f64,
     apiserver_rss_mib: f64,
     etcd_rss_mib: f64,
-    /// Agent start -> every kind listed (its log says so).
+    /// Agent start -> the last "list complete" in its log before the
+    /// first sync, and how many there were (one per kind watched).
     lists_done_secs: Option<f64>,
+    lists: usize,
     /// Agent start -> status `synced`.
     first_sync_secs: f64,
     /// utime + stime at the first sync.
@@ -198,15 +244,42 @@ struct SizeResult {
     agent_errors: Vec<String>,
 }
 
-#[derive(Serialize, Default)]
+#[derive(Serialize, Deserialize, Default)]
+#[serde(default)]
 struct ChangeResult {
-    kind: &'static str,
+    kind: String,
     /// API write returned -> agent synced, ms.
     latency_ms: Vec<f64>,
     /// Agent time on CPU over the same span (schedstat), ms.
     cpu_ms: Vec<f64>,
     /// The agent's VmRSS after each change, MiB.
     rss_mib: Vec<f64>,
+    /// VmHWM at the end of the batch, MiB.
+    hwm_mib: f64,
+    /// The `kind` label of `netpol_change_seconds` for this change.
+    agent_label: String,
+    /// The agent's own time from the watch event to the end of its map
+    /// writes, per change, ms: the delta of `netpol_change_seconds_sum`
+    /// over the change divided by the delta of `_count` (one observation,
+    /// its exact time; see `agent_windows_with_more`). Empty when the agent
+    /// does not export the metric.
+    agent_ms: Vec<f64>,
+    /// Changes whose window saw no observation of `agent_label`.
+    agent_unobserved: usize,
+    /// Changes whose window saw more than one observation of
+    /// `agent_label` (then `agent_ms` holds their mean).
+    agent_windows_with_more: usize,
+    /// The same from the bucket deltas over the whole batch, interpolated
+    /// inside a bucket (buckets double: coarse).
+    agent_bucket_p50_ms: Option<f64>,
+    agent_bucket_p99_ms: Option<f64>,
+    agent_batch_observations: f64,
+    /// For the change behind a split: the agent's time of the split itself
+    /// (kind `policy`) in the same window, ms.
+    split_in_window_ms: Vec<f64>,
+    /// Per change: every `kind` the metric saw in its window, [sum ms,
+    /// count].
+    windows: Vec<BTreeMap<String, [f64; 2]>>,
     /// Agent utime + stime over the whole batch (pauses included) per
     /// change, ms.
     batch_cpu_ms_per_change: f64,
@@ -527,6 +600,44 @@ impl Shape {
         self.policy_of_kind(n, kind, &format!("pol-{j}"))
     }
 
+    /// The namespace of the split policy: the first (not special) one with
+    /// a pod on the agent's node, so that the policy is in play there.
+    fn split_namespace(&self) -> u32 {
+        (0..self.pods)
+            .filter(|&i| self.node_of(i) == 0)
+            .map(|i| self.namespace_of(i))
+            .find(|&n| n >= 2)
+            .unwrap_or(2)
+    }
+
+    /// A policy that splits the pod identities of the whole cluster: it
+    /// selects every pod of namespace `n` (one of them local) and allows
+    /// ingress from apps 0-4 of every namespace. No selector of the mix
+    /// separates those apps from apps 5-9 across namespaces, so about half
+    /// of every identity's pods move to a new one, and their peer entries
+    /// (about half the cluster's pods) are rewritten; removing it merges
+    /// them back.
+    fn split_policy(&self, n: u32, name: &str) -> Value {
+        json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": { "name": name, "namespace": ns_name(n) },
+            "spec": {
+                "podSelector": {},
+                "policyTypes": ["Ingress"],
+                "ingress": [{
+                    "from": [{
+                        "namespaceSelector": {},
+                        "podSelector": { "matchExpressions": [{
+                            "key": "app", "operator": "In",
+                            "values": ["app0", "app1", "app2", "app3", "app4"],
+                        }] },
+                    }],
+                    "ports": [{ "protocol": "TCP", "port": 7070 }],
+                }],
+            },
+        })
+    }
+
     fn policy_of_kind(&self, n: u32, kind: u32, name: &str) -> Value {
         let a = kind % APPS;
         let other = (kind / APPS + a + 1) % APPS;
@@ -761,15 +872,17 @@ fn progress(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let start = Instant::now();
-        let mut last = (start, 0u64);
+        // Rates count this phase's writes only.
+        let base = writes.load(Ordering::Relaxed);
+        let mut last = (start, base);
         loop {
             tokio::time::sleep(Duration::from_secs(5)).await;
             let now = Instant::now();
             let w = writes.load(Ordering::Relaxed);
             println!(
-                "  [{label}] {w}/{total} writes, {:.0}/s over the last 5 s, {:.0}/s since the start",
+                "  [{label}] {w}/{total} writes, {:.0}/s over the last 5 s, {:.0}/s since the phase started",
                 (w - last.1) as f64 / (now - last.0).as_secs_f64(),
-                w as f64 / (now - start).as_secs_f64()
+                (w - base) as f64 / (now - start).as_secs_f64()
             );
             last = (now, w);
         }
@@ -874,7 +987,13 @@ async fn populate(client: &Client, shape: Shape, concurrency: usize) -> Result<u
     );
 
     let t = Instant::now();
-    for_all(0..shape.policies, concurrency, |j| {
+    let before = writes.load(Ordering::Relaxed);
+    let reporter = progress(
+        "policies",
+        writes.clone(),
+        before + u64::from(shape.policies),
+    );
+    let result = for_all(0..shape.policies, concurrency, |j| {
         let (client, writes) = (client.clone(), writes.clone());
         async move {
             let pol: NetworkPolicy = typed(shape.policy(j))?;
@@ -889,7 +1008,9 @@ async fn populate(client: &Client, shape: Shape, concurrency: usize) -> Result<u
             Ok(())
         }
     })
-    .await?;
+    .await;
+    reporter.abort();
+    result?;
     println!(
         "  {} policies: {:.1} s",
         shape.policies,
@@ -954,6 +1075,15 @@ impl Watched {
         }
     }
 
+    /// The agent's `netpol_change_seconds` by kind; `None` if it does not
+    /// export it.
+    fn change_histograms(&self) -> Option<BTreeMap<String, Hist>> {
+        let Ok((200, body)) = netpol_agent::api::get(&self.state_dir, "/metrics") else {
+            return None;
+        };
+        parse_change_histograms(&body)
+    }
+
     /// `netpol_<name>_sum` and `_count` from the agent's /metrics.
     fn histogram(&self, name: &str) -> (f64, f64) {
         let Ok((200, body)) = netpol_agent::api::get(&self.state_dir, "/metrics") else {
@@ -970,6 +1100,131 @@ impl Watched {
         };
         (value("sum"), value("count"))
     }
+}
+
+/// One `kind` of the agent's `netpol_change_seconds` histogram.
+#[derive(Clone, Debug, Default)]
+struct Hist {
+    /// (upper bound in seconds, cumulative count), by bound.
+    buckets: Vec<(f64, f64)>,
+    sum: f64,
+    count: f64,
+}
+
+impl Hist {
+    /// The `q` quantile, interpolated linearly inside its bucket (from the
+    /// bucket below's bound, or 0); `None` without observations. Above the
+    /// last finite bound: that bound.
+    fn quantile(&self, q: f64) -> Option<f64> {
+        if self.count <= 0.0 {
+            return None;
+        }
+        let rank = q * self.count;
+        let mut below = (0.0, 0.0);
+        for &(le, cum) in &self.buckets {
+            if cum >= rank {
+                if le.is_infinite() {
+                    return Some(below.0);
+                }
+                let inside = cum - below.1;
+                let frac = if inside > 0.0 {
+                    (rank - below.1) / inside
+                } else {
+                    1.0
+                };
+                return Some(below.0 + (le - below.0) * frac);
+            }
+            below = (le, cum);
+        }
+        Some(below.0)
+    }
+}
+
+/// `netpol_change_seconds` by `kind` from a /metrics body; `None` when the
+/// agent does not export it (no `# TYPE` line).
+fn parse_change_histograms(body: &str) -> Option<BTreeMap<String, Hist>> {
+    const NAME: &str = "netpol_change_seconds";
+    if !body
+        .lines()
+        .any(|l| l.starts_with(&format!("# TYPE {NAME} ")))
+    {
+        return None;
+    }
+    let mut out: BTreeMap<String, Hist> = BTreeMap::new();
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix(NAME).and_then(|r| r.strip_prefix('_')) else {
+            continue;
+        };
+        let Some((series, rest)) = rest.split_once('{') else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once('}') else {
+            continue;
+        };
+        // The value, then maybe an exemplar (` # {...}`).
+        let Some(value) = value
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels.split(',').find_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                (k.trim() == name).then(|| v.trim().trim_matches('"').to_string())
+            })
+        };
+        let Some(kind) = label("kind") else {
+            continue;
+        };
+        let h = out.entry(kind).or_default();
+        match series {
+            "sum" => h.sum = value,
+            "count" => h.count = value,
+            "bucket" => {
+                let le = label("le").map_or(f64::INFINITY, |v| {
+                    if v == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        v.parse().unwrap_or(f64::INFINITY)
+                    }
+                });
+                h.buckets.push((le, value));
+            }
+            _ => {}
+        }
+    }
+    for h in out.values_mut() {
+        h.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    Some(out)
+}
+
+/// `after - before`, kind by kind and bucket by bucket.
+fn hist_delta(
+    before: &BTreeMap<String, Hist>,
+    after: &BTreeMap<String, Hist>,
+) -> BTreeMap<String, Hist> {
+    after
+        .iter()
+        .map(|(kind, a)| {
+            let b = before.get(kind).cloned().unwrap_or_default();
+            let at = |le: f64| {
+                b.buckets
+                    .iter()
+                    .find(|(l, _)| *l == le)
+                    .map_or(0.0, |(_, c)| *c)
+            };
+            let d = Hist {
+                buckets: a.buckets.iter().map(|&(le, c)| (le, c - at(le))).collect(),
+                sum: a.sum - b.sum,
+                count: a.count - b.count,
+            };
+            (kind.clone(), d)
+        })
+        .filter(|(_, d)| d.count > 0.0)
+        .collect()
 }
 
 /// What one change does, through the API.
@@ -1043,16 +1298,34 @@ async fn apply(client: &Client, shape: Shape, step: &Step) -> Result<()> {
     Ok(())
 }
 
-/// The kinds of change, in the order they run; each builds its `k`-th step.
-const KINDS: [&str; 7] = [
-    "pod created (Pending)",
-    "pod Running (podIPs)",
-    "pod relabelled",
-    "pod deleted",
-    "namespace relabelled",
-    "policy added",
-    "policy removed",
+/// The kinds of change, in the order they run, and the `kind` label of
+/// the agent's `netpol_change_seconds` that the measured change falls under.
+const KINDS: [(&str, &str); 10] = [
+    ("pod created (Pending)", "pod"),
+    ("pod Running (podIPs)", "pod"),
+    ("pod relabelled", "pod"),
+    ("pod deleted", "pod"),
+    ("namespace relabelled", "namespace"),
+    ("policy added", "policy"),
+    ("policy removed", "policy"),
+    (SPLIT, "policy"),
+    (MERGE, "policy"),
+    (BEHIND_SPLIT, "pod"),
 ];
+const SPLIT: &str = "identity split (policy added)";
+const MERGE: &str = "identity merge (policy removed)";
+const BEHIND_SPLIT: &str = "pod relabelled behind a split";
+
+/// One measured change: `pre` is written and synced first (not measured),
+/// then `steps` back to back (the latency runs from the last write
+/// returning to the agent's sync of all of them), then `post` (synced, not
+/// measured) undoes what must not stay.
+#[derive(Default)]
+struct Trial {
+    pre: Vec<Step>,
+    steps: Vec<Step>,
+    post: Vec<Step>,
+}
 
 /// `k` distinct existing pods for relabels and deletions (disjoint sets).
 fn victims(shape: Shape, k: usize, seed: u64) -> Vec<u32> {
@@ -1069,6 +1342,29 @@ fn victims(shape: Shape, k: usize, seed: u64) -> Vec<u32> {
     out
 }
 
+/// A relabel of pod `i` to another app (a label that no selector picks in
+/// the two special namespaces).
+fn relabel(shape: Shape, i: u32, k: usize, rng: &mut Rng) -> Step {
+    let n = shape.namespace_of(i);
+    let app = (shape.app_of(i) + 1 + rng.below(APPS - 1)) % APPS;
+    let mut labels = shape.pod_labels(n, app, 1 + rng.below(1000));
+    if n < 2 {
+        // Those namespaces' pods carry one label: change it.
+        labels = json!({ "relabelled": format!("r{k}") });
+    }
+    Step::RelabelPod(i, labels)
+}
+
+/// Writes `steps` one after the other; returns when the last write returned.
+async fn write_all(client: &Client, shape: Shape, steps: &[Step], what: &str) -> Result<Instant> {
+    for step in steps {
+        apply(client, shape, step)
+            .await
+            .with_context(|| what.to_string())?;
+    }
+    Ok(Instant::now())
+}
+
 async fn run_changes(
     client: &Client,
     shape: Shape,
@@ -1078,35 +1374,54 @@ async fn run_changes(
 ) -> Result<Vec<ChangeResult>> {
     let timeout = Duration::from_secs(args.timeout_secs);
     let mut rng = Rng(0x5eed);
-    let picked = victims(shape, 2 * changes, 42);
-    let (relabelled, deleted) = picked.split_at(changes);
+    let picked = victims(shape, 3 * changes, 42);
+    let relabelled = &picked[..changes];
+    let deleted = &picked[changes..2 * changes];
+    let behind = &picked[2 * changes..];
+    let split_ns = shape.split_namespace();
     let mut added_policies = Vec::new();
     let mut namespace_teams: Vec<(u32, u32)> = Vec::new();
     let mut results = Vec::new();
-    for kind in KINDS {
+    let exported = agent.change_histograms().is_some();
+    if exported {
+        println!(
+            "  the agent exports netpol_change_seconds: its event -> map-write time per change"
+        );
+    } else {
+        println!("  netpol_change_seconds: not exported by this agent");
+    }
+    for (kind, label) in KINDS {
         let (compile0, compiles0) = agent.histogram("compile_seconds");
         let (apply0, applies0) = agent.histogram("apply_seconds");
+        let batch_hist0 = agent.change_histograms();
         let batch_cpu0 = agent.cpu();
+        let batch_start = Instant::now();
         let mut r = ChangeResult {
-            kind,
+            kind: kind.to_string(),
+            agent_label: label.to_string(),
             ..ChangeResult::default()
         };
         for k in 0..changes {
-            let step = match kind {
-                "pod created (Pending)" => Step::CreatePod(shape.pods + k as u32),
-                "pod Running (podIPs)" => Step::PodStatus(shape.pods + k as u32),
-                "pod relabelled" => {
-                    let i = relabelled[k];
-                    let n = shape.namespace_of(i);
-                    let app = (shape.app_of(i) + 1 + rng.below(APPS - 1)) % APPS;
-                    let mut labels = shape.pod_labels(n, app, 1 + rng.below(1000));
-                    if n < 2 {
-                        // Those namespaces' pods carry one label: change it.
-                        labels = json!({ "relabelled": format!("r{k}") });
-                    }
-                    Step::RelabelPod(i, labels)
-                }
-                "pod deleted" => Step::DeletePod(deleted[k]),
+            let split =
+                |name: String| Step::AddPolicy(split_ns, shape.split_policy(split_ns, &name));
+            let unsplit = |name: String| Step::RemovePolicy(split_ns, name);
+            let trial = match kind {
+                "pod created (Pending)" => Trial {
+                    steps: vec![Step::CreatePod(shape.pods + k as u32)],
+                    ..Trial::default()
+                },
+                "pod Running (podIPs)" => Trial {
+                    steps: vec![Step::PodStatus(shape.pods + k as u32)],
+                    ..Trial::default()
+                },
+                "pod relabelled" => Trial {
+                    steps: vec![relabel(shape, relabelled[k], k, &mut rng)],
+                    ..Trial::default()
+                },
+                "pod deleted" => Trial {
+                    steps: vec![Step::DeletePod(deleted[k])],
+                    ..Trial::default()
+                },
                 "namespace relabelled" => {
                     let n = (mix(7000 + k as u64) % u64::from(shape.namespaces)) as u32;
                     let current = namespace_teams
@@ -1116,32 +1431,122 @@ async fn run_changes(
                         .map_or(Shape::team(n), |(_, t)| *t);
                     let team = (current + 1 + rng.below(19)) % 20;
                     namespace_teams.push((n, team));
-                    Step::RelabelNamespace(n, team)
+                    Trial {
+                        steps: vec![Step::RelabelNamespace(n, team)],
+                        ..Trial::default()
+                    }
                 }
                 "policy added" => {
                     let n = (mix(9000 + k as u64) % u64::from(shape.namespaces)) as u32;
                     let name = format!("added-pol-{k}");
                     added_policies.push((n, name.clone()));
-                    Step::AddPolicy(n, shape.policy_of_kind(n, rng.below(POLICY_KINDS), &name))
+                    Trial {
+                        steps: vec![Step::AddPolicy(
+                            n,
+                            shape.policy_of_kind(n, rng.below(POLICY_KINDS), &name),
+                        )],
+                        ..Trial::default()
+                    }
                 }
-                _ => {
+                "policy removed" => {
                     let (n, name) = added_policies[k].clone();
-                    Step::RemovePolicy(n, name)
+                    Trial {
+                        steps: vec![Step::RemovePolicy(n, name)],
+                        ..Trial::default()
+                    }
                 }
+                SPLIT => Trial {
+                    steps: vec![split(format!("split-{k}"))],
+                    post: vec![unsplit(format!("split-{k}"))],
+                    ..Trial::default()
+                },
+                MERGE => Trial {
+                    pre: vec![split(format!("merge-{k}"))],
+                    steps: vec![unsplit(format!("merge-{k}"))],
+                    ..Trial::default()
+                },
+                _ => Trial {
+                    steps: vec![
+                        split(format!("behind-{k}")),
+                        relabel(shape, behind[k], k, &mut rng),
+                    ],
+                    post: vec![unsplit(format!("behind-{k}"))],
+                    ..Trial::default()
+                },
             };
+            let what = format!("{kind} #{k}");
+            if !trial.pre.is_empty() {
+                let rev = agent.wait_synced(0, timeout)?["source_revision"]
+                    .as_u64()
+                    .unwrap_or(0);
+                write_all(client, shape, &trial.pre, &what).await?;
+                agent
+                    .wait_synced(rev + trial.pre.len() as u64, timeout)
+                    .with_context(|| format!("waiting for the setup of {what}"))?;
+            }
             let before = agent.wait_synced(0, timeout)?;
             let revision = before["source_revision"].as_u64().unwrap_or(0);
+            let hist0 = agent.change_histograms();
             let cpu0 = agent.on_cpu();
-            apply(client, shape, &step)
-                .await
-                .with_context(|| format!("{kind} #{k}"))?;
-            let written = Instant::now();
+            let written = write_all(client, shape, &trial.steps, &what).await?;
             agent
-                .wait_synced(revision + 1, timeout)
-                .with_context(|| format!("waiting for {kind} #{k}"))?;
-            r.latency_ms.push(written.elapsed().as_secs_f64() * 1e3);
+                .wait_synced(revision + trial.steps.len() as u64, timeout)
+                .with_context(|| format!("waiting for {what}"))?;
+            let latency = written.elapsed().as_secs_f64() * 1e3;
+            r.latency_ms.push(latency);
             r.cpu_ms.push((agent.on_cpu() - cpu0) * 1e3);
+            if let Some(h0) = hist0 {
+                // The agent may record the observation just after it writes
+                // its status: give it a moment.
+                let deadline = Instant::now() + Duration::from_secs(2);
+                let window = loop {
+                    let w = hist_delta(&h0, &agent.change_histograms().unwrap_or_default());
+                    if w.get(label).is_some_and(|h| h.count >= 1.0) || Instant::now() > deadline {
+                        break w;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                };
+                match window.get(label) {
+                    Some(h) if h.count >= 1.0 => {
+                        // One observation: its exact time; more (another
+                        // event of the kind in the window): their mean.
+                        r.agent_ms.push(h.sum / h.count * 1e3);
+                        if h.count > 1.0 {
+                            r.agent_windows_with_more += 1;
+                        }
+                    }
+                    _ => r.agent_unobserved += 1,
+                }
+                if kind == BEHIND_SPLIT
+                    && let Some(h) = window.get("policy")
+                    && h.count >= 1.0
+                {
+                    r.split_in_window_ms.push(h.sum / h.count * 1e3);
+                }
+                r.windows.push(
+                    window
+                        .iter()
+                        .map(|(k, h)| (k.clone(), [h.sum * 1e3, h.count]))
+                        .collect(),
+                );
+            }
             r.rss_mib.push(status_mib(agent.pid, "VmRSS"));
+            if !trial.post.is_empty() {
+                let rev = agent.wait_synced(0, timeout)?["source_revision"]
+                    .as_u64()
+                    .unwrap_or(0);
+                write_all(client, shape, &trial.post, &what).await?;
+                agent
+                    .wait_synced(rev + trial.post.len() as u64, timeout)
+                    .with_context(|| format!("waiting for the undoing of {what}"))?;
+            }
+            if (k + 1) % 5 == 0 && k + 1 < changes {
+                println!(
+                    "    [{kind}] {}/{changes}: last latency {latency:.0} ms, {:.0} s in this batch",
+                    k + 1,
+                    batch_start.elapsed().as_secs_f64()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(args.gap_ms + rng.below(200) as u64)).await;
         }
         r.batch_cpu_ms_per_change = (agent.cpu() - batch_cpu0) * 1e3 / changes as f64;
@@ -1150,15 +1555,39 @@ async fn run_changes(
         r.syncs = compiles1 - compiles0;
         r.compile_mean_ms = (compile1 - compile0) / (compiles1 - compiles0) * 1e3;
         r.apply_mean_ms = (apply1 - apply0) / (applies1 - applies0) * 1e3;
+        if let (Some(h0), Some(h1)) = (batch_hist0, agent.change_histograms())
+            && let Some(h) = hist_delta(&h0, &h1).get(label)
+        {
+            r.agent_bucket_p50_ms = h.quantile(0.5).map(|v| v * 1e3);
+            r.agent_bucket_p99_ms = h.quantile(0.99).map(|v| v * 1e3);
+            r.agent_batch_observations = h.count;
+        }
+        r.hwm_mib = status_mib(agent.pid, "VmHWM");
         let (lat50, lat99) = median_and(&r.latency_ms, 0.99);
         let (cpu50, cpu99) = median_and(&r.cpu_ms, 0.99);
+        let agent_part = if exported {
+            let (a50, a99) = median_and(&r.agent_ms, 0.99);
+            format!(
+                "agent event->maps median {a50:.1} ms, p99 {a99:.1} ms ({} of {changes} seen); ",
+                r.agent_ms.len()
+            )
+        } else {
+            String::new()
+        };
+        let behind_part = if r.split_in_window_ms.is_empty() {
+            String::new()
+        } else {
+            let (s50, s99) = median_and(&r.split_in_window_ms, 0.99);
+            format!("the split before it: median {s50:.1} ms, p99 {s99:.1} ms; ")
+        };
         println!(
-            "  {kind:<22} latency median {lat50:.0} ms, p99 {lat99:.0} ms; CPU median {cpu50:.0} ms, p99 {cpu99:.0} ms; \
-             compile {:.0} ms, apply {:.1} ms per sync ({} syncs); VmRSS {:.0} MiB",
+            "  {kind:<31} API->synced median {lat50:.0} ms, p99 {lat99:.0} ms; {agent_part}{behind_part}CPU median {cpu50:.0} ms, p99 {cpu99:.0} ms; \
+             compile {:.0} ms, apply {:.1} ms per sync ({} syncs); VmRSS {:.0} MiB, VmHWM {:.0} MiB",
             r.compile_mean_ms,
             r.apply_mean_ms,
             r.syncs,
-            r.rss_mib.last().copied().unwrap_or(0.0)
+            r.rss_mib.last().copied().unwrap_or(0.0),
+            r.hwm_mib
         );
         results.push(r);
     }
@@ -1314,16 +1743,19 @@ fn run_size(
                 };
                 // Wait for the first sync, noting when the lists completed.
                 let deadline = started + Duration::from_secs(args.timeout_secs);
+                let mut next_note = 15;
                 loop {
-                    if result.lists_done_secs.is_none() {
-                        let text = std::fs::read_to_string(&agent.log).unwrap_or_default();
-                        let listed = text
-                            .lines()
-                            .filter(|l| l.contains("list complete"))
-                            .count();
-                        if listed >= 3 {
-                            result.lists_done_secs = Some(started.elapsed().as_secs_f64());
-                        }
+                    // The agent watches more kinds than it once did (pods,
+                    // namespaces, policies, nodes, ...): the lists are done
+                    // when the last "list complete" before the sync is.
+                    let listed = std::fs::read_to_string(&agent.log)
+                        .unwrap_or_default()
+                        .lines()
+                        .filter(|l| l.contains("list complete"))
+                        .count();
+                    if listed > result.lists {
+                        result.lists = listed;
+                        result.lists_done_secs = Some(started.elapsed().as_secs_f64());
                     }
                     if let Some(s) = agent.status()?
                         && s["synced"].as_bool() == Some(true)
@@ -1334,6 +1766,16 @@ fn run_size(
                         result.hwm_after_sync_mib = status_mib(pid, "VmHWM");
                         result.map_entries = s["map_entries"].clone();
                         break;
+                    }
+                    if started.elapsed().as_secs() >= next_note {
+                        next_note += 15;
+                        println!(
+                            "  [first sync] {:.0} s: {} lists complete; VmRSS {:.0} MiB; CPU {:.1} s",
+                            started.elapsed().as_secs_f64(),
+                            result.lists,
+                            status_mib(pid, "VmRSS"),
+                            agent.cpu()
+                        );
                     }
                     if Instant::now() > deadline {
                         bail!(
@@ -1346,7 +1788,8 @@ fn run_size(
                 }
                 result.bpf_maps_memlock_mib = bpf_maps_memlock_mib(pid);
                 println!(
-                    "  agent: lists done after {}, first sync after {:.1} s using {:.2} s of CPU; VmRSS {:.0} MiB, VmHWM {:.0} MiB; BPF maps {:.0} MiB (memlock); maps {}",
+                    "  agent: {} lists done after {}, first sync after {:.1} s using {:.2} s of CPU; VmRSS {:.0} MiB, VmHWM {:.0} MiB; BPF maps {:.0} MiB (memlock); maps {}",
+                    result.lists,
                     result
                         .lists_done_secs
                         .map_or("?".to_string(), |s| format!("{s:.1} s")),
@@ -1369,7 +1812,10 @@ fn run_size(
                     status_mib(pid, "VmRSS")
                 );
 
+                result.load_changes = load_average();
+                println!("  changes start; load average {}", result.load_changes);
                 result.changes = run_changes(&client, shape, &mut agent, args, changes).await?;
+                result.load_end = load_average();
                 result.rss_end_mib = status_mib(pid, "VmRSS");
                 result.hwm_end_mib = status_mib(pid, "VmHWM");
                 result.apiserver_rss_end_mib = rss(cp.apiserver_pid);
@@ -1417,7 +1863,8 @@ fn print_table(r: &SizeResult, changes: usize) {
         r.etcd_rss_mib
     );
     println!(
-        "Agent: lists done {}, first sync {:.1} s after start, {:.2} s of CPU; VmRSS {:.0} MiB and VmHWM {:.0} MiB after it, {:.0} / {:.0} MiB after the changes; BPF maps {:.0} MiB memlock; idle {:.1} ms CPU/s.\n",
+        "Agent: {} lists done {}, first sync {:.1} s after start, {:.2} s of CPU; VmRSS {:.0} MiB and VmHWM {:.0} MiB after it, {:.0} / {:.0} MiB after the changes; BPF maps {:.0} MiB memlock; idle {:.1} ms CPU/s.\n",
+        r.lists,
         r.lists_done_secs
             .map_or("?".to_string(), |s| format!("{s:.1} s")),
         r.first_sync_secs,
@@ -1430,22 +1877,214 @@ fn print_table(r: &SizeResult, changes: usize) {
         r.idle_cpu_ms_per_sec
     );
     println!(
-        "| change ({changes} each) | latency median ms | p99 ms | max ms | CPU/change median ms | p99 ms | batch CPU/change ms | compile ms/sync | apply ms/sync | syncs |"
+        "Load average (1, 5, 15 min): {} at the start, {} when the changes started, {} at the end.\n",
+        r.load_before, r.load_changes, r.load_end
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let exported = r.changes.iter().any(|c| !c.windows.is_empty());
+    if !exported {
+        println!(
+            "The agent's own event -> map-write time: netpol_change_seconds not exported by this agent.\n"
+        );
+    }
+    println!(
+        "| change ({changes} each) | API write -> synced median ms | p99 ms | max ms | agent event -> maps median ms | p99 ms | (buckets: median / p99 ms) | CPU/change median ms | p99 ms | batch CPU/change ms | compile ms/sync | apply ms/sync | syncs |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let ms = |v: f64| {
+        if v.is_nan() {
+            "-".to_string()
+        } else if v < 10.0 {
+            format!("{v:.2}")
+        } else {
+            format!("{v:.0}")
+        }
+    };
     for c in &r.changes {
         let (l50, l99) = median_and(&c.latency_ms, 0.99);
         let lmax = c.latency_ms.iter().copied().fold(0.0, f64::max);
+        let (a50, a99) = median_and(&c.agent_ms, 0.99);
         let (c50, c99) = median_and(&c.cpu_ms, 0.99);
+        let buckets = match (c.agent_bucket_p50_ms, c.agent_bucket_p99_ms) {
+            (Some(b50), Some(b99)) => format!("{} / {}", ms(b50), ms(b99)),
+            _ => "-".to_string(),
+        };
         println!(
-            "| {} | {l50:.0} | {l99:.0} | {lmax:.0} | {c50:.0} | {c99:.0} | {:.0} | {:.0} | {:.1} | {} |",
-            c.kind, c.batch_cpu_ms_per_change, c.compile_mean_ms, c.apply_mean_ms, c.syncs
+            "| {} | {l50:.0} | {l99:.0} | {lmax:.0} | {} | {} | {buckets} | {c50:.0} | {c99:.0} | {:.0} | {:.0} | {:.1} | {} |",
+            c.kind,
+            ms(a50),
+            ms(a99),
+            c.batch_cpu_ms_per_change,
+            c.compile_mean_ms,
+            c.apply_mean_ms,
+            c.syncs
         );
+    }
+    println!(
+        "\nCompile and apply per sync include the unmeasured setup and undo syncs of the split kinds (each split is removed again, each merge set up first)."
+    );
+    if exported {
+        let odd: Vec<String> = r
+            .changes
+            .iter()
+            .filter(|c| c.agent_unobserved + c.agent_windows_with_more > 0)
+            .map(|c| {
+                format!(
+                    "{}: {} unobserved, {} windows with more than one",
+                    c.kind, c.agent_unobserved, c.agent_windows_with_more
+                )
+            })
+            .collect();
+        if !odd.is_empty() {
+            println!("Agent times not exact for: {}", odd.join("; "));
+        }
+    }
+    if let (Some(alone), Some(behind)) = (
+        r.changes.iter().find(|c| c.kind == "pod relabelled"),
+        r.changes.iter().find(|c| c.kind == BEHIND_SPLIT),
+    ) {
+        let (l50, _) = median_and(&alone.latency_ms, 0.99);
+        let (b50, b99) = median_and(&behind.latency_ms, 0.99);
+        let mut line = format!(
+            "Queued behind a split: a pod relabel written right after the split policy is synced {b50:.0} ms (median; p99 {b99:.0}) after its write, against {l50:.0} ms alone"
+        );
+        if exported {
+            let (a50, _) = median_and(&alone.agent_ms, 0.99);
+            let (q50, q99) = median_and(&behind.agent_ms, 0.99);
+            let (s50, _) = median_and(&behind.split_in_window_ms, 0.99);
+            line += &format!(
+                "; the agent's event -> maps time of that relabel: median {} ms, p99 {} ms, against {} ms alone (the split in the same window: {} ms)",
+                ms(q50),
+                ms(q99),
+                ms(a50),
+                ms(s50)
+            );
+        }
+        println!("{line}.");
+    }
+}
+
+/// Latency per kind of change (one panel per size, log scale) and the
+/// agent's VmRSS through the run (one line per size).
+fn plot(sizes: &[SizeResult], cpus: usize, kernel: &str) -> svg::Figure {
+    let short = |kind: &str| -> String {
+        match kind {
+            "pod created (Pending)" => "pod new",
+            "pod Running (podIPs)" => "pod IPs",
+            "pod relabelled" => "pod label",
+            "pod deleted" => "pod del",
+            "namespace relabelled" => "ns label",
+            "policy added" => "pol add",
+            "policy removed" => "pol del",
+            SPLIT => "split",
+            MERGE => "merge",
+            BEHIND_SPLIT => "behind split",
+            other => other,
+        }
+        .to_string()
+    };
+    let mut panels = Vec::new();
+    for r in sizes {
+        let q = |f: &dyn Fn(&ChangeResult) -> &Vec<f64>, p99: bool| svg::Series {
+            name: String::new(),
+            values: r
+                .changes
+                .iter()
+                .map(|c| {
+                    let (m, h) = median_and(f(c), 0.99);
+                    let v = if p99 { h } else { m };
+                    (v.is_finite() && v > 0.0).then_some(v)
+                })
+                .collect(),
+        };
+        let named = |mut s: svg::Series, name: &str| {
+            s.name = name.to_string();
+            s
+        };
+        let mut series = vec![
+            named(q(&|c| &c.latency_ms, false), "API write -> synced, median"),
+            named(q(&|c| &c.latency_ms, true), "API write -> synced, p99"),
+        ];
+        if r.changes.iter().any(|c| !c.agent_ms.is_empty()) {
+            series.push(named(
+                q(&|c| &c.agent_ms, false),
+                "agent event -> map writes, median",
+            ));
+            series.push(named(
+                q(&|c| &c.agent_ms, true),
+                "agent event -> map writes, p99",
+            ));
+        }
+        series.push(named(
+            q(&|c| &c.cpu_ms, false),
+            "agent CPU per change, median",
+        ));
+        panels.push(svg::Panel {
+            title: format!(
+                "{} pods x {} policies: latency per change",
+                r.pods, r.policies
+            ),
+            x_label: "kind of change".into(),
+            y_label: "ms (log)".into(),
+            x_ticks: r.changes.iter().map(|c| short(&c.kind)).collect(),
+            series,
+            y_log: true,
+            guides: vec![(10.0, "10 ms goal (p99)".into())],
+        });
+    }
+    // Memory: after the first sync, after each batch.
+    let mut ticks = vec!["first sync".to_string()];
+    if let Some(r) = sizes.first() {
+        ticks.extend(r.changes.iter().map(|c| short(&c.kind)));
+    }
+    let mut series = Vec::new();
+    for r in sizes {
+        let mut rss = vec![Some(r.rss_after_sync_mib)];
+        rss.extend(r.changes.iter().map(|c| c.rss_mib.last().copied()));
+        series.push(svg::Series {
+            name: format!("VmRSS, {} pods", r.pods),
+            values: rss,
+        });
+        let mut hwm = vec![Some(r.hwm_after_sync_mib)];
+        hwm.extend(r.changes.iter().map(|c| Some(c.hwm_mib)));
+        series.push(svg::Series {
+            name: format!("VmHWM, {} pods", r.pods),
+            values: hwm,
+        });
+    }
+    panels.push(svg::Panel {
+        title: "agent memory after the first sync and after each batch".into(),
+        x_label: "after".into(),
+        y_label: "MiB".into(),
+        x_ticks: ticks,
+        series,
+        y_log: false,
+        guides: vec![(1024.0, "1 GiB goal".into())],
+    });
+    let policies = sizes.first().map_or(0, |r| r.policies);
+    svg::Figure {
+        title: "netpol-agent against a real API server: latency per change and memory".into(),
+        subtitle: format!(
+            "{} policies; one change at a time; {} CPUs, kernel {}; load average {}",
+            policies,
+            cpus,
+            kernel,
+            sizes
+                .iter()
+                .map(|r| r.load_before.as_str())
+                .collect::<Vec<_>>()
+                .join(" / ")
+        ),
+        // One column: ten kinds of change need the width for their labels.
+        columns: 1,
+        panels,
     }
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(from) = &args.plot_from {
+        return replot(from, &args.svg);
+    }
     require_root("agent_scale")?;
     for t in [
         "etcd",
@@ -1465,7 +2104,8 @@ fn main() -> Result<()> {
     let method = format!(
         "objects only, through the lab's kube-apiserver: pods spread over one namespace per {} pods and one node per {} pods (node 0 is the agent's); \
          {} policies of the control_plane mix; one netpol-agent --source kube (args: {:?}); per change: API write returned -> status synced \
-         (read every 5 ms), and the agent's time on CPU over the same span (schedstat; utime+stime per batch); \
+         (read every 5 ms), the agent's own event -> map-write time (delta of its netpol_change_seconds{{kind}} _sum over the change, when exported), \
+         and the agent's time on CPU over the same span (schedstat; utime+stime per batch); \
          {} changes per kind, {} ms + up to 200 ms apart",
         args.pods_per_namespace,
         args.pods_per_node,
@@ -1501,5 +2141,85 @@ fn main() -> Result<()> {
     if let Some(path) = &args.json {
         println!("\nwrote {}", path.display());
     }
+    plot(&out.sizes, out.machine.cpus, &out.machine.kernel).write(&args.svg)?;
+    println!("wrote {}", args.svg.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A /metrics body as prometheus-client 0.24 encodes a
+    /// `Family<[(kind, ..)], Histogram>`: `le` first, then the family's
+    /// labels; buckets cumulative.
+    fn body(pod: [u64; 4], pod_sum: f64) -> String {
+        let mut b = String::from(
+            "# HELP netpol_change_seconds Watch event to the end of its map writes.\n\
+             # TYPE netpol_change_seconds histogram\n",
+        );
+        for (le, c) in ["0.001", "0.002", "0.004", "+Inf"].iter().zip(pod) {
+            b += &format!("netpol_change_seconds_bucket{{le=\"{le}\",kind=\"pod\"}} {c}\n");
+        }
+        b += &format!("netpol_change_seconds_sum{{kind=\"pod\"}} {pod_sum}\n");
+        b += &format!("netpol_change_seconds_count{{kind=\"pod\"}} {}\n", pod[3]);
+        b += "netpol_change_seconds_bucket{le=\"0.001\",kind=\"policy\"} 1\n\
+              netpol_change_seconds_bucket{le=\"+Inf\",kind=\"policy\"} 1\n\
+              netpol_change_seconds_sum{kind=\"policy\"} 0.0005\n\
+              netpol_change_seconds_count{kind=\"policy\"} 1\n\
+              netpol_compile_seconds_sum 3.0\n# EOF\n";
+        b
+    }
+
+    #[test]
+    fn an_agent_without_the_metric_has_none() {
+        assert!(
+            parse_change_histograms(
+                "# TYPE netpol_compile_seconds histogram\nnetpol_compile_seconds_sum 1\n"
+            )
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn one_change_is_the_delta_of_the_sum() {
+        let before = parse_change_histograms(&body([1, 2, 2, 2], 0.0025)).expect("exported");
+        let after = parse_change_histograms(&body([1, 2, 3, 3], 0.0055)).expect("exported");
+        let d = hist_delta(&before, &after);
+        // The policy kind did not move, so it is not in the window.
+        assert_eq!(d.keys().collect::<Vec<_>>(), ["pod"]);
+        let pod = &d["pod"];
+        assert_eq!(pod.count, 1.0);
+        assert!((pod.sum - 0.003).abs() < 1e-12, "{}", pod.sum);
+        assert_eq!(
+            pod.buckets,
+            [
+                (0.001, 0.0),
+                (0.002, 0.0),
+                (0.004, 1.0),
+                (f64::INFINITY, 1.0)
+            ]
+        );
+    }
+
+    #[test]
+    fn bucket_quantiles_interpolate_inside_the_bucket() {
+        let h = Hist {
+            buckets: vec![
+                (0.001, 2.0),
+                (0.002, 4.0),
+                (0.004, 4.0),
+                (f64::INFINITY, 5.0),
+            ],
+            sum: 0.0,
+            count: 5.0,
+        };
+        // Rank 2.5 of 5: a quarter into (0.001, 0.002], which holds ranks 3-4.
+        assert!((h.quantile(0.5).unwrap() - 0.00125).abs() < 1e-12);
+        // Rank 1 of 5: half-way through [0, 0.001].
+        assert!((h.quantile(0.2).unwrap() - 0.0005).abs() < 1e-12);
+        // In the +Inf bucket: the last finite bound.
+        assert_eq!(h.quantile(0.99), Some(0.004));
+        assert_eq!(Hist::default().quantile(0.5), None);
+    }
 }
