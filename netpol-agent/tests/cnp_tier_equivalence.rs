@@ -285,9 +285,11 @@ fn cnp_strategy(idx: usize) -> impl Strategy<Value = ClusterNetworkPolicy> {
         subject,
         prop::collection::vec(cnp_rule_strategy(false), 0..=3),
         prop::collection::vec(cnp_rule_strategy(true), 0..=3),
+        // One policy in four is audited (`netpol.dev/audit: "true"`).
+        select(&[false, false, false, true][..]),
     )
-        .prop_map(
-            move |(tier, priority, subject, ingress, egress)| ClusterNetworkPolicy {
+        .prop_map(move |(tier, priority, subject, ingress, egress, audit)| {
+            ClusterNetworkPolicy {
                 name: format!("cnp{idx}"),
                 tier,
                 priority,
@@ -295,8 +297,9 @@ fn cnp_strategy(idx: usize) -> impl Strategy<Value = ClusterNetworkPolicy> {
                 ingress,
                 egress,
                 invalid: false,
-            },
-        )
+                audit,
+            }
+        })
 }
 
 // The cluster.
@@ -408,8 +411,8 @@ proptest! {
                 for &dst in &pool {
                     for (proto, port) in PROBES {
                         let proto = if proto == PROTO_ICMP && !family_v4 { PROTO_ICMPV6 } else { proto };
-                        let want = reference::decide(&cluster, &nodes, src, dst, proto, port);
-                        let got = table.decide(src, dst, proto, port);
+                        let want = reference::decide_audited(&cluster, &nodes, src, dst, proto, port);
+                        let got = table.decide_audited(src, dst, proto, port);
                         prop_assert_eq!(
                             &got, &want,
                             "{} -> {} proto {} port {}", src, dst, proto, port
@@ -473,9 +476,10 @@ fn check_side(
     peer: IpAddr,
     proto: u8,
     port: u16,
-    want: &reference::Decision,
+    want: &(reference::Decision, Option<reference::AuditRule>),
 ) -> Result<bool, String> {
     use reference::Decision as D;
+    let (want, audit) = (&want.0, &want.1);
     let Some((c, pod)) = compiled
         .iter()
         .find_map(|c| c.local_ips.get(&pod_ip).map(|pod| (c, pod)))
@@ -485,6 +489,20 @@ fn check_side(
     let got = sim::endpoint_verdict(&c.maps, pod, dir, peer, proto, port);
     let rule = |id: u32| c.rules.get(&id);
     let ok = match (want, got) {
+        // Allowed, and an audited policy's Deny rule would have denied it:
+        // the entry is an audit entry naming that rule.
+        (_, sim::Verdict::Audit { rule_id }) => audit.as_ref().is_some_and(|a| {
+            want.allowed()
+                && rule(rule_id).is_some_and(|r| {
+                    r.policy == a.policy
+                        && r.index as usize == a.index
+                        && r.direction == dir
+                        && r.cluster
+                            .as_ref()
+                            .is_some_and(|cr| cr.tier == a.tier && cr.action == Action::Deny)
+                })
+        }),
+        _ if audit.is_some() => false,
         (
             D::Rule {
                 tier,
@@ -523,8 +541,9 @@ fn check_side(
                 "egress"
             },
             match got {
-                sim::Verdict::Allow { rule_id } | sim::Verdict::DenyRule { rule_id } =>
-                    rule(rule_id),
+                sim::Verdict::Allow { rule_id }
+                | sim::Verdict::DenyRule { rule_id }
+                | sim::Verdict::Audit { rule_id } => rule(rule_id),
                 _ => None,
             }
         ))
@@ -551,7 +570,7 @@ proptest! {
                 for &dst in &pool {
                     for (proto, port) in PROBES {
                         let proto = if proto == PROTO_ICMP && !family_v4 { PROTO_ICMPV6 } else { proto };
-                        let (egress, ingress) = reference::decide(&cluster, &nodes, src, dst, proto, port);
+                        let (egress, ingress) = reference::decide_audited(&cluster, &nodes, src, dst, proto, port);
                         let e = check_side(&compiled, src, DIR_EGRESS, dst, proto, port, &egress);
                         prop_assert!(e.is_ok(), "{} -> {}: {}", src, dst, e.unwrap_err());
                         let i = check_side(&compiled, dst, DIR_INGRESS, src, proto, port, &ingress);
@@ -581,8 +600,11 @@ fn the_generated_clusters_exercise_every_kind_of_decision() {
         for &src in &pool {
             for &dst in &pool {
                 for (proto, port) in PROBES {
-                    let (e, i) = reference::decide(&cluster, &nodes, src, dst, proto, port);
-                    for d in [e, i] {
+                    let (e, i) = reference::decide_audited(&cluster, &nodes, src, dst, proto, port);
+                    for (d, audit) in [e, i] {
+                        if let Some(a) = audit {
+                            seen.insert(format!("audit {}", a.tier));
+                        }
                         seen.insert(match d {
                             reference::Decision::Rule { tier, action, .. } => {
                                 format!("{tier} {action}")
@@ -607,6 +629,8 @@ fn the_generated_clusters_exercise_every_kind_of_decision() {
         "NetworkPolicy false",
         "Default",
         "OwnNode",
+        "audit Admin",
+        "audit Baseline",
     ] {
         assert!(seen.contains(want), "never decided {want:?}: {seen:?}");
     }
@@ -708,7 +732,11 @@ fn cnp_json(p: &ClusterNetworkPolicy) -> serde_json::Value {
     json!({
         "apiVersion": "policy.networking.k8s.io/v1alpha2",
         "kind": "ClusterNetworkPolicy",
-        "metadata": {"name": p.name},
+        "metadata": if p.audit {
+            json!({"name": p.name, "annotations": {"netpol.dev/audit": "true"}})
+        } else {
+            json!({"name": p.name})
+        },
         "spec": {
             "tier": p.tier.to_string(),
             "priority": p.priority,

@@ -16,6 +16,10 @@
 //!   entry (prefix 72). Each says allow or deny ([`ACTION_DENY`]) and names
 //!   the deciding rule (a CNP rule, the first allowing NetworkPolicy rule,
 //!   or 0: NetworkPolicy's default deny, or no tier decided: allow). A
+//!   range that an audited policy's Deny rule would have denied and the
+//!   tiers allow without it is [`ACTION_AUDIT`] naming that rule: the
+//!   datapath passes it and reports `audit` (precomputed here, so the
+//!   verdict costs the same lookups). A
 //!   direction nothing judges is not isolated: allowed without a lookup.
 //!   The verdict costs the same lookups as NetworkPolicy's, whatever the
 //!   number of policies.
@@ -30,8 +34,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use ipnet::IpNet;
 use netpol_common::{
-    DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ISOLATED, EP_F_INGRESS_ISOLATED, PEER_F_HOST, PEER_F_POD,
-    POLICY_PREFIX_ANY_PROTO, PeerValue, PolicyKey, PolicyValue,
+    ACTION_AUDIT, DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ISOLATED, EP_F_INGRESS_ISOLATED,
+    PEER_F_HOST, PEER_F_POD, POLICY_PREFIX_ANY_PROTO, PeerValue, PolicyKey, PolicyValue,
 };
 
 use super::{
@@ -218,30 +222,38 @@ impl Compiler {
                 continue;
             };
             for r in ranges {
-                let value = match &r.decision {
-                    Decision::Rule {
-                        policy,
-                        index,
-                        action,
-                        ..
-                    } => {
-                        let id = cnp_ids[&(policy.clone(), dir, *index as u32)];
-                        if *action == Action::Accept {
-                            PolicyValue::allow(id)
-                        } else {
-                            PolicyValue::deny(id)
+                let value = match (&r.decision, &r.audit) {
+                    // Allowed, but an audited policy's Deny rule would have
+                    // denied it: the entry names that rule.
+                    (d, Some(a)) if d.allowed() => PolicyValue {
+                        action: ACTION_AUDIT,
+                        rule_id: cnp_ids[&(a.policy.clone(), dir, a.index as u32)],
+                    },
+                    (d, _) => match d {
+                        Decision::Rule {
+                            policy,
+                            index,
+                            action,
+                            ..
+                        } => {
+                            let id = cnp_ids[&(policy.clone(), dir, *index as u32)];
+                            if *action == Action::Accept {
+                                PolicyValue::allow(id)
+                            } else {
+                                PolicyValue::deny(id)
+                            }
                         }
-                    }
-                    Decision::NetworkPolicy { allowed: true } => {
-                        let id = r.np_rule.as_ref().and_then(|(p, index)| {
-                            np_ids
-                                .get(&(p.namespace.clone(), p.name.clone(), dir, *index as u32))
-                                .copied()
-                        });
-                        PolicyValue::allow(id.unwrap_or(0))
-                    }
-                    Decision::NetworkPolicy { allowed: false } => PolicyValue::deny(0),
-                    Decision::Default | Decision::OwnNode => PolicyValue::allow(0),
+                        Decision::NetworkPolicy { allowed: true } => {
+                            let id = r.np_rule.as_ref().and_then(|(p, index)| {
+                                np_ids
+                                    .get(&(p.namespace.clone(), p.name.clone(), dir, *index as u32))
+                                    .copied()
+                            });
+                            PolicyValue::allow(id.unwrap_or(0))
+                        }
+                        Decision::NetworkPolicy { allowed: false } => PolicyValue::deny(0),
+                        Decision::Default | Decision::OwnNode => PolicyValue::allow(0),
+                    },
                 };
                 let prefixes: Vec<(u8, u16, u32)> = if proto == PORTLESS {
                     // Port-less protocols: one range, every other protocol.

@@ -37,7 +37,11 @@ use std::{
 use ipnet::IpNet;
 use netpol_common::{DIR_EGRESS, DIR_INGRESS, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
-use super::{NodeInfo, ports::port_prefixes, reference::Decision};
+use super::{
+    NodeInfo,
+    ports::port_prefixes,
+    reference::{AuditRule, Decision},
+};
 use crate::model::{
     Action, Cluster, ClusterNetworkPolicy, CnpPeer, CnpPort, CnpRule, IpBlock, LabelSelector,
     NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PortMatch, Protocol, Rule, Tier,
@@ -96,6 +100,9 @@ pub struct PortRange {
     /// rule (policy, index in its ingress or egress list) that allows, so
     /// the datapath's entry can name it.
     pub np_rule: Option<(PolicyRef, usize)>,
+    /// The audit rule (an audited policy's Deny rule stepped over, see
+    /// `reference`): `Some` only when `decision` allows.
+    pub audit: Option<AuditRule>,
 }
 
 /// The compiled tiers (see the module docs).
@@ -474,7 +481,7 @@ impl Ctx<'_> {
             let end = cuts.get(k + 1).map_or(0xffff, |next| next - 1);
             let (start, end) = (start as u16, end as u16);
             let probe_proto = if proto == PORTLESS { PROTO_ICMP } else { proto };
-            let decision = self.decide(dir, s, p, destination, probe_proto, start);
+            let (decision, audit) = self.decide(dir, s, p, destination, probe_proto, start);
             let np_rule = match decision {
                 Decision::NetworkPolicy { allowed: true } => {
                     self.np_rule(dir, s, p, destination, probe_proto, start)
@@ -482,7 +489,11 @@ impl Ctx<'_> {
                 _ => None,
             };
             match out.last_mut() {
-                Some(last) if last.decision == decision && last.np_rule == np_rule => {
+                Some(last)
+                    if last.decision == decision
+                        && last.np_rule == np_rule
+                        && last.audit == audit =>
+                {
                     last.end = end
                 }
                 _ => out.push(PortRange {
@@ -490,6 +501,7 @@ impl Ctx<'_> {
                     end,
                     decision,
                     np_rule,
+                    audit,
                 }),
             }
         }
@@ -504,41 +516,55 @@ impl Ctx<'_> {
         destination: Option<&[(String, Protocol, u16)]>,
         proto: u8,
         port: u16,
-    ) -> Decision {
+    ) -> (Decision, Option<AuditRule>) {
         if dir == DIR_INGRESS && s.node.as_ref().is_some_and(|n| p.own_nodes.contains(n)) {
-            return Decision::OwnNode;
+            return (Decision::OwnNode, None);
         }
-        let tier = |policies: &[usize], tier: Tier| -> Option<Decision> {
+        let mut audit: Option<AuditRule> = None;
+        let mut tier = |policies: &[usize], tier: Tier| -> Option<Decision> {
             for &i in policies {
                 let cnp = self.cnps[i];
                 for (index, rule) in cnp.rules(dir).iter().enumerate() {
-                    if self.cnp_rule_matches(rule, p, destination, proto, port) {
-                        return (rule.action != Action::Pass).then(|| Decision::Rule {
+                    if !self.cnp_rule_matches(rule, p, destination, proto, port) {
+                        continue;
+                    }
+                    if cnp.audit && rule.action == Action::Deny {
+                        audit.get_or_insert_with(|| AuditRule {
                             tier,
                             policy: cnp.name.clone(),
                             index,
                             name: rule.name.clone(),
-                            action: rule.action,
                         });
+                        continue;
                     }
+                    return (rule.action != Action::Pass).then(|| Decision::Rule {
+                        tier,
+                        policy: cnp.name.clone(),
+                        index,
+                        name: rule.name.clone(),
+                        action: rule.action,
+                    });
                 }
             }
             None
         };
-        if let Some(d) = tier(&s.admin, Tier::Admin) {
-            return d;
-        }
-        if let Some(isolating) = &s.isolating {
-            let allowed = isolating.iter().any(|&i| {
-                let np = self.nps[i];
-                np.rules(dir)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|rule| self.np_rule_matches(np, rule, p, destination, proto, port))
-            });
-            return Decision::NetworkPolicy { allowed };
-        }
-        tier(&s.baseline, Tier::Baseline).unwrap_or(Decision::Default)
+        let decision = tier(&s.admin, Tier::Admin)
+            .or_else(|| {
+                s.isolating.as_ref().map(|isolating| {
+                    let allowed = isolating.iter().any(|&i| {
+                        let np = self.nps[i];
+                        np.rules(dir)
+                            .unwrap_or_default()
+                            .iter()
+                            .any(|rule| self.np_rule_matches(np, rule, p, destination, proto, port))
+                    });
+                    Decision::NetworkPolicy { allowed }
+                })
+            })
+            .or_else(|| tier(&s.baseline, Tier::Baseline))
+            .unwrap_or(Decision::Default);
+        let audit = if decision.allowed() { audit } else { None };
+        (decision, audit)
     }
 
     /// The first NetworkPolicy rule (policies in name order, rules in
@@ -631,6 +657,19 @@ impl TierTable {
     }
 
     fn lookup(&self, dir: u8, pod: &PodRef, peer: IpAddr, proto: u8, port: u16) -> Decision {
+        self.lookup_range(dir, pod, peer, proto, port)
+            .decision
+            .clone()
+    }
+
+    fn lookup_range(
+        &self,
+        dir: u8,
+        pod: &PodRef,
+        peer: IpAddr,
+        proto: u8,
+        port: u16,
+    ) -> &PortRange {
         let subject = self.subjects[&(dir, pod.clone())];
         let key = if matches!(proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
             proto
@@ -643,8 +682,27 @@ impl TierTable {
             .iter()
             .find(|r| (r.start..=r.end).contains(&port))
             .expect("ranges cover every port")
-            .decision
-            .clone()
+    }
+
+    /// [`Self::decide`] with each direction's audit rule, from the table
+    /// alone.
+    pub fn decide_audited(
+        &self,
+        src: IpAddr,
+        dst: IpAddr,
+        proto: u8,
+        port: u16,
+    ) -> ((Decision, Option<AuditRule>), (Decision, Option<AuditRule>)) {
+        let side = |dir: u8, pod: Option<&PodRef>, peer: IpAddr| {
+            pod.map_or((Decision::Default, None), |pod| {
+                let r = self.lookup_range(dir, pod, peer, proto, port);
+                (r.decision.clone(), r.audit.clone())
+            })
+        };
+        (
+            side(DIR_EGRESS, self.owners.get(&src), dst),
+            side(DIR_INGRESS, self.owners.get(&dst), src),
+        )
     }
 
     /// The decision of each direction of a new connection `src -> dst`
