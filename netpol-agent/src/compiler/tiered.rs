@@ -23,9 +23,11 @@
 //!   direction nothing judges is not isolated: allowed without a lookup.
 //!   The verdict costs the same lookups as NetworkPolicy's, whatever the
 //!   number of policies.
-//! * **Cost.** This compile is not incremental: each flush with a change
-//!   recompiles the table for the local pods, and the diff against the
-//!   previous maps is what is written. Rule ids are stable (CNP rules take
+//! * **Cost.** Each flush with a change builds the table for the local
+//!   pods again and the diff against the previous maps is what is written;
+//!   with a [`TierCache`] ([`Compiler::compile_tiered_with`]) the decisions
+//!   of classes seen before are reused, so a change that makes no new class
+//!   evaluates no rule (classing and writing stay linear in the cluster). Rule ids are stable (CNP rules take
 //!   theirs from the compiler's rule id allocator); policy set and identity
 //!   ids are the table's class numbers and may move between compiles (every
 //!   epoch holds a complete state, so this costs writes, not correctness).
@@ -41,7 +43,7 @@ use netpol_common::{
 use super::{
     ClusterRuleInfo, Compiled, Compiler, IdentityInfo, Maps, PolicySetInfo, RuleInfo,
     reference::Decision,
-    tiers::{PORTLESS, compile_tiers_local},
+    tiers::{PORTLESS, TierCache, compile_tiers_local_cached},
 };
 use crate::model::{Action, Cluster};
 
@@ -83,8 +85,15 @@ impl Compiler {
     /// endpoints (ids, addresses, flags other than isolation), the local
     /// IPs and the NetworkPolicy rule ids.
     pub(super) fn compile_tiered(&mut self) -> Compiled {
+        self.compile_tiered_with(&mut TierCache::default())
+    }
+
+    /// [`Self::compile_tiered`] reusing the decisions of earlier compiles
+    /// that `cache` holds (see [`TierCache`]): a change that makes no new
+    /// subject or peer class evaluates no rule. The output is the same.
+    pub(super) fn compile_tiered_with(&mut self, cache: &mut TierCache) -> Compiled {
         let cluster = self.cluster_snapshot();
-        let table = compile_tiers_local(&cluster, &self.node);
+        let table = compile_tiers_local_cached(&cluster, &self.node, cache);
         let base = &self.out;
 
         // Rule ids: NetworkPolicy rules keep the NetworkPolicy compile's,

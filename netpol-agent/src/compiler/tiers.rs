@@ -44,7 +44,7 @@ use super::{
 };
 use crate::model::{
     Action, Cluster, ClusterNetworkPolicy, CnpPeer, CnpPort, CnpRule, IpBlock, LabelSelector,
-    NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PortMatch, Protocol, Rule, Tier,
+    Labels, NetworkPolicy, Node, Peer, Pod, PodRef, PolicyRef, PortMatch, Protocol, Rule, Tier,
 };
 
 /// The protocol key of every protocol without ports.
@@ -106,7 +106,7 @@ pub struct PortRange {
 }
 
 /// The compiled tiers (see the module docs).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TierTable {
     /// Per direction (`DIR_INGRESS`, `DIR_EGRESS`): live pod -> subject class.
     subjects: BTreeMap<(u8, PodRef), u32>,
@@ -125,22 +125,108 @@ pub struct TierTable {
     judged: Vec<bool>,
 }
 
+/// The decisions of earlier compiles, for the next one: the ranges of each
+/// (direction, subject class key, peer class key, protocol), valid while the
+/// policies are the same. A class is its key's content (the policies that
+/// select a pod, the atoms an address is in, ports, node), so a change that
+/// makes no new class (a pod added, relabelled or gone among existing
+/// classes, a namespace relabelled without moving pods between classes)
+/// reuses every decision: no rule is evaluated again. The peer key of a pod
+/// IP whose pod and namespace labels did not change is reused too (no
+/// selector is matched again). What is left is linear: comparing pods,
+/// classing, writing the entries. A policy change (CNP or NetworkPolicy)
+/// empties it; a change of the nodes drops the peer keys.
+#[derive(Debug, Default)]
+pub struct TierCache {
+    /// The policies the decisions were made under.
+    cnps: Vec<ClusterNetworkPolicy>,
+    nps: Vec<NetworkPolicy>,
+    /// Per direction (0 ingress, 1 egress): subject key -> peer key ->
+    /// ranges per [`PROTOCOL_KEYS`] entry.
+    memo: [HashMap<SubjectKey, HashMap<PeerKey, [Vec<PortRange>; 4]>>; 2],
+    /// The nodes (the cluster's and the compile's) the keys were made with.
+    nodes: (Vec<Node>, Vec<NodeInfo>),
+    /// Pod IP -> the owner and its namespace's labels as they were, and the
+    /// IP's peer key.
+    ip_keys: HashMap<IpAddr, (Pod, Labels, PeerKey)>,
+    /// Decisions reused and made by the last compile (per (subject, peer)
+    /// pair of classes).
+    pub reused: usize,
+    pub made: usize,
+}
+
+impl TierCache {
+    /// Keeps the memo if the policies are the ones it was made under;
+    /// else empties it and remembers these.
+    /// Peer keys also need the same nodes (`nodes` peers, own-node
+    /// addresses).
+    fn validate(
+        &mut self,
+        cnps: &[&ClusterNetworkPolicy],
+        nps: &[&NetworkPolicy],
+        cluster_nodes: &BTreeMap<String, Node>,
+        nodes: &[NodeInfo],
+    ) {
+        let same = self.cnps.len() == cnps.len()
+            && self.nps.len() == nps.len()
+            && self.cnps.iter().zip(cnps).all(|(a, b)| a == *b)
+            && self.nps.iter().zip(nps).all(|(a, b)| a == *b);
+        if !same {
+            self.cnps = cnps.iter().map(|c| (*c).clone()).collect();
+            self.nps = nps.iter().map(|n| (*n).clone()).collect();
+            self.memo = Default::default();
+            self.ip_keys.clear();
+        }
+        let same_nodes = self.nodes.0.len() == cluster_nodes.len()
+            && self
+                .nodes
+                .0
+                .iter()
+                .zip(cluster_nodes.values())
+                .all(|(a, b)| a == b)
+            && self.nodes.1 == nodes;
+        if !same_nodes {
+            self.nodes = (cluster_nodes.values().cloned().collect(), nodes.to_vec());
+            self.ip_keys.clear();
+        }
+        self.reused = 0;
+        self.made = 0;
+    }
+}
+
 /// Compile the tiers and NetworkPolicy of `cluster` for the nodes `nodes`
 /// (whose addresses are exempt towards their own pods).
 pub fn compile_tiers(cluster: &Cluster, nodes: &[NodeInfo]) -> TierTable {
-    compile_tiers_for(cluster, nodes, None)
+    compile_tiers_for(cluster, nodes, None, &mut TierCache::default())
 }
 
 /// [`compile_tiers`] for one node's datapath: subjects are the live pods
 /// that run on `node` (entries only for them); its addresses are the exempt
 /// ones.
 pub fn compile_tiers_local(cluster: &Cluster, node: &NodeInfo) -> TierTable {
-    compile_tiers_for(cluster, std::slice::from_ref(node), Some(&node.name))
+    compile_tiers_local_cached(cluster, node, &mut TierCache::default())
 }
 
-fn compile_tiers_for(cluster: &Cluster, nodes: &[NodeInfo], only: Option<&str>) -> TierTable {
+/// [`compile_tiers_local`] reusing the decisions `cache` holds from earlier
+/// compiles of the same node (see [`TierCache`]); the table is the same as
+/// without it.
+pub fn compile_tiers_local_cached(
+    cluster: &Cluster,
+    node: &NodeInfo,
+    cache: &mut TierCache,
+) -> TierTable {
+    compile_tiers_for(cluster, std::slice::from_ref(node), Some(&node.name), cache)
+}
+
+fn compile_tiers_for(
+    cluster: &Cluster,
+    nodes: &[NodeInfo],
+    only: Option<&str>,
+    cache: &mut TierCache,
+) -> TierTable {
     let cnps: Vec<&ClusterNetworkPolicy> = cluster.cluster_policies.values().collect();
     let nps: Vec<&NetworkPolicy> = cluster.policies.values().collect();
+    cache.validate(&cnps, &nps, &cluster.nodes, nodes);
 
     // Atoms.
     let mut atoms: Vec<Atom> = Vec::new();
@@ -274,9 +360,21 @@ fn compile_tiers_for(cluster: &Cluster, nodes: &[NodeInfo], only: Option<&str>) 
         net_peers.insert(*net, class_of(key));
     }
     let mut ip_peers = BTreeMap::new();
+    // A pod IP's key is a function of the pod, its namespace's labels and
+    // the IP (atoms and nodes being the cache's): reused when those are.
+    let mut old_ips = std::mem::take(&mut cache.ip_keys);
+    let mut ip_keys = HashMap::with_capacity(owners.len());
     for (ip, owner) in &owners {
         let pod = &cluster.pods[owner];
         let ns_labels = cluster.namespace_labels(&pod.namespace);
+        if let Some((p, l, key)) = old_ips.remove(ip)
+            && &p == pod
+            && &l == ns_labels
+        {
+            ip_peers.insert(*ip, class_of(key.clone()));
+            ip_keys.insert(*ip, (p, l, key));
+            continue;
+        }
         let mut bits = vec![false; atoms.len()];
         for (i, a) in atoms.iter().enumerate() {
             bits[i] = match a {
@@ -297,8 +395,10 @@ fn compile_tiers_for(cluster: &Cluster, nodes: &[NodeInfo], only: Option<&str>) 
             pod_ports: Some(ports_of(pod)),
             own_nodes: own_nodes(IpNet::from(*ip)),
         };
-        ip_peers.insert(*ip, class_of(key));
+        ip_peers.insert(*ip, class_of(key.clone()));
+        ip_keys.insert(*ip, (pod.clone(), ns_labels.clone(), key));
     }
+    cache.ip_keys = ip_keys;
 
     // Subjects.
     let mut order: Vec<usize> = (0..cnps.len()).collect();
@@ -362,14 +462,34 @@ fn compile_tiers_for(cluster: &Cluster, nodes: &[NodeInfo], only: Option<&str>) 
         np_peer_atoms: &np_peer_atoms,
     };
     let mut entries = BTreeMap::new();
+    // Decisions of this compile, which become the cache's: classes that
+    // went away are forgotten.
+    let mut memo: [HashMap<SubjectKey, HashMap<PeerKey, [Vec<PortRange>; 4]>>; 2] =
+        Default::default();
     for (s, (dir, skey)) in subject_keys.iter().enumerate() {
+        let d = usize::from(*dir != DIR_INGRESS);
+        let old = cache.memo[d].remove(skey);
+        let mut by_peer: HashMap<PeerKey, [Vec<PortRange>; 4]> =
+            HashMap::with_capacity(peer_keys.len());
         for (p, pkey) in peer_keys.iter().enumerate() {
-            for proto in PROTOCOL_KEYS {
-                let ranges = ctx.ranges(*dir, skey, pkey, proto);
-                entries.insert((*dir, s as u32, p as u32, proto), ranges);
+            let ranges = match old.as_ref().and_then(|o| o.get(pkey)) {
+                Some(r) => {
+                    cache.reused += 1;
+                    r.clone()
+                }
+                None => {
+                    cache.made += 1;
+                    PROTOCOL_KEYS.map(|proto| ctx.ranges(*dir, skey, pkey, proto))
+                }
+            };
+            for (proto, r) in PROTOCOL_KEYS.iter().zip(&ranges) {
+                entries.insert((*dir, s as u32, p as u32, *proto), r.clone());
             }
+            by_peer.insert(pkey.clone(), ranges);
         }
+        memo[d].insert(skey.clone(), by_peer);
     }
+    cache.memo = memo;
     let judged = subject_keys
         .iter()
         .map(|(_, k)| !k.admin.is_empty() || k.isolating.is_some() || !k.baseline.is_empty())
