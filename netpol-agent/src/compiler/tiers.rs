@@ -125,6 +125,9 @@ pub struct TierTable {
     judged: Vec<bool>,
 }
 
+/// Subject key -> peer key -> ranges per [`PROTOCOL_KEYS`] entry.
+type Memo = HashMap<SubjectKey, HashMap<PeerKey, [Vec<PortRange>; 4]>>;
+
 /// The decisions of earlier compiles, for the next one: the ranges of each
 /// (direction, subject class key, peer class key, protocol), valid while the
 /// policies are the same. A class is its key's content (the policies that
@@ -143,7 +146,7 @@ pub struct TierCache {
     nps: Vec<NetworkPolicy>,
     /// Per direction (0 ingress, 1 egress): subject key -> peer key ->
     /// ranges per [`PROTOCOL_KEYS`] entry.
-    memo: [HashMap<SubjectKey, HashMap<PeerKey, [Vec<PortRange>; 4]>>; 2],
+    memo: [Memo; 2],
     /// The nodes (the cluster's and the compile's) the keys were made with.
     nodes: (Vec<Node>, Vec<NodeInfo>),
     /// Pod IP -> the owner and its namespace's labels as they were, and the
@@ -464,8 +467,7 @@ fn compile_tiers_for(
     let mut entries = BTreeMap::new();
     // Decisions of this compile, which become the cache's: classes that
     // went away are forgotten.
-    let mut memo: [HashMap<SubjectKey, HashMap<PeerKey, [Vec<PortRange>; 4]>>; 2] =
-        Default::default();
+    let mut memo: [Memo; 2] = Default::default();
     for (s, (dir, skey)) in subject_keys.iter().enumerate() {
         let d = usize::from(*dir != DIR_INGRESS);
         let old = cache.memo[d].remove(skey);
