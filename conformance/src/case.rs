@@ -219,6 +219,13 @@ impl Case {
             .ok_or_else(|| anyhow!("no policy {id:?} in case {}", self.name))?;
         policy_ref(manifest).with_context(|| format!("policy {id:?}"))
     }
+
+    /// Whether any of its policies is a ClusterNetworkPolicy (cluster-scoped).
+    pub fn uses_cluster_network_policy(&self) -> bool {
+        self.policies
+            .values()
+            .any(|m| policy_ref(m).is_ok_and(|(namespace, _)| namespace.is_empty()))
+    }
 }
 
 /// `(namespace, name)` of a policy manifest: a NetworkPolicy, or a ClusterNetworkPolicy

@@ -43,6 +43,26 @@ impl Enforcer {
         matches!(self, Enforcer::NetpolKube | Enforcer::KubeNetworkPolicies)
     }
 
+    /// Why it cannot enforce ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2), if it
+    /// cannot: a case with one is `unsupported` in its columns, not run.
+    pub fn cluster_network_policy_gap(self) -> Option<&'static str> {
+        match self {
+            // Read from its source (sigs.k8s.io/kube-network-policies v0.8.0, the newest the
+            // module proxy serves): pkg/networkpolicy imports only
+            // sigs.k8s.io/network-policy-api/apis/v1alpha1, and cmd/main.go's flags
+            // --admin-network-policy and --baseline-admin-network-policy enable
+            // AdminNetworkPolicy and BaselineAdminNetworkPolicy; v1alpha2's
+            // ClusterNetworkPolicy appears nowhere.
+            Enforcer::KubeNetworkPolicies => Some(
+                "not supported by this enforcer: kube-network-policies v0.8.0 implements \
+                 AdminNetworkPolicy and BaselineAdminNetworkPolicy \
+                 (policy.networking.k8s.io/v1alpha1, flags --admin-network-policy and \
+                 --baseline-admin-network-policy), not ClusterNetworkPolicy v1alpha2",
+            ),
+            Enforcer::Netpol | Enforcer::NetpolKube | Enforcer::None => None,
+        }
+    }
+
     /// Whether netpol's own TC programs enforce, so that SCTP cells (no SCTP sockets here) can
     /// be decided by running them with `BPF_PROG_TEST_RUN`.
     pub fn is_netpol(self) -> bool {

@@ -288,6 +288,17 @@ pub fn run(args: ConformanceArgs) -> Result<()> {
         },
     )
     .map_err(|e| anyhow!("lab up: {e}"))?;
+    // ClusterNetworkPolicy cases need the CRD in the API server before kubectl can apply
+    // them: installed from the network-policy-api module's manifest, as users install it.
+    if control_plane && cases.iter().any(Case::uses_cluster_network_policy) {
+        let cp = lab
+            .control_plane
+            .as_ref()
+            .ok_or_else(|| anyhow!("the lab came up without its control plane"))?;
+        netpol_lab::cp_ops::install_cnp_crd(cp)
+            .map_err(|e| anyhow!("installing the ClusterNetworkPolicy CRD: {e}"))?;
+        println!("== ClusterNetworkPolicy CRD installed (policy.networking.k8s.io/v1alpha2)");
+    }
     let backend = Backend::Lab {
         running: backend::Running::Nothing,
         lab,
@@ -358,7 +369,14 @@ pub fn run(args: ConformanceArgs) -> Result<()> {
                     column,
                     unsupported: Some(reason.clone()),
                     error: None,
-                    cells: vec![Cell::new(Verdict::Unsupported, Some(reason.clone())); cases.len()],
+                    // A case the enforcer does not implement says so, whatever else stops it.
+                    cells: cases
+                        .iter()
+                        .map(|case| {
+                            let why = unsupported_case(enforcer, case).unwrap_or(reason);
+                            Cell::new(Verdict::Unsupported, Some(why.to_owned()))
+                        })
+                        .collect(),
                     seconds: 0.0,
                 },
                 (Err(e), _) => {
@@ -602,6 +620,13 @@ impl Outcome {
     }
 }
 
+/// Why `enforcer` cannot run `case` at all (an API it does not implement), if so.
+fn unsupported_case(enforcer: Enforcer, case: &Case) -> Option<&'static str> {
+    enforcer
+        .cluster_network_policy_gap()
+        .filter(|_| case.uses_cluster_network_policy())
+}
+
 /// A case's cell in a column: its outcome against the expected failures.
 fn classify(column: Column, case: &Case, outcome: &Outcome, expected: &ExpectedFailures) -> Cell {
     let failed = !outcome.passed();
@@ -681,6 +706,16 @@ impl Runner {
         for (i, case) in cases.iter().enumerate() {
             if error.is_some() {
                 cells.push(Cell::new(Verdict::NotRun, None));
+                continue;
+            }
+            if let Some(gap) = unsupported_case(column.enforcer, case) {
+                println!(
+                    "[{:>width$}/{}] {column} unsupported {}: {gap}",
+                    i + 1,
+                    cases.len(),
+                    case.name,
+                );
+                cells.push(Cell::new(Verdict::Unsupported, Some(gap.to_owned())));
                 continue;
             }
             let outcome = self.run_case(case);
@@ -1310,9 +1345,8 @@ mod tests {
         run(args).unwrap_or_else(|e| panic!("{e:#}"));
     }
 
-    /// The ClusterNetworkPolicy cases (upstream CNP conformance scenarios on this model, not
-    /// run against enforcers until the datapath programs the tiers) agree with the reference
-    /// evaluator's tiers.
+    /// The ClusterNetworkPolicy cases (upstream CNP conformance scenarios on this model) agree
+    /// with the reference evaluator's tiers.
     #[test]
     fn cnp_cases_agree_with_the_reference_evaluator() {
         let args = ConformanceArgs {
@@ -1321,6 +1355,34 @@ mod tests {
             ..ConformanceArgs::default()
         };
         run(args).unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
+    /// kube-network-policies' columns say that it has no ClusterNetworkPolicy for every case
+    /// with one (and only those); netpol's run them.
+    #[test]
+    fn cnp_cases_are_unsupported_where_the_api_is_missing() {
+        let spec = ClusterSpec::from_file(&resolve(Path::new("conformance/cluster.yaml")))
+            .expect("cluster.yaml");
+        let cnp =
+            case::load_all(&resolve(Path::new("conformance/cnp-cases")), &spec).expect("cnp cases");
+        let np = case::load_all(&resolve(Path::new("conformance/cases")), &spec).expect("cases");
+        assert!(!cnp.is_empty() && !np.is_empty());
+        for c in &cnp {
+            let why = unsupported_case(Enforcer::KubeNetworkPolicies, c)
+                .unwrap_or_else(|| panic!("{}: kube-network-policies should not run it", c.name));
+            assert!(why.contains("ClusterNetworkPolicy"), "{why}");
+            for e in [Enforcer::Netpol, Enforcer::NetpolKube, Enforcer::None] {
+                assert_eq!(unsupported_case(e, c), None, "{}: {e}", c.name);
+            }
+        }
+        for c in &np {
+            assert_eq!(
+                unsupported_case(Enforcer::KubeNetworkPolicies, c),
+                None,
+                "{}",
+                c.name
+            );
+        }
     }
 
     #[test]

@@ -342,9 +342,10 @@ impl Report<'_> {
             for verdict in [Verdict::Xfail, Verdict::Xpass, Verdict::Unsupported] {
                 let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
                 for x in &c.cells {
+                    // Cells whose reason is the column's are told once, above.
                     if x.verdict == verdict
-                        && c.unsupported.is_none()
                         && let Some(r) = x.reason.as_deref()
+                        && c.unsupported.as_deref() != Some(r)
                     {
                         *reasons.entry(r).or_default() += 1;
                     }

@@ -81,6 +81,8 @@ pub enum Problem {
     UnknownAction { value: String },
     #[error("must have at least one entry")]
     EmptyList,
+    #[error("{value:?} is not \"true\" or \"false\" (the policy is enforced)")]
+    BadAuditValue { value: String },
     #[error("exactly one of {allowed} must be set, found {found}")]
     NotExactlyOne { allowed: String, found: String },
     #[error(
@@ -520,6 +522,31 @@ pub fn cluster_network_policy(
             .collect()
     };
     let invalid = !cx.errors.is_empty();
+    // `netpol.dev/audit`: "true" makes the Deny rules audit-only; any other
+    // value than "false" is reported and enforces (the stricter reading).
+    // Not a spec error: the policy itself is not reduced. An invalid policy
+    // is never audited: its fail-closed reduction (Deny rules among it) is
+    // enforced in full.
+    let audit = !invalid
+        && match cnp
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(crate::model::AUDIT_ANNOTATION))
+            .map(String::as_str)
+        {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(other) => {
+                cx.error(
+                    format!("metadata.annotations[{}]", crate::model::AUDIT_ANNOTATION),
+                    Problem::BadAuditValue {
+                        value: other.to_owned(),
+                    },
+                );
+                false
+            }
+        };
     Ok(Converted {
         value: ClusterNetworkPolicy {
             name,
@@ -529,6 +556,7 @@ pub fn cluster_network_policy(
             ingress: reduce(ingress),
             egress: reduce(egress),
             invalid,
+            audit,
         },
         errors: cx.errors,
     })
@@ -1193,6 +1221,45 @@ mod cnp_tests {
 
     fn fields(c: &Converted<ClusterNetworkPolicy>) -> Vec<String> {
         c.errors.iter().map(|e| e.field.clone()).collect()
+    }
+
+    fn annotated(audit: &str, spec: serde_json::Value) -> Converted<ClusterNetworkPolicy> {
+        let obj: crd::ClusterNetworkPolicy = serde_json::from_value(json!({
+            "apiVersion": "policy.networking.k8s.io/v1alpha2",
+            "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": "p", "annotations": {"netpol.dev/audit": audit}},
+            "spec": spec,
+        }))
+        .expect("parses");
+        cluster_network_policy(&obj).expect("has a name")
+    }
+
+    #[test]
+    fn the_audit_annotation_marks_a_valid_policy_only() {
+        let spec = json!({
+            "tier": "Admin", "priority": 1,
+            "subject": {"namespaces": {}},
+            "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}],
+        });
+        assert!(!cnp(spec.clone()).value.audit);
+        let c = annotated("true", spec.clone());
+        assert!(c.errors.is_empty() && c.value.audit, "{:?}", c.errors);
+        let c = annotated("false", spec.clone());
+        assert!(c.errors.is_empty() && !c.value.audit, "{:?}", c.errors);
+        // Anything else: reported, naming the field, and enforced.
+        let c = annotated("yes", spec.clone());
+        assert!(!c.value.audit && !c.value.invalid);
+        assert_eq!(fields(&c), ["metadata.annotations[netpol.dev/audit]"]);
+        assert!(
+            c.errors[0].to_string().contains("\"yes\""),
+            "{}",
+            c.errors[0]
+        );
+        // An invalid policy's fail-closed reduction is never audited.
+        let mut broken = spec;
+        broken["tier"] = json!("Middle");
+        let c = annotated("true", broken);
+        assert!(c.value.invalid && !c.value.audit);
     }
 
     #[test]

@@ -242,6 +242,12 @@ fn side(
             ),
             None => format!("allowed by rule {rule_id}"),
         },
+        sim::Verdict::Audit { rule_id } => match compiled.rules.get(&rule_id) {
+            Some(rule) => format!(
+                "allowed, reported as audit: {rule} would deny it, and its policy is audited (netpol.dev/audit)"
+            ),
+            None => format!("allowed, reported as audit: rule {rule_id} would deny it"),
+        },
         sim::Verdict::DenyRule { rule_id } => match compiled.rules.get(&rule_id) {
             Some(rule) => format!("denied by {rule}"),
             None => format!("denied by rule {rule_id}"),

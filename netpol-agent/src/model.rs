@@ -756,6 +756,9 @@ pub struct ClusterNetworkPolicy {
     pub egress: Vec<CnpRule>,
     /// The object had invalid fields and was reduced (fail closed).
     pub invalid: bool,
+    /// `netpol.dev/audit: "true"` on the object: its Deny rules are
+    /// audit-only (see `compiler::reference`, "Audited policies").
+    pub audit: bool,
 }
 
 impl ClusterNetworkPolicy {
@@ -794,6 +797,11 @@ impl ClusterNetworkPolicy {
     }
     pub fn egress(mut self, rule: CnpRule) -> Self {
         self.egress.push(rule);
+        self
+    }
+    /// Sets `netpol.dev/audit: "true"`.
+    pub fn audited(mut self) -> Self {
+        self.audit = true;
         self
     }
 }

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use netpol_agent::{
     compiler::{
         NodeInfo,
-        reference::{Decision, allowed_with_tiers, decide},
+        reference::{AuditRule, Decision, allowed_with_tiers, decide, decide_audited},
     },
     model::{Action, Cluster, LabelSelector, Tier, build::*},
 };
@@ -545,4 +545,124 @@ fn own_node_traffic_stays_allowed() {
         8080
     ));
     assert!(!poke(&c, ip("draco-malfoy", 0), harry, PROTO_TCP, 8080));
+}
+
+// ---------------------------------------------------------------------------
+// Audited policies (`netpol.dev/audit: "true"` on the ClusterNetworkPolicy):
+// not upstream; the semantics are netpol's (`compiler::reference` docs).
+// ---------------------------------------------------------------------------
+
+/// `ingress-tcp` with the given rule order, audited.
+fn audited_ingress_tcp(order: [usize; 7]) -> Cluster {
+    let mut c = ingress_tcp(order);
+    let p = c
+        .cluster_policies
+        .get_mut("ingress-tcp")
+        .expect("ingress-tcp");
+    p.audit = true;
+    c
+}
+
+fn audit_rule(policy: &str, index: usize, name: &str, tier: Tier) -> Option<AuditRule> {
+    Some(AuditRule {
+        tier,
+        policy: policy.into(),
+        index,
+        name: name.into(),
+    })
+}
+
+#[test]
+fn an_audited_deny_steps_aside_for_the_next_rule_and_names_itself() {
+    // Deny from ravenclaw first, then Accept from ravenclaw: audited, the
+    // Accept decides, and the Deny is the audit rule.
+    let c = audited_ingress_tcp([1, 0, 2, 3, 4, 5, 6]);
+    let (luna, harry) = (ip("luna-lovegood", 0), ip("harry-potter", 0));
+    let (_, ingress) = decide_audited(&c, &local_node(), luna, harry, PROTO_TCP, 80);
+    assert_eq!(
+        ingress,
+        (
+            Decision::Rule {
+                tier: Tier::Admin,
+                policy: "ingress-tcp".into(),
+                index: 1,
+                name: "allow-from-ravenclaw-everything".into(),
+                action: Action::Accept,
+            },
+            audit_rule(
+                "ingress-tcp",
+                0,
+                "deny-from-ravenclaw-everything",
+                Tier::Admin
+            )
+        )
+    );
+    // The same policy enforced: the Deny decides, nothing is audited.
+    let enforced = ingress_tcp([1, 0, 2, 3, 4, 5, 6]);
+    let (_, ingress) = decide_audited(&enforced, &local_node(), luna, harry, PROTO_TCP, 80);
+    assert!(matches!(
+        ingress,
+        (
+            Decision::Rule {
+                action: Action::Deny,
+                index: 0,
+                ..
+            },
+            None
+        )
+    ));
+}
+
+#[test]
+fn an_audited_deny_with_nothing_after_it_leaves_the_default() {
+    // Slytherin at 80: deny (audited), then Pass (enforced): no tier
+    // decides, nothing isolates: allowed by default, audited by the deny.
+    let c = audited_ingress_tcp([3, 4, 0, 1, 2, 5, 6]);
+    let (draco, harry) = (ip("draco-malfoy", 0), ip("harry-potter", 0));
+    let (_, ingress) = decide_audited(&c, &local_node(), draco, harry, PROTO_TCP, 80);
+    assert_eq!(
+        ingress,
+        (
+            Decision::Default,
+            audit_rule(
+                "ingress-tcp",
+                0,
+                "deny-from-slytherin-at-port-80",
+                Tier::Admin
+            )
+        )
+    );
+    assert!(poke(&c, draco, harry, PROTO_TCP, 80));
+    // Another port: the rule does not match, nothing to audit.
+    let (_, ingress) = decide_audited(&c, &local_node(), draco, harry, PROTO_TCP, 81);
+    assert_eq!(ingress, (Decision::Default, None));
+}
+
+#[test]
+fn a_flow_denied_anyway_is_denied_and_not_audited() {
+    // Hufflepuff on 81: its only matching rule is a Deny; audited, a
+    // Baseline Deny below decides: denied, and no audit rule (the report
+    // names the Baseline rule).
+    let c = audited_ingress_tcp([0, 1, 2, 3, 4, 5, 6]).cluster_policy(
+        baseline("floor")
+            .subject(in_namespaces(house("gryffindor")))
+            .ingress(
+                deny()
+                    .named("no-hufflepuff")
+                    .peer(peer_namespaces(house("hufflepuff"))),
+            ),
+    );
+    let (cedric, harry) = (ip("cedric-diggory", 0), ip("harry-potter", 0));
+    let (_, ingress) = decide_audited(&c, &local_node(), cedric, harry, PROTO_TCP, 81);
+    assert!(
+        matches!(
+            &ingress,
+            (Decision::Rule { tier: Tier::Baseline, policy, action: Action::Deny, .. }, None)
+                if policy == "floor"
+        ),
+        "{ingress:?}"
+    );
+    assert!(!poke(&c, cedric, harry, PROTO_TCP, 81));
+    // Its Accept on 80 is enforced as usual (audit only touches Deny).
+    assert!(poke(&c, cedric, harry, PROTO_TCP, 80));
 }

@@ -18,7 +18,10 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use ipnet::IpNet;
 use netpol_agent::{
-    compiler::{Compiled, Compiler, NodeInfo, reference, sim, tiers::compile_tiers},
+    compiler::{
+        Compiled, Compiler, NodeInfo, reference, sim,
+        tiers::{TierCache, compile_tiers, compile_tiers_local, compile_tiers_local_cached},
+    },
     model::{
         Action, Cluster, ClusterNetworkPolicy, CnpPeer, CnpPort, CnpRule, ContainerPort, IpBlock,
         LabelSelector, Labels, Namespace, NetworkPolicy, Node, Operator, Peer, Pod, PodPhase,
@@ -285,9 +288,11 @@ fn cnp_strategy(idx: usize) -> impl Strategy<Value = ClusterNetworkPolicy> {
         subject,
         prop::collection::vec(cnp_rule_strategy(false), 0..=3),
         prop::collection::vec(cnp_rule_strategy(true), 0..=3),
+        // One policy in four is audited (`netpol.dev/audit: "true"`).
+        select(&[false, false, false, true][..]),
     )
-        .prop_map(
-            move |(tier, priority, subject, ingress, egress)| ClusterNetworkPolicy {
+        .prop_map(move |(tier, priority, subject, ingress, egress, audit)| {
+            ClusterNetworkPolicy {
                 name: format!("cnp{idx}"),
                 tier,
                 priority,
@@ -295,8 +300,9 @@ fn cnp_strategy(idx: usize) -> impl Strategy<Value = ClusterNetworkPolicy> {
                 ingress,
                 egress,
                 invalid: false,
-            },
-        )
+                audit,
+            }
+        })
 }
 
 // The cluster.
@@ -408,8 +414,8 @@ proptest! {
                 for &dst in &pool {
                     for (proto, port) in PROBES {
                         let proto = if proto == PROTO_ICMP && !family_v4 { PROTO_ICMPV6 } else { proto };
-                        let want = reference::decide(&cluster, &nodes, src, dst, proto, port);
-                        let got = table.decide(src, dst, proto, port);
+                        let want = reference::decide_audited(&cluster, &nodes, src, dst, proto, port);
+                        let got = table.decide_audited(src, dst, proto, port);
                         prop_assert_eq!(
                             &got, &want,
                             "{} -> {} proto {} port {}", src, dst, proto, port
@@ -419,6 +425,154 @@ proptest! {
             }
         }
     }
+}
+
+/// One edit of a cluster, for the cache test: pod `.0` (modulo the pods)
+/// removed, given the labels of the next pod, moved to the next node, or its
+/// namespace relabelled; or (`.1 == 4`) the first ClusterNetworkPolicy
+/// removed (a policy change: the cache starts over); or (`.1 == 5`) a node
+/// relabelled.
+fn edit(cluster: &mut Cluster, (at, how): (usize, u8)) {
+    let pods: Vec<Pod> = cluster.pods.values().cloned().collect();
+    if how == 5 {
+        // A node relabelled (`nodes` peers).
+        if let Some(mut n) = cluster.nodes.values().nth(at % 3).cloned() {
+            let v = if n.labels.contains_key("zone") {
+                None
+            } else {
+                Some("z1")
+            };
+            match v {
+                Some(v) => n.labels.insert("zone".into(), v.into()),
+                None => n.labels.remove("zone"),
+            };
+            cluster.upsert_node(n);
+        }
+        return;
+    }
+    if how == 4 {
+        if let Some(name) = cluster.cluster_policies.keys().next().cloned() {
+            cluster.cluster_policies.remove(&name);
+        }
+        return;
+    }
+    if pods.is_empty() {
+        return;
+    }
+    let mut pod = pods[at % pods.len()].clone();
+    match how {
+        0 => {
+            cluster.pods.remove(&pod.pod_ref());
+            return;
+        }
+        1 => pod.labels = pods[(at + 1) % pods.len()].labels.clone(),
+        2 => {
+            let i = NODES.iter().position(|n| Some(*n) == pod.node.as_deref());
+            pod.node = Some(NODES[i.map_or(0, |i| (i + 1) % NODES.len())].into());
+        }
+        _ => {
+            if let Some(mut ns) = cluster.namespaces.get(&pod.namespace).cloned() {
+                let team = if ns.labels.get("team").map(String::as_str) == Some("t1") {
+                    "t2"
+                } else {
+                    "t1"
+                };
+                ns.labels.insert("team".into(), team.into());
+                cluster.upsert_namespace(ns);
+            }
+            return;
+        }
+    }
+    cluster.upsert_pod(pod);
+}
+
+proptest! {
+    #![proptest_config(Config {
+        cases: cases(),
+        failure_persistence: None,
+        ..Config::default()
+    })]
+
+    /// A compile that reuses earlier compiles' decisions ([`TierCache`])
+    /// gives the table a fresh compile gives, after every edit of a
+    /// sequence (pods removed, relabelled, moved, namespaces relabelled, a
+    /// policy removed, a node relabelled).
+    #[test]
+    fn a_cached_compile_is_a_fresh_compile(
+        cluster in cluster_strategy(),
+        edits in prop::collection::vec((0..8usize, 0..6u8), 1..6),
+    ) {
+        let node = &node_infos()[0];
+        let mut cache = TierCache::default();
+        let mut cluster = cluster;
+        let first = compile_tiers_local_cached(&cluster, node, &mut cache);
+        prop_assert_eq!(&first, &compile_tiers_local(&cluster, node));
+        for e in edits {
+            edit(&mut cluster, e);
+            let cached = compile_tiers_local_cached(&cluster, node, &mut cache);
+            prop_assert_eq!(&cached, &compile_tiers_local(&cluster, node), "after {:?}", e);
+        }
+    }
+}
+
+/// The cache is used: an edit that makes no new class (a pod's labels
+/// swapped for another's of the same namespace, node and ports) reuses
+/// every decision.
+#[test]
+fn an_edit_that_makes_no_new_class_reuses_every_decision() {
+    use netpol_agent::model::build::*;
+    let c = cluster()
+        .namespace(namespace("a"))
+        .namespace(namespace("b"))
+        .pod(
+            pod("a", "x1")
+                .labels([("app", "x")])
+                .ip("10.0.0.1")
+                .node("n1"),
+        )
+        .pod(
+            pod("a", "y1")
+                .labels([("app", "y")])
+                .ip("10.0.0.2")
+                .node("n1"),
+        )
+        .pod(
+            pod("b", "z1")
+                .labels([("app", "z")])
+                .ip("10.0.0.3")
+                .node("n2"),
+        )
+        .cluster_policy(
+            admin("guard")
+                .subject(in_namespaces(labels([(
+                    "kubernetes.io/metadata.name",
+                    "a",
+                )])))
+                .ingress(deny().peer(peer_pods(all(), labels([("app", "z")])))),
+        );
+    let node = NodeInfo::new("n1", ["192.168.0.1"]);
+    let mut cache = TierCache::default();
+    compile_tiers_local_cached(&c, &node, &mut cache);
+    assert!(cache.made > 0 && cache.reused == 0, "{cache:?}");
+    // A new pod like x1: no new class.
+    let c = c.pod(
+        pod("a", "x2")
+            .labels([("app", "x")])
+            .ip("10.0.0.4")
+            .node("n1"),
+    );
+    let t = compile_tiers_local_cached(&c, &node, &mut cache);
+    assert_eq!(t, compile_tiers_local(&c, &node));
+    assert_eq!(cache.made, 0, "{cache:?}");
+    assert!(cache.reused > 0);
+    // A new policy: everything is decided again.
+    let c = c.cluster_policy(
+        baseline("floor")
+            .subject(in_namespaces(all()))
+            .egress(deny().peer(networks(["203.0.113.0/24"]))),
+    );
+    compile_tiers_local_cached(&c, &node, &mut cache);
+    assert!(cache.made > 0 && cache.reused == 0, "{cache:?}");
 }
 
 // ---------------------------------------------------------------------------
@@ -473,9 +627,10 @@ fn check_side(
     peer: IpAddr,
     proto: u8,
     port: u16,
-    want: &reference::Decision,
+    want: &(reference::Decision, Option<reference::AuditRule>),
 ) -> Result<bool, String> {
     use reference::Decision as D;
+    let (want, audit) = (&want.0, &want.1);
     let Some((c, pod)) = compiled
         .iter()
         .find_map(|c| c.local_ips.get(&pod_ip).map(|pod| (c, pod)))
@@ -485,6 +640,20 @@ fn check_side(
     let got = sim::endpoint_verdict(&c.maps, pod, dir, peer, proto, port);
     let rule = |id: u32| c.rules.get(&id);
     let ok = match (want, got) {
+        // Allowed, and an audited policy's Deny rule would have denied it:
+        // the entry is an audit entry naming that rule.
+        (_, sim::Verdict::Audit { rule_id }) => audit.as_ref().is_some_and(|a| {
+            want.allowed()
+                && rule(rule_id).is_some_and(|r| {
+                    r.policy == a.policy
+                        && r.index as usize == a.index
+                        && r.direction == dir
+                        && r.cluster
+                            .as_ref()
+                            .is_some_and(|cr| cr.tier == a.tier && cr.action == Action::Deny)
+                })
+        }),
+        _ if audit.is_some() => false,
         (
             D::Rule {
                 tier,
@@ -523,8 +692,9 @@ fn check_side(
                 "egress"
             },
             match got {
-                sim::Verdict::Allow { rule_id } | sim::Verdict::DenyRule { rule_id } =>
-                    rule(rule_id),
+                sim::Verdict::Allow { rule_id }
+                | sim::Verdict::DenyRule { rule_id }
+                | sim::Verdict::Audit { rule_id } => rule(rule_id),
                 _ => None,
             }
         ))
@@ -551,7 +721,7 @@ proptest! {
                 for &dst in &pool {
                     for (proto, port) in PROBES {
                         let proto = if proto == PROTO_ICMP && !family_v4 { PROTO_ICMPV6 } else { proto };
-                        let (egress, ingress) = reference::decide(&cluster, &nodes, src, dst, proto, port);
+                        let (egress, ingress) = reference::decide_audited(&cluster, &nodes, src, dst, proto, port);
                         let e = check_side(&compiled, src, DIR_EGRESS, dst, proto, port, &egress);
                         prop_assert!(e.is_ok(), "{} -> {}: {}", src, dst, e.unwrap_err());
                         let i = check_side(&compiled, dst, DIR_INGRESS, src, proto, port, &ingress);
@@ -581,8 +751,11 @@ fn the_generated_clusters_exercise_every_kind_of_decision() {
         for &src in &pool {
             for &dst in &pool {
                 for (proto, port) in PROBES {
-                    let (e, i) = reference::decide(&cluster, &nodes, src, dst, proto, port);
-                    for d in [e, i] {
+                    let (e, i) = reference::decide_audited(&cluster, &nodes, src, dst, proto, port);
+                    for (d, audit) in [e, i] {
+                        if let Some(a) = audit {
+                            seen.insert(format!("audit {}", a.tier));
+                        }
                         seen.insert(match d {
                             reference::Decision::Rule { tier, action, .. } => {
                                 format!("{tier} {action}")
@@ -607,6 +780,8 @@ fn the_generated_clusters_exercise_every_kind_of_decision() {
         "NetworkPolicy false",
         "Default",
         "OwnNode",
+        "audit Admin",
+        "audit Baseline",
     ] {
         assert!(seen.contains(want), "never decided {want:?}: {seen:?}");
     }
@@ -708,7 +883,11 @@ fn cnp_json(p: &ClusterNetworkPolicy) -> serde_json::Value {
     json!({
         "apiVersion": "policy.networking.k8s.io/v1alpha2",
         "kind": "ClusterNetworkPolicy",
-        "metadata": {"name": p.name},
+        "metadata": if p.audit {
+            json!({"name": p.name, "annotations": {"netpol.dev/audit": "true"}})
+        } else {
+            json!({"name": p.name})
+        },
         "spec": {
             "tier": p.tier.to_string(),
             "priority": p.priority,

@@ -3839,4 +3839,110 @@ mod cnp {
             no_y,
         );
     }
+
+    /// Audit (issue 16): a Deny rule of a ClusterNetworkPolicy annotated
+    /// `netpol.dev/audit: "true"` passes what the tiers allow without it and
+    /// reports `audit` naming that rule; what they deny without it is denied
+    /// as before (the event names the rule that denies). An audited pod
+    /// (namespace annotation) passes an enforced CNP Deny as `audit`, naming
+    /// the CNP rule.
+    #[test]
+    fn cnp_audited_deny_rules_pass_and_report_the_rule() {
+        let mut dp = load_or_skip!("cnp_audited_deny_rules_pass_and_report_the_rule");
+        let c = pods()
+            .policy(
+                policy("x", "allow-web")
+                    .ingress(allow().from(namespaces(all())).port(tcp_port(80))),
+            )
+            .cluster_policy(
+                admin("trial")
+                    .audited()
+                    .priority(1)
+                    .subject(in_namespaces(ns("x")))
+                    .ingress(deny().named("no-y").peer(peer_namespaces(ns("y")))),
+            )
+            .cluster_policy(
+                admin("guard")
+                    .priority(2)
+                    .subject(in_namespaces(ns("x")))
+                    .ingress(
+                        deny()
+                            .named("no-z-81")
+                            .peer(peer_namespaces(ns("z")))
+                            .port(dports(Tcp, 81, 81)),
+                    ),
+            );
+        let mut compiler = Compiler::new(node());
+        let compiled = dp.sync(&mut compiler, &c);
+        let no_y = rule_id(&compiled, "trial", DIR_INGRESS, 0);
+        let no_z = rule_id(&compiled, "guard", DIR_INGRESS, 0);
+
+        // The audited rule would deny; the NetworkPolicy allows port 80: the
+        // flow passes, is tracked as audited, and the event names no-y.
+        let syn = tcp(&at(PEER, 40000), &at(POD, 80)).syn();
+        let out = dp.to_pod(&syn);
+        out.passed(DIR_INGRESS, REASON_AUDIT);
+        decided_by(
+            &out,
+            &compiled,
+            &syn,
+            DIR_INGRESS,
+            VERDICT_AUDIT,
+            REASON_AUDIT,
+            no_y,
+        );
+        let f = dp
+            .flow(&syn, DIR_INGRESS)
+            .expect("an audited flow is tracked");
+        assert_eq!((f.verdict, f.reason), (VERDICT_AUDIT, REASON_AUDIT));
+        dp.from_pod(&syn.reversed())
+            .passed(DIR_EGRESS, REASON_REPLY);
+
+        // Without the audited rule the NetworkPolicy denies port 81: denied,
+        // and the event names no rule (NetworkPolicy's default deny).
+        let syn = tcp(&at(PEER, 40001), &at(POD, 81)).syn();
+        let out = dp.to_pod(&syn);
+        out.dropped(DIR_INGRESS, REASON_POLICY_DENY);
+        decided_by(
+            &out,
+            &compiled,
+            &syn,
+            DIR_INGRESS,
+            VERDICT_DENY,
+            REASON_POLICY_DENY,
+            0,
+        );
+
+        // An enforced Deny of another policy is untouched.
+        let syn = tcp(&at(OTHER, 40002), &at(POD, 81)).syn();
+        let out = dp.to_pod(&syn);
+        out.dropped(DIR_INGRESS, REASON_POLICY_DENY);
+        decided_by(
+            &out,
+            &compiled,
+            &syn,
+            DIR_INGRESS,
+            VERDICT_DENY,
+            REASON_POLICY_DENY,
+            no_z,
+        );
+
+        // The pod's namespace is audited: the enforced Deny passes as audit
+        // and the event still names the CNP rule.
+        let c = c.namespace(namespace("x").audited());
+        let compiled = dp.sync(&mut compiler, &c);
+        assert_eq!(rule_id(&compiled, "guard", DIR_INGRESS, 0), no_z);
+        let syn = tcp(&at(OTHER, 40003), &at(POD, 81)).syn();
+        let out = dp.to_pod(&syn);
+        out.passed(DIR_INGRESS, REASON_AUDIT);
+        decided_by(
+            &out,
+            &compiled,
+            &syn,
+            DIR_INGRESS,
+            VERDICT_AUDIT,
+            REASON_AUDIT,
+            no_z,
+        );
+    }
 }

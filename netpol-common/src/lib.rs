@@ -502,8 +502,13 @@ pub const ACTION_ALLOW: u32 = 1;
 /// ClusterNetworkPolicy judges, whose entries give the final verdict of the
 /// tiers and NetworkPolicy together for every (identity, protocol, port).
 /// `rule_id` is the denying CNP rule, or 0 for NetworkPolicy's default deny.
-/// Any action other than [`ACTION_ALLOW`] denies (fail closed).
+/// Any action other than [`ACTION_ALLOW`] and [`ACTION_AUDIT`] denies (fail closed).
 pub const ACTION_DENY: u32 = 2;
+/// The entry allows the traffic and reports it as `audit` (`VERDICT_AUDIT`,
+/// `REASON_AUDIT`): `rule_id` is a Deny rule of an audited
+/// ClusterNetworkPolicy (`netpol.dev/audit: "true"`) that would have denied
+/// it; without that rule the tiers allow it (`compiler::reference`).
+pub const ACTION_AUDIT: u32 = 3;
 
 /// Value of the policy LPM trie.
 #[repr(C)]

@@ -242,6 +242,17 @@ fn remote(p: &Packet, direction: u8) -> &[u8; 16] {
     }
 }
 
+/// The verdict of an allowing decision: `audit` when an audited
+/// ClusterNetworkPolicy rule would have denied it (`ACTION_AUDIT`).
+#[inline(always)]
+fn allowed_verdict(d: &crate::policy::Decision) -> u8 {
+    if d.reason == REASON_AUDIT {
+        VERDICT_AUDIT
+    } else {
+        VERDICT_ALLOW
+    }
+}
+
 #[inline(always)]
 pub(crate) fn audit(ep: &EndpointValue, cfg: &ConfigValue) -> bool {
     ep.flags & EP_F_AUDIT != 0 || cfg.flags & CFG_F_AUDIT_ALL != 0
@@ -916,7 +927,7 @@ fn new_flow(
         stage,
     );
     let (verdict, reason) = if d.allow {
-        (VERDICT_ALLOW, d.reason)
+        (allowed_verdict(&d), d.reason)
     } else if audit(&ep, &cfg) {
         (VERDICT_AUDIT, REASON_AUDIT)
     } else if s.pkt.icmp == IcmpKind::Error {
@@ -1208,7 +1219,7 @@ pub fn local_in(ctx: &SkLookupContext) -> u32 {
         Stage::PostNat,
     );
     let (verdict, reason) = if d.allow {
-        (VERDICT_ALLOW, d.reason)
+        (allowed_verdict(&d), d.reason)
     } else if audit(&ep, &cfg) {
         (VERDICT_AUDIT, REASON_AUDIT)
     } else {

@@ -7,10 +7,11 @@
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use netpol_common::{
-    ACTION_ALLOW, DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ISOLATED, EP_F_INGRESS_ISOLATED,
-    EndpointValue, FAMILY_V4, IDENTITY_ANY, PEER_F_HOST, PEER_F_POD, POLICY_PREFIX_FULL,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerValue, PolicyKey, REASON_DEFERRED, REASON_HOST,
-    REASON_NOT_ISOLATED, REASON_POLICY_ALLOW, REASON_POLICY_DENY, id_epoch,
+    ACTION_ALLOW, ACTION_AUDIT, DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ISOLATED,
+    EP_F_INGRESS_ISOLATED, EndpointValue, FAMILY_V4, IDENTITY_ANY, PEER_F_HOST, PEER_F_POD,
+    POLICY_PREFIX_FULL, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerValue, PolicyKey, REASON_AUDIT,
+    REASON_DEFERRED, REASON_HOST, REASON_NOT_ISOLATED, REASON_POLICY_ALLOW, REASON_POLICY_DENY,
+    id_epoch,
 };
 
 use crate::maps::{
@@ -169,7 +170,7 @@ pub fn decide(
         }
         // The first entry found decides. Only sets judged by a
         // ClusterNetworkPolicy hold deny entries (the tiers' final verdict,
-        // keyed on the peer's identity alone); any action but allow denies.
+        // keyed on the peer's identity alone); any action but allow and audit denies.
         let (action, rule_id) = lookup(ep.policy_id, id, direction, protocol, port);
         if action == ACTION_NONE {
             continue;
@@ -178,6 +179,15 @@ pub fn decide(
             return Decision {
                 allow: true,
                 reason: REASON_POLICY_ALLOW,
+                rule_id,
+                peer_identity: identity,
+            };
+        }
+        // An audited CNP's Deny rule would have denied it: allowed, reported.
+        if action == ACTION_AUDIT {
+            return Decision {
+                allow: true,
+                reason: REASON_AUDIT,
                 rule_id,
                 peer_identity: identity,
             };

@@ -67,11 +67,18 @@ struct Args {
     /// the parent process runs in each child).
     #[arg(long, hide = true)]
     one: Option<String>,
+    /// Instead: the ClusterNetworkPolicy mix (the synthetic clusters plus
+    /// Admin and Baseline policies), timing the tier compile per change.
+    #[arg(long)]
+    cnp: bool,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
     let changes = args.changes.unwrap_or(if args.quick { 20 } else { 100 });
+    if args.cnp {
+        return cnp_mix::run(args.quick, changes.min(50));
+    }
     if let Some(one) = &args.one {
         let scenario = Scenario::parse(one)?;
         let result = scenario.run(changes);
@@ -1001,4 +1008,185 @@ fn run_scale_test(label: String, nodes: u32, changes: usize) -> ScenarioResult {
     result.snapshot = Some(snapshot);
     result.peak_rss_mib = peak_rss_mib();
     result
+}
+
+// ---------------------------------------------------------------------------
+// The ClusterNetworkPolicy mix (`--cnp`)
+// ---------------------------------------------------------------------------
+
+/// The synthetic clusters with ClusterNetworkPolicies on top: per CNP `k`,
+/// an Admin policy on the namespaces of one env (Deny from one team's
+/// namespaces on TCP 22, Pass from monitoring, Deny egress to the metadata
+/// address) and a Baseline policy on every namespace (Deny from the dev
+/// namespaces). While any CNP exists a node's maps come from the tier
+/// compile (`compiler::tiered`). Per change it times, median over the
+/// changes: `Compiler::apply_change` (what the agent runs), and the tier
+/// table step alone, fresh (`compile_tiers_local`) and reusing earlier
+/// decisions (`compile_tiers_local_cached` with a warm `TierCache`), on the
+/// same cluster. Timings are printed, never asserted.
+mod cnp_mix {
+    use netpol_agent::{
+        compiler::tiers::{TierCache, compile_tiers_local, compile_tiers_local_cached},
+        model::{ClusterNetworkPolicy, Protocol},
+    };
+
+    use super::*;
+
+    fn cnps(k: u32) -> Vec<ClusterNetworkPolicy> {
+        (0..k)
+            .flat_map(|i| {
+                let env = ENVS[(i % 3) as usize];
+                [
+                    admin(&format!("guard-{i}"))
+                        .priority(i)
+                        .subject(in_namespaces(labels([("env", env)])))
+                        .ingress(
+                            deny()
+                                .named("no-ssh")
+                                .peer(peer_namespaces(labels([(
+                                    "team",
+                                    format!("t{}", i % 20).as_str(),
+                                )])))
+                                .port(dport(Protocol::Tcp, 22)),
+                        )
+                        .ingress(pass().named("monitoring").peer(peer_namespaces(labels([(
+                            "kubernetes.io/metadata.name",
+                            "monitoring",
+                        )]))))
+                        .egress(
+                            deny()
+                                .named("no-metadata")
+                                .peer(networks(["169.254.169.254/32"])),
+                        ),
+                    baseline(&format!("floor-{i}"))
+                        .priority(i)
+                        .subject(in_namespaces(all()))
+                        .ingress(
+                            deny()
+                                .named("no-dev")
+                                .peer(peer_namespaces(labels([("env", "dev")]))),
+                        ),
+                ]
+            })
+            .collect()
+    }
+
+    fn apply(c: &mut Cluster, change: &Change) {
+        match change {
+            Change::UpsertNamespace(n) => c.upsert_namespace(n.clone()),
+            Change::UpsertPod(p) => c.upsert_pod(p.clone()),
+            Change::UpsertPolicy(p) => c.upsert_policy(p.clone()),
+            Change::UpsertClusterPolicy(p) => c.upsert_cluster_policy(p.clone()),
+            other => panic!("the mix makes no {other:?}"),
+        }
+    }
+
+    fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    }
+
+    pub fn run(quick: bool, changes: usize) -> Result<()> {
+        let sizes: &[(u32, u32, u32)] = if quick {
+            &[(1_000, 100, 4)]
+        } else {
+            &[(1_000, 100, 4), (1_000, 100, 16), (5_000, 500, 8)]
+        };
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        println!(
+            "load average (1/5/15 min) before: {}; {} CPUs",
+            load.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" "),
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        println!(
+            "{:<28} {:>10} {:>8} {:>22} {:>16} {:>16} {:>12}",
+            "cluster",
+            "compile",
+            "classes",
+            "change kind",
+            "apply_change",
+            "table, fresh",
+            "table, cache"
+        );
+        for &(pods, policies, k) in sizes {
+            let spec = Spec::new(pods, policies);
+            let mut objects = spec.objects();
+            objects.extend(cnps(k).into_iter().map(Change::UpsertClusterPolicy));
+            let mut cluster = Cluster::default();
+            for c in &objects {
+                apply(&mut cluster, c);
+            }
+            let node = bench_node();
+            let mut compiler = Compiler::new(node.clone());
+            let t = Instant::now();
+            compiler.apply_changes(objects);
+            let compile_ms = ms(t.elapsed());
+            let mut cache = TierCache::default();
+            let table = compile_tiers_local_cached(&cluster, &node, &mut cache);
+            let (subjects, peers) = table.class_counts();
+            let mut rng = Rng(0xc1a5);
+            let mut next_pod = pods;
+            for kind in ["pod added", "pod relabelled", "local pod relabelled"] {
+                let (mut apply_us, mut fresh_us, mut cached_us) = (vec![], vec![], vec![]);
+                let mut reused = 0;
+                let mut made = 0;
+                for _ in 0..changes {
+                    let change = match kind {
+                        "pod added" => {
+                            next_pod += 1;
+                            Change::UpsertPod(spec.pod(next_pod))
+                        }
+                        "pod relabelled" => {
+                            Change::UpsertPod(spec.relabel(rng.below(pods), &mut rng))
+                        }
+                        _ => {
+                            let Some(pod) = pick_local(&compiler, &mut rng) else {
+                                break;
+                            };
+                            Change::UpsertPod(spec.relabel(spec.pod_index(&pod), &mut rng))
+                        }
+                    };
+                    apply(&mut cluster, &change);
+                    let t = Instant::now();
+                    compiler.apply_change(change);
+                    apply_us.push(t.elapsed().as_secs_f64() * 1e6);
+                    let t = Instant::now();
+                    let fresh = compile_tiers_local(&cluster, &node);
+                    fresh_us.push(t.elapsed().as_secs_f64() * 1e6);
+                    let t = Instant::now();
+                    let cached = compile_tiers_local_cached(&cluster, &node, &mut cache);
+                    cached_us.push(t.elapsed().as_secs_f64() * 1e6);
+                    assert!(
+                        fresh == cached,
+                        "the cached table differs from the fresh one"
+                    );
+                    reused += cache.reused;
+                    made += cache.made;
+                }
+                println!(
+                    "{:<28} {:>10} {:>8} {:>22} {:>16} {:>16} {:>12}",
+                    format!(
+                        "{} pods x {} pol + {} CNP",
+                        short(pods),
+                        short(policies),
+                        2 * k
+                    ),
+                    fmt_us(compile_ms * 1000.0),
+                    format!("{subjects}x{peers}"),
+                    kind,
+                    fmt_us(median(apply_us)),
+                    fmt_us(median(fresh_us)),
+                    format!(
+                        "{} ({:.0}% reused)",
+                        fmt_us(median(cached_us)),
+                        100.0 * reused as f64 / (reused + made).max(1) as f64
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
 }

@@ -38,6 +38,19 @@
 //! from a pod's own node to the pod stays allowed whatever the tiers say
 //! (kubelet probes), as it is for NetworkPolicy. Replies are not in scope:
 //! this answers for new connections only.
+//!
+//! **Audited policies** (`netpol.dev/audit: "true"` on the
+//! ClusterNetworkPolicy, [`decide_audited`]): the policy's Deny rules are
+//! audit-only, and nothing else about it changes (its Accept and Pass rules
+//! are enforced). A flow gets the decision it would get if those rules did
+//! not exist: a matching audited Deny rule is stepped over and evaluation
+//! goes on with the next rule. If that decision allows the flow, the first
+//! audited Deny rule that matched (in evaluation order: Admin, then
+//! Baseline) is the flow's *audit rule*: the flow passes and is reported as
+//! `audit`, naming it. If the decision denies, there is no audit rule: the
+//! flow is denied, and the report names the rule that denies it. An
+//! audited pod (namespace annotation, `--audit`) passes whatever denies and
+//! is reported as `audit` too; that is the datapath's, not the tiers'.
 
 use std::net::IpAddr;
 
@@ -247,6 +260,42 @@ pub fn decide(
     (egress, ingress)
 }
 
+/// A Deny rule of an audited ClusterNetworkPolicy that would have denied a
+/// flow its tiers allow (see "Audited policies" in the module docs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRule {
+    pub tier: Tier,
+    pub policy: String,
+    /// Index in the policy's `ingress` or `egress` list.
+    pub index: usize,
+    pub name: String,
+}
+
+/// [`decide`] with each direction's audit rule (module docs, "Audited
+/// policies"): `Some` only when that direction's decision allows.
+pub fn decide_audited(
+    cluster: &Cluster,
+    nodes: &[NodeInfo],
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    port: u16,
+) -> ((Decision, Option<AuditRule>), (Decision, Option<AuditRule>)) {
+    let src_pod = owner(cluster, src);
+    let dst_pod = owner(cluster, dst);
+    let egress = src_pod.map_or((Decision::Default, None), |a| {
+        decide_direction_audited(cluster, a, DIR_EGRESS, dst, dst_pod, proto, port)
+    });
+    let ingress = dst_pod.map_or((Decision::Default, None), |b| {
+        if from_own_node(nodes, b, src) {
+            (Decision::OwnNode, None)
+        } else {
+            decide_direction_audited(cluster, b, DIR_INGRESS, src, src_pod, proto, port)
+        }
+    });
+    (egress, ingress)
+}
+
 /// The tiers for `pod` in `direction` with `peer` (the remote address and
 /// the live pod that owns it, if any).
 pub fn decide_direction(
@@ -258,17 +307,41 @@ pub fn decide_direction(
     proto: u8,
     port: u16,
 ) -> Decision {
+    decide_direction_audited(cluster, pod, direction, peer, peer_pod, proto, port).0
+}
+
+/// [`decide_direction`] and the audit rule, if the decision allows.
+pub fn decide_direction_audited(
+    cluster: &Cluster,
+    pod: &Pod,
+    direction: u8,
+    peer: IpAddr,
+    peer_pod: Option<&Pod>,
+    proto: u8,
+    port: u16,
+) -> (Decision, Option<AuditRule>) {
     let destination = if direction == DIR_INGRESS {
         Some(pod)
     } else {
         peer_pod
     };
-    let tier = |tier: Tier| -> Option<Decision> {
+    let mut audit: Option<AuditRule> = None;
+    let mut tier = |tier: Tier| -> Option<Decision> {
         for cnp in tier_policies(cluster, pod, tier) {
             for (index, rule) in cnp.rules(direction).iter().enumerate() {
                 if !cnp_peer_matches(cluster, rule, peer, peer_pod)
                     || !cnp_port_matches(rule, destination, proto, port)
                 {
+                    continue;
+                }
+                if cnp.audit && rule.action == Action::Deny {
+                    // Stepped over; the first one is the audit rule.
+                    audit.get_or_insert_with(|| AuditRule {
+                        tier,
+                        policy: cnp.name.clone(),
+                        index,
+                        name: rule.name.clone(),
+                    });
                     continue;
                 }
                 return match rule.action {
@@ -285,15 +358,15 @@ pub fn decide_direction(
         }
         None
     };
-    if let Some(d) = tier(Tier::Admin) {
-        return d;
-    }
-    if let Some(allowed) =
-        network_policy_decides(cluster, pod, direction, peer, peer_pod, proto, port)
-    {
-        return Decision::NetworkPolicy { allowed };
-    }
-    tier(Tier::Baseline).unwrap_or(Decision::Default)
+    let decision = tier(Tier::Admin)
+        .or_else(|| {
+            network_policy_decides(cluster, pod, direction, peer, peer_pod, proto, port)
+                .map(|allowed| Decision::NetworkPolicy { allowed })
+        })
+        .or_else(|| tier(Tier::Baseline))
+        .unwrap_or(Decision::Default);
+    let audit = if decision.allowed() { audit } else { None };
+    (decision, audit)
 }
 
 /// The CNPs of `tier` whose subject selects `pod`, in evaluation order:

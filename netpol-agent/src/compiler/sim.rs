@@ -8,7 +8,7 @@
 //! 3. policy LPM lookup at prefix 96 with the peer's identity, its distinct
 //!    address-only identity (`cidr_identity`, if non-zero and different),
 //!    then `IDENTITY_ANY`; the first entry found decides (`ACTION_ALLOW`
-//!    allows, anything else denies: deny entries are written for sets a
+//!    allows, `ACTION_AUDIT` allows and reports, anything else denies: deny entries are written for sets a
 //!    ClusterNetworkPolicy judges); no entry denies. Port-less protocols
 //!    (ICMP echo) are looked up with port 0.
 //!
@@ -19,9 +19,10 @@
 use std::net::IpAddr;
 
 use netpol_common::{
-    ACTION_ALLOW, DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ISOLATED, EP_F_INGRESS_ISOLATED,
-    IDENTITY_ANY, PEER_F_HOST, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerValue, PolicyKey, PolicyValue,
+    ACTION_ALLOW, ACTION_AUDIT, DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ISOLATED,
+    EP_F_INGRESS_ISOLATED, IDENTITY_ANY, PEER_F_HOST, POLICY_PREFIX_ANY_PORT,
+    POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerValue,
+    PolicyKey, PolicyValue,
 };
 
 use super::{Compiled, Maps};
@@ -36,6 +37,9 @@ pub enum Verdict {
     Host,
     /// A policy entry allowed it.
     Allow { rule_id: u32 },
+    /// An `ACTION_AUDIT` entry allowed it, naming the audited
+    /// ClusterNetworkPolicy Deny rule that would have denied it.
+    Audit { rule_id: u32 },
     /// Isolated and nothing allows it (no entry, or a deny entry naming no
     /// rule: NetworkPolicy's default deny under the tiers).
     Deny,
@@ -49,7 +53,7 @@ impl Verdict {
     pub fn is_allowed(self) -> bool {
         matches!(
             self,
-            Verdict::NotIsolated | Verdict::Host | Verdict::Allow { .. }
+            Verdict::NotIsolated | Verdict::Host | Verdict::Allow { .. } | Verdict::Audit { .. }
         )
     }
 }
@@ -120,6 +124,7 @@ pub fn endpoint_verdict(
         if let Some(v) = policy_entry(maps, key) {
             return match (v.action, v.rule_id) {
                 (ACTION_ALLOW, rule_id) => Verdict::Allow { rule_id },
+                (ACTION_AUDIT, rule_id) => Verdict::Audit { rule_id },
                 (_, 0) => Verdict::Deny,
                 (_, rule_id) => Verdict::DenyRule { rule_id },
             };

@@ -16,12 +16,18 @@
 //!   entry (prefix 72). Each says allow or deny ([`ACTION_DENY`]) and names
 //!   the deciding rule (a CNP rule, the first allowing NetworkPolicy rule,
 //!   or 0: NetworkPolicy's default deny, or no tier decided: allow). A
+//!   range that an audited policy's Deny rule would have denied and the
+//!   tiers allow without it is [`ACTION_AUDIT`] naming that rule: the
+//!   datapath passes it and reports `audit` (precomputed here, so the
+//!   verdict costs the same lookups). A
 //!   direction nothing judges is not isolated: allowed without a lookup.
 //!   The verdict costs the same lookups as NetworkPolicy's, whatever the
 //!   number of policies.
-//! * **Cost.** This compile is not incremental: each flush with a change
-//!   recompiles the table for the local pods, and the diff against the
-//!   previous maps is what is written. Rule ids are stable (CNP rules take
+//! * **Cost.** Each flush with a change builds the table for the local
+//!   pods again and the diff against the previous maps is what is written;
+//!   with a [`TierCache`] ([`Compiler::compile_tiered_with`]) the decisions
+//!   of classes seen before are reused, so a change that makes no new class
+//!   evaluates no rule (classing and writing stay linear in the cluster). Rule ids are stable (CNP rules take
 //!   theirs from the compiler's rule id allocator); policy set and identity
 //!   ids are the table's class numbers and may move between compiles (every
 //!   epoch holds a complete state, so this costs writes, not correctness).
@@ -30,14 +36,14 @@ use std::collections::{BTreeMap, HashMap};
 
 use ipnet::IpNet;
 use netpol_common::{
-    DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ISOLATED, EP_F_INGRESS_ISOLATED, PEER_F_HOST, PEER_F_POD,
-    POLICY_PREFIX_ANY_PROTO, PeerValue, PolicyKey, PolicyValue,
+    ACTION_AUDIT, DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ISOLATED, EP_F_INGRESS_ISOLATED,
+    PEER_F_HOST, PEER_F_POD, POLICY_PREFIX_ANY_PROTO, PeerValue, PolicyKey, PolicyValue,
 };
 
 use super::{
     ClusterRuleInfo, Compiled, Compiler, IdentityInfo, Maps, PolicySetInfo, RuleInfo,
     reference::Decision,
-    tiers::{PORTLESS, compile_tiers_local},
+    tiers::{PORTLESS, TierCache, compile_tiers_local_cached},
 };
 use crate::model::{Action, Cluster};
 
@@ -79,8 +85,15 @@ impl Compiler {
     /// endpoints (ids, addresses, flags other than isolation), the local
     /// IPs and the NetworkPolicy rule ids.
     pub(super) fn compile_tiered(&mut self) -> Compiled {
+        self.compile_tiered_with(&mut TierCache::default())
+    }
+
+    /// [`Self::compile_tiered`] reusing the decisions of earlier compiles
+    /// that `cache` holds (see [`TierCache`]): a change that makes no new
+    /// subject or peer class evaluates no rule. The output is the same.
+    pub(super) fn compile_tiered_with(&mut self, cache: &mut TierCache) -> Compiled {
         let cluster = self.cluster_snapshot();
-        let table = compile_tiers_local(&cluster, &self.node);
+        let table = compile_tiers_local_cached(&cluster, &self.node, cache);
         let base = &self.out;
 
         // Rule ids: NetworkPolicy rules keep the NetworkPolicy compile's,
@@ -218,30 +231,38 @@ impl Compiler {
                 continue;
             };
             for r in ranges {
-                let value = match &r.decision {
-                    Decision::Rule {
-                        policy,
-                        index,
-                        action,
-                        ..
-                    } => {
-                        let id = cnp_ids[&(policy.clone(), dir, *index as u32)];
-                        if *action == Action::Accept {
-                            PolicyValue::allow(id)
-                        } else {
-                            PolicyValue::deny(id)
+                let value = match (&r.decision, &r.audit) {
+                    // Allowed, but an audited policy's Deny rule would have
+                    // denied it: the entry names that rule.
+                    (d, Some(a)) if d.allowed() => PolicyValue {
+                        action: ACTION_AUDIT,
+                        rule_id: cnp_ids[&(a.policy.clone(), dir, a.index as u32)],
+                    },
+                    (d, _) => match d {
+                        Decision::Rule {
+                            policy,
+                            index,
+                            action,
+                            ..
+                        } => {
+                            let id = cnp_ids[&(policy.clone(), dir, *index as u32)];
+                            if *action == Action::Accept {
+                                PolicyValue::allow(id)
+                            } else {
+                                PolicyValue::deny(id)
+                            }
                         }
-                    }
-                    Decision::NetworkPolicy { allowed: true } => {
-                        let id = r.np_rule.as_ref().and_then(|(p, index)| {
-                            np_ids
-                                .get(&(p.namespace.clone(), p.name.clone(), dir, *index as u32))
-                                .copied()
-                        });
-                        PolicyValue::allow(id.unwrap_or(0))
-                    }
-                    Decision::NetworkPolicy { allowed: false } => PolicyValue::deny(0),
-                    Decision::Default | Decision::OwnNode => PolicyValue::allow(0),
+                        Decision::NetworkPolicy { allowed: true } => {
+                            let id = r.np_rule.as_ref().and_then(|(p, index)| {
+                                np_ids
+                                    .get(&(p.namespace.clone(), p.name.clone(), dir, *index as u32))
+                                    .copied()
+                            });
+                            PolicyValue::allow(id.unwrap_or(0))
+                        }
+                        Decision::NetworkPolicy { allowed: false } => PolicyValue::deny(0),
+                        Decision::Default | Decision::OwnNode => PolicyValue::allow(0),
+                    },
                 };
                 let prefixes: Vec<(u8, u16, u32)> = if proto == PORTLESS {
                     // Port-less protocols: one range, every other protocol.

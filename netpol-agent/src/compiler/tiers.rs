@@ -37,10 +37,14 @@ use std::{
 use ipnet::IpNet;
 use netpol_common::{DIR_EGRESS, DIR_INGRESS, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
-use super::{NodeInfo, ports::port_prefixes, reference::Decision};
+use super::{
+    NodeInfo,
+    ports::port_prefixes,
+    reference::{AuditRule, Decision},
+};
 use crate::model::{
     Action, Cluster, ClusterNetworkPolicy, CnpPeer, CnpPort, CnpRule, IpBlock, LabelSelector,
-    NetworkPolicy, Peer, Pod, PodRef, PolicyRef, PortMatch, Protocol, Rule, Tier,
+    Labels, NetworkPolicy, Node, Peer, Pod, PodRef, PolicyRef, PortMatch, Protocol, Rule, Tier,
 };
 
 /// The protocol key of every protocol without ports.
@@ -96,10 +100,13 @@ pub struct PortRange {
     /// rule (policy, index in its ingress or egress list) that allows, so
     /// the datapath's entry can name it.
     pub np_rule: Option<(PolicyRef, usize)>,
+    /// The audit rule (an audited policy's Deny rule stepped over, see
+    /// `reference`): `Some` only when `decision` allows.
+    pub audit: Option<AuditRule>,
 }
 
 /// The compiled tiers (see the module docs).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TierTable {
     /// Per direction (`DIR_INGRESS`, `DIR_EGRESS`): live pod -> subject class.
     subjects: BTreeMap<(u8, PodRef), u32>,
@@ -118,22 +125,111 @@ pub struct TierTable {
     judged: Vec<bool>,
 }
 
+/// Subject key -> peer key -> ranges per [`PROTOCOL_KEYS`] entry.
+type Memo = HashMap<SubjectKey, HashMap<PeerKey, [Vec<PortRange>; 4]>>;
+
+/// The decisions of earlier compiles, for the next one: the ranges of each
+/// (direction, subject class key, peer class key, protocol), valid while the
+/// policies are the same. A class is its key's content (the policies that
+/// select a pod, the atoms an address is in, ports, node), so a change that
+/// makes no new class (a pod added, relabelled or gone among existing
+/// classes, a namespace relabelled without moving pods between classes)
+/// reuses every decision: no rule is evaluated again. The peer key of a pod
+/// IP whose pod and namespace labels did not change is reused too (no
+/// selector is matched again). What is left is linear: comparing pods,
+/// classing, writing the entries. A policy change (CNP or NetworkPolicy)
+/// empties it; a change of the nodes drops the peer keys.
+#[derive(Debug, Default)]
+pub struct TierCache {
+    /// The policies the decisions were made under.
+    cnps: Vec<ClusterNetworkPolicy>,
+    nps: Vec<NetworkPolicy>,
+    /// Per direction (0 ingress, 1 egress): subject key -> peer key ->
+    /// ranges per [`PROTOCOL_KEYS`] entry.
+    memo: [Memo; 2],
+    /// The nodes (the cluster's and the compile's) the keys were made with.
+    nodes: (Vec<Node>, Vec<NodeInfo>),
+    /// Pod IP -> the owner and its namespace's labels as they were, and the
+    /// IP's peer key.
+    ip_keys: HashMap<IpAddr, (Pod, Labels, PeerKey)>,
+    /// Decisions reused and made by the last compile (per (subject, peer)
+    /// pair of classes).
+    pub reused: usize,
+    pub made: usize,
+}
+
+impl TierCache {
+    /// Keeps the memo if the policies are the ones it was made under;
+    /// else empties it and remembers these.
+    /// Peer keys also need the same nodes (`nodes` peers, own-node
+    /// addresses).
+    fn validate(
+        &mut self,
+        cnps: &[&ClusterNetworkPolicy],
+        nps: &[&NetworkPolicy],
+        cluster_nodes: &BTreeMap<String, Node>,
+        nodes: &[NodeInfo],
+    ) {
+        let same = self.cnps.len() == cnps.len()
+            && self.nps.len() == nps.len()
+            && self.cnps.iter().zip(cnps).all(|(a, b)| a == *b)
+            && self.nps.iter().zip(nps).all(|(a, b)| a == *b);
+        if !same {
+            self.cnps = cnps.iter().map(|c| (*c).clone()).collect();
+            self.nps = nps.iter().map(|n| (*n).clone()).collect();
+            self.memo = Default::default();
+            self.ip_keys.clear();
+        }
+        let same_nodes = self.nodes.0.len() == cluster_nodes.len()
+            && self
+                .nodes
+                .0
+                .iter()
+                .zip(cluster_nodes.values())
+                .all(|(a, b)| a == b)
+            && self.nodes.1 == nodes;
+        if !same_nodes {
+            self.nodes = (cluster_nodes.values().cloned().collect(), nodes.to_vec());
+            self.ip_keys.clear();
+        }
+        self.reused = 0;
+        self.made = 0;
+    }
+}
+
 /// Compile the tiers and NetworkPolicy of `cluster` for the nodes `nodes`
 /// (whose addresses are exempt towards their own pods).
 pub fn compile_tiers(cluster: &Cluster, nodes: &[NodeInfo]) -> TierTable {
-    compile_tiers_for(cluster, nodes, None)
+    compile_tiers_for(cluster, nodes, None, &mut TierCache::default())
 }
 
 /// [`compile_tiers`] for one node's datapath: subjects are the live pods
 /// that run on `node` (entries only for them); its addresses are the exempt
 /// ones.
 pub fn compile_tiers_local(cluster: &Cluster, node: &NodeInfo) -> TierTable {
-    compile_tiers_for(cluster, std::slice::from_ref(node), Some(&node.name))
+    compile_tiers_local_cached(cluster, node, &mut TierCache::default())
 }
 
-fn compile_tiers_for(cluster: &Cluster, nodes: &[NodeInfo], only: Option<&str>) -> TierTable {
+/// [`compile_tiers_local`] reusing the decisions `cache` holds from earlier
+/// compiles of the same node (see [`TierCache`]); the table is the same as
+/// without it.
+pub fn compile_tiers_local_cached(
+    cluster: &Cluster,
+    node: &NodeInfo,
+    cache: &mut TierCache,
+) -> TierTable {
+    compile_tiers_for(cluster, std::slice::from_ref(node), Some(&node.name), cache)
+}
+
+fn compile_tiers_for(
+    cluster: &Cluster,
+    nodes: &[NodeInfo],
+    only: Option<&str>,
+    cache: &mut TierCache,
+) -> TierTable {
     let cnps: Vec<&ClusterNetworkPolicy> = cluster.cluster_policies.values().collect();
     let nps: Vec<&NetworkPolicy> = cluster.policies.values().collect();
+    cache.validate(&cnps, &nps, &cluster.nodes, nodes);
 
     // Atoms.
     let mut atoms: Vec<Atom> = Vec::new();
@@ -267,9 +363,21 @@ fn compile_tiers_for(cluster: &Cluster, nodes: &[NodeInfo], only: Option<&str>) 
         net_peers.insert(*net, class_of(key));
     }
     let mut ip_peers = BTreeMap::new();
+    // A pod IP's key is a function of the pod, its namespace's labels and
+    // the IP (atoms and nodes being the cache's): reused when those are.
+    let mut old_ips = std::mem::take(&mut cache.ip_keys);
+    let mut ip_keys = HashMap::with_capacity(owners.len());
     for (ip, owner) in &owners {
         let pod = &cluster.pods[owner];
         let ns_labels = cluster.namespace_labels(&pod.namespace);
+        if let Some((p, l, key)) = old_ips.remove(ip)
+            && &p == pod
+            && &l == ns_labels
+        {
+            ip_peers.insert(*ip, class_of(key.clone()));
+            ip_keys.insert(*ip, (p, l, key));
+            continue;
+        }
         let mut bits = vec![false; atoms.len()];
         for (i, a) in atoms.iter().enumerate() {
             bits[i] = match a {
@@ -290,8 +398,10 @@ fn compile_tiers_for(cluster: &Cluster, nodes: &[NodeInfo], only: Option<&str>) 
             pod_ports: Some(ports_of(pod)),
             own_nodes: own_nodes(IpNet::from(*ip)),
         };
-        ip_peers.insert(*ip, class_of(key));
+        ip_peers.insert(*ip, class_of(key.clone()));
+        ip_keys.insert(*ip, (pod.clone(), ns_labels.clone(), key));
     }
+    cache.ip_keys = ip_keys;
 
     // Subjects.
     let mut order: Vec<usize> = (0..cnps.len()).collect();
@@ -355,14 +465,33 @@ fn compile_tiers_for(cluster: &Cluster, nodes: &[NodeInfo], only: Option<&str>) 
         np_peer_atoms: &np_peer_atoms,
     };
     let mut entries = BTreeMap::new();
+    // Decisions of this compile, which become the cache's: classes that
+    // went away are forgotten.
+    let mut memo: [Memo; 2] = Default::default();
     for (s, (dir, skey)) in subject_keys.iter().enumerate() {
+        let d = usize::from(*dir != DIR_INGRESS);
+        let old = cache.memo[d].remove(skey);
+        let mut by_peer: HashMap<PeerKey, [Vec<PortRange>; 4]> =
+            HashMap::with_capacity(peer_keys.len());
         for (p, pkey) in peer_keys.iter().enumerate() {
-            for proto in PROTOCOL_KEYS {
-                let ranges = ctx.ranges(*dir, skey, pkey, proto);
-                entries.insert((*dir, s as u32, p as u32, proto), ranges);
+            let ranges = match old.as_ref().and_then(|o| o.get(pkey)) {
+                Some(r) => {
+                    cache.reused += 1;
+                    r.clone()
+                }
+                None => {
+                    cache.made += 1;
+                    PROTOCOL_KEYS.map(|proto| ctx.ranges(*dir, skey, pkey, proto))
+                }
+            };
+            for (proto, r) in PROTOCOL_KEYS.iter().zip(&ranges) {
+                entries.insert((*dir, s as u32, p as u32, *proto), r.clone());
             }
+            by_peer.insert(pkey.clone(), ranges);
         }
+        memo[d].insert(skey.clone(), by_peer);
     }
+    cache.memo = memo;
     let judged = subject_keys
         .iter()
         .map(|(_, k)| !k.admin.is_empty() || k.isolating.is_some() || !k.baseline.is_empty())
@@ -474,7 +603,7 @@ impl Ctx<'_> {
             let end = cuts.get(k + 1).map_or(0xffff, |next| next - 1);
             let (start, end) = (start as u16, end as u16);
             let probe_proto = if proto == PORTLESS { PROTO_ICMP } else { proto };
-            let decision = self.decide(dir, s, p, destination, probe_proto, start);
+            let (decision, audit) = self.decide(dir, s, p, destination, probe_proto, start);
             let np_rule = match decision {
                 Decision::NetworkPolicy { allowed: true } => {
                     self.np_rule(dir, s, p, destination, probe_proto, start)
@@ -482,7 +611,11 @@ impl Ctx<'_> {
                 _ => None,
             };
             match out.last_mut() {
-                Some(last) if last.decision == decision && last.np_rule == np_rule => {
+                Some(last)
+                    if last.decision == decision
+                        && last.np_rule == np_rule
+                        && last.audit == audit =>
+                {
                     last.end = end
                 }
                 _ => out.push(PortRange {
@@ -490,6 +623,7 @@ impl Ctx<'_> {
                     end,
                     decision,
                     np_rule,
+                    audit,
                 }),
             }
         }
@@ -504,41 +638,55 @@ impl Ctx<'_> {
         destination: Option<&[(String, Protocol, u16)]>,
         proto: u8,
         port: u16,
-    ) -> Decision {
+    ) -> (Decision, Option<AuditRule>) {
         if dir == DIR_INGRESS && s.node.as_ref().is_some_and(|n| p.own_nodes.contains(n)) {
-            return Decision::OwnNode;
+            return (Decision::OwnNode, None);
         }
-        let tier = |policies: &[usize], tier: Tier| -> Option<Decision> {
+        let mut audit: Option<AuditRule> = None;
+        let mut tier = |policies: &[usize], tier: Tier| -> Option<Decision> {
             for &i in policies {
                 let cnp = self.cnps[i];
                 for (index, rule) in cnp.rules(dir).iter().enumerate() {
-                    if self.cnp_rule_matches(rule, p, destination, proto, port) {
-                        return (rule.action != Action::Pass).then(|| Decision::Rule {
+                    if !self.cnp_rule_matches(rule, p, destination, proto, port) {
+                        continue;
+                    }
+                    if cnp.audit && rule.action == Action::Deny {
+                        audit.get_or_insert_with(|| AuditRule {
                             tier,
                             policy: cnp.name.clone(),
                             index,
                             name: rule.name.clone(),
-                            action: rule.action,
                         });
+                        continue;
                     }
+                    return (rule.action != Action::Pass).then(|| Decision::Rule {
+                        tier,
+                        policy: cnp.name.clone(),
+                        index,
+                        name: rule.name.clone(),
+                        action: rule.action,
+                    });
                 }
             }
             None
         };
-        if let Some(d) = tier(&s.admin, Tier::Admin) {
-            return d;
-        }
-        if let Some(isolating) = &s.isolating {
-            let allowed = isolating.iter().any(|&i| {
-                let np = self.nps[i];
-                np.rules(dir)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|rule| self.np_rule_matches(np, rule, p, destination, proto, port))
-            });
-            return Decision::NetworkPolicy { allowed };
-        }
-        tier(&s.baseline, Tier::Baseline).unwrap_or(Decision::Default)
+        let decision = tier(&s.admin, Tier::Admin)
+            .or_else(|| {
+                s.isolating.as_ref().map(|isolating| {
+                    let allowed = isolating.iter().any(|&i| {
+                        let np = self.nps[i];
+                        np.rules(dir)
+                            .unwrap_or_default()
+                            .iter()
+                            .any(|rule| self.np_rule_matches(np, rule, p, destination, proto, port))
+                    });
+                    Decision::NetworkPolicy { allowed }
+                })
+            })
+            .or_else(|| tier(&s.baseline, Tier::Baseline))
+            .unwrap_or(Decision::Default);
+        let audit = if decision.allowed() { audit } else { None };
+        (decision, audit)
     }
 
     /// The first NetworkPolicy rule (policies in name order, rules in
@@ -631,6 +779,19 @@ impl TierTable {
     }
 
     fn lookup(&self, dir: u8, pod: &PodRef, peer: IpAddr, proto: u8, port: u16) -> Decision {
+        self.lookup_range(dir, pod, peer, proto, port)
+            .decision
+            .clone()
+    }
+
+    fn lookup_range(
+        &self,
+        dir: u8,
+        pod: &PodRef,
+        peer: IpAddr,
+        proto: u8,
+        port: u16,
+    ) -> &PortRange {
         let subject = self.subjects[&(dir, pod.clone())];
         let key = if matches!(proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
             proto
@@ -643,8 +804,27 @@ impl TierTable {
             .iter()
             .find(|r| (r.start..=r.end).contains(&port))
             .expect("ranges cover every port")
-            .decision
-            .clone()
+    }
+
+    /// [`Self::decide`] with each direction's audit rule, from the table
+    /// alone.
+    pub fn decide_audited(
+        &self,
+        src: IpAddr,
+        dst: IpAddr,
+        proto: u8,
+        port: u16,
+    ) -> ((Decision, Option<AuditRule>), (Decision, Option<AuditRule>)) {
+        let side = |dir: u8, pod: Option<&PodRef>, peer: IpAddr| {
+            pod.map_or((Decision::Default, None), |pod| {
+                let r = self.lookup_range(dir, pod, peer, proto, port);
+                (r.decision.clone(), r.audit.clone())
+            })
+        };
+        (
+            side(DIR_EGRESS, self.owners.get(&src), dst),
+            side(DIR_INGRESS, self.owners.get(&dst), src),
+        )
     }
 
     /// The decision of each direction of a new connection `src -> dst`
