@@ -27,7 +27,7 @@ use aya::{
 use common::packets::{Packet, arp_request, echo_request, ip, sctp, tcp, udp};
 use netpol_agent::{
     compiler::{Compiled, NodeInfo, compile},
-    datapath::EBPF_OBJECT,
+    datapath::{EBPF_OBJECT, write_peer_v4, write_peer_v6, write_policy},
     model::{
         Cluster,
         build::{self as b, allow, cluster, labels, namespace, pod, pods, policy},
@@ -412,46 +412,18 @@ fn fill(ebpf: &mut Ebpf, compiled: &Compiled, epoch: u32) {
             m.insert(LocalKey::new(family, bytes), LO, 0).unwrap();
         }
     }
-    {
-        let mut m: LpmTrie<_, [u8; 4], PeerValue> = LpmTrie::try_from(
-            ebpf.map_mut(if epoch == 0 {
-                map_names::PEERS_V4
-            } else {
-                map_names::PEERS_V4_E1
-            })
-            .unwrap(),
-        )
-        .unwrap();
-        for ((addr, len), v) in &compiled.maps.peers_v4 {
-            m.insert(&Key::new(u32::from(*len), addr.octets()), *v, 0)
-                .unwrap();
-        }
+    for ((addr, len), v) in &compiled.maps.peers_v4 {
+        write_peer_v4(ebpf, epoch, *addr, *len, Some(*v)).unwrap();
     }
-    {
-        let mut m: LpmTrie<_, [u8; 16], PeerValue> = LpmTrie::try_from(
-            ebpf.map_mut(if epoch == 0 {
-                map_names::PEERS_V6
-            } else {
-                map_names::PEERS_V6_E1
-            })
-            .unwrap(),
-        )
-        .unwrap();
-        for ((addr, len), v) in &compiled.maps.peers_v6 {
-            m.insert(&Key::new(u32::from(*len), addr.octets()), *v, 0)
-                .unwrap();
-        }
+    for ((addr, len), v) in &compiled.maps.peers_v6 {
+        write_peer_v6(ebpf, epoch, *addr, *len, Some(*v)).unwrap();
     }
-    {
-        let mut m: LpmTrie<_, PolicyKey, PolicyValue> =
-            LpmTrie::try_from(ebpf.map_mut(map_names::POLICY).unwrap()).unwrap();
-        for ((k, len), v) in &compiled.maps.policy {
-            let k = PolicyKey {
-                policy_id: epoch_policy_id(k.policy_id, epoch),
-                ..*k
-            };
-            m.insert(&Key::new(*len, k), *v, 0).unwrap();
-        }
+    for ((k, len), v) in &compiled.maps.policy {
+        let k = PolicyKey {
+            policy_id: epoch_policy_id(k.policy_id, epoch),
+            ..*k
+        };
+        write_policy(ebpf, k, *len, Some(*v)).unwrap();
     }
     {
         let mut m: Array<_, ConfigValue> =
