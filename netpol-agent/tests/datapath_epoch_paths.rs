@@ -24,7 +24,7 @@ mod common {
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
+    maps::{Array, HashMap},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use common::packets::{Packet, tcp};

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use common::packets::{Packet, arp_request, echo_request, ip, sctp, tcp, udp};
@@ -35,10 +35,9 @@ use netpol_agent::{
 };
 use netpol_common::{
     CFG_F_AUDIT_ALL, COUNTER_SLOTS, ConfigValue, DIR_INGRESS, EPOCH_BIT, EndpointValue, FlowKey,
-    FlowValue, LocalKey, PeerValue, PolicyKey, PolicyValue, REASON_POLICY_DENY, REASON_SLOTS,
-    REASON_XDP_DENY, VERDICT_DENY, VerdictEvent, XDP_REPLY_SLACK_NS, XdpReplyConfig, counter_index,
-    direction_name, endpoint_key, epoch_policy_id, ip_bytes, map_names, prog_names, reason_name,
-    xdp_reply_bucket,
+    FlowValue, LocalKey, PolicyKey, REASON_POLICY_DENY, REASON_SLOTS, REASON_XDP_DENY,
+    VERDICT_DENY, VerdictEvent, XDP_REPLY_SLACK_NS, XdpReplyConfig, counter_index, direction_name,
+    endpoint_key, epoch_policy_id, ip_bytes, map_names, prog_names, reason_name, xdp_reply_bucket,
 };
 
 /// The device `BPF_PROG_TEST_RUN` runs a TC program on: the server's veth.
