@@ -11,8 +11,11 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    Ebpf, EbpfLoader, Pod,
+    maps::{
+        Array, HashMap, IterableMap as _, LpmTrie, MapData, PerCpuArray, PerCpuHashMap,
+        lpm_trie::Key,
+    },
     programs::{
         LinkOrder, SchedClassifier, SkLookup, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -20,7 +23,8 @@ use aya::{
     },
 };
 use netpol_common::{
-    COUNTER_SLOTS, ConfigValue, EndpointValue, FlowKey, FlowValue, LocalKey, PeerValue, PolicyKey,
+    COUNTER_SLOTS, ConfigValue, EndpointValue, FlowKey, FlowValue, LocalKey,
+    POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PeerValue, PolicyKey, PolicyShort, PolicyShortKey,
     PolicyValue, QuotaConfig, QuotaSlotKey, QuotaState, map_names, prog_names,
 };
 
@@ -54,6 +58,8 @@ pub enum DatapathError {
         capacity: u32,
         what: String,
     },
+    #[error("map {map}: {what} is not an entry the datapath can use")]
+    InvalidEntry { map: &'static str, what: String },
     #[error(
         "pinned map {path} has key size {found_key} and value size {found_value}, but this \
          agent's {map} has {want_key} and {want_value}: it was pinned by an incompatible \
@@ -238,6 +244,10 @@ fn expected_layout(map: &str) -> Option<(u32, u32)> {
         map_names::QUOTA_STATE => sz(4, size_of::<QuotaState>()),
         map_names::XDP_REPLIES => sz(4, 8),
         map_names::XDP_CONFIG => sz(4, size_of::<XdpReplyConfig>()),
+        map_names::EXACT_V4 | map_names::EXACT_V4_E1 => sz(4, size_of::<PeerValue>()),
+        map_names::EXACT_V6 | map_names::EXACT_V6_E1 => sz(16, size_of::<PeerValue>()),
+        map_names::POLICY_EXACT => sz(size_of::<PolicyKey>(), size_of::<PolicyValue>()),
+        map_names::POLICY_SHORT => sz(size_of::<PolicyShortKey>(), size_of::<PolicyShort>()),
         _ => None, // the ring buffer has no key or value
     }
 }
@@ -335,6 +345,13 @@ impl Datapath {
             .map_max_entries(map_names::PEERS_V4_E1, sizes.peers_v4)
             .map_max_entries(map_names::PEERS_V6_E1, sizes.peers_v6)
             .map_max_entries(map_names::POLICY, sizes.policy.saturating_mul(epochs))
+            // The exact maps hold at most what their tries hold.
+            .map_max_entries(map_names::EXACT_V4, sizes.peers_v4)
+            .map_max_entries(map_names::EXACT_V4_E1, sizes.peers_v4)
+            .map_max_entries(map_names::EXACT_V6, sizes.peers_v6)
+            .map_max_entries(map_names::EXACT_V6_E1, sizes.peers_v6)
+            .map_max_entries(map_names::POLICY_EXACT, sizes.policy.saturating_mul(epochs))
+            .map_max_entries(map_names::POLICY_SHORT, sizes.policy.saturating_mul(epochs))
             .map_max_entries(map_names::FLOWS, sizes.flows)
             .map_max_entries(map_names::FRAGS, sizes.frags)
             .map_max_entries(map_names::EVENTS, sizes.events_bytes)
@@ -342,7 +359,14 @@ impl Datapath {
             // Every share's slots fit in as many entries as the flow table.
             .map_max_entries(map_names::QUOTA_SLOTS, sizes.flows)
             .map_max_entries(map_names::QUOTA_STATE, sizes.endpoints);
-        let ebpf = loader.load(EBPF_OBJECT)?;
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        // Before any program of this object can run: the exact maps say what
+        // the tries say (an earlier agent may have pinned tries without
+        // them, or stopped between a trie write and its exact one).
+        let repaired = repair_exact(&mut ebpf)?;
+        if repaired > 0 {
+            tracing::warn!(repaired, "exact maps repaired from the tries at load");
+        }
         // From here on, the sizes are the pinned maps' (which an earlier
         // agent may have created with other flags).
         let sizes = pinned_sizes(&pins, sizes)?;
@@ -771,7 +795,7 @@ impl Datapath {
         self.remove_quota(ifindex)
     }
 
-    /// A peer entry in an epoch's trie.
+    /// A peer entry in an epoch's trie (and its exact copy, for a /32).
     pub fn set_peer_v4(
         &mut self,
         epoch: u32,
@@ -779,22 +803,14 @@ impl Datapath {
         prefix: u8,
         v: PeerValue,
     ) -> Result<()> {
-        let cap = self.sizes.peers_v4;
-        let name = peers_v4_map(epoch);
-        let mut m: LpmTrie<_, [u8; 4], PeerValue> =
-            LpmTrie::try_from(self.ebpf.map_mut(name).expect("map")).map_err(map_err(name))?;
-        m.insert(&Key::new(prefix as u32, addr.octets()), v, 0)
-            .map_err(|e| full_or(e, name, cap, format!("{addr}/{prefix}")))
+        write_peer_v4(&mut self.ebpf, epoch, addr, prefix, Some(v))
     }
 
     pub fn remove_peer_v4(&mut self, epoch: u32, addr: Ipv4Addr, prefix: u8) -> Result<()> {
-        let name = peers_v4_map(epoch);
-        let mut m: LpmTrie<_, [u8; 4], PeerValue> =
-            LpmTrie::try_from(self.ebpf.map_mut(name).expect("map")).map_err(map_err(name))?;
-        ignore_missing(m.remove(&Key::new(prefix as u32, addr.octets())), name)
+        write_peer_v4(&mut self.ebpf, epoch, addr, prefix, None)
     }
 
-    /// A peer entry in an epoch's trie.
+    /// A peer entry in an epoch's trie (and its exact copy, for a /128).
     pub fn set_peer_v6(
         &mut self,
         epoch: u32,
@@ -802,39 +818,21 @@ impl Datapath {
         prefix: u8,
         v: PeerValue,
     ) -> Result<()> {
-        let cap = self.sizes.peers_v6;
-        let name = peers_v6_map(epoch);
-        let mut m: LpmTrie<_, [u8; 16], PeerValue> =
-            LpmTrie::try_from(self.ebpf.map_mut(name).expect("map")).map_err(map_err(name))?;
-        m.insert(&Key::new(prefix as u32, addr.octets()), v, 0)
-            .map_err(|e| full_or(e, name, cap, format!("{addr}/{prefix}")))
+        write_peer_v6(&mut self.ebpf, epoch, addr, prefix, Some(v))
     }
 
     pub fn remove_peer_v6(&mut self, epoch: u32, addr: Ipv6Addr, prefix: u8) -> Result<()> {
-        let name = peers_v6_map(epoch);
-        let mut m: LpmTrie<_, [u8; 16], PeerValue> =
-            LpmTrie::try_from(self.ebpf.map_mut(name).expect("map")).map_err(map_err(name))?;
-        ignore_missing(m.remove(&Key::new(prefix as u32, addr.octets())), name)
+        write_peer_v6(&mut self.ebpf, epoch, addr, prefix, None)
     }
 
-    /// A policy entry (its policy set id carries its epoch).
+    /// A policy entry (its policy set id carries its epoch), with its exact
+    /// copy (one port) or its count in `NETPOL_POLSHORT` (shorter).
     pub fn set_policy(&mut self, key: PolicyKey, prefix: u32, v: PolicyValue) -> Result<()> {
-        let cap = self
-            .sizes
-            .policy
-            .saturating_mul(netpol_common::sizes::EPOCHS);
-        let mut m: LpmTrie<_, PolicyKey, PolicyValue> =
-            LpmTrie::try_from(self.ebpf.map_mut(map_names::POLICY).expect("map"))
-                .map_err(map_err(map_names::POLICY))?;
-        m.insert(&Key::new(prefix, key), v, 0)
-            .map_err(|e| full_or(e, map_names::POLICY, cap, format!("{key:?}/{prefix}")))
+        write_policy(&mut self.ebpf, key, prefix, Some(v))
     }
 
     pub fn remove_policy(&mut self, key: PolicyKey, prefix: u32) -> Result<()> {
-        let mut m: LpmTrie<_, PolicyKey, PolicyValue> =
-            LpmTrie::try_from(self.ebpf.map_mut(map_names::POLICY).expect("map"))
-                .map_err(map_err(map_names::POLICY))?;
-        ignore_missing(m.remove(&Key::new(prefix, key)), map_names::POLICY)
+        write_policy(&mut self.ebpf, key, prefix, None)
     }
 
     pub fn config(&mut self) -> Result<ConfigValue> {
@@ -868,7 +866,15 @@ impl Datapath {
 
     /// What both epochs of the kernel maps hold, untagged
     /// (`crate::epoch::split`), with endpoints keyed by veth ifindex.
+    ///
+    /// The exact maps are repaired from the tries first (the tries are what
+    /// the agent diffs against; a missing, stale or different exact entry
+    /// is rewritten to agree with its trie).
     pub fn read_epochs(&mut self) -> Result<[crate::epoch::State<u32>; 2]> {
+        let repaired = repair_exact(&mut self.ebpf)?;
+        if repaired > 0 {
+            tracing::warn!(repaired, "exact maps disagreed with the tries: repaired");
+        }
         let mut v4 = [
             std::collections::BTreeMap::new(),
             std::collections::BTreeMap::new(),
@@ -1046,6 +1052,315 @@ pub fn peers_v6_map(epoch: u32) -> &'static str {
     } else {
         map_names::PEERS_V6_E1
     }
+}
+
+/// The exact IPv4 peer map of an epoch (the /32 entries of its trie).
+pub fn exact_v4_map(epoch: u32) -> &'static str {
+    if epoch & 1 == 0 {
+        map_names::EXACT_V4
+    } else {
+        map_names::EXACT_V4_E1
+    }
+}
+
+/// The exact IPv6 peer map of an epoch (the /128 entries of its trie).
+pub fn exact_v6_map(epoch: u32) -> &'static str {
+    if epoch & 1 == 0 {
+        map_names::EXACT_V6
+    } else {
+        map_names::EXACT_V6_E1
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Entry writes with their exact maps (see "Exact maps" in `netpol_common`),
+// on the maps of any loaded object: the agent's `Datapath`, and the test kits
+// and benchmarks that load the object themselves, write through these, so
+// that every filler keeps the exact maps the datapath reads first.
+// ---------------------------------------------------------------------------
+
+fn lpm<'a, K: Pod, V: Pod>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<LpmTrie<&'a mut MapData, K, V>> {
+    LpmTrie::try_from(ebpf.map_mut(name).expect("map in object")).map_err(map_err(name))
+}
+
+fn hash<'a, K: Pod, V: Pod>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<&'a mut MapData, K, V>> {
+    HashMap::try_from(ebpf.map_mut(name).expect("map in object")).map_err(map_err(name))
+}
+
+/// A map's capacity, for an error message.
+fn capacity(map: &MapData) -> u32 {
+    map.info().map(|i| i.max_entries()).unwrap_or(0)
+}
+
+/// `Some`: write the peer entry `addr/prefix` into `trie`, then, for a
+/// full-length prefix, its copy into `exact`. `None`: remove them (the exact
+/// copy first). So an exact entry never outlives its trie entry, and the
+/// agent writes only the epoch no packet reads anyway.
+fn write_peer<A: std::fmt::Display, const N: usize>(
+    ebpf: &mut Ebpf,
+    (trie, exact): (&'static str, &'static str),
+    addr: A,
+    data: [u8; N],
+    prefix: u8,
+    v: Option<PeerValue>,
+) -> Result<()> {
+    let full = u32::from(prefix) == 8 * N as u32;
+    let key = Key::new(u32::from(prefix), data);
+    match v {
+        Some(v) => {
+            let mut m = lpm::<[u8; N], PeerValue>(ebpf, trie)?;
+            m.insert(&key, v, 0)
+                .map_err(|e| full_or(e, trie, capacity(m.map()), format!("{addr}/{prefix}")))?;
+            if full {
+                let mut m = hash::<[u8; N], PeerValue>(ebpf, exact)?;
+                m.insert(data, v, 0)
+                    .map_err(|e| full_or(e, exact, capacity(m.map()), format!("{addr}")))?;
+            }
+            Ok(())
+        }
+        None => {
+            if full {
+                ignore_missing(
+                    hash::<[u8; N], PeerValue>(ebpf, exact)?.remove(&data),
+                    exact,
+                )?;
+            }
+            ignore_missing(lpm::<[u8; N], PeerValue>(ebpf, trie)?.remove(&key), trie)
+        }
+    }
+}
+
+/// Writes (`Some`) or removes (`None`) an IPv4 peer entry of `epoch`, with
+/// its exact copy.
+pub fn write_peer_v4(
+    ebpf: &mut Ebpf,
+    epoch: u32,
+    addr: Ipv4Addr,
+    prefix: u8,
+    v: Option<PeerValue>,
+) -> Result<()> {
+    let maps = (peers_v4_map(epoch), exact_v4_map(epoch));
+    write_peer(ebpf, maps, addr, addr.octets(), prefix, v)
+}
+
+/// Writes (`Some`) or removes (`None`) an IPv6 peer entry of `epoch`, with
+/// its exact copy.
+pub fn write_peer_v6(
+    ebpf: &mut Ebpf,
+    epoch: u32,
+    addr: Ipv6Addr,
+    prefix: u8,
+    v: Option<PeerValue>,
+) -> Result<()> {
+    let maps = (peers_v6_map(epoch), exact_v6_map(epoch));
+    write_peer(ebpf, maps, addr, addr.octets(), prefix, v)
+}
+
+/// `bpf_map_update_elem` flag: create only (`EEXIST` if the key is there).
+const BPF_NOEXIST: u64 = 1;
+
+fn is_errno(e: &aya::maps::MapError, errno: i32) -> bool {
+    matches!(e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(errno))
+}
+
+/// Writes (`Some`) or removes (`None`) a policy entry and what is derived
+/// from it: a one-port entry (prefix 96) is copied into `NETPOL_POLEXACT`
+/// (after the trie entry; removed before it); a shorter one is counted in
+/// `NETPOL_POLSHORT` (before the trie entry is created; uncounted after it is
+/// removed). A prefix below 72 (a partial policy set, identity or
+/// direction) is refused: the datapath never asks for one, and
+/// `NETPOL_POLSHORT` could not count it.
+pub fn write_policy(
+    ebpf: &mut Ebpf,
+    key: PolicyKey,
+    prefix: u32,
+    v: Option<PolicyValue>,
+) -> Result<()> {
+    let (trie, exact, short) = (
+        map_names::POLICY,
+        map_names::POLICY_EXACT,
+        map_names::POLICY_SHORT,
+    );
+    if !(POLICY_PREFIX_ANY_PROTO..=POLICY_PREFIX_FULL).contains(&prefix) {
+        return Err(DatapathError::InvalidEntry {
+            map: trie,
+            what: format!("{key:?}/{prefix}"),
+        });
+    }
+    let what = || format!("{key:?}/{prefix}");
+    let tkey = Key::new(prefix, key);
+    let skey = PolicyShortKey::new(key.policy_id, key.identity, key.direction);
+    if prefix == POLICY_PREFIX_FULL {
+        return match v {
+            Some(v) => {
+                let mut m = lpm::<PolicyKey, PolicyValue>(ebpf, trie)?;
+                m.insert(&tkey, v, 0)
+                    .map_err(|e| full_or(e, trie, capacity(m.map()), what()))?;
+                let mut m = hash::<PolicyKey, PolicyValue>(ebpf, exact)?;
+                m.insert(key, v, 0)
+                    .map_err(|e| full_or(e, exact, capacity(m.map()), what()))
+            }
+            None => {
+                ignore_missing(
+                    hash::<PolicyKey, PolicyValue>(ebpf, exact)?.remove(&key),
+                    exact,
+                )?;
+                ignore_missing(
+                    lpm::<PolicyKey, PolicyValue>(ebpf, trie)?.remove(&tkey),
+                    trie,
+                )
+            }
+        };
+    }
+    let counts = |ebpf: &mut Ebpf| -> Result<PolicyShort> {
+        match hash::<PolicyShortKey, PolicyShort>(ebpf, short)?.get(&skey, 0) {
+            Ok(c) => Ok(c),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(PolicyShort::default()),
+            Err(e) if is_errno(&e, libc::ENOENT) => Ok(PolicyShort::default()),
+            Err(e) => Err(map_err(short)(e)),
+        }
+    };
+    let set_counts = |ebpf: &mut Ebpf, c: PolicyShort| -> Result<()> {
+        let mut m = hash::<PolicyShortKey, PolicyShort>(ebpf, short)?;
+        if c.is_empty() {
+            ignore_missing(m.remove(&skey), short)
+        } else {
+            m.insert(skey, c, 0)
+                .map_err(|e| full_or(e, short, capacity(m.map()), what()))
+        }
+    };
+    let before = counts(ebpf)?;
+    match v {
+        Some(v) => {
+            // Counted first: the datapath asks the trie as soon as the entry
+            // may be there. If it was there already, the count goes back.
+            let mut counted = before;
+            *counted.slot(prefix, key.protocol) += 1;
+            set_counts(ebpf, counted)?;
+            let mut m = lpm::<PolicyKey, PolicyValue>(ebpf, trie)?;
+            match m.insert(&tkey, v, BPF_NOEXIST) {
+                Ok(()) => Ok(()),
+                Err(e) if is_errno(&e, libc::EEXIST) => {
+                    m.insert(&tkey, v, 0).map_err(map_err(trie))?;
+                    set_counts(ebpf, before)
+                }
+                Err(e) => {
+                    let cap = capacity(m.map());
+                    // Not written: not counted (a failure here leaves the
+                    // count high, which only sends lookups to the trie).
+                    let _ = set_counts(ebpf, before);
+                    Err(full_or(e, trie, cap, what()))
+                }
+            }
+        }
+        None => {
+            match lpm::<PolicyKey, PolicyValue>(ebpf, trie)?.remove(&tkey) {
+                Ok(()) => {}
+                Err(aya::maps::MapError::KeyNotFound) => return Ok(()),
+                Err(e) if is_errno(&e, libc::ENOENT) => return Ok(()),
+                Err(e) => return Err(map_err(trie)(e)),
+            }
+            let mut after = before;
+            let slot = after.slot(prefix, key.protocol);
+            *slot = slot.saturating_sub(1);
+            set_counts(ebpf, after)
+        }
+    }
+}
+
+/// Rewrites `name` to hold exactly `want`; returns how many entries it
+/// changed.
+fn sync_hash<K: Pod + Ord, V: Pod + PartialEq>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    want: &BTreeMap<K, V>,
+) -> Result<usize> {
+    let mut m = hash::<K, V>(ebpf, name)?;
+    let mut have = BTreeMap::new();
+    for kv in m.iter() {
+        let (k, v) = kv.map_err(map_err(name))?;
+        have.insert(k, v);
+    }
+    let mut changed = 0;
+    for (k, v) in want {
+        if have.get(k) != Some(v) {
+            m.insert(*k, *v, 0)
+                .map_err(|e| full_or(e, name, capacity(m.map()), "a repaired entry".into()))?;
+            changed += 1;
+        }
+    }
+    for k in have.keys().filter(|k| !want.contains_key(k)) {
+        ignore_missing(m.remove(k), name)?;
+        changed += 1;
+    }
+    Ok(changed)
+}
+
+/// The full-length entries of a peer trie, by address.
+fn full_peers<const N: usize>(
+    ebpf: &mut Ebpf,
+    trie: &'static str,
+) -> Result<BTreeMap<[u8; N], PeerValue>> {
+    let m = lpm::<[u8; N], PeerValue>(ebpf, trie)?;
+    let mut out = BTreeMap::new();
+    for kv in m.iter() {
+        let (k, v) = kv.map_err(map_err(trie))?;
+        if k.prefix_len() == 8 * N as u32 {
+            out.insert(k.data(), v);
+        }
+    }
+    Ok(out)
+}
+
+/// Makes every exact map agree with its trie (the tries are what the agent
+/// wrote and reads back): missing, stale or different exact entries and
+/// wrong counts are rewritten. Returns how many entries changed. Safe in
+/// the epoch packets read too: what it writes is what the trie answers.
+pub fn repair_exact(ebpf: &mut Ebpf) -> Result<usize> {
+    let mut changed = 0;
+    for epoch in 0..2 {
+        let want = full_peers::<4>(ebpf, peers_v4_map(epoch))?;
+        changed += sync_hash(ebpf, exact_v4_map(epoch), &want)?;
+        let want = full_peers::<16>(ebpf, peers_v6_map(epoch))?;
+        changed += sync_hash(ebpf, exact_v6_map(epoch), &want)?;
+    }
+    let (mut exact, mut short) = (BTreeMap::new(), BTreeMap::<_, PolicyShort>::new());
+    {
+        let m = lpm::<PolicyKey, PolicyValue>(ebpf, map_names::POLICY)?;
+        for kv in m.iter() {
+            let (k, v) = kv.map_err(map_err(map_names::POLICY))?;
+            let (key, prefix) = (k.data(), k.prefix_len());
+            if prefix == POLICY_PREFIX_FULL {
+                exact.insert(key, v);
+            } else if prefix >= POLICY_PREFIX_ANY_PROTO {
+                let c = short
+                    .entry(PolicyShortKey::new(
+                        key.policy_id,
+                        key.identity,
+                        key.direction,
+                    ))
+                    .or_default();
+                *c.slot(prefix, key.protocol) += 1;
+            } else {
+                // Never written by `write_policy`, never asked for by the
+                // datapath (its lookups are full keys of one policy set).
+                tracing::warn!(
+                    ?key,
+                    prefix,
+                    "a policy entry shorter than 72 bits is ignored"
+                );
+            }
+        }
+    }
+    changed += sync_hash(ebpf, map_names::POLICY_EXACT, &exact)?;
+    changed += sync_hash(ebpf, map_names::POLICY_SHORT, &short)?;
+    Ok(changed)
 }
 
 fn full_or(

@@ -24,11 +24,11 @@ mod common {
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
+    maps::{Array, HashMap},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use common::packets::{Packet, tcp};
-use netpol_agent::datapath::EBPF_OBJECT;
+use netpol_agent::datapath::{EBPF_OBJECT, write_peer_v4, write_policy};
 use netpol_common::{
     ConfigValue, DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ISOLATED, EP_F_INGRESS_ISOLATED,
     EndpointValue, LocalKey, PEER_F_POD, POLICY_PREFIX_FULL, PROTO_TCP, PeerValue, PolicyKey,
@@ -180,15 +180,12 @@ impl Dp {
         };
         dp.write_config();
         // Both epochs' peer tries: the pods' identities and the world.
-        for trie in [map_names::PEERS_V4, map_names::PEERS_V4_E1] {
-            let mut m: LpmTrie<_, [u8; 4], PeerValue> =
-                LpmTrie::try_from(dp.ebpf.map_mut(trie).unwrap()).unwrap();
-            m.insert(&Key::new(0, [0; 4]), PeerValue::new(WORLD_ID, 0), 0)
-                .unwrap();
+        for epoch in 0..2 {
+            let world = PeerValue::new(WORLD_ID, 0);
+            write_peer_v4(&mut dp.ebpf, epoch, [0, 0, 0, 0].into(), 0, Some(world)).unwrap();
             for (addr, id) in [(POD_A, ID_A), (POD_B, ID_B), (POD_A_MOVED, ID_A)] {
-                let a: std::net::Ipv4Addr = addr.parse().unwrap();
-                m.insert(&Key::new(32, a.octets()), PeerValue::new(id, PEER_F_POD), 0)
-                    .unwrap();
+                let v = PeerValue::new(id, PEER_F_POD);
+                write_peer_v4(&mut dp.ebpf, epoch, addr.parse().unwrap(), 32, Some(v)).unwrap();
             }
         }
         // Local addresses: written in place, outside the epochs; the agent
@@ -238,9 +235,7 @@ impl Dp {
                 .with_addresses([POD_B.parse().unwrap()], None);
             m.insert(endpoint_key(b, epoch), ep, 0).unwrap();
         }
-        let mut m: LpmTrie<_, PolicyKey, PolicyValue> =
-            LpmTrie::try_from(self.ebpf.map_mut(map_names::POLICY).unwrap()).unwrap();
-        let a_rule = Key::new(
+        let a_rule = (
             POLICY_PREFIX_FULL,
             PolicyKey::new(
                 epoch_policy_id(SET_A, epoch),
@@ -250,7 +245,7 @@ impl Dp {
                 PORT,
             ),
         );
-        let b_rule = Key::new(
+        let b_rule = (
             POLICY_PREFIX_FULL,
             PolicyKey::new(
                 epoch_policy_id(SET_B, epoch),
@@ -260,14 +255,10 @@ impl Dp {
                 PORT,
             ),
         );
-        let _ = m.remove(&a_rule);
-        let _ = m.remove(&b_rule);
-        if matches!(s.a, Sender::Allows | Sender::Moved) {
-            m.insert(&a_rule, PolicyValue::allow(1), 0).unwrap();
-        }
-        if s.b_allows {
-            m.insert(&b_rule, PolicyValue::allow(2), 0).unwrap();
-        }
+        let a = matches!(s.a, Sender::Allows | Sender::Moved).then_some(PolicyValue::allow(1));
+        write_policy(&mut self.ebpf, a_rule.1, a_rule.0, a).unwrap();
+        let b = s.b_allows.then_some(PolicyValue::allow(2));
+        write_policy(&mut self.ebpf, b_rule.1, b_rule.0, b).unwrap();
     }
 
     fn run(&mut self, prog: &str, ifindex: u32, pkt: &Packet) -> bool {

@@ -19,11 +19,11 @@ use std::{collections::BTreeMap, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use common::packets::{Packet, tcp};
-use netpol_agent::datapath::EBPF_OBJECT;
+use netpol_agent::datapath::{EBPF_OBJECT, write_peer_v4, write_policy};
 use netpol_common::{
     COUNTER_SLOTS, ConfigValue, DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ISOLATED,
     EP_F_INGRESS_ISOLATED, EndpointValue, FlowKey, FlowValue, POLICY_PREFIX_FULL, PROTO_TCP,
@@ -210,12 +210,10 @@ impl Dp {
             .unwrap();
         }
         {
-            let mut m: LpmTrie<_, [u8; 4], PeerValue> =
-                LpmTrie::try_from(dp.ebpf.map_mut(map_names::PEERS_V4).unwrap()).unwrap();
-            m.insert(&Key::new(0, [0; 4]), PeerValue::new(WORLD_ID, 0), 0)
-                .unwrap();
-            m.insert(&Key::new(32, [10, 0, 0, 2]), PeerValue::new(PEER_ID, 0), 0)
-                .unwrap();
+            let world = PeerValue::new(WORLD_ID, 0);
+            write_peer_v4(&mut dp.ebpf, 0, [0, 0, 0, 0].into(), 0, Some(world)).unwrap();
+            let peer = PeerValue::new(PEER_ID, 0);
+            write_peer_v4(&mut dp.ebpf, 0, [10, 0, 0, 2].into(), 32, Some(peer)).unwrap();
         }
         // Both pods: isolated both ways, egress allowed to PEER on TCP/80.
         {
@@ -229,15 +227,9 @@ impl Dp {
             }
         }
         {
-            let mut m: LpmTrie<_, PolicyKey, PolicyValue> =
-                LpmTrie::try_from(dp.ebpf.map_mut(map_names::POLICY).unwrap()).unwrap();
             let k = PolicyKey::new(POLICY, PEER_ID, DIR_EGRESS, PROTO_TCP, 80);
-            m.insert(
-                &Key::new(POLICY_PREFIX_FULL, k),
-                PolicyValue::allow(RULE),
-                0,
-            )
-            .unwrap();
+            let v = PolicyValue::allow(RULE);
+            write_policy(&mut dp.ebpf, k, POLICY_PREFIX_FULL, Some(v)).unwrap();
         }
         Some(dp)
     }

@@ -26,22 +26,22 @@ use common::packets::{
     gratuitous_arp, icmp_error, ip, neighbor_advertisement, neighbor_solicitation,
     port_range_prefixes, router_advertisement, sctp, tcp, udp,
 };
-use netpol_agent::datapath::EBPF_OBJECT;
+use netpol_agent::datapath::{EBPF_OBJECT, write_peer_v4, write_peer_v6, write_policy};
 use netpol_common::{
     CFG_F_AUDIT_ALL, COUNTER_EVENTS_RATE_LIMITED, COUNTER_EVENTS_RINGBUF_FULL, COUNTER_EVENTS_SENT,
     COUNTER_SLOTS, ConfigValue, DIR_EGRESS, DIR_INGRESS, EP_F_AUDIT, EP_F_EGRESS_ISOLATED,
     EP_F_INGRESS_ISOLATED, EndpointValue, FlowKey, FlowValue, FragKey, FragValue, IDENTITY_ANY,
     LocalKey, PEER_F_HOST, PEER_F_POD, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO,
-    POLICY_PREFIX_FULL, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerValue, PolicyKey, PolicyValue,
-    REASON_AUDIT, REASON_DEFERRED, REASON_ESTABLISHED, REASON_EXPIRED, REASON_FRAGMENT_FOLLOWS,
-    REASON_FRAGMENT_STALE, REASON_FRAGMENT_UNKNOWN, REASON_HOST, REASON_ICMP_ERROR_RELATED,
-    REASON_ICMP_ERROR_UNRELATED, REASON_IPV6_EXT_TOO_DEEP, REASON_MALFORMED, REASON_ND_INVALID,
-    REASON_NEIGHBOR_DISCOVERY, REASON_NO_ENDPOINT, REASON_NODE_TRAFFIC, REASON_NOT_IP,
-    REASON_NOT_ISOLATED, REASON_NOT_POD_ADDRESS, REASON_POLICY_ALLOW, REASON_POLICY_DENY,
-    REASON_RECHECK_ALLOW, REASON_REPLY, REASON_REVOKED, REASON_ROGUE_ROUTER, REASON_SLOTS,
-    REASON_SPOOFED, REASON_TCP_NO_FLOW, REASON_UNSUPPORTED_ETHERTYPE, VERDICT_ALLOW, VERDICT_AUDIT,
-    VERDICT_DENY, VerdictEvent, direction_name, ip_bytes, map_names, prog_names, reason_name,
-    verdict_name,
+    POLICY_PREFIX_FULL, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerValue, PolicyKey, PolicyShort,
+    PolicyShortKey, PolicyValue, REASON_AUDIT, REASON_DEFERRED, REASON_ESTABLISHED, REASON_EXPIRED,
+    REASON_FRAGMENT_FOLLOWS, REASON_FRAGMENT_STALE, REASON_FRAGMENT_UNKNOWN, REASON_HOST,
+    REASON_ICMP_ERROR_RELATED, REASON_ICMP_ERROR_UNRELATED, REASON_IPV6_EXT_TOO_DEEP,
+    REASON_MALFORMED, REASON_ND_INVALID, REASON_NEIGHBOR_DISCOVERY, REASON_NO_ENDPOINT,
+    REASON_NODE_TRAFFIC, REASON_NOT_IP, REASON_NOT_ISOLATED, REASON_NOT_POD_ADDRESS,
+    REASON_POLICY_ALLOW, REASON_POLICY_DENY, REASON_RECHECK_ALLOW, REASON_REPLY, REASON_REVOKED,
+    REASON_ROGUE_ROUTER, REASON_SLOTS, REASON_SPOOFED, REASON_TCP_NO_FLOW,
+    REASON_UNSUPPORTED_ETHERTYPE, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VerdictEvent,
+    direction_name, ip_bytes, map_names, prog_names, reason_name, verdict_name,
 };
 
 // ---------------------------------------------------------------------------
@@ -424,21 +424,22 @@ impl Dp {
         m.remove(&ifindex).expect("endpoint remove");
     }
 
+    /// A peer entry of epoch 0, written as the agent writes it (the trie
+    /// and, for a full-length prefix, its exact copy).
     fn peer_entry(&mut self, cidr: &str, v: PeerValue) {
+        self.peer_entry_in(0, cidr, Some(v));
+    }
+
+    fn peer_entry_in(&mut self, epoch: u32, cidr: &str, v: Option<PeerValue>) {
         let (addr, prefix) = cidr.split_once('/').unwrap_or((cidr, ""));
-        let addr = ip(addr);
-        match addr {
+        match ip(addr) {
             IpAddr::V4(a) => {
                 let prefix = prefix.parse().unwrap_or(32);
-                let mut m: LpmTrie<_, [u8; 4], PeerValue> =
-                    LpmTrie::try_from(self.ebpf.map_mut(map_names::PEERS_V4).unwrap()).unwrap();
-                m.insert(&Key::new(prefix, a.octets()), v, 0).unwrap();
+                write_peer_v4(&mut self.ebpf, epoch, a, prefix, v).expect("peer write");
             }
             IpAddr::V6(a) => {
                 let prefix = prefix.parse().unwrap_or(128);
-                let mut m: LpmTrie<_, [u8; 16], PeerValue> =
-                    LpmTrie::try_from(self.ebpf.map_mut(map_names::PEERS_V6).unwrap()).unwrap();
-                m.insert(&Key::new(prefix, a.octets()), v, 0).unwrap();
+                write_peer_v6(&mut self.ebpf, epoch, a, prefix, v).expect("peer write");
             }
         }
     }
@@ -454,38 +455,25 @@ impl Dp {
     }
 
     fn remove_peer(&mut self, cidr: &str) {
-        let (addr, prefix) = cidr.split_once('/').expect("cidr");
-        let prefix: u32 = prefix.parse().unwrap();
-        match ip(addr) {
-            IpAddr::V4(a) => {
-                let mut m: LpmTrie<_, [u8; 4], PeerValue> =
-                    LpmTrie::try_from(self.ebpf.map_mut(map_names::PEERS_V4).unwrap()).unwrap();
-                m.remove(&Key::new(prefix, a.octets())).unwrap();
-            }
-            IpAddr::V6(a) => {
-                let mut m: LpmTrie<_, [u8; 16], PeerValue> =
-                    LpmTrie::try_from(self.ebpf.map_mut(map_names::PEERS_V6).unwrap()).unwrap();
-                m.remove(&Key::new(prefix, a.octets())).unwrap();
-            }
-        }
+        assert!(cidr.contains('/'), "cidr");
+        self.peer_entry_in(0, cidr, None);
     }
 
-    fn policy_map(&mut self) -> LpmTrie<&mut MapData, PolicyKey, PolicyValue> {
-        LpmTrie::try_from(self.ebpf.map_mut(map_names::POLICY).unwrap()).unwrap()
+    /// A policy entry, written as the agent writes it (the trie and its
+    /// exact copy or count).
+    fn policy_entry(&mut self, key: PolicyKey, prefix: u32, v: Option<PolicyValue>) {
+        write_policy(&mut self.ebpf, key, prefix, v).expect("policy write");
     }
 
     fn allow(&mut self, rule: Rule) {
-        let mut m = self.policy_map();
         for (k, prefix) in rule.entries() {
-            m.insert(&Key::new(prefix, k), PolicyValue::allow(rule.rule_id), 0)
-                .expect("policy insert");
+            self.policy_entry(k, prefix, Some(PolicyValue::allow(rule.rule_id)));
         }
     }
 
     fn remove(&mut self, rule: Rule) {
-        let mut m = self.policy_map();
         for (k, prefix) in rule.entries() {
-            m.remove(&Key::new(prefix, k)).expect("policy remove");
+            self.policy_entry(k, prefix, None);
         }
     }
 
@@ -3448,18 +3436,11 @@ fn flow_keys_are_the_pods_side_of_the_flow_byte_for_byte() {
 impl Dp {
     /// Give the addresses of `cidr` an identity in epoch 1's peer trie.
     fn peer_in_epoch_1(&mut self, cidr: &str, identity: u32) {
-        let (addr, prefix) = cidr.split_once('/').unwrap_or((cidr, "32"));
-        let IpAddr::V4(a) = ip(addr) else {
-            panic!("IPv4 only")
-        };
-        let mut m: LpmTrie<_, [u8; 4], PeerValue> =
-            LpmTrie::try_from(self.ebpf.map_mut(map_names::PEERS_V4_E1).unwrap()).unwrap();
-        m.insert(
-            &Key::new(prefix.parse().unwrap(), a.octets()),
-            PeerValue::new(identity, 0),
-            0,
-        )
-        .unwrap();
+        assert!(
+            matches!(ip(cidr.split('/').next().unwrap()), IpAddr::V4(_)),
+            "IPv4 only"
+        );
+        self.peer_entry_in(1, cidr, Some(PeerValue::new(identity, 0)));
     }
 
     /// Write the generation that makes the datapath read `epoch`.
@@ -3641,12 +3622,7 @@ mod cnp {
                         prefix_len,
                         value,
                     } => {
-                        let mut m = self.policy_map();
-                        let k = Key::new(*prefix_len, *key);
-                        match value {
-                            Some(v) => m.insert(&k, *v, 0).expect("policy insert"),
-                            None => m.remove(&k).expect("policy remove"),
-                        }
+                        self.policy_entry(*key, *prefix_len, *value);
                     }
                 }
             }
@@ -3945,4 +3921,223 @@ mod cnp {
             no_z,
         );
     }
+}
+
+// ===========================================================================
+// Exact maps (issue 15): the hash maps in front of the tries answer as the
+// tries do after every write, nothing stays behind a removal, and the
+// datapath believes them first (so a broken one would fail these tests),
+// which is why the agent repairs them from the tries.
+// ===========================================================================
+
+impl Dp {
+    fn hash_entries<K: aya::Pod + Ord, V: aya::Pod>(&mut self, map: &str) -> BTreeMap<K, V> {
+        let m: HashMap<_, K, V> = HashMap::try_from(self.ebpf.map(map).unwrap()).unwrap();
+        m.iter().map(|kv| kv.unwrap()).collect()
+    }
+
+    fn exact_policy(&mut self) -> BTreeMap<PolicyKey, PolicyValue> {
+        self.hash_entries(map_names::POLICY_EXACT)
+    }
+
+    fn short_counts(&mut self) -> BTreeMap<PolicyShortKey, PolicyShort> {
+        self.hash_entries(map_names::POLICY_SHORT)
+    }
+
+    /// Writes `v` into exact map `map` directly, bypassing the trie (what a
+    /// bug in the writer would leave).
+    fn corrupt<K: aya::Pod, V: aya::Pod>(&mut self, map: &str, k: K, v: Option<V>) {
+        let mut m: HashMap<_, K, V> = HashMap::try_from(self.ebpf.map_mut(map).unwrap()).unwrap();
+        match v {
+            Some(v) => m.insert(k, v, 0).unwrap(),
+            None => m.remove(&k).unwrap(),
+        }
+    }
+}
+
+fn short(tcp: u32, udp: u32) -> PolicyShort {
+    PolicyShort {
+        tcp,
+        udp,
+        ..PolicyShort::default()
+    }
+}
+
+#[test]
+fn exact_maps_follow_every_policy_write_and_keep_nothing_after_a_removal() {
+    let mut dp =
+        load_or_skip!("exact_maps_follow_every_policy_write_and_keep_nothing_after_a_removal");
+    dp.peer(PEER, PEER_ID);
+    dp.peer(OTHER, OTHER_ID);
+    dp.endpoint(LO, endpoint(POLICY).isolated_ingress());
+    let one_port = ingress(POLICY).from(PEER_ID).tcp(80).rule(31);
+    let range = ingress(POLICY).from_anyone().tcp_range(8000, 8015).rule(32);
+    let udp_all = ingress(POLICY)
+        .from(PEER_ID)
+        .all_ports_of(PROTO_UDP)
+        .rule(33);
+    for r in [one_port, range, udp_all] {
+        dp.allow(r);
+    }
+    // Writing an entry that is there already counts it once.
+    dp.allow(range);
+    assert_eq!(
+        dp.exact_policy(),
+        BTreeMap::from([(
+            PolicyKey::new(POLICY, PEER_ID, DIR_INGRESS, PROTO_TCP, 80),
+            PolicyValue::allow(31)
+        )])
+    );
+    assert_eq!(
+        dp.short_counts(),
+        BTreeMap::from([
+            (
+                PolicyShortKey::new(POLICY, IDENTITY_ANY, DIR_INGRESS),
+                short(1, 0)
+            ),
+            (
+                PolicyShortKey::new(POLICY, PEER_ID, DIR_INGRESS),
+                short(0, 1)
+            ),
+        ])
+    );
+    let allowed = |sport: u16| {
+        [
+            (tcp(&at(PEER, sport), &at(POD, 80)).syn(), 31),
+            (tcp(&at(OTHER, sport), &at(POD, 8005)).syn(), 32),
+            (udp(&at(PEER, sport), &at(POD, 5353)), 33),
+        ]
+    };
+    for (pkt, rule) in &allowed(40000) {
+        let out = dp.to_pod(pkt);
+        out.passed(DIR_INGRESS, REASON_POLICY_ALLOW);
+        out.event().rule(*rule);
+    }
+    // A count is per protocol: a UDP range count does not open TCP.
+    dp.to_pod(&tcp(&at(PEER, 40003), &at(POD, 5353)).syn())
+        .dropped(DIR_INGRESS, REASON_POLICY_DENY);
+    dp.to_pod(&udp(&at(OTHER, 40004), &at(POD, 8005)))
+        .dropped(DIR_INGRESS, REASON_POLICY_DENY);
+
+    for r in [one_port, range, udp_all] {
+        dp.remove(r);
+    }
+    assert_eq!(dp.exact_policy(), BTreeMap::new(), "a stale exact entry");
+    assert_eq!(dp.short_counts(), BTreeMap::new(), "a stale count");
+    // New flows (other source ports) of what was allowed are denied now.
+    for (pkt, _) in &allowed(41000) {
+        dp.to_pod(pkt).dropped(DIR_INGRESS, REASON_POLICY_DENY);
+    }
+}
+
+#[test]
+fn a_full_length_peer_entry_hides_its_block_only_while_it_exists() {
+    let mut dp = load_or_skip!("a_full_length_peer_entry_hides_its_block_only_while_it_exists");
+    dp.endpoint(LO, endpoint(POLICY).isolated_ingress());
+    dp.allow(ingress(POLICY).from(PEER_ID).tcp(80).rule(34));
+    for (block, addr, full) in [("10.0.0.0/24", PEER, 32), ("fd00::/64", PEER6, 128)] {
+        dp.peer(block, OTHER_ID);
+        dp.peer(&format!("{addr}/{full}"), PEER_ID);
+        let out = dp.to_pod(&tcp(&at(addr, 40000), &at(POD_OF(addr), 80)).syn());
+        out.passed(DIR_INGRESS, REASON_POLICY_ALLOW);
+        out.event().peer_identity(PEER_ID);
+        // The pod goes: its address is the block's again. An exact copy
+        // left behind would still give it PEER_ID.
+        dp.remove_peer(&format!("{addr}/{full}"));
+        let out = dp.to_pod(&tcp(&at(addr, 40001), &at(POD_OF(addr), 80)).syn());
+        out.dropped(DIR_INGRESS, REASON_POLICY_DENY);
+        out.event().peer_identity(OTHER_ID);
+    }
+    let v4: BTreeMap<[u8; 4], PeerValue> = dp.hash_entries(map_names::EXACT_V4);
+    let v6: BTreeMap<[u8; 16], PeerValue> = dp.hash_entries(map_names::EXACT_V6);
+    assert_eq!((v4.len(), v6.len()), (0, 0), "stale exact peers");
+}
+
+#[expect(non_snake_case, reason = "reads as the constant it picks")]
+fn POD_OF(peer: &str) -> &'static str {
+    if peer.contains(':') { POD6 } else { POD }
+}
+
+#[test]
+fn the_datapath_believes_the_exact_maps_and_a_repair_restores_the_tries_answer() {
+    use netpol_agent::datapath::repair_exact;
+    let mut dp = load_or_skip!(
+        "the_datapath_believes_the_exact_maps_and_a_repair_restores_the_tries_answer"
+    );
+    dp.peer(PEER, PEER_ID);
+    dp.peer(OTHER, OTHER_ID);
+    dp.endpoint(LO, endpoint(POLICY).isolated_ingress());
+    dp.allow(ingress(POLICY).from(PEER_ID).tcp(80).rule(41));
+    dp.allow(ingress(POLICY).from(PEER_ID).tcp_range(8000, 8015).rule(42));
+    assert_eq!(repair_exact(&mut dp.ebpf).unwrap(), 0, "nothing to repair");
+    let mut sport = 40000;
+    let mut syn = |src: &str, port: u16| {
+        sport += 1;
+        tcp(&at(src, sport), &at(POD, port)).syn()
+    };
+    let peer_80 = PolicyKey::new(POLICY, PEER_ID, DIR_INGRESS, PROTO_TCP, 80);
+    let other_80 = PolicyKey::new(POLICY, OTHER_ID, DIR_INGRESS, PROTO_TCP, 80);
+    let range_of_peer = PolicyShortKey::new(POLICY, PEER_ID, DIR_INGRESS);
+
+    // Each corruption changes the verdict: the datapath reads the exact maps
+    // first, so the tests above check what packets see.
+    // 1. An exact entry that contradicts its trie entry.
+    dp.corrupt(
+        map_names::POLICY_EXACT,
+        peer_80,
+        Some(PolicyValue::deny(99)),
+    );
+    dp.to_pod(&syn(PEER, 80))
+        .dropped(DIR_INGRESS, REASON_POLICY_DENY)
+        .event()
+        .rule(99);
+    // 2. A stale exact entry with no trie entry behind it.
+    dp.corrupt(
+        map_names::POLICY_EXACT,
+        other_80,
+        Some(PolicyValue::allow(98)),
+    );
+    dp.to_pod(&syn(OTHER, 80))
+        .passed(DIR_INGRESS, REASON_POLICY_ALLOW)
+        .event()
+        .rule(98);
+    // 3. A missing count: the range's trie entry is not asked.
+    dp.corrupt::<_, PolicyShort>(map_names::POLICY_SHORT, range_of_peer, None);
+    dp.to_pod(&syn(PEER, 8001))
+        .dropped(DIR_INGRESS, REASON_POLICY_DENY);
+    // 4. A peer's exact copy that names another identity.
+    let (_, other) = ip_bytes(ip(OTHER));
+    let other4 = [other[0], other[1], other[2], other[3]];
+    dp.corrupt(
+        map_names::EXACT_V4,
+        other4,
+        Some(PeerValue::new(PEER_ID, 0)),
+    );
+    dp.to_pod(&syn(OTHER, 8002))
+        .dropped(DIR_INGRESS, REASON_POLICY_DENY);
+
+    // The repair rewrites all four from the tries.
+    assert_eq!(repair_exact(&mut dp.ebpf).unwrap(), 4);
+    dp.to_pod(&syn(PEER, 80))
+        .passed(DIR_INGRESS, REASON_POLICY_ALLOW)
+        .event()
+        .rule(41);
+    dp.to_pod(&syn(OTHER, 80))
+        .dropped(DIR_INGRESS, REASON_POLICY_DENY)
+        .event()
+        .peer_identity(OTHER_ID);
+    dp.to_pod(&syn(PEER, 8001))
+        .passed(DIR_INGRESS, REASON_POLICY_ALLOW)
+        .event()
+        .rule(42);
+    // 5. A missing one-port exact entry, with no shorter entry counted for
+    // the peer (the range goes first): the trie is not asked.
+    dp.remove(ingress(POLICY).from(PEER_ID).tcp_range(8000, 8015).rule(42));
+    dp.corrupt::<_, PolicyValue>(map_names::POLICY_EXACT, peer_80, None);
+    dp.to_pod(&syn(PEER, 80))
+        .dropped(DIR_INGRESS, REASON_POLICY_DENY);
+    assert_eq!(repair_exact(&mut dp.ebpf).unwrap(), 1);
+    dp.to_pod(&syn(PEER, 80))
+        .passed(DIR_INGRESS, REASON_POLICY_ALLOW);
+    assert_eq!(repair_exact(&mut dp.ebpf).unwrap(), 0, "repaired for good");
 }

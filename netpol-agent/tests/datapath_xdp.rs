@@ -21,13 +21,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use common::packets::{Packet, arp_request, echo_request, ip, sctp, tcp, udp};
 use netpol_agent::{
     compiler::{Compiled, NodeInfo, compile},
-    datapath::EBPF_OBJECT,
+    datapath::{EBPF_OBJECT, write_peer_v4, write_peer_v6, write_policy},
     model::{
         Cluster,
         build::{self as b, allow, cluster, labels, namespace, pod, pods, policy},
@@ -35,10 +35,9 @@ use netpol_agent::{
 };
 use netpol_common::{
     CFG_F_AUDIT_ALL, COUNTER_SLOTS, ConfigValue, DIR_INGRESS, EPOCH_BIT, EndpointValue, FlowKey,
-    FlowValue, LocalKey, PeerValue, PolicyKey, PolicyValue, REASON_POLICY_DENY, REASON_SLOTS,
-    REASON_XDP_DENY, VERDICT_DENY, VerdictEvent, XDP_REPLY_SLACK_NS, XdpReplyConfig, counter_index,
-    direction_name, endpoint_key, epoch_policy_id, ip_bytes, map_names, prog_names, reason_name,
-    xdp_reply_bucket,
+    FlowValue, LocalKey, PolicyKey, REASON_POLICY_DENY, REASON_SLOTS, REASON_XDP_DENY,
+    VERDICT_DENY, VerdictEvent, XDP_REPLY_SLACK_NS, XdpReplyConfig, counter_index, direction_name,
+    endpoint_key, epoch_policy_id, ip_bytes, map_names, prog_names, reason_name, xdp_reply_bucket,
 };
 
 /// The device `BPF_PROG_TEST_RUN` runs a TC program on: the server's veth.
@@ -412,46 +411,18 @@ fn fill(ebpf: &mut Ebpf, compiled: &Compiled, epoch: u32) {
             m.insert(LocalKey::new(family, bytes), LO, 0).unwrap();
         }
     }
-    {
-        let mut m: LpmTrie<_, [u8; 4], PeerValue> = LpmTrie::try_from(
-            ebpf.map_mut(if epoch == 0 {
-                map_names::PEERS_V4
-            } else {
-                map_names::PEERS_V4_E1
-            })
-            .unwrap(),
-        )
-        .unwrap();
-        for ((addr, len), v) in &compiled.maps.peers_v4 {
-            m.insert(&Key::new(u32::from(*len), addr.octets()), *v, 0)
-                .unwrap();
-        }
+    for ((addr, len), v) in &compiled.maps.peers_v4 {
+        write_peer_v4(ebpf, epoch, *addr, *len, Some(*v)).unwrap();
     }
-    {
-        let mut m: LpmTrie<_, [u8; 16], PeerValue> = LpmTrie::try_from(
-            ebpf.map_mut(if epoch == 0 {
-                map_names::PEERS_V6
-            } else {
-                map_names::PEERS_V6_E1
-            })
-            .unwrap(),
-        )
-        .unwrap();
-        for ((addr, len), v) in &compiled.maps.peers_v6 {
-            m.insert(&Key::new(u32::from(*len), addr.octets()), *v, 0)
-                .unwrap();
-        }
+    for ((addr, len), v) in &compiled.maps.peers_v6 {
+        write_peer_v6(ebpf, epoch, *addr, *len, Some(*v)).unwrap();
     }
-    {
-        let mut m: LpmTrie<_, PolicyKey, PolicyValue> =
-            LpmTrie::try_from(ebpf.map_mut(map_names::POLICY).unwrap()).unwrap();
-        for ((k, len), v) in &compiled.maps.policy {
-            let k = PolicyKey {
-                policy_id: epoch_policy_id(k.policy_id, epoch),
-                ..*k
-            };
-            m.insert(&Key::new(*len, k), *v, 0).unwrap();
-        }
+    for ((k, len), v) in &compiled.maps.policy {
+        let k = PolicyKey {
+            policy_id: epoch_policy_id(k.policy_id, epoch),
+            ..*k
+        };
+        write_policy(ebpf, k, *len, Some(*v)).unwrap();
     }
     {
         let mut m: Array<_, ConfigValue> =

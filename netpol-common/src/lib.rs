@@ -57,7 +57,16 @@ pub mod map_names {
     /// The uplink XDP program's reply records ([`super::XdpReplyConfig`]).
     pub const XDP_REPLIES: &str = "NETPOL_XDP_RPLY";
     pub const XDP_CONFIG: &str = "NETPOL_XDP_CFG";
-    pub const ALL: [&str; 21] = [
+    /// Exact-match companions of the tries (see "Exact maps" in the crate):
+    /// the full-length peer entries of epoch 0 and of epoch 1, the
+    /// full-length policy entries, and the count of shorter policy entries.
+    pub const EXACT_V4: &str = "NETPOL_EXACT_V4";
+    pub const EXACT_V6: &str = "NETPOL_EXACT_V6";
+    pub const EXACT_V4_E1: &str = "NETPOL_EXAC1_V4";
+    pub const EXACT_V6_E1: &str = "NETPOL_EXAC1_V6";
+    pub const POLICY_EXACT: &str = "NETPOL_POLEXACT";
+    pub const POLICY_SHORT: &str = "NETPOL_POLSHORT";
+    pub const ALL: [&str; 27] = [
         ENDPOINTS,
         PEERS_V4,
         PEERS_V6,
@@ -79,6 +88,12 @@ pub mod map_names {
         QUOTA_STATE,
         XDP_REPLIES,
         XDP_CONFIG,
+        EXACT_V4,
+        EXACT_V6,
+        EXACT_V4_E1,
+        EXACT_V6_E1,
+        POLICY_EXACT,
+        POLICY_SHORT,
     ];
 }
 
@@ -538,6 +553,104 @@ impl PolicyValue {
 }
 
 // ---------------------------------------------------------------------------
+// Exact maps: hash maps in front of the LPM tries, so that the cost of a
+// verdict does not grow with the number of entries (issue 15). A trie lookup
+// walks a path whose length grows with the number of entries; a hash lookup
+// does not. They are derived from the tries by the agent's write methods
+// (`netpol_agent::datapath`), in the same epochs, and hold nothing the tries
+// do not:
+//
+// - `NETPOL_EXACT_V4`/`_V6` (epoch 0) and `NETPOL_EXAC1_V4`/`_V6` (epoch 1):
+//   address -> the `PeerValue` of its /32 (/128) trie entry. A full-length
+//   entry is always the longest match, so a hit is what the trie would
+//   answer; on a miss the datapath asks the trie (ipBlocks, /0).
+// - `NETPOL_POLEXACT`: `PolicyKey` -> the `PolicyValue` of its prefix-96
+//   (one port) trie entry; both epochs (policy set ids carry the epoch bit).
+// - `NETPOL_POLSHORT`: (policy set, identity, direction) -> how many trie
+//   entries shorter than one port it has ([`PolicyShort`]). No entry: none,
+//   so a miss in `NETPOL_POLEXACT` is a miss of the trie too and the trie
+//   is not asked. This is what keeps a denied flow (which misses every
+//   exact entry) from walking the trie.
+//
+// Invariants the writer keeps at every step: an exact entry exists only
+// while its trie entry does, with the same value (written after the trie
+// entry, removed before it); a shorter trie entry exists only while its
+// `PolicyShort` counts it (counted before it is written, uncounted after it
+// is removed). A count too high only sends lookups to the trie.
+// ---------------------------------------------------------------------------
+
+/// Key of `NETPOL_POLSHORT`: the fields of a `PolicyKey` that every trie
+/// entry matches exactly (prefix >= `POLICY_PREFIX_ANY_PROTO`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyShortKey {
+    pub policy_id: u32,
+    pub identity: u32,
+    pub direction: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<PolicyShortKey>() == 12);
+
+impl PolicyShortKey {
+    pub const fn new(policy_id: u32, identity: u32, direction: u8) -> Self {
+        Self {
+            policy_id,
+            identity,
+            direction,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Value of `NETPOL_POLSHORT`: trie entries of one (policy set, identity,
+/// direction) shorter than `POLICY_PREFIX_FULL`, by what they can match.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyShort {
+    /// Prefix below 80: any protocol (a rule without ports).
+    pub any_protocol: u32,
+    /// Prefix 80..95 (all ports or a port range) of TCP, UDP, SCTP, and of
+    /// any other protocol.
+    pub tcp: u32,
+    pub udp: u32,
+    pub sctp: u32,
+    pub other: u32,
+}
+const _: () = assert!(core::mem::size_of::<PolicyShort>() == 20);
+
+impl PolicyShort {
+    /// The counter of entries of `prefix` (< 96) and `protocol`.
+    pub fn slot(&mut self, prefix: u32, protocol: u8) -> &mut u32 {
+        if prefix < POLICY_PREFIX_ANY_PORT {
+            return &mut self.any_protocol;
+        }
+        match protocol {
+            PROTO_TCP => &mut self.tcp,
+            PROTO_UDP => &mut self.udp,
+            PROTO_SCTP => &mut self.sctp,
+            _ => &mut self.other,
+        }
+    }
+
+    /// Whether some shorter entry may match `protocol`: the trie must be
+    /// asked.
+    #[inline(always)]
+    pub fn covers(&self, protocol: u8) -> bool {
+        self.any_protocol != 0
+            || match protocol {
+                PROTO_TCP => self.tcp != 0,
+                PROTO_UDP => self.udp != 0,
+                PROTO_SCTP => self.sctp != 0,
+                _ => self.other != 0,
+            }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Flows: NETPOL_FLOWS, LRU hash of allowed flows, ONE entry per flow that
 // serves both directions of travel: every packet of a known flow costs one
 // lookup, and the LRU can only ever evict a whole flow (never one direction
@@ -761,6 +874,8 @@ mod user {
     unsafe impl aya::Pod for RateState {}
     unsafe impl aya::Pod for VerdictEvent {}
     unsafe impl aya::Pod for LocalKey {}
+    unsafe impl aya::Pod for PolicyShortKey {}
+    unsafe impl aya::Pod for PolicyShort {}
 
     impl EndpointValue {
         /// The pod's addresses (the first of each family counts) and MAC.

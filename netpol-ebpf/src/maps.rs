@@ -8,8 +8,13 @@ use aya_ebpf::{
 };
 use netpol_common::{
     COUNTER_SLOTS, ConfigValue, EndpointValue, FlowKey, FlowValue, FragKey, FragValue, LocalKey,
-    PeerValue, PolicyKey, PolicyValue, RateState, VerdictEvent, sizes,
+    PeerValue, PolicyKey, PolicyShort, PolicyShortKey, PolicyValue, RateState, VerdictEvent, sizes,
 };
+
+/// Hash maps in front of the tries are allocated as entries are written, like
+/// the tries (a preallocated exact map as big as its trie would hold memory
+/// for entries that never come).
+const NO_PREALLOC: usize = aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize;
 
 /// Local endpoints. Key: host-side veth ifindex, with the epoch in the top
 /// bit (`netpol_common::endpoint_key`). Value: the pod's compiled policy set
@@ -53,6 +58,57 @@ pub static NETPOL_POLICY: LpmTrie<
     PolicyValue,
     { (sizes::EPOCHS * sizes::POLICY) as usize },
 > = LpmTrie::new();
+
+/// The /32 entries of `NETPOL_PEERS_V4`, exact: address -> the same
+/// `PeerValue` (see "Exact maps" in `netpol_common`). Epoch 0. Written by
+/// the agent, with the trie.
+#[btf_map]
+pub static NETPOL_EXACT_V4: HashMap<[u8; 4], PeerValue, { sizes::PEERS_V4 as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+/// The /128 entries of `NETPOL_PEERS_V6`, as `NETPOL_EXACT_V4`.
+#[btf_map]
+pub static NETPOL_EXACT_V6: HashMap<
+    [u8; 16],
+    PeerValue,
+    { sizes::PEERS_V6 as usize },
+    NO_PREALLOC,
+> = HashMap::new();
+
+/// The /32 entries of `NETPOL_PEER1_V4` (epoch 1).
+#[btf_map]
+pub static NETPOL_EXAC1_V4: HashMap<[u8; 4], PeerValue, { sizes::PEERS_V4 as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+/// The /128 entries of `NETPOL_PEER1_V6` (epoch 1).
+#[btf_map]
+pub static NETPOL_EXAC1_V6: HashMap<
+    [u8; 16],
+    PeerValue,
+    { sizes::PEERS_V6 as usize },
+    NO_PREALLOC,
+> = HashMap::new();
+
+/// The one-port (prefix 96) entries of `NETPOL_POLICY`, exact: the same key
+/// and value. Both epochs. Written by the agent, with the trie.
+#[btf_map]
+pub static NETPOL_POLEXACT: HashMap<
+    PolicyKey,
+    PolicyValue,
+    { (sizes::EPOCHS * sizes::POLICY) as usize },
+    NO_PREALLOC,
+> = HashMap::new();
+
+/// (policy set, identity, direction) -> how many `NETPOL_POLICY` entries
+/// shorter than one port it has, by protocol; no entry: none (the trie is
+/// not asked). Both epochs. Written by the agent, with the trie.
+#[btf_map]
+pub static NETPOL_POLSHORT: HashMap<
+    PolicyShortKey,
+    PolicyShort,
+    { (sizes::EPOCHS * sizes::POLICY) as usize },
+    NO_PREALLOC,
+> = HashMap::new();
 
 /// Established flows, one entry per flow serving both directions of travel
 /// (keyed from the pod's side, see `netpol_common::FlowKey`).

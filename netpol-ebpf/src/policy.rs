@@ -1,22 +1,30 @@
 //! The policy decision for a new (or re-checked) flow: a bounded number of
 //! map lookups whatever the number of policies, rules or pods:
-//! endpoint flags, one peer LPM lookup, then at most three policy LPM
-//! lookups (the peer's identity, its address-only identity, then the "any
-//! peer" wildcard). The first policy entry found decides, allow or deny
-//! (deny entries exist only for sets a ClusterNetworkPolicy judges).
+//! endpoint flags, one peer lookup, then at most three policy lookups (the
+//! peer's identity, its address-only identity, then the "any peer"
+//! wildcard). The first policy entry found decides, allow or deny (deny
+//! entries exist only for sets a ClusterNetworkPolicy judges).
+//!
+//! Each lookup asks an exact hash map first and the LPM trie behind it only
+//! when the answer may be a shorter prefix (see "Exact maps" in
+//! `netpol_common`): pod addresses and single ports, the common case, never
+//! walk a trie, whose walk grows with the number of entries, and a policy
+//! lookup that misses (a denied flow) walks none unless the policy set has
+//! port ranges or port-less rules for that peer.
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use netpol_common::{
     ACTION_ALLOW, ACTION_AUDIT, DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ISOLATED,
     EP_F_INGRESS_ISOLATED, EndpointValue, FAMILY_V4, IDENTITY_ANY, PEER_F_HOST, PEER_F_POD,
-    POLICY_PREFIX_FULL, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerValue, PolicyKey, REASON_AUDIT,
-    REASON_DEFERRED, REASON_HOST, REASON_NOT_ISOLATED, REASON_POLICY_ALLOW, REASON_POLICY_DENY,
-    id_epoch,
+    POLICY_PREFIX_FULL, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerValue, PolicyKey, PolicyShortKey,
+    REASON_AUDIT, REASON_DEFERRED, REASON_HOST, REASON_NOT_ISOLATED, REASON_POLICY_ALLOW,
+    REASON_POLICY_DENY, id_epoch,
 };
 
 use crate::maps::{
-    NETPOL_DEFER_V4, NETPOL_DEFER_V6, NETPOL_PEER1_V4, NETPOL_PEER1_V6, NETPOL_PEERS_V4,
-    NETPOL_PEERS_V6, NETPOL_POLICY,
+    NETPOL_DEFER_V4, NETPOL_DEFER_V6, NETPOL_EXAC1_V4, NETPOL_EXAC1_V6, NETPOL_EXACT_V4,
+    NETPOL_EXACT_V6, NETPOL_PEER1_V4, NETPOL_PEER1_V6, NETPOL_PEERS_V4, NETPOL_PEERS_V6,
+    NETPOL_POLEXACT, NETPOL_POLICY, NETPOL_POLSHORT,
 };
 
 /// Where a decision is taken.
@@ -51,6 +59,28 @@ pub struct Decision {
 /// (`R2 !read_ok`) once the policy lookup below changed shape.
 #[inline(always)]
 fn peer(epoch: u32, family: u8, addr: &[u8; 16]) -> PeerValue {
+    // A full-length entry is the longest match: its exact copy answers
+    // for the trie. Only an address without one (outside the pods, an
+    // ipBlock's or /0's) walks the trie.
+    let exact = if family == FAMILY_V4 {
+        let a = [addr[0], addr[1], addr[2], addr[3]];
+        if epoch == 0 {
+            NETPOL_EXACT_V4.get_ptr(&a)
+        } else {
+            NETPOL_EXAC1_V4.get_ptr(&a)
+        }
+    } else if epoch == 0 {
+        NETPOL_EXACT_V6.get_ptr(addr)
+    } else {
+        NETPOL_EXAC1_V6.get_ptr(addr)
+    };
+    if let Some(v) = exact {
+        // SAFETY: a value of the map, read at once; the agent replaces
+        // values whole (an update of a hash value is a copy under its
+        // bucket lock, and a reader may see the old or the new one).
+        let v = unsafe { &*v };
+        return PeerValue::new(v.identity, v.flags).with_cidr_identity(v.cidr_identity);
+    }
     let found = if family == FAMILY_V4 {
         let key = Key::new(32, [addr[0], addr[1], addr[2], addr[3]]);
         if epoch == 0 {
@@ -217,11 +247,25 @@ const ACTION_NONE: u32 = 0;
 /// register (`R2 !read_ok` in `netpol_local_in`).
 #[inline(always)]
 fn lookup(policy_id: u32, identity: u32, direction: u8, protocol: u8, port: u16) -> (u32, u32) {
-    let key = Key::new(
-        POLICY_PREFIX_FULL,
-        PolicyKey::new(policy_id, identity, direction, protocol, port),
-    );
-    match NETPOL_POLICY.get(&key) {
+    let exact = PolicyKey::new(policy_id, identity, direction, protocol, port);
+    // A one-port entry is the longest match of its key.
+    if let Some(v) = NETPOL_POLEXACT.get_ptr(&exact) {
+        // SAFETY: a value of the map, read at once (see `peer`).
+        let v = unsafe { &*v };
+        return (v.action, v.rule_id);
+    }
+    // No one-port entry: the trie can only answer with a shorter one, and
+    // `NETPOL_POLSHORT` counts those. None for this protocol: no entry.
+    let covered =
+        match NETPOL_POLSHORT.get_ptr(&PolicyShortKey::new(policy_id, identity, direction)) {
+            // SAFETY: as above.
+            Some(s) => unsafe { &*s }.covers(protocol),
+            None => false,
+        };
+    if !covered {
+        return (ACTION_NONE, 0);
+    }
+    match NETPOL_POLICY.get(&Key::new(POLICY_PREFIX_FULL, exact)) {
         Some(v) => (v.action, v.rule_id),
         None => (ACTION_NONE, 0),
     }

@@ -37,11 +37,11 @@ use aya::{
 use clap::Parser;
 use netpol_agent::{
     compiler::{Compiled, NodeInfo, compile},
-    datapath::EBPF_OBJECT,
+    datapath::{EBPF_OBJECT, write_peer_v4, write_peer_v6, write_policy},
     model::{Cluster, build::*},
 };
 use netpol_benches::kstats::{self, Counters};
-use netpol_common::{ConfigValue, EndpointValue, PeerValue, PolicyKey, PolicyValue, map_names};
+use netpol_common::{ConfigValue, EndpointValue, map_names};
 use serde::Serialize;
 
 #[derive(Parser)]
@@ -167,26 +167,15 @@ fn load_for(compiled: &Compiled, endpoint: &netpol_agent::model::PodRef) -> Resu
             HashMap::try_from(ebpf.map_mut(map_names::ENDPOINTS).expect("map"))?;
         m.insert(IFINDEX, *ep, 0)?;
     }
-    {
-        let mut m: LpmTrie<_, [u8; 4], PeerValue> =
-            LpmTrie::try_from(ebpf.map_mut(map_names::PEERS_V4).expect("map"))?;
-        for ((addr, len), v) in &compiled.maps.peers_v4 {
-            m.insert(&Key::new(u32::from(*len), addr.octets()), *v, 0)?;
-        }
+    // As the agent writes them: each trie entry with its exact copy or count.
+    for ((addr, len), v) in &compiled.maps.peers_v4 {
+        write_peer_v4(&mut ebpf, 0, *addr, *len, Some(*v))?;
     }
-    {
-        let mut m: LpmTrie<_, [u8; 16], PeerValue> =
-            LpmTrie::try_from(ebpf.map_mut(map_names::PEERS_V6).expect("map"))?;
-        for ((addr, len), v) in &compiled.maps.peers_v6 {
-            m.insert(&Key::new(u32::from(*len), addr.octets()), *v, 0)?;
-        }
+    for ((addr, len), v) in &compiled.maps.peers_v6 {
+        write_peer_v6(&mut ebpf, 0, *addr, *len, Some(*v))?;
     }
-    {
-        let mut m: LpmTrie<_, PolicyKey, PolicyValue> =
-            LpmTrie::try_from(ebpf.map_mut(map_names::POLICY).expect("map"))?;
-        for ((k, len), v) in &compiled.maps.policy {
-            m.insert(&Key::new(*len, *k), *v, 0)?;
-        }
+    for ((k, len), v) in &compiled.maps.policy {
+        write_policy(&mut ebpf, *k, *len, Some(*v))?;
     }
     {
         let mut m: Array<_, ConfigValue> =
