@@ -333,6 +333,9 @@ pub struct Compiler {
     /// Stable rule ids of ClusterNetworkPolicy rules (policy, direction,
     /// index), from `rule_alloc`, so they never meet a NetworkPolicy's.
     cnp_rule_ids: HashMap<(String, u8, u32), u32>,
+    /// The tier compile's decisions and pod peer keys, kept between flushes
+    /// while any ClusterNetworkPolicy exists (see `tiers::TierCache`).
+    tier_cache: tiers::TierCache,
 }
 
 /// A peer predicate or a named port, in play on a node. Interned: keys hold
@@ -520,7 +523,9 @@ impl Compiler {
             if self.tiered.is_some() && !staged {
                 return diff_maps(&Maps::default(), &Maps::default());
             }
-            let new = self.compile_tiered();
+            let mut cache = std::mem::take(&mut self.tier_cache);
+            let new = self.compile_tiered_with(&mut cache);
+            self.tier_cache = cache;
             let old = match (&before, &self.tiered) {
                 (Some(before), _) => before,
                 (None, Some(t)) => &t.maps,
@@ -531,8 +536,12 @@ impl Compiler {
             return diff;
         }
         match self.tiered.take() {
-            // Leaving the tier compile: back to NetworkPolicy's maps.
-            Some(t) => diff_maps(&t.maps, &self.out.maps),
+            // Leaving the tier compile: back to NetworkPolicy's maps (the
+            // tier cache goes with it).
+            Some(t) => {
+                self.tier_cache = tiers::TierCache::default();
+                diff_maps(&t.maps, &self.out.maps)
+            }
             None => diff,
         }
     }

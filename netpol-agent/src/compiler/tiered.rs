@@ -80,17 +80,13 @@ impl Compiler {
             .or_insert_with(|| alloc.next())
     }
 
-    /// The maps for the current state with the tiers (see the module docs).
-    /// `self.out` (the NetworkPolicy compile, already flushed) gives the
-    /// endpoints (ids, addresses, flags other than isolation), the local
-    /// IPs and the NetworkPolicy rule ids.
-    pub(super) fn compile_tiered(&mut self) -> Compiled {
-        self.compile_tiered_with(&mut TierCache::default())
-    }
-
-    /// [`Self::compile_tiered`] reusing the decisions of earlier compiles
-    /// that `cache` holds (see [`TierCache`]): a change that makes no new
-    /// subject or peer class evaluates no rule. The output is the same.
+    /// The maps for the current state with the tiers (see the module docs),
+    /// reusing the decisions of earlier compiles that `cache` holds (see
+    /// [`TierCache`]; the compiler keeps one while any CNP exists): a change
+    /// that makes no new subject or peer class evaluates no rule. The output
+    /// is the same as with an empty cache. `self.out` (the NetworkPolicy
+    /// compile, already flushed) gives the endpoints (ids, addresses, flags
+    /// other than isolation), the local IPs and the NetworkPolicy rule ids.
     pub(super) fn compile_tiered_with(&mut self, cache: &mut TierCache) -> Compiled {
         let cluster = self.cluster_snapshot();
         let table = compile_tiers_local_cached(&cluster, &self.node, cache);
