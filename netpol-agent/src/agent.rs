@@ -264,6 +264,8 @@ struct Agent {
     /// a syscall per entry: at most every [`FLOW_COUNT_EVERY`]).
     flow_entries: BTreeMap<u32, u64>,
     flow_counted: Option<Instant>,
+    /// The verdict counters as last read (what status shows if a read fails).
+    last_counters: Vec<u64>,
 }
 
 const FLOW_COUNT_EVERY: Duration = Duration::from_secs(5);
@@ -423,6 +425,7 @@ pub async fn run(cfg: Config, source: Box<dyn ClusterSource>) -> Result<()> {
         flow_log,
         flow_entries: BTreeMap::new(),
         flow_counted: None,
+        last_counters: Vec::new(),
     };
 
     let mut tick = tokio::time::interval(agent.cfg.poll);
@@ -1445,11 +1448,29 @@ impl Agent {
 
     fn write_status(&mut self) {
         let (quota_rows, share) = self.quota_rows();
-        let counters = self.dp.counters().unwrap_or_default();
+        // A failed read keeps the last values read (status) and counts
+        // nothing (metrics), rather than publishing zeros.
+        let counters = match self.dp.counters() {
+            Ok(c) => {
+                self.last_counters = c.clone();
+                c
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "reading the verdict counters: {e}; status keeps the last values read"
+                );
+                Vec::new()
+            }
+        };
+        let shown = if counters.is_empty() {
+            &self.last_counters
+        } else {
+            &counters
+        };
         let mut named = BTreeMap::new();
         for dir in [DIR_INGRESS, DIR_EGRESS] {
             for r in 0..REASON_COUNT {
-                let v = counters
+                let v = shown
                     .get(counter_index(dir, r) as usize)
                     .copied()
                     .unwrap_or(0);
@@ -1468,7 +1489,7 @@ impl Agent {
         ] {
             named.insert(
                 name.to_string(),
-                counters.get(slot as usize).copied().unwrap_or(0),
+                shown.get(slot as usize).copied().unwrap_or(0),
             );
         }
         let synced = self.synced_revision == Some(self.source.revision());

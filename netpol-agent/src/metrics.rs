@@ -281,6 +281,12 @@ impl Metrics {
     /// `netpol_common::counter_index`).
     pub fn observe_counters(&mut self, counters: &[u64]) {
         use netpol_common::*;
+        // Nothing read (the caller's read of the map failed): nothing to
+        // count. Taking it as a reset would count every packet again at the
+        // next good read.
+        if counters.is_empty() {
+            return;
+        }
         if self.last_counters.len() != counters.len() {
             self.last_counters = vec![0; counters.len()];
         }
@@ -414,6 +420,24 @@ mod tests {
         );
         assert!(
             text.contains(r#"netpol_map_capacity{map="policy"} 100"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_failed_counter_read_counts_nothing_twice() {
+        let mut m = Metrics::new();
+        let mut c = vec![0u64; COUNTER_SLOTS as usize];
+        c[counter_index(DIR_INGRESS, REASON_POLICY_DENY) as usize] = 5;
+        m.observe_counters(&c);
+        m.observe_counters(&[]);
+        c[counter_index(DIR_INGRESS, REASON_POLICY_DENY) as usize] = 7;
+        m.observe_counters(&c);
+        let text = m.render();
+        assert!(
+            text.contains(
+                r#"netpol_verdicts_total{direction="ingress",reason="policy_deny",verdict="drop"} 7"#
+            ),
             "{text}"
         );
     }
