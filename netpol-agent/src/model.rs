@@ -1027,6 +1027,89 @@ pub mod build {
     pub fn named_dport(name: &str) -> CnpPort {
         CnpPort::Named(name.into())
     }
+
+    /// The tenant cluster of the scale tests and benchmarks: a `monitoring`
+    /// namespace with one pod, then `namespaces` namespaces (`ns<i>`, label
+    /// `tenant`) of `apps` deployments with `replicas` pods each, spread
+    /// over `nodes` nodes (`n<k>`). Every namespace has a default deny, an
+    /// allow-from-`app0` rule per app on the named port `http`, an allow from
+    /// the monitoring namespace on `metrics`, and egress to every pod and to
+    /// an ipBlock with an except on `http` and UDP 53. Pod `i` (in creation
+    /// order) is [`tenant_pod`]`(i, app, apps, replicas, nodes)`.
+    pub fn tenant_cluster(namespaces_count: u32, apps: u32, replicas: u32, nodes: u32) -> Cluster {
+        let mut c = cluster().namespace(namespace("monitoring").label("role", "monitoring"));
+        c.upsert_pod(
+            pod("monitoring", "prom")
+                .labels([("app", "prom")])
+                .ip("10.255.255.1")
+                .node("n0"),
+        );
+        for ns in 0..namespaces_count {
+            let ns_name = format!("ns{ns}");
+            c.upsert_namespace(namespace(&ns_name).label("tenant", &format!("t{}", ns % 10)));
+            for app in 0..apps {
+                for r in 0..replicas {
+                    let i = (ns * apps + app) * replicas + r;
+                    c.upsert_pod(tenant_pod(i, app, apps, replicas, nodes));
+                }
+                let app_name = format!("app{app}");
+                c.upsert_policy(
+                    policy(&ns_name, &format!("{app_name}-ingress"))
+                        .select(labels([("app", app_name.as_str())]))
+                        .ingress(
+                            allow()
+                                .from(pods(labels([("app", "app0")])))
+                                .port(named(Protocol::Tcp, "http")),
+                        ),
+                );
+            }
+            c.upsert_policy(
+                policy(&ns_name, "default-deny")
+                    .select(all())
+                    .deny_ingress()
+                    .deny_egress(),
+            );
+            c.upsert_policy(
+                policy(&ns_name, "allow-monitoring").select(all()).ingress(
+                    allow()
+                        .from(namespaces(labels([("role", "monitoring")])))
+                        .port(named(Protocol::Tcp, "metrics")),
+                ),
+            );
+            c.upsert_policy(
+                policy(&ns_name, "egress").select(all()).egress(
+                    allow()
+                        .to(pods(all()))
+                        .to(block(cidr("10.0.0.0/8").except("10.255.0.0/16")))
+                        .port(named(Protocol::Tcp, "http"))
+                        .port(udp(53)),
+                ),
+            );
+        }
+        c
+    }
+
+    /// Pod `i` of [`tenant_cluster`], labelled `app<app>` (its own
+    /// deployment's app, or another one to relabel it): its name, address
+    /// (`10.x.y.z` from `i + 1`), node and named ports follow from `i`.
+    pub fn tenant_pod(i: u32, app: u32, apps: u32, replicas: u32, nodes: u32) -> Pod {
+        let n = i + 1;
+        let ns = i / (apps * replicas);
+        let own_app = (i / replicas) % apps;
+        let r = i % replicas;
+        let app_name = format!("app{app}");
+        pod(&format!("ns{ns}"), &format!("app{own_app}-{r}"))
+            .labels([("app", app_name.as_str()), ("pod-template-hash", "abc123")])
+            .ip(&format!(
+                "10.{}.{}.{}",
+                n >> 16 & 0xff,
+                n >> 8 & 0xff,
+                n & 0xff
+            ))
+            .node(&format!("n{}", n % nodes))
+            .named_port("metrics", Protocol::Tcp, 9090)
+            .named_port("http", Protocol::Tcp, 8080 + (app % 2) as u16)
+    }
 }
 
 #[cfg(test)]

@@ -9,70 +9,9 @@ use netpol_agent::{
 };
 use netpol_common::IDENTITY_ANY;
 
-/// `namespaces` namespaces of `apps` deployments with `replicas` pods each,
-/// spread over `nodes` nodes; every namespace has a default deny, an
-/// allow-from-frontend rule per app, an allow from the monitoring namespace
-/// on a named port, and egress to DNS and to an ipBlock.
+/// The tenant cluster (`model::build::tenant_cluster`).
 fn cluster_of(namespace_count: u32, apps: u32, replicas: u32, nodes: u32) -> Cluster {
-    let mut c = cluster().namespace(namespace("monitoring").label("role", "monitoring"));
-    c.upsert_pod(
-        pod("monitoring", "prom")
-            .labels([("app", "prom")])
-            .ip("10.255.255.1")
-            .node("n0"),
-    );
-    let mut n = 0u32;
-    for ns in 0..namespace_count {
-        let ns_name = format!("ns{ns}");
-        c.upsert_namespace(namespace(&ns_name).label("tenant", &format!("t{}", ns % 10)));
-        for app in 0..apps {
-            let app_name = format!("app{app}");
-            for r in 0..replicas {
-                n += 1;
-                let ip = format!("10.{}.{}.{}", n >> 16 & 0xff, n >> 8 & 0xff, n & 0xff);
-                c.upsert_pod(
-                    pod(&ns_name, &format!("{app_name}-{r}"))
-                        .labels([("app", app_name.as_str()), ("pod-template-hash", "abc123")])
-                        .ip(&ip)
-                        .node(&format!("n{}", n % nodes))
-                        .named_port("metrics", Protocol::Tcp, 9090)
-                        .named_port("http", Protocol::Tcp, 8080 + (app % 2) as u16),
-                );
-            }
-            c.upsert_policy(
-                policy(&ns_name, &format!("{app_name}-ingress"))
-                    .select(labels([("app", app_name.as_str())]))
-                    .ingress(
-                        allow()
-                            .from(pods(labels([("app", "app0")])))
-                            .port(named(Protocol::Tcp, "http")),
-                    ),
-            );
-        }
-        c.upsert_policy(
-            policy(&ns_name, "default-deny")
-                .select(all())
-                .deny_ingress()
-                .deny_egress(),
-        );
-        c.upsert_policy(
-            policy(&ns_name, "allow-monitoring").select(all()).ingress(
-                allow()
-                    .from(namespaces(labels([("role", "monitoring")])))
-                    .port(named(Protocol::Tcp, "metrics")),
-            ),
-        );
-        c.upsert_policy(
-            policy(&ns_name, "egress").select(all()).egress(
-                allow()
-                    .to(pods(all()))
-                    .to(block(cidr("10.0.0.0/8").except("10.255.0.0/16")))
-                    .port(named(Protocol::Tcp, "http"))
-                    .port(udp(53)),
-            ),
-        );
-    }
-    c
+    tenant_cluster(namespace_count, apps, replicas, nodes)
 }
 
 #[test]

@@ -50,70 +50,14 @@ const NAMESPACES: u32 = 1000;
 const APPS: u32 = 10;
 const REPLICAS: u32 = 10;
 
+/// Pod `i` of the cluster, labelled `app<app>`.
 fn pod_with_app(i: u32, app: u32, nodes: u32) -> Pod {
-    let n = i + 1;
-    let ns = i / (APPS * REPLICAS);
-    let own_app = (i / REPLICAS) % APPS;
-    let r = i % REPLICAS;
-    let app_name = format!("app{app}");
-    pod(&format!("ns{ns}"), &format!("app{own_app}-{r}"))
-        .labels([("app", app_name.as_str()), ("pod-template-hash", "abc123")])
-        .ip(&format!(
-            "10.{}.{}.{}",
-            n >> 16 & 0xff,
-            n >> 8 & 0xff,
-            n & 0xff
-        ))
-        .node(&format!("n{}", n % nodes))
-        .named_port("metrics", Protocol::Tcp, 9090)
-        .named_port("http", Protocol::Tcp, 8080 + (app % 2) as u16)
+    tenant_pod(i, app, APPS, REPLICAS, nodes)
 }
 
+/// `netpol-agent/tests/compiler_scale.rs`'s tenant cluster at 100k pods.
 fn cluster_of(nodes: u32) -> Cluster {
-    let mut c = cluster().namespace(namespace("monitoring").label("role", "monitoring"));
-    for ns in 0..NAMESPACES {
-        let ns_name = format!("ns{ns}");
-        c.upsert_namespace(namespace(&ns_name).label("tenant", &format!("t{}", ns % 10)));
-        for app in 0..APPS {
-            for r in 0..REPLICAS {
-                let i = (ns * APPS + app) * REPLICAS + r;
-                c.upsert_pod(pod_with_app(i, app, nodes));
-            }
-            let app_name = format!("app{app}");
-            c.upsert_policy(
-                policy(&ns_name, &format!("{app_name}-ingress"))
-                    .select(labels([("app", app_name.as_str())]))
-                    .ingress(
-                        allow()
-                            .from(pods(labels([("app", "app0")])))
-                            .port(named(Protocol::Tcp, "http")),
-                    ),
-            );
-        }
-        c.upsert_policy(
-            policy(&ns_name, "default-deny")
-                .select(all())
-                .deny_ingress()
-                .deny_egress(),
-        );
-        c.upsert_policy(
-            policy(&ns_name, "allow-monitoring").select(all()).ingress(
-                allow()
-                    .from(namespaces(labels([("role", "monitoring")])))
-                    .port(named(Protocol::Tcp, "metrics")),
-            ),
-        );
-        c.upsert_policy(
-            policy(&ns_name, "egress").select(all()).egress(
-                allow()
-                    .to(pods(all()))
-                    .to(block(cidr("10.0.0.0/8").except("10.255.0.0/16")))
-                    .port(named(Protocol::Tcp, "http"))
-                    .port(udp(53)),
-            ),
-        );
-    }
-    c
+    tenant_cluster(NAMESPACES, APPS, REPLICAS, nodes)
 }
 
 /// This thread's CPU time, in seconds.
