@@ -14,12 +14,12 @@ use std::{collections::BTreeMap, net::IpAddr};
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, Map, lpm_trie::Key},
+    maps::{HashMap, Map},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use netpol_agent::{
     compiler::{Compiled, NodeInfo, compile},
-    datapath::EBPF_OBJECT,
+    datapath::{EBPF_OBJECT, write_peer_v4, write_peer_v6, write_policy},
     model::{Cluster, PodRef},
 };
 use netpol_common::{PROTO_SCTP, map_names, prog_names};
@@ -129,23 +129,18 @@ fn load_node(compiled: &Compiled) -> Result<Ebpf> {
             .try_into()?;
         prog.load().with_context(|| format!("loading {name}"))?;
     }
-    {
-        let mut peers_v4 = LpmTrie::try_from(map_mut(&mut ebpf, map_names::PEERS_V4)?)?;
-        for ((addr, len), value) in &compiled.maps.peers_v4 {
-            peers_v4.insert(&Key::new(u32::from(*len), addr.octets()), *value, 0)?;
-        }
+    // Through the agent's own writers (epoch 0, what CONFIG's zero generation
+    // reads): the tries and the exact-match maps in front of them, as the
+    // agent writes them. Filling the tries alone left the exact maps empty,
+    // and every range or portless entry unreachable.
+    for ((addr, len), value) in &compiled.maps.peers_v4 {
+        write_peer_v4(&mut ebpf, 0, *addr, *len, Some(*value))?;
     }
-    {
-        let mut peers_v6 = LpmTrie::try_from(map_mut(&mut ebpf, map_names::PEERS_V6)?)?;
-        for ((addr, len), value) in &compiled.maps.peers_v6 {
-            peers_v6.insert(&Key::new(u32::from(*len), addr.octets()), *value, 0)?;
-        }
+    for ((addr, len), value) in &compiled.maps.peers_v6 {
+        write_peer_v6(&mut ebpf, 0, *addr, *len, Some(*value))?;
     }
-    {
-        let mut policy = LpmTrie::try_from(map_mut(&mut ebpf, map_names::POLICY)?)?;
-        for ((key, len), value) in &compiled.maps.policy {
-            policy.insert(&Key::new(*len, *key), *value, 0)?;
-        }
+    for ((key, len), value) in &compiled.maps.policy {
+        write_policy(&mut ebpf, *key, *len, Some(*value))?;
     }
     Ok(ebpf)
 }
