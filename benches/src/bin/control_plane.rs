@@ -829,23 +829,9 @@ const ST_APPS: u32 = 10;
 const ST_REPLICAS: u32 = 10;
 
 impl ScaleTest {
+    /// `model::build::tenant_pod`, on this benchmark's node names.
     fn pod_with_app(&self, i: u32, app: u32) -> Pod {
-        let n = i + 1;
-        let ns = i / (ST_APPS * ST_REPLICAS);
-        let own_app = (i / ST_REPLICAS) % ST_APPS;
-        let r = i % ST_REPLICAS;
-        let app_name = format!("app{app}");
-        pod(&format!("ns{ns}"), &format!("app{own_app}-{r}"))
-            .labels([("app", app_name.as_str()), ("pod-template-hash", "abc123")])
-            .ip(&format!(
-                "10.{}.{}.{}",
-                n >> 16 & 0xff,
-                n >> 8 & 0xff,
-                n & 0xff
-            ))
-            .node(&node_name(n % self.nodes))
-            .named_port("metrics", Protocol::Tcp, 9090)
-            .named_port("http", Protocol::Tcp, 8080 + (app % 2) as u16)
+        tenant_pod(i, app, ST_APPS, ST_REPLICAS, self.nodes).node(&node_name((i + 1) % self.nodes))
     }
 
     fn app_policy(&self, ns: u32, app: u32, name: &str, from: u32) -> NetworkPolicy {
